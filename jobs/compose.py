@@ -1,0 +1,47 @@
+"""Compose a LLaVA model from a recipe and save it as a Hugging Face directory.
+
+The result is the starting checkpoint of stage 1: towers loaded, projector initialised, tokenizer
+with the image token, and a processor that tiles and templates like the recipe's last stage.
+
+    python -m jobs.compose --recipe tiny_cpu_demo --output outputs/tiny/initial
+    python -m jobs.compose --recipe llava15_7b --output /mnt/ckpt/llava15-7b-initial
+    python -m jobs.compose --recipe llava15_7b --dry-run stage2.optim.lr=1e-5
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from llava_platform.config import recipe_argument_parser, recipe_from_args, recipe_to_yaml
+from llava_platform.model.build import build_model
+from llava_platform.model.compose import save_llava
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = recipe_argument_parser(__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, help="directory to save the composed checkpoint to")
+    args = parser.parse_args(argv)
+    recipe = recipe_from_args(parser, args)
+    if args.dry_run:
+        print(recipe_to_yaml(recipe))
+        return None
+    if args.output is None:
+        parser.error("--output is required unless --dry-run")
+
+    final_stage = list(recipe.stages().values())[-1]
+    model, processor = build_model(
+        recipe.model,
+        image_mode=final_stage.data.image_mode,
+        template=final_stage.data.template,
+        work_dir=args.output.parent / f"{args.output.name}_towers",
+    )
+    save_llava(model, processor, args.output)
+    (args.output / "llava_platform_recipe.yaml").write_text(recipe_to_yaml(recipe))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"saved {type(model).__name__} ({params:,} parameters) to {args.output}", file=sys.stderr)
+    return args.output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The typed recipe: one root model per job, nested sections, a docstring per field.
+
+A recipe is resolved once on the driver (YAML + ``key.sub=value`` overrides, see ``load.py``),
+validated here, and then passed down as flat arguments: nothing below the job entrypoints reads a
+recipe object. Cross-field rules live in ``Recipe.problems`` so that every mistake is reported at
+once, each under its dotted path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+Arch = Literal["llava", "llava_next"]
+"""``llava``: LlavaForConditionalGeneration (LLaVA-1.5). ``llava_next``: LlavaNextForConditionalGeneration."""
+Projector = Literal["linear", "mlp2x_gelu"]
+ImageMode = Literal["square", "pad", "anyres"]
+Template = Literal["plain", "vicuna_v1", "llama3", "mistral", "chatml", "tokenizer"]
+TunablePart = Literal["projector", "language_model", "vision_tower"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Scheduler = Literal["cosine", "linear", "constant"]
+TruncationPolicy = Literal["drop", "truncate"]
+VisionFamily = Literal["clip", "siglip"]
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are immutable once resolved."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class TinyTowers(Section):
+    """Random-weight towers built from configs, for tests and the CPU demo (no downloads)."""
+
+    vision_family: VisionFamily = "clip"
+    """Which vision architecture to build (``clip``: CLS token + patches; ``siglip``: patches only)."""
+    vision_hidden_size: PositiveInt = 32
+    vision_layers: PositiveInt = 2
+    vision_heads: PositiveInt = 2
+    patch_size: PositiveInt = 14
+    """ViT patch size in pixels; ``model.image_size`` must be a multiple of it."""
+    text_hidden_size: PositiveInt = 32
+    text_layers: PositiveInt = 2
+    text_heads: PositiveInt = 2
+    text_vocab_size: PositiveInt = 320
+    """Byte-level BPE vocabulary size of the tiny tokenizer (256 bytes + merges + specials)."""
+    seed: int = 0
+    """Weights are a pure function of this seed and the sizes above."""
+
+
+class ModelConfig(Section):
+    """What model to train: composed from two pretrained towers, or an existing LLaVA checkpoint."""
+
+    arch: Arch = "llava"
+    """``llava`` (LLaVA-1.5, ``square``/``pad`` images) or ``llava_next`` (``anyres`` images)."""
+    pretrained: str | None = None
+    """An existing LLaVA(-NeXT) checkpoint in Hugging Face format (hub id, path). Excludes the towers."""
+    vision_tower: str | None = None
+    """Pretrained vision tower (CLIP or SigLIP; hub id or path), e.g. ``openai/clip-vit-large-patch14-336``."""
+    language_model: str | None = None
+    """Pretrained causal LM (hub id or path), e.g. ``lmsys/vicuna-7b-v1.5``."""
+    tiny: TinyTowers | None = None
+    """Build tiny random towers instead of loading pretrained ones (tests, CPU demo)."""
+    projector: Projector = "mlp2x_gelu"
+    """``mlp2x_gelu``: Linear-GELU-Linear (LLaVA-1.5). ``linear``: one linear map (LLaVA)."""
+    vision_feature_layer: int = -2
+    """Hidden layer of the vision tower whose patch features feed the projector."""
+    image_size: PositiveInt = 336
+    """Tile size in pixels: the vision tower's input resolution."""
+    image_grid_pinpoints: list[tuple[PositiveInt, PositiveInt]] | None = None
+    """``anyres`` candidate resolutions as (height, width); multiples of ``image_size``."""
+
+
+class LoraConfig(Section):
+    """LoRA adapters on the language model (via peft); the projector stays fully trained."""
+
+    r: PositiveInt = 128
+    alpha: PositiveInt = 256
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Module names inside the language model that receive adapters."""
+
+
+class DataConfig(Section):
+    """Where a stage's samples come from and how they become tokens and tiles."""
+
+    train_files: list[str] = Field(min_length=1)
+    """LLaVA-format JSON/JSONL or Parquet files (paths or ``s3://`` URIs)."""
+    image_root: str | None = None
+    """Folder or ``s3://`` prefix that the records' relative ``image`` paths start from."""
+    template: Template = "vicuna_v1"
+    """Conversation template; ``plain`` for stage-1 captioning, ``tokenizer`` uses the LM's own."""
+    image_mode: ImageMode = "pad"
+    """``square`` (resize + centre crop), ``pad`` (LLaVA-1.5) or ``anyres`` (LLaVA-NeXT)."""
+    model_max_length: PositiveInt = 2048
+    """Longest sequence in tokens, image tokens included."""
+    truncation: TruncationPolicy = "drop"
+    """Over-long samples: ``drop`` quarantines them, ``truncate`` cuts text (never an image)."""
+    max_image_pixels: PositiveInt = 50_000_000
+    """Refuse images with more pixels than this before decoding (decompression-bomb guard)."""
+    group_by_modality_length: bool = True
+    """Batch samples of similar length and the same modality together to cut padding."""
+
+
+class OptimConfig(Section):
+    """AdamW with a warmup + decay schedule and per-part learning rates."""
+
+    lr: PositiveFloat
+    """Learning rate of the language model (and of everything without its own rate)."""
+    projector_lr: PositiveFloat | None = None
+    """Learning rate of the projector; defaults to ``lr``."""
+    vision_tower_lr: PositiveFloat | None = None
+    """Learning rate of the vision tower when it is tunable; defaults to ``lr``."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    scheduler: Scheduler = "cosine"
+    max_grad_norm: PositiveFloat = 1.0
+
+
+class DeepSpeedConfig(Section):
+    """Engine settings; turned into a DeepSpeed config dict by the training builder."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (ZeRO-Offload)."""
+    precision: Precision = "bf16"
+    """``bf16`` on GPUs; ``fp32`` on CPU."""
+    gradient_checkpointing: bool = False
+
+
+class StageConfig(Section):
+    """One training stage. Stage 1 and stage 2 are the same loop with different data here."""
+
+    data: DataConfig
+    tunable: list[TunablePart] = Field(min_length=1)
+    """Parts whose weights train; everything else is frozen."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters on the language model instead of its full weights."""
+    init_from: str | None = None
+    """Projector to start from: ``stage1`` (this recipe's stage 1), a path, or an MLflow ``runs:/`` URI."""
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    """Stop after this many optimizer steps (demos, smoke tests); ``None`` runs all epochs."""
+    global_batch_size: PositiveInt
+    """Samples per optimizer step across all workers."""
+    micro_batch_size: PositiveInt
+    """Samples per forward pass on one worker."""
+    optim: OptimConfig
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    def gradient_accumulation_steps(self, num_workers: int) -> int:
+        """Micro-batches per optimizer step so that the global batch holds at any worker count."""
+        return self.global_batch_size // (self.micro_batch_size * num_workers)
+
+
+class ScalingConfig(Section):
+    """How many Ray Train workers and what each one gets."""
+
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    """GPUs per worker when ``use_gpu`` (usually 1)."""
+
+
+class Recipe(Section):
+    """The root of a training recipe: model, up to two stages, and the cluster shape."""
+
+    name: str
+    seed: int = 42
+    model: ModelConfig
+    stage1: StageConfig | None = None
+    """Projector alignment: vision tower and language model frozen."""
+    stage2: StageConfig | None = None
+    """Instruction tuning: projector + the parts in ``tunable`` (or LoRA)."""
+    scaling: ScalingConfig = ScalingConfig()
+
+    def stages(self) -> dict[str, StageConfig]:
+        """The stages present, in run order, keyed by their recipe name (``stage1``, ``stage2``)."""
+        return {name: stage for name, stage in (("stage1", self.stage1), ("stage2", self.stage2)) if stage}
+
+    def problems(self) -> list[str]:
+        """Every cross-field inconsistency, as ``dotted.path: what is wrong and what to do``."""
+        found: list[str] = []
+        found += _model_problems(self.model)
+        if not self.stages():
+            found.append("stage1/stage2: a recipe needs at least one stage")
+        for name, stage in self.stages().items():
+            found += _stage_problems(name, stage, self.model, self.scaling, has_stage1=self.stage1 is not None)
+        return found
+
+
+def _model_problems(model: ModelConfig) -> list[str]:
+    found = []
+    sources = {
+        "pretrained": model.pretrained is not None,
+        "vision_tower+language_model": model.vision_tower is not None or model.language_model is not None,
+        "tiny": model.tiny is not None,
+    }
+    if sum(sources.values()) != 1:
+        found.append(
+            "model: set exactly one model source: `pretrained`, or `vision_tower` and `language_model`, "
+            f"or `tiny` (set now: {[k for k, v in sources.items() if v] or 'none'})"
+        )
+    if (model.vision_tower is None) != (model.language_model is None):
+        found.append("model.vision_tower/model.language_model: composing a model needs both towers")
+    if model.tiny is not None and model.image_size % model.tiny.patch_size:
+        found.append(
+            f"model.image_size: {model.image_size} is not a multiple of model.tiny.patch_size "
+            f"{model.tiny.patch_size}"
+        )
+    if model.arch == "llava_next":
+        if not model.image_grid_pinpoints:
+            found.append("model.image_grid_pinpoints: llava_next needs anyres pinpoints, e.g. [[336, 672], ...]")
+        for i, (height, width) in enumerate(model.image_grid_pinpoints or []):
+            if height % model.image_size or width % model.image_size:
+                found.append(
+                    f"model.image_grid_pinpoints.{i}: ({height}, {width}) is not a multiple of "
+                    f"model.image_size {model.image_size}"
+                )
+    elif model.image_grid_pinpoints:
+        found.append("model.image_grid_pinpoints: only used by arch llava_next; remove it or set model.arch")
+    return found
+
+
+def _stage_problems(
+    name: str, stage: StageConfig, model: ModelConfig, scaling: ScalingConfig, has_stage1: bool
+) -> list[str]:
+    found = []
+    allowed_modes = ("anyres",) if model.arch == "llava_next" else ("square", "pad")
+    if stage.data.image_mode not in allowed_modes:
+        found.append(
+            f"{name}.data.image_mode: {stage.data.image_mode!r} does not fit model.arch {model.arch!r}; "
+            f"allowed: {', '.join(allowed_modes)}"
+        )
+    per_step = stage.micro_batch_size * scaling.num_workers
+    if stage.global_batch_size % per_step:
+        found.append(
+            f"{name}.global_batch_size: {stage.global_batch_size} is not divisible by micro_batch_size "
+            f"{stage.micro_batch_size} x scaling.num_workers {scaling.num_workers} = {per_step}"
+        )
+    if name == "stage1":
+        if sorted(stage.tunable) != ["projector"] or stage.lora is not None:
+            found.append("stage1.tunable: stage 1 aligns the projector only; set tunable: [projector], no lora")
+        if stage.init_from == "stage1":
+            found.append("stage1.init_from: stage 1 cannot start from itself")
+    if stage.lora is not None:
+        if "language_model" in stage.tunable:
+            found.append(
+                f"{name}.tunable: with {name}.lora the language model trains through adapters; "
+                "remove language_model from tunable"
+            )
+        if "projector" not in stage.tunable:
+            found.append(f"{name}.tunable: LoRA recipes train the projector fully; add projector")
+    if stage.optim.vision_tower_lr is not None and "vision_tower" not in stage.tunable:
+        found.append(f"{name}.optim.vision_tower_lr: set, but vision_tower is not in {name}.tunable")
+    if stage.init_from == "stage1" and not has_stage1:
+        found.append(f"{name}.init_from: 'stage1' needs a stage1 section; give a path or runs:/ URI instead")
+    return found
+

@@ -1,0 +1,96 @@
+"""Decode image bytes into an RGB PIL image safely: size limit first, EXIF orientation, any mode.
+
+Errors are ``ImageDecodeError`` subclasses with a ``reason`` code, so the data pipeline can
+quarantine and count them and the server can answer 4xx.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used. ``reason`` is a short stable code for counting."""
+
+    reason = "bad_image"
+
+
+class EmptyImageError(ImageDecodeError):
+    reason = "empty_image"
+
+
+class UndecodableImageError(ImageDecodeError):
+    reason = "undecodable_image"
+
+
+class ImageTooLargeError(ImageDecodeError):
+    reason = "image_too_large"
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode bytes to an upright RGB image, refusing oversized ones before any pixel is allocated.
+
+    Args:
+        data: encoded image (JPEG, PNG, WebP, GIF, TIFF, ...).
+        max_pixels: width * height above which the image is refused (decompression-bomb guard).
+
+    Returns:
+        A fully loaded PIL image in mode ``RGB``, EXIF orientation applied.
+
+    Raises:
+        EmptyImageError: zero bytes.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+        UndecodableImageError: not an image, or truncated / corrupt.
+    """
+    if not data:
+        raise EmptyImageError("image file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns or raises on a global limit; ours is explicit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise UndecodableImageError(f"not a decodable image: {err}") from err
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}; "
+            "downscale it or raise data.max_image_pixels"
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UndecodableImageError(f"truncated or corrupt image: {err}") from err
+    if width == 0 or height == 0:
+        raise UndecodableImageError(f"image has no pixels ({width}x{height})")
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB the way a viewer would show it.
+
+    - transparency (RGBA, LA, P with a transparent index) is composited on white, as
+      transformers' ``convert_to_rgb`` does;
+    - 16-/32-bit integer greyscale (I;16, I) is scaled to 8 bits instead of being clipped;
+    - CMYK, YCbCr, L, 1, P go through Pillow's conversion.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        if image.mode == "F" and pixels.max() <= 1.0:
+            peak = 1.0
+        scaled = np.clip(pixels / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,117 @@
+"""Conversation templates as Jinja chat templates: one text serves training and inference.
+
+Training renders a conversation with the template and labels the characters inside its
+``{% generation %}`` blocks (the assistant answers and their end-of-turn token); the same text is
+saved as the checkpoint's ``chat_template``, so ``processor.apply_chat_template`` at serving time
+builds exactly the prompts the model was trained on.
+
+Message ``content`` may be a string (LLaVA datasets: ``"<image>\\nWhat is ...?"``) or a list of
+``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts (the OpenAI / transformers style);
+an image part renders as ``<image>\\n``.
+"""
+
+from __future__ import annotations
+
+IMAGE_PLACEHOLDER = "<image>"
+"""The placeholder in LLaVA-format text and the image token added to the tokenizer."""
+
+_CONTENT = (
+    "{%- macro content(message) -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+CHAT_TEMPLATES: dict[str, str] = {
+    # Stage-1 captioning (LLaVA's `plain`): the image tokens, then the caption and a newline.
+    "plain": _CONTENT + (
+        "{{ bos_token }}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- set text = content(message) -%}{{ '<image>' * text.count('<image>') }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{%- generation -%}{{ content(message) }}{{ '\\n' }}{%- endgeneration -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    # Vicuna v1 (LLaVA-1.5): "<sys> USER: q ASSISTANT: a</s>USER: ..."
+    "vicuna_v1": _CONTENT + (
+        "{{ bos_token }}"
+        "{%- if messages[0]['role'] == 'system' -%}{{ content(messages[0]) }}"
+        "{%- else -%}{{ \"" + VICUNA_SYSTEM + "\" }}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{{ ' USER: ' }}{{ content(message) }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT: ' }}"
+        "{%- generation -%}{{ content(message) }}{{ eos_token }}{%- endgeneration -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+    ),
+    # Llama 3 instruct headers.
+    "llama3": _CONTENT + (
+        "{{ bos_token }}"
+        "{%- for message in messages -%}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- generation -%}{{ content(message) }}{{ '<|eot_id|>' }}{%- endgeneration -%}"
+        "{%- else -%}{{ content(message) }}{{ '<|eot_id|>' }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+    ),
+    # Mistral instruct: "[INST] q [/INST]a</s>[INST] ..." (a system message is prefixed to the first turn).
+    "mistral": _CONTENT + (
+        "{{ bos_token }}"
+        "{%- set ns = namespace(system='') -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{%- set ns.system = content(message) + '\\n\\n' -%}"
+        "{%- elif message['role'] == 'user' -%}{{ '[INST] ' + ns.system }}{{ content(message) }}{{ ' [/INST]' }}"
+        "{%- set ns.system = '' -%}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{%- generation -%}{{ content(message) }}{{ eos_token }}{%- endgeneration -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    # ChatML (Qwen).
+    "chatml": _CONTENT + (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- generation -%}{{ content(message) }}{{ '<|im_end|>' }}{%- endgeneration -%}"
+        "{%- else -%}{{ content(message) }}{{ '<|im_end|>' }}{%- endif -%}"
+        "{{ '\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ),
+}
+
+
+class TemplateError(ValueError):
+    """A template that cannot label assistant turns."""
+
+
+def resolve_chat_template(name: str, tokenizer_chat_template: str | None) -> str:
+    """The Jinja text for a recipe's ``data.template``.
+
+    ``tokenizer`` uses the language model's own chat template, which must mark assistant turns
+    with ``{% generation %}`` blocks so that labels can be derived from it.
+    """
+    if name in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name]
+    if name != "tokenizer":
+        raise TemplateError(f"unknown template {name!r}; allowed: {', '.join([*CHAT_TEMPLATES, 'tokenizer'])}")
+    if not tokenizer_chat_template:
+        raise TemplateError("template 'tokenizer': the tokenizer has no chat_template; pick one of ours")
+    if "generation" not in tokenizer_chat_template:
+        raise TemplateError(
+            "template 'tokenizer': the tokenizer's chat template has no {% generation %} blocks, so assistant "
+            f"turns cannot be labelled; use one of: {', '.join(CHAT_TEMPLATES)}"
+        )
+    return tokenizer_chat_template

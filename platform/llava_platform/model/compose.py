@@ -1,0 +1,256 @@
+"""Build transformers' own ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration``.
+
+Either compose a new model from a pretrained vision tower (CLIP or SigLIP) and a pretrained causal
+LM, or load an existing LLaVA checkpoint in Hugging Face format. The result saves to one directory
+(safetensors, config, tokenizer, processor, chat template) that plain ``transformers`` loads with
+no code of ours: ``AutoProcessor.from_pretrained`` + ``Llava(Next)ForConditionalGeneration``.
+
+Projector: ``mlp2x_gelu`` is transformers' Linear-GELU-Linear projector. ``linear`` (original LLaVA)
+uses the same module with the identity activation: two stacked linear maps are one linear map, so
+the checkpoint stays loadable by plain transformers, vLLM and SGLang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+from transformers.utils import logging as hf_logging
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from llava_platform.data.templates import IMAGE_PLACEHOLDER, resolve_chat_template
+
+LlavaModel = LlavaForConditionalGeneration | LlavaNextForConditionalGeneration
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+}
+PROJECTOR_ACTIVATIONS = {"mlp2x_gelu": "gelu", "linear": "linear"}
+
+
+class ModelCompositionError(ValueError):
+    """Towers, tokenizer or settings that do not fit together."""
+
+
+@dataclass(frozen=True)
+class VisionTowerInfo:
+    """What the rest of the platform needs to know about a vision tower."""
+
+    config: PretrainedConfig
+    """The vision half's config (``CLIPVisionConfig``, ``SiglipVisionConfig``)."""
+    has_cls_token: bool
+    """CLIP prepends a CLS token (dropped: ``vision_feature_select_strategy='default'``); SigLIP does not."""
+
+    @property
+    def feature_select_strategy(self) -> str:
+        return "default" if self.has_cls_token else "full"
+
+
+def inspect_vision_tower(name_or_path: str) -> VisionTowerInfo:
+    """Read a tower's config (a full dual encoder or a vision-only checkpoint)."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    vision_config = getattr(config, "vision_config", config)
+    family = vision_config.model_type
+    if family not in ("clip_vision_model", "siglip_vision_model"):
+        raise ModelCompositionError(
+            f"vision tower {name_or_path}: model type {family!r} is not supported; use a CLIP or SigLIP checkpoint"
+        )
+    return VisionTowerInfo(config=vision_config, has_cls_token=family == "clip_vision_model")
+
+
+def compose_llava(
+    vision_tower: str,
+    language_model: str,
+    *,
+    arch: str,
+    projector: str,
+    vision_feature_layer: int,
+    image_size: int,
+    image_mode: str,
+    template: str,
+    pinpoints: Sequence[tuple[int, int]] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[LlavaModel, ProcessorMixin]:
+    """Compose a new LLaVA model from two pretrained towers; the projector is freshly initialised.
+
+    Args:
+        vision_tower: CLIP/SigLIP checkpoint (hub id or path), full dual encoder or vision-only.
+        language_model: causal LM checkpoint with its tokenizer.
+        arch: ``llava`` or ``llava_next``.
+        projector: ``mlp2x_gelu`` or ``linear``.
+        vision_feature_layer: hidden layer whose patch features are projected (-2 in LLaVA).
+        image_size: tile size; must equal the tower's input resolution.
+        image_mode: the mode the exported processor applies: ``square``/``pad`` (llava) or ``anyres``.
+        template: conversation template saved with the processor (a recipe's ``data.template``).
+        pinpoints: anyres resolutions (llava_next only).
+        dtype: parameter dtype of the loaded towers.
+
+    Returns:
+        (model, processor); the tokenizer inside the processor knows the image token.
+    """
+    tower = inspect_vision_tower(vision_tower)
+    if tower.config.image_size != image_size:
+        raise ModelCompositionError(
+            f"model.image_size is {image_size} but vision tower {vision_tower} takes {tower.config.image_size} px "
+            "images; set model.image_size to the tower's resolution"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(language_model)
+    add_image_token(tokenizer)
+    chat_template = resolve_chat_template(template, tokenizer.chat_template)
+    text_config = AutoConfig.from_pretrained(language_model)
+    config = _llava_config(
+        arch, tower, text_config, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), projector,
+        vision_feature_layer, pinpoints,
+    )
+    with torch.device("meta"):
+        model = MODEL_CLASSES[arch](config)
+    # Swap the meta-device towers for the pretrained ones (no second copy of the weights in memory).
+    with _only_errors_from_transformers():  # a dual encoder's unused text half is expected, not news
+        model.model.vision_tower = AutoModel.from_pretrained(vision_tower, config=tower.config, dtype=dtype)
+    causal_lm = AutoModelForCausalLM.from_pretrained(language_model, dtype=dtype)
+    model.model.language_model = causal_lm.base_model
+    model.lm_head = causal_lm.get_output_embeddings()
+    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(dtype)
+    if arch == "llava_next":
+        hidden = config.text_config.hidden_size
+        model.model.image_newline = torch.nn.Parameter(torch.randn(hidden, dtype=dtype) / hidden**0.5)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    processor = build_processor(
+        arch, tokenizer, AutoImageProcessor.from_pretrained(vision_tower), tower,
+        image_size=image_size, image_mode=image_mode, chat_template=chat_template, pinpoints=pinpoints,
+    )
+    return model, processor
+
+
+@contextmanager
+def _only_errors_from_transformers() -> Iterator[None]:
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def add_image_token(tokenizer) -> None:
+    """Give the tokenizer ``<image>`` as one special token and a pad token if it lacks one."""
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token  # what LLaVA does for Vicuna
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+
+
+def _llava_config(
+    arch: str,
+    tower: VisionTowerInfo,
+    text_config: PretrainedConfig,
+    image_token_id: int,
+    projector: str,
+    vision_feature_layer: int,
+    pinpoints: Sequence[tuple[int, int]] | None,
+) -> PretrainedConfig:
+    if projector not in PROJECTOR_ACTIVATIONS:
+        raise ModelCompositionError(f"unknown projector {projector!r}; allowed: {', '.join(PROJECTOR_ACTIVATIONS)}")
+    patches = (tower.config.image_size // tower.config.patch_size) ** 2
+    common = dict(
+        vision_config=tower.config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        projector_hidden_act=PROJECTOR_ACTIVATIONS[projector],
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=tower.feature_select_strategy,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    if arch == "llava":
+        return LlavaConfig(image_seq_length=patches, **common)
+    if arch == "llava_next":
+        if not pinpoints:
+            raise ModelCompositionError("llava_next needs model.image_grid_pinpoints")
+        return LlavaNextConfig(image_grid_pinpoints=[list(p) for p in pinpoints], **common)
+    raise ModelCompositionError(f"unknown arch {arch!r}; allowed: {', '.join(MODEL_CLASSES)}")
+
+
+def build_processor(
+    arch: str,
+    tokenizer,
+    tower_image_processor,
+    tower: VisionTowerInfo,
+    *,
+    image_size: int,
+    image_mode: str,
+    chat_template: str,
+    pinpoints: Sequence[tuple[int, int]] | None = None,
+) -> ProcessorMixin:
+    """The processor saved with the checkpoint: the tower's normalisation, our tiling, our template."""
+    image_kwargs = dict(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(tower_image_processor.image_mean),
+        image_std=list(tower_image_processor.image_std),
+    )
+    processor_kwargs = dict(
+        tokenizer=tokenizer,
+        patch_size=tower.config.patch_size,
+        vision_feature_select_strategy=tower.feature_select_strategy,
+        num_additional_image_tokens=1 if tower.has_cls_token else 0,
+        image_token=IMAGE_PLACEHOLDER,
+        chat_template=chat_template,
+    )
+    if arch == "llava":
+        if image_mode not in ("square", "pad"):
+            raise ModelCompositionError(f"arch llava serves square or pad images, not {image_mode!r}")
+        image_processor = LlavaImageProcessorPil(do_pad=image_mode == "pad", **image_kwargs)
+        return LlavaProcessor(image_processor=image_processor, **processor_kwargs)
+    if image_mode != "anyres":
+        raise ModelCompositionError(f"arch llava_next serves anyres images, not {image_mode!r}")
+    image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **image_kwargs)
+    return LlavaNextProcessor(image_processor=image_processor, **processor_kwargs)
+
+
+def load_pretrained_llava(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[LlavaModel, ProcessorMixin]:
+    """Load an existing LLaVA / LLaVA-NeXT checkpoint in Hugging Face (llava-hf) format.
+
+    The model class comes from the checkpoint's own ``config.json`` (``model_type``), never from
+    its folder name.
+    """
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type not in MODEL_CLASSES:
+        raise ModelCompositionError(
+            f"{name_or_path}: model_type {config.model_type!r} is not a LLaVA checkpoint; "
+            f"supported: {', '.join(MODEL_CLASSES)}"
+        )
+    model = MODEL_CLASSES[config.model_type].from_pretrained(name_or_path, dtype=dtype)
+    return model, AutoProcessor.from_pretrained(name_or_path)
+
+
+def save_llava(model: LlavaModel, processor: ProcessorMixin, out_dir: str | Path) -> Path:
+    """Write the model and processor as one Hugging Face directory (safetensors)."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,136 @@
+"""Tiny random-weight towers saved in the same layout as their hub counterparts.
+
+Tests and the CPU demo compose LLaVA models from these through the very code path that loads
+``openai/clip-vit-large-patch14-336`` and ``lmsys/vicuna-7b-v1.5``: a full CLIP (or SigLIP) model
+directory with its image processor, and a Llama causal LM directory with a fast tokenizer.
+Nothing is downloaded; weights are a pure function of the sizes and the seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    SiglipConfig,
+    SiglipModel,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+# Special tokens of the chat templates we ship, so every template tokenises cleanly in tests.
+TEMPLATE_SPECIAL_TOKENS = [
+    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]",
+]
+_CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "USER: What is in the image? ASSISTANT: A red square on a blue background.",
+    "What colour is the shape? Which shape is it? How many shapes are there? Answer with the letter.",
+    "red green blue yellow black white circle square triangle left right top bottom one two three four",
+    "A. B. C. D. The answer is yes no system user assistant",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (covers any text) with Llama-style special tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *TEMPLATE_SPECIAL_TOKENS]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=TEMPLATE_SPECIAL_TOKENS,
+    )
+
+
+def save_tiny_language_model(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    vocab_size: int = 320,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny Llama causal LM and its tokenizer to ``out_dir`` (like a Vicuna checkpoint)."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tiny_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_tiny_vision_tower(
+    out_dir: str | Path,
+    *,
+    family: str = "clip",
+    image_size: int = 56,
+    patch_size: int = 14,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny dual-encoder (CLIP or SigLIP, text + vision) with its image processor.
+
+    Real vision towers ship as full dual-encoder checkpoints; composing from one exercises the same
+    "take the vision half" path as ``openai/clip-vit-large-patch14-336``.
+    """
+    out_dir = Path(out_dir)
+    vision = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+    text = {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "num_hidden_layers": 1,
+            "num_attention_heads": heads, "vocab_size": 64, "max_position_embeddings": 16,
+            "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    torch.manual_seed(seed)
+    if family == "clip":
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden_size))
+        processor = CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+    elif family == "siglip":
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    else:
+        raise ValueError(f"unknown vision family {family!r}; allowed: clip, siglip")
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny towers saved once per session, and tiny composed LLaVA models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `jobs`, `pipelines`, `serve` import from the repo root
+    sys.path.insert(0, str(REPO_ROOT))
+
+from llava_platform.model.compose import compose_llava, save_llava  # noqa: E402
+from llava_platform.testing.tiny import save_tiny_language_model, save_tiny_vision_tower  # noqa: E402
+
+TILE = 56
+PINPOINTS = [(56, 112), (112, 56), (112, 112), (168, 56), (56, 168)]
+"""The default LLaVA-NeXT pinpoints scaled from 336 px tiles to 56 px tiles."""
+
+
+@pytest.fixture(scope="session")
+def towers(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("towers")
+    return {
+        "clip": str(save_tiny_vision_tower(root / "clip", family="clip", image_size=TILE)),
+        "siglip": str(save_tiny_vision_tower(root / "siglip", family="siglip", image_size=TILE)),
+        "llama": str(save_tiny_language_model(root / "llama")),
+    }
+
+
+@pytest.fixture(scope="session")
+def tokenizer(towers):
+    from transformers import AutoTokenizer
+
+    from llava_platform.model.compose import add_image_token
+
+    tok = AutoTokenizer.from_pretrained(towers["llama"])
+    add_image_token(tok)
+    return tok
+
+
+def compose(towers, arch: str, family: str = "clip", projector: str = "mlp2x_gelu", mode: str | None = None):
+    return compose_llava(
+        towers[family], towers["llama"], arch=arch, projector=projector, vision_feature_layer=-2,
+        image_size=TILE, image_mode=mode or ("anyres" if arch == "llava_next" else "pad"),
+        template="vicuna_v1", pinpoints=PINPOINTS if arch == "llava_next" else None,
+    )
+
+
+@pytest.fixture(scope="session")
+def saved_checkpoints(towers, tmp_path_factory) -> dict[str, Path]:
+    """Composed tiny LLaVA and LLaVA-NeXT checkpoints, saved in folders whose names avoid 'llava'."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: save_llava(*compose(towers, arch), root / f"ckpt_{i}") for i, arch in enumerate(MODEL_ARCHS)}
+
+
+MODEL_ARCHS = ("llava", "llava_next")

@@ -1,0 +1,92 @@
+"""Decoding: every PIL mode to the right RGB, EXIF orientation, and clear errors for bad bytes."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_platform.data.images import (
+    EmptyImageError,
+    ImageTooLargeError,
+    UndecodableImageError,
+    decode_image,
+)
+
+LIMIT = 10_000_000
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 10, 20))  # blue strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    decoded = decode_image(encode(image, "JPEG", exif=exif, quality=95), LIMIT)
+    assert decoded.size == (20, 40)
+    top = np.asarray(decoded)[2, 10]
+    assert top[2] > 200 and top[0] < 60  # the left strip is now on top
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (Image.new("L", (8, 8), 77), (77, 77, 77)),
+        (Image.new("1", (8, 8), 1), (255, 255, 255)),
+        (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), (255, 0, 0)),
+        (Image.new("RGBA", (8, 8), (0, 0, 255, 0)), (255, 255, 255)),  # fully transparent -> white
+        (Image.new("RGBA", (8, 8), (0, 0, 255, 255)), (0, 0, 255)),
+        (Image.new("LA", (8, 8), (0, 128)), (127, 127, 127)),  # half-transparent black on white
+        (Image.new("I;16", (8, 8), 65535), (255, 255, 255)),  # 16-bit white stays white
+        (Image.new("I;16", (8, 8), 32896), (128, 128, 128)),  # mid grey scaled, not clipped to 255
+    ],
+    ids=["L", "1", "CMYK", "RGBA-clear", "RGBA-opaque", "LA", "I16-white", "I16-grey"],
+)
+def test_modes_convert_to_rgb(image, expected):
+    fmt = "JPEG" if image.mode == "CMYK" else "PNG"
+    decoded = decode_image(encode(image, fmt), LIMIT)
+    assert decoded.mode == "RGB"
+    np.testing.assert_allclose(np.asarray(decoded)[4, 4], expected, atol=3)
+
+
+def test_palette_with_transparency():
+    image = Image.new("P", (8, 8), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.info["transparency"] = 1
+    decoded = decode_image(encode(image, "PNG", transparency=1), LIMIT)
+    assert tuple(np.asarray(decoded)[0, 0]) == (255, 255, 255)
+    opaque = Image.new("P", (8, 8), 1)
+    opaque.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    assert tuple(np.asarray(decode_image(encode(opaque), LIMIT))[0, 0]) == (255, 0, 0)
+
+
+def test_empty_bytes():
+    with pytest.raises(EmptyImageError) as err:
+        decode_image(b"", LIMIT)
+    assert err.value.reason == "empty_image"
+
+
+def test_not_an_image():
+    with pytest.raises(UndecodableImageError, match="not a decodable image"):
+        decode_image(b"<html>definitely not a jpeg</html>", LIMIT)
+
+
+def test_truncated_image():
+    data = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")
+    with pytest.raises(UndecodableImageError, match="truncated or corrupt") as err:
+        decode_image(data[: len(data) // 2], LIMIT)
+    assert err.value.reason == "undecodable_image"
+
+
+def test_pixel_limit_checked_before_decoding():
+    """A header that claims a huge image is refused without allocating it (or reading its pixels)."""
+    data = encode(Image.new("L", (5000, 4000)))
+    truncated_body = data[:200]  # header intact, pixel data gone: only the size check can have run
+    with pytest.raises(ImageTooLargeError, match="5000x4000 = 20000000 pixels, above the limit of 1000000"):
+        decode_image(truncated_body, 1_000_000)
+    assert decode_image(data, 20_000_000).size == (5000, 4000)

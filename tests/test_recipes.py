@@ -1,0 +1,141 @@
+"""Every shipped recipe validates; overrides apply; mistakes are reported all at once by dotted path."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+
+from llava_platform.config import RecipeError, load_recipe, shipped_recipes
+
+EXPECTED_RECIPES = {"tiny_cpu_demo", "llava15_7b", "llava15_13b", "llava15_7b_lora", "llava_next_vicuna_7b"}
+
+
+def test_expected_recipes_ship():
+    assert EXPECTED_RECIPES <= set(shipped_recipes())
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_shipped_recipe_validates(name):
+    recipe = load_recipe(name)
+    for stage in recipe.stages().values():
+        accumulation = stage.gradient_accumulation_steps(recipe.scaling.num_workers)
+        assert accumulation * stage.micro_batch_size * recipe.scaling.num_workers == stage.global_batch_size
+
+
+@pytest.mark.parametrize("name", ["llava15_7b", "llava15_13b"])
+def test_llava15_published_hyperparameters(name):
+    recipe = load_recipe(name)
+    s1, s2 = recipe.stage1, recipe.stage2
+    assert recipe.model.vision_tower == "openai/clip-vit-large-patch14-336"
+    assert recipe.model.language_model == f"lmsys/vicuna-{name.split('_')[1]}-v1.5"
+    assert (s1.tunable, s1.optim.lr, s1.global_batch_size, s1.epochs) == (["projector"], 1e-3, 256, 1)
+    assert (s1.data.template, s1.data.image_mode) == ("plain", "square")
+    assert sorted(s2.tunable) == ["language_model", "projector"]
+    assert (s2.optim.lr, s2.global_batch_size, s2.epochs, s2.optim.warmup_ratio) == (2e-5, 128, 1, 0.03)
+    assert (s2.optim.scheduler, s2.optim.weight_decay, s2.data.model_max_length) == ("cosine", 0.0, 2048)
+    assert (s2.deepspeed.zero_stage, s2.deepspeed.precision, s2.deepspeed.gradient_checkpointing) == (3, "bf16", True)
+    assert (s2.data.template, s2.data.image_mode, s2.init_from) == ("vicuna_v1", "pad", "stage1")
+
+
+def test_lora_recipe():
+    s2 = load_recipe("llava15_7b_lora").stage2
+    assert (s2.lora.r, s2.lora.alpha, s2.optim.lr, s2.optim.projector_lr) == (128, 256, 2e-4, 2e-5)
+    assert s2.tunable == ["projector"]
+
+
+def test_llava_next_recipe():
+    recipe = load_recipe("llava_next_vicuna_7b")
+    assert recipe.model.arch == "llava_next"
+    assert recipe.model.image_grid_pinpoints == [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+    assert "vision_tower" in recipe.stage2.tunable and recipe.stage2.optim.vision_tower_lr == 2e-6
+    assert recipe.stage2.data.image_mode == "anyres"
+
+
+def test_overrides_are_typed_and_nested():
+    recipe = load_recipe(
+        "llava15_7b", ["stage2.optim.lr=1e-5", "scaling.num_workers=4", "stage2.data.train_files=[a.json, b.json]"]
+    )
+    assert recipe.stage2.optim.lr == 1e-5 and isinstance(recipe.stage2.optim.lr, float)
+    assert recipe.scaling.num_workers == 4
+    assert recipe.stage2.data.train_files == ["a.json", "b.json"]
+    assert recipe.stage2.gradient_accumulation_steps(4) == 2
+
+
+def test_all_problems_reported_at_once_with_dotted_paths():
+    with pytest.raises(RecipeError) as err:
+        load_recipe(
+            "llava15_7b",
+            ["stage1.optim.lr=-1", "model.arch=llava2", "stage2.data.imagemode=pad", "stage2.optim.momentum=0.9"],
+        )
+    problems = err.value.problems
+    assert len(problems) == 4
+    text = str(err.value)
+    assert "model.arch: Input should be 'llava' or 'llava_next'" in text
+    assert "stage1.optim.lr: Input should be greater than 0" in text
+    assert "stage2.data.imagemode: unknown key; allowed here:" in text and "image_mode" in text
+    assert "stage2.optim.momentum: unknown key; allowed here:" in text and "weight_decay" in text
+
+
+def test_cross_field_rules():
+    with pytest.raises(RecipeError) as err:
+        load_recipe(
+            "llava15_7b",
+            [
+                "stage1.tunable=[projector, language_model]",
+                "stage2.global_batch_size=100",
+                "stage2.data.image_mode=anyres",
+                "stage2.optim.vision_tower_lr=2e-6",
+            ],
+        )
+    text = str(err.value)
+    assert "stage1.tunable: stage 1 aligns the projector only" in text
+    assert "stage2.global_batch_size: 100 is not divisible by micro_batch_size 16 x scaling.num_workers 8" in text
+    assert "stage2.data.image_mode: 'anyres' does not fit model.arch 'llava'; allowed: square, pad" in text
+    assert "stage2.optim.vision_tower_lr: set, but vision_tower is not in stage2.tunable" in text
+
+
+def test_model_source_and_pinpoint_rules():
+    with pytest.raises(RecipeError) as err:
+        load_recipe("llava_next_vicuna_7b", ["model.pretrained=llava-hf/x", "model.image_grid_pinpoints=[[336, 500]]"])
+    text = str(err.value)
+    assert "model: set exactly one model source" in text
+    assert "model.image_grid_pinpoints.0: (336, 500) is not a multiple of model.image_size 336" in text
+
+
+def test_bad_override_and_unknown_recipe():
+    with pytest.raises(RecipeError, match="overrides look like key.sub=value"):
+        load_recipe("llava15_7b", ["stage1"])
+    with pytest.raises(RecipeError, match="is a value, not a section"):
+        load_recipe("llava15_7b", ["name.x=1"])
+    with pytest.raises(RecipeError, match="no shipped recipe of that name; shipped:"):
+        load_recipe("llava99")
+
+
+def test_recipe_from_a_user_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    raw = yaml.safe_load((REPO_ROOT / "platform/llava_platform/recipes/llava15_7b.yaml").read_text())
+    raw["stage2"]["optim"]["lr"] = 3e-5
+    path.write_text(yaml.safe_dump(raw))
+    assert load_recipe(str(path)).stage2.optim.lr == 3e-5
+
+
+def test_dry_run_prints_resolved_recipe():
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.compose", "--recipe", "llava15_7b", "--dry-run", "stage2.optim.lr=1e-5"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    resolved = yaml.safe_load(out)
+    assert resolved["stage2"]["optim"]["lr"] == 1e-5
+    assert resolved["stage2"]["deepspeed"]["zero_stage"] == 3
+
+
+def test_job_reports_recipe_errors_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.compose", "--recipe", "llava15_7b", "--dry-run", "model.arch=llava2"],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "model.arch: Input should be 'llava' or 'llava_next'" in proc.stderr
+    assert "Traceback" not in proc.stderr
