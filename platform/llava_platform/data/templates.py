@@ -42,15 +42,16 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{%- endif -%}"
         "{%- endfor -%}"
     ),
-    # Vicuna v1 (LLaVA-1.5): "<sys> USER: q ASSISTANT: a</s>USER: ..."
+    # Vicuna v1 (LLaVA-1.5): "<sys> USER: q ASSISTANT: a</s>USER: ...". The space after "ASSISTANT:"
+    # is part of the answer, so the serving prompt (ending in "ASSISTANT:") is exactly the trained prefix.
     "vicuna_v1": _CONTENT + (
         "{{ bos_token }}"
         "{%- if messages[0]['role'] == 'system' -%}{{ content(messages[0]) }}"
         "{%- else -%}{{ \"" + VICUNA_SYSTEM + "\" }}{%- endif -%}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}{{ ' USER: ' }}{{ content(message) }}"
-        "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT: ' }}"
-        "{%- generation -%}{{ content(message) }}{{ eos_token }}{%- endgeneration -%}"
+        "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT:' }}"
+        "{%- generation -%}{{ ' ' + content(message) }}{{ eos_token }}{%- endgeneration -%}"
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"

@@ -21,8 +21,8 @@ RESAMPLE = Image.Resampling.BICUBIC
 
 
 def _to_chw(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) PIL image -> (3, H, W) uint8 array."""
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    """(H, W, 3) PIL image -> (3, H, W) contiguous, writable uint8 array."""
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def _resize_shortest_edge_and_crop(image: Image.Image, tile_size: int) -> Image.Image:

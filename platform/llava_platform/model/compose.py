@@ -35,9 +35,9 @@ from transformers import (
     PreTrainedModel,
     ProcessorMixin,
 )
-from transformers.utils import logging as hf_logging
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.utils import logging as hf_logging
 
 from llava_platform.data.templates import IMAGE_PLACEHOLDER, resolve_chat_template
 

@@ -1,0 +1,170 @@
+"""Tokenisation of LLaVA conversations: exact labels, image expansion, and specific errors."""
+
+import pytest
+from llava_platform.data.conversation import (
+    IGNORE_INDEX,
+    EmptyConversationError,
+    ImagePlaceholderError,
+    MissingFieldError,
+    RoleOrderError,
+    SequenceTooLongError,
+    UnknownRoleError,
+    tokenize_conversation,
+)
+from llava_platform.data.templates import CHAT_TEMPLATES, TemplateError, resolve_chat_template
+from transformers import AutoProcessor
+
+TWO_TURNS = [
+    {"from": "human", "value": "<image>\nWhat colour is the square?"},
+    {"from": "gpt", "value": "The square is red."},
+    {"from": "human", "value": "And the circle?"},
+    {"from": "gpt", "value": "blue"},
+]
+END_OF_TURN = {"vicuna_v1": "</s>", "mistral": "</s>", "llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+
+
+def tokenize(tokenizer, conversation, template="vicuna_v1", tokens_per_image=(4,), **kwargs):
+    return tokenize_conversation(
+        conversation, tokenizer, CHAT_TEMPLATES[template], tokens_per_image=list(tokens_per_image),
+        image_token="<image>", max_length=kwargs.pop("max_length", 512), **kwargs,
+    )
+
+
+def labelled_runs(tokenizer, sample):
+    """Decode each maximal run of labelled tokens."""
+    runs, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current)), current.clear()
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llama3", "mistral", "chatml"])
+def test_only_answers_and_their_end_of_turn_are_labelled(tokenizer, template):
+    sample = tokenize(tokenizer, TWO_TURNS, template)
+    runs = [run.strip() for run in labelled_runs(tokenizer, sample)]
+    eot = END_OF_TURN[template]
+    assert runs == [f"The square is red.{eot}", f"blue{eot}"]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert sample.input_ids.count(image_id) == 4
+    assert all(label == IGNORE_INDEX for token, label in zip(sample.input_ids, sample.labels, strict=True)
+               if token == image_id)
+
+
+def test_plain_template_labels_the_caption_only(tokenizer):
+    caption = [{"from": "human", "value": "<image>\nDescribe briefly."}, {"from": "gpt", "value": "a red square"}]
+    sample = tokenize(tokenizer, caption, "plain", tokens_per_image=(9,))
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert sample.input_ids[0] == tokenizer.bos_token_id
+    assert sample.input_ids[1:10] == [image_id] * 9
+    assert "Describe" not in tokenizer.decode(sample.input_ids)  # LLaVA's plain drops the prompt text
+    assert labelled_runs(tokenizer, sample) == ["a red square\n"]
+
+
+def test_system_turn_replaces_default_and_is_masked(tokenizer):
+    conversation = [{"from": "system", "value": "Answer tersely."}, *TWO_TURNS]
+    sample = tokenize(tokenizer, conversation)
+    text = tokenizer.decode(sample.input_ids)
+    assert text.startswith("<s>Answer tersely. USER:") and "curious human" not in text
+    assert len(labelled_runs(tokenizer, sample)) == 2
+
+
+def test_text_only_sample(tokenizer):
+    conversation = [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]
+    sample = tokenize(tokenizer, conversation, tokens_per_image=())
+    assert labelled_runs(tokenizer, sample) == [" hi</s>"]
+
+
+def test_training_prompt_matches_the_serving_prompt(tokenizer, saved_checkpoints):
+    """The checkpoint's processor renders the same prompt tokens that training saw before the answer."""
+    processor = AutoProcessor.from_pretrained(saved_checkpoints["llava"])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    served = processor.tokenizer(prompt.replace("<image>", "<image>" * 16), add_special_tokens=False)["input_ids"]
+    conversation = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}]
+    trained = tokenize(processor.tokenizer, conversation, tokens_per_image=(16,))
+    first_label = next(i for i, label in enumerate(trained.labels) if label != IGNORE_INDEX)
+    assert trained.input_ids[:first_label] == served
+
+
+@pytest.mark.parametrize(
+    "conversation, error, reason",
+    [
+        ([], EmptyConversationError, "empty_conversation"),
+        ([{"from": "human"}], MissingFieldError, "missing_field"),
+        ([{"from": "human", "value": 3}], MissingFieldError, "missing_field"),
+        ([{"from": "robot", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}], UnknownRoleError, "unknown_role"),
+        (
+            [{"from": "gpt", "value": "x"}, {"from": "human", "value": "<image>\nhi"}],
+            RoleOrderError,
+            "wrong_role_order",
+        ),
+        ([{"from": "human", "value": "<image>\nhi"}], RoleOrderError, "wrong_role_order"),
+        (
+            [{"from": "human", "value": "<image>"}, {"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}],
+            RoleOrderError,
+            "wrong_role_order",
+        ),
+        ([{"from": "human", "value": "no image here"}, {"from": "gpt", "value": "x"}], ImagePlaceholderError,
+         "image_placeholder_mismatch"),
+        ([{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}], ImagePlaceholderError,
+         "image_placeholder_mismatch"),
+        ([{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "<image>"}], ImagePlaceholderError,
+         "image_placeholder_mismatch"),
+    ],
+    ids=["empty", "no-value", "non-string", "unknown-role", "gpt-first", "no-answer", "human-twice",
+         "missing-placeholder", "extra-placeholder", "placeholder-in-answer"],
+)
+def test_malformed_conversations_raise_specific_errors(tokenizer, conversation, error, reason):
+    with pytest.raises(error) as err:
+        tokenize(tokenizer, conversation)
+    assert err.value.reason == reason
+
+
+def test_too_long_is_dropped_by_default(tokenizer):
+    with pytest.raises(SequenceTooLongError, match="policy: drop"):
+        tokenize(tokenizer, TWO_TURNS, max_length=60)
+
+
+def prompt_length(tokenizer, conversation, tokens_per_image=(4,)):
+    """Tokens before the first answer token."""
+    sample = tokenize(tokenizer, conversation, tokens_per_image=tokens_per_image, max_length=100_000)
+    return next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
+
+
+def test_truncation_keeps_the_image_and_part_of_the_answer(tokenizer):
+    long_answer = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "red " * 200}]
+    limit = prompt_length(tokenizer, long_answer) + 10
+    sample = tokenize(tokenizer, long_answer, truncation="truncate", max_length=limit)
+    assert sample.truncated and len(sample.input_ids) == len(sample.labels) == limit
+    assert sum(label != IGNORE_INDEX for label in sample.labels) == 10
+
+
+def test_truncation_never_cuts_an_image(tokenizer):
+    image_late = [{"from": "human", "value": "word " * 100 + "<image>"}, {"from": "gpt", "value": "x"}]
+    limit = prompt_length(tokenizer, image_late, tokens_per_image=(20,)) - 15  # inside the image run
+    with pytest.raises(SequenceTooLongError, match="would cut an image"):
+        tokenize(tokenizer, image_late, truncation="truncate", max_length=limit, tokens_per_image=(20,))
+
+
+def test_truncation_that_leaves_no_answer_is_refused(tokenizer):
+    long_question = [{"from": "human", "value": "<image>\n" + "why " * 200}, {"from": "gpt", "value": "because"}]
+    limit = prompt_length(tokenizer, long_question) - 5
+    with pytest.raises(SequenceTooLongError, match="no answer tokens"):
+        tokenize(tokenizer, long_question, truncation="truncate", max_length=limit)
+
+
+def test_tokenizer_template_needs_generation_blocks():
+    with pytest.raises(TemplateError, match="no chat_template"):
+        resolve_chat_template("tokenizer", None)
+    with pytest.raises(TemplateError, match="no {% generation %} blocks"):
+        resolve_chat_template("tokenizer", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    own = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    assert resolve_chat_template("tokenizer", own) == own
+    with pytest.raises(TemplateError, match="unknown template 'alpaca'"):
+        resolve_chat_template("alpaca", None)
