@@ -31,8 +31,9 @@ def towers(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tokenizer(towers):
-    from llava_platform.model.compose import add_image_token
     from transformers import AutoTokenizer
+
+    from llava_platform.model.compose import add_image_token
 
     tok = AutoTokenizer.from_pretrained(towers["llama"])
     add_image_token(tok)

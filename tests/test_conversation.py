@@ -1,6 +1,8 @@
 """Tokenisation of LLaVA conversations: exact labels, image expansion, and specific errors."""
 
 import pytest
+from transformers import AutoProcessor
+
 from llava_platform.data.conversation import (
     IGNORE_INDEX,
     EmptyConversationError,
@@ -12,7 +14,6 @@ from llava_platform.data.conversation import (
     tokenize_conversation,
 )
 from llava_platform.data.templates import CHAT_TEMPLATES, TemplateError, resolve_chat_template
-from transformers import AutoProcessor
 
 TWO_TURNS = [
     {"from": "human", "value": "<image>\nWhat colour is the square?"},

@@ -1,9 +1,10 @@
 """Golden (H, W) -> grid, tile count and image-token count, and parity with LlavaNextProcessor."""
 
 import pytest
-from llava_platform.data.geometry import anyres_grid_shape, anyres_tile_count, image_token_count
 from transformers import AutoTokenizer, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from llava_platform.data.geometry import anyres_grid_shape, anyres_tile_count, image_token_count
 
 PINPOINTS_336 = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
 

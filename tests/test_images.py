@@ -4,13 +4,14 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from llava_platform.data.images import (
     EmptyImageError,
     ImageTooLargeError,
     UndecodableImageError,
     decode_image,
 )
-from PIL import Image
 
 LIMIT = 10_000_000
 

@@ -5,12 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TILE, compose
-from llava_platform.data.conversation import IGNORE_INDEX, tokenize_conversation
-from llava_platform.data.image_settings import ImageSettings
-from llava_platform.data.templates import resolve_chat_template
-from llava_platform.data.tiling import normalize_tiles
-from llava_platform.model.compose import ModelCompositionError, compose_llava, load_pretrained_llava
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -19,6 +13,13 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 from transformers.activations import LinearActivation
+
+from conftest import TILE, compose
+from llava_platform.data.conversation import IGNORE_INDEX, tokenize_conversation
+from llava_platform.data.image_settings import ImageSettings
+from llava_platform.data.templates import resolve_chat_template
+from llava_platform.data.tiling import normalize_tiles
+from llava_platform.model.compose import ModelCompositionError, compose_llava, load_pretrained_llava
 
 CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 CONVERSATION = [

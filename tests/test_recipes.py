@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import yaml
+
 from conftest import REPO_ROOT
 from llava_platform.config import RecipeError, load_recipe, shipped_recipes
 

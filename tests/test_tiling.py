@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from llava_platform.data.image_settings import ImageSettings
-from llava_platform.data.tiling import normalize_tiles, tile_image
 from PIL import Image
 from transformers import AutoProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from llava_platform.data.image_settings import ImageSettings
+from llava_platform.data.tiling import normalize_tiles, tile_image
 
 SIZES = [(336, 336), (480, 640), (640, 480), (300, 900), (1000, 120), (57, 81), (13, 700)]
 PINPOINTS_336 = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]

@@ -1,0 +1,78 @@
+"""Samples -> model inputs: pad token sequences, stack uint8 tiles, normalise on the target device.
+
+Used by the training workers (on rows of an Arrow batch) and by the demo. Tiles arrive as uint8
+and become float only here, on the device that computes (design decision 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from llava_platform.data.conversation import IGNORE_INDEX
+from llava_platform.data.tiling import normalize_tiles
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> torch.Tensor:
+    """Right-pad integer sequences into a (batch, longest) int64 tensor."""
+    longest = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), longest), pad_value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = torch.as_tensor(np.asarray(sequence), dtype=torch.long)
+    return out
+
+
+def collate(
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    tiles: Sequence[np.ndarray | None],
+    image_sizes: Sequence[tuple[int, int] | None],
+    *,
+    pad_token_id: int,
+    anyres: bool,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Build a model batch from per-sample token lists and uint8 tiles.
+
+    Args:
+        input_ids, labels: per-sample token ids and labels (same lengths per sample).
+        tiles: per-sample uint8 tiles of shape (num_tiles, 3, T, T), or ``None`` for text-only samples.
+        image_sizes: per-sample original (height, width), or ``None`` for text-only samples.
+        pad_token_id: id used to right-pad ``input_ids``; labels pad with ``IGNORE_INDEX``.
+        anyres: LLaVA-NeXT layout (``pixel_values`` (images, max_tiles, 3, T, T) + ``image_sizes``).
+        image_mean, image_std: the tower's normalisation.
+        device: where tensors are built and normalised.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` of shape (batch, longest); for batches with images
+        ``pixel_values`` of shape (images, 3, T, T) (LLaVA) or (images, max_tiles, 3, T, T) (NeXT, zero
+        padded like transformers' processor) and, for NeXT, ``image_sizes`` (images, 2).
+    """
+    ids = pad_sequences(input_ids, pad_token_id)
+    attention = pad_sequences([[1] * len(s) for s in input_ids], 0)
+    batch = {
+        "input_ids": ids.to(device),
+        "attention_mask": attention.to(device),
+        "labels": pad_sequences(labels, IGNORE_INDEX).to(device),
+    }
+    image_tiles = [torch.as_tensor(t) for t in tiles if t is not None]
+    if not image_tiles:
+        return batch
+    if anyres:
+        most = max(t.shape[0] for t in image_tiles)
+        stacked = torch.zeros((len(image_tiles), most, *image_tiles[0].shape[1:]), dtype=torch.uint8)
+        for i, t in enumerate(image_tiles):
+            stacked[i, : t.shape[0]] = t
+        batch["image_sizes"] = torch.tensor([s for s in image_sizes if s is not None], device=device)
+    else:
+        stacked = torch.cat(image_tiles)
+    pixels = normalize_tiles(stacked.to(device), image_mean, image_std)
+    if anyres:  # padded tiles are zeros after normalisation too, as in transformers' processor
+        for i, t in enumerate(image_tiles):
+            pixels[i, t.shape[0] :] = 0
+    batch["pixel_values"] = pixels
+    return batch
