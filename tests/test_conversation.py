@@ -13,6 +13,7 @@ from llava_platform.data.conversation import (
     UnknownRoleError,
     tokenize_conversation,
 )
+from llava_platform.data.errors import SampleError
 from llava_platform.data.templates import CHAT_TEMPLATES, TemplateError, resolve_chat_template
 
 TWO_TURNS = [
@@ -125,6 +126,7 @@ def test_malformed_conversations_raise_specific_errors(tokenizer, conversation, 
     with pytest.raises(error) as err:
         tokenize(tokenizer, conversation)
     assert err.value.reason == reason
+    assert isinstance(err.value, SampleError)  # what the data pipeline catches and quarantines
 
 
 def test_too_long_is_dropped_by_default(tokenizer):

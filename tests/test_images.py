@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llava_platform.data.errors import SampleError
 from llava_platform.data.images import (
     EmptyImageError,
     ImageTooLargeError,
@@ -69,6 +70,7 @@ def test_empty_bytes():
     with pytest.raises(EmptyImageError) as err:
         decode_image(b"", LIMIT)
     assert err.value.reason == "empty_image"
+    assert isinstance(err.value, SampleError)
 
 
 def test_not_an_image():

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from llava_platform.data.errors import SampleError
 from llava_platform.data.templates import IMAGE_PLACEHOLDER
 
 IGNORE_INDEX = -100
@@ -29,8 +30,8 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 """LLaVA's ``from`` values (and the OpenAI names) -> chat-template roles."""
 
 
-class ConversationError(ValueError):
-    """A sample that cannot be trained on. ``reason`` is a short stable code for quarantine counts."""
+class ConversationError(SampleError):
+    """A conversation that cannot be trained on."""
 
     reason = "bad_conversation"
 

@@ -1,7 +1,7 @@
 """Decode image bytes into an RGB PIL image safely: size limit first, EXIF orientation, any mode.
 
-Errors are ``ImageDecodeError`` subclasses with a ``reason`` code, so the data pipeline can
-quarantine and count them and the server can answer 4xx.
+Errors are ``ImageDecodeError`` subclasses (``SampleError``s) with a ``reason`` code, so the data
+pipeline can quarantine and count them and the server can answer 4xx.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from llava_platform.data.errors import SampleError
 
-class ImageDecodeError(ValueError):
-    """An image that cannot be used. ``reason`` is a short stable code for counting."""
+
+class ImageDecodeError(SampleError):
+    """An image that cannot be used."""
 
     reason = "bad_image"
 
