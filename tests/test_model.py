@@ -167,3 +167,26 @@ def test_composition_errors(towers):
         compose(towers, "llava_next", mode="pad")
     with pytest.raises(ModelCompositionError, match="not a LLaVA checkpoint"):
         load_pretrained_llava(towers["llama"])
+
+
+@pytest.mark.parametrize("family, tied", [("mistral", False), ("qwen2", True)])
+def test_compose_with_other_language_models(towers, tmp_path, family, tied):
+    """Mistral, and Qwen2 with tied input/output embeddings (small Qwen models tie them)."""
+    from llava_platform.testing.tiny import save_tiny_language_model
+
+    language = save_tiny_language_model(tmp_path / family, family=family, tie_word_embeddings=tied)
+    model, processor = compose_llava(
+        towers["clip"], str(language), arch="llava", projector="mlp2x_gelu", vision_feature_layer=-2,
+        image_size=TILE, image_mode="pad", template="chatml",
+    )
+    assert model.config.text_config.model_type == family
+    embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert embeddings.shape[0] == len(processor.tokenizer)
+    assert (embeddings.data_ptr() == head.data_ptr()) == tied
+    batch, _ = make_batch(processor, (40, 90), "pad")
+    model(**batch).loss.backward()
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)

@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
     CLIPConfig,
     CLIPModel,
     LlamaConfig,
-    LlamaForCausalLM,
+    MistralConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
     SiglipConfig,
     SiglipModel,
 )
@@ -61,19 +63,26 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
+LANGUAGE_FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
 def save_tiny_language_model(
     out_dir: str | Path,
     *,
+    family: str = "llama",
+    tie_word_embeddings: bool = False,
     hidden_size: int = 32,
     layers: int = 2,
     heads: int = 2,
     vocab_size: int = 320,
     seed: int = 0,
 ) -> Path:
-    """Save a tiny Llama causal LM and its tokenizer to ``out_dir`` (like a Vicuna checkpoint)."""
+    """Save a tiny causal LM (Llama, Mistral or Qwen2) and its tokenizer, like a hub checkpoint."""
+    if family not in LANGUAGE_FAMILIES:
+        raise ValueError(f"unknown language family {family!r}; allowed: {', '.join(LANGUAGE_FAMILIES)}")
     out_dir = Path(out_dir)
     tokenizer = build_tiny_tokenizer(vocab_size)
-    config = LlamaConfig(
+    config = LANGUAGE_FAMILIES[family](
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -84,10 +93,10 @@ def save_tiny_language_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out_dir)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
