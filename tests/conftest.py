@@ -56,3 +56,46 @@ def saved_checkpoints(towers, tmp_path_factory) -> dict[str, Path]:
 
 
 MODEL_ARCHS = ("llava", "llava_next")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session (2 CPUs, like the CI machines)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": S3_TEST_ENV})
+    yield ray
+    ray.shutdown()
+
+
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1 (a real HTTP server in its own process)."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    binary = shutil.which("moto_server", path=os.path.dirname(sys.executable))
+    process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(S3_TEST_ENV)
+    yield endpoint
+    process.terminate()
+    process.wait(timeout=10)

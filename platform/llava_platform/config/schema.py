@@ -89,6 +89,8 @@ class DataConfig(Section):
     """LLaVA-format JSON/JSONL or Parquet files (paths or ``s3://`` URIs)."""
     image_root: str | None = None
     """Folder or ``s3://`` prefix that the records' relative ``image`` paths start from."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for ``s3://`` paths (MinIO, Ceph); default: ``AWS_ENDPOINT_URL`` or AWS."""
     template: Template = "vicuna_v1"
     """Conversation template; ``plain`` for stage-1 captioning, ``tokenizer`` uses the LM's own."""
     image_mode: ImageMode = "pad"

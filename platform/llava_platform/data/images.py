@@ -69,7 +69,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise UndecodableImageError(f"truncated or corrupt image: {err}") from err
     if width == 0 or height == 0:
         raise UndecodableImageError(f"image has no pixels ({width}x{height})")
-    return to_rgb(ImageOps.exif_transpose(image))
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the whole image when upright
+    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,55 @@
+"""Preprocess a recipe stage's data with Ray Data into Parquet shards + manifest + quarantine.
+
+Tiles and tokens follow the processor of ``--model`` (a checkpoint, e.g. from ``jobs.compose``), so
+training on the shards matches what that checkpoint expects. Training can also skip this job and
+stream the same pipeline straight into its workers.
+
+    python -m jobs.preprocess --recipe tiny_cpu_demo --stage 2 --model outputs/initial --output outputs/shards
+    ray job submit --working-dir . -- python -m jobs.preprocess --recipe llava15_7b --stage 2 \\
+        --model s3://bucket/llava15-7b/initial --output /mnt/shards/llava15-7b-stage2
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+
+from llava_platform.config import recipe_argument_parser, recipe_from_args, recipe_to_yaml
+from pipelines.preprocess import preprocess, stage_fingerprint, write_shards
+from pipelines.sources import read_records
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = recipe_argument_parser(__doc__.split("\n")[0])
+    parser.add_argument("--stage", choices=["1", "2"], default="2", help="whose data section to preprocess")
+    parser.add_argument("--model", help="checkpoint directory whose processor tiles and tokenises")
+    parser.add_argument("--output", type=Path, help="folder for shards/, manifest.json, quarantine.jsonl")
+    args = parser.parse_args(argv)
+    recipe = recipe_from_args(parser, args)
+    if args.dry_run:
+        print(recipe_to_yaml(recipe))
+        return None
+    stage = recipe.stages().get(f"stage{args.stage}")
+    if stage is None:
+        parser.exit(2, f"recipe {recipe.name} has no stage{args.stage} section\n")
+    if not args.model or not args.output:
+        parser.error("--model and --output are required unless --dry-run")
+
+    ray.init(ignore_reinit_error=True)
+    data = stage.data
+    records = read_records(data.train_files, data.s3_endpoint_url)
+    rows, quarantine = preprocess(
+        records, processor_path=args.model, template=data.template, image_mode=data.image_mode,
+        max_length=data.model_max_length, truncation=data.truncation, max_image_pixels=data.max_image_pixels,
+        image_root=data.image_root, s3_endpoint_url=data.s3_endpoint_url,
+    )
+    manifest = write_shards(
+        rows, quarantine, args.output, recipe_hash=stage_fingerprint(data.model_dump(), args.model)
+    )
+    print(f"wrote {len(manifest['shards'])} shard(s) and manifest.json to {args.output}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
