@@ -85,8 +85,10 @@ class Preprocessor:
                 record = parse_record(raw["record"])
                 rows.append(self.builder.build(record, self._image_bytes(record, raw["image_bytes"])))
             except SampleError as err:
-                bad.append({"key": key, "id": record_id_of(raw["record"]), "source": raw["source"], "index": raw["index"],
-                            "reason": err.reason, "message": str(err)[:500]})
+                bad.append({
+                    "key": key, "id": record_id_of(raw["record"]), "source": raw["source"], "index": raw["index"],
+                    "reason": err.reason, "message": str(err)[:500],
+                })
             keys.append(key)
         self.quarantine.add.remote(keys, bad)
         return rows_to_table(rows)

@@ -76,7 +76,9 @@ def read_records(
     if json_files:
         filesystem, _ = filesystem_for(json_files[0], s3_endpoint_url)
         parts.append(
-            ray.data.read_binary_files(json_files, include_paths=True, filesystem=filesystem, ray_remote_args=remote_args)
+            ray.data.read_binary_files(
+                json_files, include_paths=True, filesystem=filesystem, ray_remote_args=remote_args
+            )
             .map_batches(_split_json_files, batch_size=1, batch_format="numpy", num_cpus=cpus_per_task)
         )
     if parquet_files:

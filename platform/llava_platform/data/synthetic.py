@@ -78,7 +78,7 @@ def _questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, s
     for colour, shape in (scene.first, scene.second):
         out.append((f"What colour is the {shape}?", f"{colour.capitalize()}.", "colour"))
         out.append((f"Which shape is {colour}?", f"The {shape}.", "shape"))
-    (c1, s1), (c2, s2) = scene.first, scene.second
+    (_, s1), (_, s2) = scene.first, scene.second
     where = "above" if scene.vertical else "left of"
     out.append((f"Is the {s1} {where} the {s2}?", "Yes.", "relation"))
     out.append((f"Is the {s2} {where} the {s1}?", "No.", "relation"))
