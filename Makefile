@@ -1,5 +1,5 @@
 # Two entry points, both self-installing into .venv/ (reused while pyproject.toml is unchanged):
-#   make demo   - install, then run the end-to-end demo on an embedded local Ray
+#   make demo   - install, then run the main job (jobs.pipeline) on the tiny CPU recipe
 #   make test   - install, then run the test suite
 PYTHON ?= python3
 VENV := .venv

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from llava_platform.config import recipe_argument_parser, recipe_from_args, recipe_to_yaml
 from llava_platform.data.collate import collate
@@ -30,7 +30,7 @@ from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.images import decode_image
 from llava_platform.data.templates import IMAGE_PLACEHOLDER, resolve_chat_template
 from llava_platform.model.build import build_model
-from llava_platform.model.compose import save_llava
+from llava_platform.model.compose import load_processor, save_llava
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
@@ -115,12 +115,14 @@ def main(argv: list[str] | None = None) -> dict[str, object] | None:
     (checkpoint / "llava_platform_recipe.yaml").write_text(recipe_to_yaml(recipe))
     log(f"saved Hugging Face checkpoint to {checkpoint}; reloading it with plain transformers")
     reloaded = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
-    served = AutoProcessor.from_pretrained(checkpoint)
+    served = load_processor(str(checkpoint))
     image = Image.new("RGB", (80, 60), (128, 128, 128))
     ImageDraw.Draw(image).rectangle((20, 15, 50, 45), fill=COLOURS["blue"])
-    question = [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]
-    prompt = served.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    inputs = served(text=prompt, images=image, return_tensors="pt")
+    question = [{"type": "image", "image": image}, {"type": "text", "text": "What colour is the square?"}]
+    inputs = served.apply_chat_template(  # tokenize=True: the template already holds the BOS token
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         output = reloaded.generate(**inputs, max_new_tokens=6, do_sample=False)
     answer = served.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

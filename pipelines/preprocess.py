@@ -34,6 +34,7 @@ from llava_platform.data.records import (
     parse_record,
     record_id_of,
 )
+from llava_platform.model.compose import load_processor
 from pipelines.quarantine import PreprocessReport, QuarantineLog, write_quarantine
 from pipelines.storage import ImageReader
 
@@ -66,10 +67,8 @@ class Preprocessor:
         s3_endpoint_url: str | None,
         quarantine: ray.actor.ActorHandle,
     ):
-        from transformers import AutoProcessor
-
         self.builder = RowBuilder.from_processor(
-            AutoProcessor.from_pretrained(processor_path), template=template, image_mode=image_mode,
+            load_processor(processor_path), template=template, image_mode=image_mode,
             max_length=max_length, truncation=truncation, max_image_pixels=max_image_pixels,
         )
         self.images = ImageReader(image_root, s3_endpoint_url)

@@ -69,7 +69,6 @@ def read_records(
 
     ``cpus_per_task`` is what each read task reserves (below 1 to share cores on one machine).
     """
-    remote_args = {"num_cpus": cpus_per_task}
     json_files = [f for f in files if not f.endswith(".parquet")]
     parquet_files = [f for f in files if f.endswith(".parquet")]
     parts = []
@@ -77,14 +76,14 @@ def read_records(
         filesystem, _ = filesystem_for(json_files[0], s3_endpoint_url)
         parts.append(
             ray.data.read_binary_files(
-                json_files, include_paths=True, filesystem=filesystem, ray_remote_args=remote_args
+                json_files, include_paths=True, filesystem=filesystem, num_cpus=cpus_per_task
             )
             .map_batches(_split_json_files, batch_size=1, batch_format="numpy", num_cpus=cpus_per_task)
         )
     if parquet_files:
         filesystem, _ = filesystem_for(parquet_files[0], s3_endpoint_url)
         parts.append(
-            ray.data.read_parquet(parquet_files, filesystem=filesystem, include_paths=True, ray_remote_args=remote_args)
+            ray.data.read_parquet(parquet_files, filesystem=filesystem, include_paths=True, num_cpus=cpus_per_task)
             .map_batches(_parquet_to_raw, batch_format="pyarrow", num_cpus=cpus_per_task)
         )
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

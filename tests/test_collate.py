@@ -50,3 +50,23 @@ def test_llava_batch_skips_text_only_samples(saved_checkpoints):
     text_only = collate([[1]], [[1]], [None], [None], pad_token_id=0, anyres=False, image_mean=(0, 0, 0),
                         image_std=(1, 1, 1))
     assert "pixel_values" not in text_only
+
+
+def test_zero_tile_text_rows_in_an_anyres_batch(saved_checkpoints):
+    """Pipeline rows mark text-only samples with zero tiles and size [0, 0]; the model must run on them."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(saved_checkpoints["llava_next"])
+    model = LlavaNextForConditionalGeneration.from_pretrained(saved_checkpoints["llava_next"])
+    settings = ImageSettings.from_processor(processor)
+    image = Image.new("RGB", (90, 40), (200, 30, 30))
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    count = settings.token_count((40, 90), "anyres")
+    no_tiles = np.zeros((0, 3, 56, 56), np.uint8)
+    batch = collate(
+        [[1] + [image_id] * count + [5], [1, 5, 6]], [[-100] * (count + 1) + [5], [-100, 5, 6]],
+        [settings.tile(image, "anyres"), no_tiles], [(40, 90), (0, 0)], pad_token_id=0, anyres=True,
+        image_mean=settings.image_mean, image_std=settings.image_std,
+    )
+    assert batch["pixel_values"].shape[0] == 1 and batch["image_sizes"].tolist() == [[40, 90]]
+    assert torch.isfinite(model(**batch).loss)

@@ -7,9 +7,11 @@ from llava_platform.data.conversation import (
     IGNORE_INDEX,
     EmptyConversationError,
     ImagePlaceholderError,
+    LabelAlignmentError,
     MissingFieldError,
     RoleOrderError,
     SequenceTooLongError,
+    TemplateRejectedError,
     UnknownRoleError,
     tokenize_conversation,
 )
@@ -149,7 +151,8 @@ def test_truncation_keeps_the_image_and_part_of_the_answer(tokenizer):
 
 
 def test_truncation_never_cuts_an_image(tokenizer):
-    image_late = [{"from": "human", "value": "word " * 100 + "<image>"}, {"from": "gpt", "value": "x"}]
+    image_late = [{"from": "system", "value": "word " * 100}, {"from": "human", "value": "<image>"},
+                  {"from": "gpt", "value": "x"}]
     limit = prompt_length(tokenizer, image_late, tokens_per_image=(20,)) - 15  # inside the image run
     with pytest.raises(SequenceTooLongError, match="would cut an image"):
         tokenize(tokenizer, image_late, truncation="truncate", max_length=limit, tokens_per_image=(20,))
@@ -167,7 +170,65 @@ def test_tokenizer_template_needs_generation_blocks():
         resolve_chat_template("tokenizer", None)
     with pytest.raises(TemplateError, match="no {% generation %} blocks"):
         resolve_chat_template("tokenizer", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(TemplateError, match="no {% generation %} blocks"):  # "generation" in another name
+        resolve_chat_template("tokenizer", "{{ m }}{% if add_generation_prompt %}A:{% endif %}")
     own = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
     assert resolve_chat_template("tokenizer", own) == own
     with pytest.raises(TemplateError, match="unknown template 'alpaca'"):
         resolve_chat_template("alpaca", None)
+
+
+def test_vicuna_text_matches_llava(tokenizer):
+    sample = tokenize(tokenizer, TWO_TURNS, tokens_per_image=(2,))
+    text = tokenizer.decode(sample.input_ids)
+    assert text == (
+        "<s>A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions. USER: <image><image>\nWhat colour is the square? "
+        "ASSISTANT: The square is red.</s>USER: And the circle? ASSISTANT: blue</s>"
+    )
+
+
+def test_image_placeholder_moves_to_the_front_as_in_llava(tokenizer):
+    trailing = [{"from": "human", "value": "What colour is it?\n<image>"}, {"from": "gpt", "value": "red"}]
+    leading = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}]
+    assert tokenize(tokenizer, trailing).input_ids == tokenize(tokenizer, leading).input_ids
+
+
+def test_client_part_order_does_not_change_the_prompt(tokenizer):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render(parts):
+        messages = [{"role": "user", "content": parts}]
+        return render_jinja_template([messages], chat_template=CHAT_TEMPLATES["vicuna_v1"], add_generation_prompt=True,
+                                     **tokenizer.special_tokens_map)[0][0]
+
+    text_first = render([{"type": "text", "text": "Colour?"}, {"type": "image"}])
+    assert text_first == render([{"type": "image"}, {"type": "text", "text": "Colour?"}])
+    assert text_first.endswith("USER: <image>\nColour? ASSISTANT:")
+
+
+def test_plain_template_takes_one_captioned_image(tokenizer):
+    with pytest.raises(TemplateRejectedError, match="one user turn and one caption") as err:
+        tokenize(tokenizer, TWO_TURNS, "plain")
+    assert err.value.reason == "template_rejected"
+    with pytest.raises(TemplateRejectedError, match="needs an image"):
+        tokenize(tokenizer, [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "plain",
+                 tokens_per_image=())
+
+
+def test_templates_must_mark_every_answer(tokenizer):
+    only_first = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and loop.index == 2 %}"
+        "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(LabelAlignmentError, match="marked 1 answer span"):
+        tokenize_conversation(TWO_TURNS, tokenizer, only_first, tokens_per_image=[4], image_token="<image>",
+                              max_length=512)
+
+
+def test_zero_width_offsets_inside_an_answer_are_labelled():
+    from llava_platform.data.conversation import label_tokens
+
+    text = "Q: A: a b"
+    offsets = [(0, 2), (3, 5), (6, 7), (7, 7), (8, 9)]  # (7, 7): a trimmed whitespace token
+    assert label_tokens(text, [(6, 9)], offsets) == [False, False, True, True, True]

@@ -92,3 +92,36 @@ def test_pixel_limit_checked_before_decoding():
     with pytest.raises(ImageTooLargeError, match="5000x4000 = 20000000 pixels, above the limit of 1000000"):
         decode_image(truncated_body, 1_000_000)
     assert decode_image(data, 20_000_000).size == (5000, 4000)
+
+
+def test_fuzzed_bytes_only_raise_sample_errors():
+    """Damaged files of every common format fail as UndecodableImageError, never a raw OSError."""
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sources = [
+        encode(Image.effect_noise((64, 48), 30).convert("RGB"), "JPEG", exif=exif),
+        encode(Image.effect_noise((64, 48), 30).convert("RGB"), "PNG"),
+        encode(Image.effect_noise((64, 48), 30).convert("RGB"), "WEBP"),
+        encode(Image.effect_noise((64, 48), 30).convert("P"), "GIF"),
+        encode(Image.effect_noise((64, 48), 30).convert("RGB"), "TIFF"),
+    ]
+    for data in sources:
+        for _ in range(150):
+            damaged = bytearray(data[: int(rng.integers(8, len(data)))])
+            for position in rng.integers(0, len(damaged), size=3):
+                damaged[position] = int(rng.integers(0, 256))
+            try:
+                decode_image(bytes(damaged), LIMIT)
+            except SampleError:
+                pass
+
+
+@pytest.mark.parametrize("mode", ["pad", "square"])
+def test_extreme_aspect_ratios_are_refused_before_tiling(mode):
+    from llava_platform.data.tiling import tile_image
+
+    strip = decode_image(encode(Image.new("RGB", (20000, 2), "red")), LIMIT)  # only 40,000 pixels
+    with pytest.raises(ImageTooLargeError, match=f"intermediate in {mode} mode"):
+        tile_image(strip, mode, 336, (0, 0, 0), max_pixels=LIMIT)
+    assert tile_image(Image.new("RGB", (640, 480)), mode, 336, (0, 0, 0), max_pixels=LIMIT).shape == (1, 3, 336, 336)

@@ -19,7 +19,12 @@ from llava_platform.data.conversation import IGNORE_INDEX, tokenize_conversation
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.templates import resolve_chat_template
 from llava_platform.data.tiling import normalize_tiles
-from llava_platform.model.compose import ModelCompositionError, compose_llava, load_pretrained_llava
+from llava_platform.model.compose import (
+    ModelCompositionError,
+    compose_llava,
+    load_pretrained_llava,
+    load_processor,
+)
 
 CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 CONVERSATION = [
@@ -147,13 +152,45 @@ def test_saved_model_trains_then_round_trips(saved_checkpoints, tmp_path):
 
 
 def test_generate_from_the_saved_processor(saved_checkpoints):
-    processor = AutoProcessor.from_pretrained(saved_checkpoints["llava"])
+    """The HF way to prompt (apply_chat_template with tokenize=True) gives one BOS and stops at EOS."""
+    processor = load_processor(str(saved_checkpoints["llava"]))
     model = LlavaForConditionalGeneration.from_pretrained(saved_checkpoints["llava"]).eval()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=prompt, images=Image.new("RGB", (30, 20), "red"), return_tensors="pt")
+    image = Image.new("RGB", (30, 20), "red")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    bos = processor.tokenizer.bos_token_id
+    assert ids[0] == bos and ids[1] != bos
+    assert ids.count(model.config.image_token_id) == 16
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert output.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert output[0, : len(ids)].tolist() == ids and 0 < output.shape[1] - len(ids) <= 4
+
+
+@pytest.mark.parametrize("template, end_of_turn", [("vicuna_v1", "</s>"), ("chatml", "<|im_end|>"),
+                                                   ("llama3", "<|eot_id|>")])
+def test_generation_stops_at_the_templates_end_of_turn(towers, template, end_of_turn):
+    model, processor = compose_llava(
+        towers["clip"], towers["llama"], arch="llava", projector="mlp2x_gelu", vision_feature_layer=-2,
+        image_size=TILE, image_mode="pad", template=template,
+    )
+    stop = model.generation_config.eos_token_id
+    stop = stop if isinstance(stop, list) else [stop]
+    assert processor.tokenizer.convert_tokens_to_ids(end_of_turn) in stop
+    assert processor.tokenizer.eos_token_id in stop
+
+
+def test_pretrained_checkpoint_adopts_the_recipes_template_and_mode(saved_checkpoints, tmp_path):
+    from llava_platform.config.schema import ModelConfig
+    from llava_platform.model.build import build_model
+
+    config = ModelConfig(arch="llava", pretrained=str(saved_checkpoints["llava"]), image_size=TILE)
+    model, processor = build_model(config, image_mode="square", template="chatml", work_dir=tmp_path)
+    assert "<|im_start|>" in processor.chat_template and not processor.image_processor.do_pad
+    with pytest.raises(ModelCompositionError, match="is a llava checkpoint but model.arch is 'llava_next'"):
+        build_model(ModelConfig(arch="llava_next", pretrained=str(saved_checkpoints["llava"]),
+                                image_grid_pinpoints=[(56, 112)], image_size=TILE),
+                    image_mode="anyres", template="chatml", work_dir=tmp_path)
 
 
 def test_composition_errors(towers):
@@ -162,6 +199,9 @@ def test_composition_errors(towers):
                       image_size=336, image_mode="pad", template="vicuna_v1")
     with pytest.raises(ModelCompositionError, match="model type 'llama' is not supported"):
         compose_llava(towers["llama"], towers["llama"], arch="llava", projector="mlp2x_gelu", vision_feature_layer=-2,
+                      image_size=TILE, image_mode="pad", template="vicuna_v1")
+    with pytest.raises(ModelCompositionError, match="vision_feature_layer -5 is outside the tower's 2 layers"):
+        compose_llava(towers["clip"], towers["llama"], arch="llava", projector="mlp2x_gelu", vision_feature_layer=-5,
                       image_size=TILE, image_mode="pad", template="vicuna_v1")
     with pytest.raises(ModelCompositionError, match="arch llava_next serves anyres images, not 'pad'"):
         compose(towers, "llava_next", mode="pad")

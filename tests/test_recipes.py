@@ -87,6 +87,7 @@ def test_cross_field_rules():
                 "stage2.global_batch_size=100",
                 "stage2.data.image_mode=anyres",
                 "stage2.optim.vision_tower_lr=2e-6",
+                "scaling.use_gpu=false",
             ],
         )
     text = str(err.value)
@@ -94,6 +95,7 @@ def test_cross_field_rules():
     assert "stage2.global_batch_size: 100 is not divisible by micro_batch_size 16 x scaling.num_workers 8" in text
     assert "stage2.data.image_mode: 'anyres' does not fit model.arch 'llava'; allowed: square, pad" in text
     assert "stage2.optim.vision_tower_lr: set, but vision_tower is not in stage2.tunable" in text
+    assert "stage1.deepspeed.precision: bf16 needs GPUs (scaling.use_gpu: true); use fp32 on CPU" in text
 
 
 def test_model_source_and_pinpoint_rules():

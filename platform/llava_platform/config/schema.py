@@ -236,6 +236,11 @@ def _stage_problems(
             f"{name}.data.image_mode: {stage.data.image_mode!r} does not fit model.arch {model.arch!r}; "
             f"allowed: {', '.join(allowed_modes)}"
         )
+    if stage.deepspeed.precision != "fp32" and not scaling.use_gpu:
+        found.append(
+            f"{name}.deepspeed.precision: {stage.deepspeed.precision} needs GPUs (scaling.use_gpu: true); "
+            "use fp32 on CPU"
+        )
     per_step = stage.micro_batch_size * scaling.num_workers
     if stage.global_batch_size % per_step:
         found.append(

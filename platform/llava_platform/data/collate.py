@@ -40,8 +40,8 @@ def collate(
 
     Args:
         input_ids, labels: per-sample token ids and labels (same lengths per sample).
-        tiles: per-sample uint8 tiles of shape (num_tiles, 3, T, T), or ``None`` for text-only samples.
-        image_sizes: per-sample original (height, width), or ``None`` for text-only samples.
+        tiles: per-sample uint8 tiles of shape (num_tiles, 3, T, T); ``None`` or zero tiles for text-only samples.
+        image_sizes: per-sample original (height, width); ignored for text-only samples.
         pad_token_id: id used to right-pad ``input_ids``; labels pad with ``IGNORE_INDEX``.
         anyres: LLaVA-NeXT layout (``pixel_values`` (images, max_tiles, 3, T, T) + ``image_sizes``).
         image_mean, image_std: the tower's normalisation.
@@ -59,7 +59,8 @@ def collate(
         "attention_mask": attention.to(device),
         "labels": pad_sequences(labels, IGNORE_INDEX).to(device),
     }
-    image_tiles = [torch.as_tensor(t) for t in tiles if t is not None]
+    with_image = [i for i, t in enumerate(tiles) if t is not None and len(t) > 0]  # text rows: None or 0 tiles
+    image_tiles = [torch.as_tensor(tiles[i]) for i in with_image]
     if not image_tiles:
         return batch
     if anyres:
@@ -67,7 +68,7 @@ def collate(
         stacked = torch.zeros((len(image_tiles), most, *image_tiles[0].shape[1:]), dtype=torch.uint8)
         for i, t in enumerate(image_tiles):
             stacked[i, : t.shape[0]] = t
-        batch["image_sizes"] = torch.tensor([s for s in image_sizes if s is not None], device=device)
+        batch["image_sizes"] = torch.tensor([tuple(image_sizes[i]) for i in with_image], device=device)
     else:
         stacked = torch.cat(image_tiles)
     pixels = normalize_tiles(stacked.to(device), image_mean, image_std)

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from jinja2.exceptions import TemplateError as JinjaTemplateError
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -54,6 +55,10 @@ class RoleOrderError(ConversationError):
 
 class ImagePlaceholderError(ConversationError):
     reason = "image_placeholder_mismatch"
+
+
+class TemplateRejectedError(ConversationError):
+    reason = "template_rejected"
 
 
 class SequenceTooLongError(ConversationError):
@@ -125,10 +130,21 @@ def expand_image_placeholders(
     counts = iter(tokens_per_image)
     expanded = []
     for message in messages:
-        pieces = message["content"].split(IMAGE_PLACEHOLDER)
+        text = message["content"]
+        if text.count(IMAGE_PLACEHOLDER) == 1:  # LLaVA's normalisation: the image first, then the text
+            text = IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()
+        pieces = text.split(IMAGE_PLACEHOLDER)
         text = pieces[0] + "".join(image_token * next(counts) + piece for piece in pieces[1:])
         expanded.append({**message, "content": text})
     return expanded
+
+
+def _inside(token_start: int, token_end: int, start: int, end: int) -> bool:
+    """Whether a token's characters overlap [start, end). Zero-width offsets (whitespace tokens of
+    tokenizers that trim offsets) count where they sit."""
+    if token_start == token_end:
+        return start <= token_start < end
+    return token_start < end and token_end > start
 
 
 def label_tokens(
@@ -146,7 +162,7 @@ def label_tokens(
     """
     is_label = [False] * len(offsets)
     for start, end in answer_spans:
-        hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
+        hits = [i for i, (s, e) in enumerate(offsets) if _inside(s, e, start, end)]
         if not hits:
             raise LabelAlignmentError(f"answer span {rendered[start:end]!r:.80} maps to no token")
         for i in hits:
@@ -188,13 +204,22 @@ def tokenize_conversation(
         ConversationError: a subclass naming what is wrong (see ``reason``).
     """
     messages = expand_image_placeholders(to_chat_messages(conversation), tokens_per_image, image_token)
-    rendered, spans = render_jinja_template(
-        conversations=[messages],
-        chat_template=chat_template,
-        return_assistant_tokens_mask=True,
-        **tokenizer.special_tokens_map,
-    )
+    try:
+        rendered, spans = render_jinja_template(
+            conversations=[messages],
+            chat_template=chat_template,
+            return_assistant_tokens_mask=True,
+            **tokenizer.special_tokens_map,
+        )
+    except JinjaTemplateError as err:
+        raise TemplateRejectedError(f"the chat template rejected this conversation: {err}") from err
     text, answer_spans = rendered[0], spans[0]
+    answers = sum(m["role"] == "assistant" for m in messages)
+    if len(answer_spans) != answers:
+        raise LabelAlignmentError(
+            f"the chat template marked {len(answer_spans)} answer span(s) for {answers} assistant turn(s); "
+            "every assistant message must sit in a {% generation %} block"
+        )
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = encoding["input_ids"]
     is_label = label_tokens(text, answer_spans, encoding["offset_mapping"])

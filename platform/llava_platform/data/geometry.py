@@ -93,7 +93,7 @@ def image_token_count(
 
     LLaVA-1.5 (``square``/``pad``): one tile of patch features, (tile_size / patch_size)^2 = 576.
     LLaVA-NeXT (``anyres``): the base tile, plus the unpadded grid features, plus one image-newline
-    token per feature row (at most 2880 for the default pinpoints at 336 px).
+    token per feature row (at most 2928 for the default pinpoints at 336 px).
 
     Args:
         image_size: original (height, width) of the image.

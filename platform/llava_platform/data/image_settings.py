@@ -47,9 +47,9 @@ class ImageSettings:
         """``pad`` mode's fill: the normalisation mean as 0-255 RGB (LLaVA's ``expand2square``)."""
         return tuple(int(255 * m) for m in self.image_mean)
 
-    def tile(self, image: Image.Image, mode: str) -> np.ndarray:
+    def tile(self, image: Image.Image, mode: str, max_pixels: int | None = None) -> np.ndarray:
         """uint8 tiles of shape (num_tiles, 3, tile_size, tile_size); see ``tiling.tile_image``."""
-        return tile_image(image, mode, self.tile_size, self.pad_color, self.pinpoints)
+        return tile_image(image, mode, self.tile_size, self.pad_color, self.pinpoints, max_pixels)
 
     def token_count(self, image_size: Size, mode: str) -> int:
         """Image tokens for an image of original (height, width) in ``mode``."""

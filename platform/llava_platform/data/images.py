@@ -7,6 +7,7 @@ pipeline can quarantine and count them and the server can answer 4xx.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -33,6 +34,10 @@ class ImageTooLargeError(ImageDecodeError):
     reason = "image_too_large"
 
 
+_CORRUPT = (OSError, SyntaxError, ValueError, struct.error, EOFError)
+"""What Pillow's decoders raise on damaged files (found by fuzzing: not only OSError)."""
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode bytes to an upright RGB image, refusing oversized ones before any pixel is allocated.
 
@@ -55,7 +60,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             # Pillow's own bomb check warns or raises on a global limit; ours is explicit below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, *_CORRUPT) as err:
         raise UndecodableImageError(f"not a decodable image: {err}") from err
     width, height = image.size
     if width * height > max_pixels:
@@ -63,14 +68,14 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}; "
             "downscale it or raise data.max_image_pixels"
         )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise UndecodableImageError(f"truncated or corrupt image: {err}") from err
     if width == 0 or height == 0:
         raise UndecodableImageError(f"image has no pixels ({width}x{height})")
-    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the whole image when upright
-    return to_rgb(image)
+    try:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the whole image when upright
+        return to_rgb(image)
+    except _CORRUPT as err:
+        raise UndecodableImageError(f"truncated or corrupt image: {err}") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -109,7 +109,7 @@ class RowBuilder:
         else:
             image = decode_image(image_bytes, self.max_image_pixels)
             size = (image.height, image.width)
-            tiles = self.settings.tile(image, self.image_mode)
+            tiles = self.settings.tile(image, self.image_mode, self.max_image_pixels)
             tokens_per_image = [self.settings.token_count(size, self.image_mode)]
         sample = tokenize_conversation(
             record["conversations"], self.tokenizer, self.chat_template, tokens_per_image=tokens_per_image,

@@ -7,21 +7,23 @@ builds exactly the prompts the model was trained on.
 
 Message ``content`` may be a string (LLaVA datasets: ``"<image>\\nWhat is ...?"``) or a list of
 ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts (the OpenAI / transformers style);
-an image part renders as ``<image>\\n``.
+image parts render first, each as ``<image>\\n``, then the text parts.
 """
 
 from __future__ import annotations
 
+import re
+
 IMAGE_PLACEHOLDER = "<image>"
 """The placeholder in LLaVA-format text and the image token added to the tokenizer."""
 
-_CONTENT = (
+_CONTENT = (  # image parts first, as LLaVA's data puts "<image>\\n" first, whatever order a client sends
     "{%- macro content(message) -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
     "{%- endmacro -%}"
 )
 
@@ -31,30 +33,36 @@ VICUNA_SYSTEM = (
 )
 
 CHAT_TEMPLATES: dict[str, str] = {
-    # Stage-1 captioning (LLaVA's `plain`): the image tokens, then the caption and a newline.
+    # Stage-1 captioning (LLaVA's `plain`): the image tokens, then the caption and a newline. Like
+    # LLaVA, it takes exactly one question (whose text it drops) and one caption.
     "plain": _CONTENT + (
+        "{%- if messages | length != 2 or messages[0]['role'] != 'user' -%}"
+        "{{ raise_exception('the plain template takes one user turn and one caption') }}{%- endif -%}"
         "{{ bos_token }}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}"
-        "{%- set text = content(message) -%}{{ '<image>' * text.count('<image>') }}"
+        "{%- set text = content(message) -%}"
+        "{%- if '<image>' not in text -%}{{ raise_exception('the plain template needs an image') }}{%- endif -%}"
+        "{{ '<image>' * text.count('<image>') }}"
         "{%- elif message['role'] == 'assistant' -%}"
         "{%- generation -%}{{ content(message) }}{{ '\\n' }}{%- endgeneration -%}"
         "{%- endif -%}"
         "{%- endfor -%}"
     ),
-    # Vicuna v1 (LLaVA-1.5): "<sys> USER: q ASSISTANT: a</s>USER: ...". The space after "ASSISTANT:"
-    # is part of the answer, so the serving prompt (ending in "ASSISTANT:") is exactly the trained prefix.
+    # Vicuna v1 (LLaVA-1.5): "<sys> USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>". The space after
+    # "ASSISTANT:" is part of the answer, so the serving prompt (ending in "ASSISTANT:") is exactly the
+    # trained prefix.
     "vicuna_v1": _CONTENT + (
         "{{ bos_token }}"
         "{%- if messages[0]['role'] == 'system' -%}{{ content(messages[0]) }}"
-        "{%- else -%}{{ \"" + VICUNA_SYSTEM + "\" }}{%- endif -%}"
+        "{%- else -%}{{ \"" + VICUNA_SYSTEM + "\" }}{%- endif -%}{{ ' ' }}"
         "{%- for message in messages -%}"
-        "{%- if message['role'] == 'user' -%}{{ ' USER: ' }}{{ content(message) }}"
-        "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT:' }}"
+        "{%- if message['role'] == 'user' -%}{{ 'USER: ' }}{{ content(message) }}{{ ' ' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT:' }}"
         "{%- generation -%}{{ ' ' + content(message) }}{{ eos_token }}{%- endgeneration -%}"
         "{%- endif -%}"
         "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
     ),
     # Llama 3 instruct headers.
     "llama3": _CONTENT + (
@@ -98,6 +106,18 @@ class TemplateError(ValueError):
     """A template that cannot label assistant turns."""
 
 
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+END_OF_TURN = {"plain": None, "vicuna_v1": "eos", "mistral": "eos", "llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+"""The token that ends an answer in each template (``eos``: the tokenizer's own EOS token)."""
+
+
+def end_of_turn_token(name: str, tokenizer) -> str | None:
+    """The token generation must stop at for a template (``tokenizer``: the EOS token)."""
+    token = END_OF_TURN.get(name, "eos")
+    return tokenizer.eos_token if token == "eos" else token
+
+
 def resolve_chat_template(name: str, tokenizer_chat_template: str | None) -> str:
     """The Jinja text for a recipe's ``data.template``.
 
@@ -110,7 +130,7 @@ def resolve_chat_template(name: str, tokenizer_chat_template: str | None) -> str
         raise TemplateError(f"unknown template {name!r}; allowed: {', '.join([*CHAT_TEMPLATES, 'tokenizer'])}")
     if not tokenizer_chat_template:
         raise TemplateError("template 'tokenizer': the tokenizer has no chat_template; pick one of ours")
-    if "generation" not in tokenizer_chat_template:
+    if not GENERATION_BLOCK.search(tokenizer_chat_template):
         raise TemplateError(
             "template 'tokenizer': the tokenizer's chat template has no {% generation %} blocks, so assistant "
             f"turns cannot be labelled; use one of: {', '.join(CHAT_TEMPLATES)}"

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from llava_platform.data.geometry import Size, best_anyres_resolution, fit_within
+from llava_platform.data.images import ImageTooLargeError
 
 RESAMPLE = Image.Resampling.BICUBIC
 
@@ -92,20 +93,49 @@ def tile_anyres(image: Image.Image, tile_size: int, pinpoints: Sequence[Size]) -
     return np.concatenate([base[None], grid.reshape(rows * cols, 3, tile_size, tile_size)])
 
 
+def intermediate_pixels(image_size: Size, mode: str, tile_size: int) -> int:
+    """Pixels of the largest image tiling allocates on the way to its tiles.
+
+    ``pad`` builds a square of the longest side, ``square`` scales the shortest side to the tile
+    size: for a 20000 x 2 image either is far larger than the image itself. ``anyres`` never
+    exceeds its pinpoint canvas.
+    """
+    height, width = image_size
+    if mode == "pad":
+        return max(height, width) ** 2
+    if mode == "square":
+        return tile_size * int(tile_size * max(height, width) / max(min(height, width), 1))
+    return 0
+
+
 def tile_image(
     image: Image.Image,
     mode: str,
     tile_size: int,
     background: tuple[int, int, int],
     pinpoints: Sequence[Size] | None = None,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Tile an RGB image in the recipe's ``mode`` (``square``, ``pad`` or ``anyres``).
 
+    Args:
+        max_pixels: refuse images whose tiling would allocate more pixels than this (see
+            ``intermediate_pixels``); ``None`` disables the check.
+
     Returns:
         uint8 array of shape (num_tiles, 3, tile_size, tile_size); num_tiles is 1 except for anyres.
+
+    Raises:
+        ImageTooLargeError: the tiling would allocate more than ``max_pixels`` pixels.
     """
     if image.mode != "RGB":
         raise ValueError(f"tile_image needs an RGB image, got mode {image.mode}; decode with decode_image")
+    needed = intermediate_pixels((image.height, image.width), mode, tile_size)
+    if max_pixels is not None and needed > max_pixels:
+        raise ImageTooLargeError(
+            f"a {image.width}x{image.height} image needs a {needed}-pixel intermediate in {mode} mode, above the "
+            f"limit of {max_pixels}; its aspect ratio is too extreme"
+        )
     if mode == "square":
         return tile_square(image, tile_size)
     if mode == "pad":

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 from llava_platform.config.schema import ModelConfig
-from llava_platform.model.compose import LlavaModel, compose_llava, load_pretrained_llava
+from llava_platform.model.compose import (
+    LlavaModel,
+    ModelCompositionError,
+    apply_recipe_settings,
+    compose_llava,
+    load_pretrained_llava,
+)
 from llava_platform.testing.tiny import save_tiny_language_model, save_tiny_vision_tower
 
 
@@ -51,7 +57,14 @@ def build_model(
         dtype: parameter dtype.
     """
     if model.pretrained:
-        return load_pretrained_llava(model.pretrained, dtype=dtype)
+        llava, processor = load_pretrained_llava(model.pretrained, dtype=dtype)
+        if llava.config.model_type != model.arch:
+            raise ModelCompositionError(
+                f"model.pretrained {model.pretrained} is a {llava.config.model_type} checkpoint but model.arch is "
+                f"{model.arch!r}; set model.arch: {llava.config.model_type}"
+            )
+        apply_recipe_settings(llava, processor, template=template, image_mode=image_mode)
+        return llava, processor
     if model.tiny:
         vision_tower, language_model = materialize_tiny_towers(model, work_dir)
     else:

@@ -25,6 +25,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
     AutoTokenizer,
+    GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -39,7 +40,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.utils import logging as hf_logging
 
-from llava_platform.data.templates import IMAGE_PLACEHOLDER, resolve_chat_template
+from llava_platform.data.templates import IMAGE_PLACEHOLDER, end_of_turn_token, resolve_chat_template
 
 LlavaModel = LlavaForConditionalGeneration | LlavaNextForConditionalGeneration
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -115,6 +116,11 @@ def compose_llava(
             f"model.image_size is {image_size} but vision tower {vision_tower} takes {tower.config.image_size} px "
             "images; set model.image_size to the tower's resolution"
         )
+    depth = tower.config.num_hidden_layers
+    if not -depth <= vision_feature_layer < depth:
+        raise ModelCompositionError(
+            f"model.vision_feature_layer {vision_feature_layer} is outside the tower's {depth} layers"
+        )
     tokenizer = AutoTokenizer.from_pretrained(language_model)
     add_image_token(tokenizer)
     chat_template = resolve_chat_template(template, tokenizer.chat_template)
@@ -137,11 +143,40 @@ def compose_llava(
         model.model.image_newline = torch.nn.Parameter(torch.randn(hidden, dtype=dtype) / hidden**0.5)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.pad_token_id = tokenizer.pad_token_id
+    try:  # keep the LM's own sampling defaults and stop tokens
+        model.generation_config = GenerationConfig.from_pretrained(language_model)
+    except OSError:
+        model.generation_config = GenerationConfig.from_model_config(text_config)
     processor = build_processor(
         arch, tokenizer, AutoImageProcessor.from_pretrained(vision_tower), tower,
-        image_size=image_size, image_mode=image_mode, chat_template=chat_template, pinpoints=pinpoints,
+        image_size=image_size, chat_template=chat_template, pinpoints=pinpoints,
     )
+    apply_recipe_settings(model, processor, template=template, image_mode=image_mode)
     return model, processor
+
+
+def apply_recipe_settings(model: LlavaModel, processor: ProcessorMixin, *, template: str, image_mode: str) -> None:
+    """Make the checkpoint serve the way the recipe trains: its template, its image mode, its stop token.
+
+    Applied to composed models and to ``model.pretrained`` checkpoints alike, so an exported
+    checkpoint's processor and generation config never disagree with the training data.
+    """
+    arch = model.config.model_type
+    allowed = ("anyres",) if arch == "llava_next" else ("square", "pad")
+    if image_mode not in allowed:
+        raise ModelCompositionError(f"arch {arch} serves {' or '.join(allowed)} images, not {image_mode!r}")
+    if arch == "llava":
+        processor.image_processor.do_pad = image_mode == "pad"
+    tokenizer = processor.tokenizer
+    processor.chat_template = resolve_chat_template(template, processor.chat_template or tokenizer.chat_template)
+    stop = model.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
+    stop.add(tokenizer.eos_token_id)
+    end_of_turn = end_of_turn_token(template, tokenizer)
+    if end_of_turn is not None:
+        stop.add(tokenizer.convert_tokens_to_ids(end_of_turn))
+    model.generation_config.eos_token_id = sorted(stop) if len(stop) > 1 else stop.pop()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 @contextmanager
@@ -202,11 +237,13 @@ def build_processor(
     tower: VisionTowerInfo,
     *,
     image_size: int,
-    image_mode: str,
     chat_template: str,
     pinpoints: Sequence[tuple[int, int]] | None = None,
 ) -> ProcessorMixin:
-    """The processor saved with the checkpoint: the tower's normalisation, our tiling, our template."""
+    """The processor saved with the checkpoint: the tower's normalisation, our tiling, our template.
+
+    The image mode (``do_pad``) and stop tokens are set by ``apply_recipe_settings``.
+    """
     image_kwargs = dict(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -222,12 +259,7 @@ def build_processor(
         chat_template=chat_template,
     )
     if arch == "llava":
-        if image_mode not in ("square", "pad"):
-            raise ModelCompositionError(f"arch llava serves square or pad images, not {image_mode!r}")
-        image_processor = LlavaImageProcessorPil(do_pad=image_mode == "pad", **image_kwargs)
-        return LlavaProcessor(image_processor=image_processor, **processor_kwargs)
-    if image_mode != "anyres":
-        raise ModelCompositionError(f"arch llava_next serves anyres images, not {image_mode!r}")
+        return LlavaProcessor(image_processor=LlavaImageProcessorPil(**image_kwargs), **processor_kwargs)
     image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **image_kwargs)
     return LlavaNextProcessor(image_processor=image_processor, **processor_kwargs)
 
@@ -245,7 +277,16 @@ def load_pretrained_llava(name_or_path: str, dtype: torch.dtype = torch.float32)
             f"supported: {', '.join(MODEL_CLASSES)}"
         )
     model = MODEL_CLASSES[config.model_type].from_pretrained(name_or_path, dtype=dtype)
-    return model, AutoProcessor.from_pretrained(name_or_path)
+    return model, load_processor(name_or_path)
+
+
+def load_processor(name_or_path: str) -> ProcessorMixin:
+    """A checkpoint's processor with the PIL image backend: the one our tiles are parity-tested against.
+
+    transformers picks its torchvision backend whenever torchvision is installed; that backend
+    resizes with other kernels, which would make training tiles and served tiles differ.
+    """
+    return AutoProcessor.from_pretrained(name_or_path, backend="pil")
 
 
 def save_llava(model: LlavaModel, processor: ProcessorMixin, out_dir: str | Path) -> Path:
