@@ -23,11 +23,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--output", type=Path, help="directory to save the composed checkpoint to")
     args = parser.parse_args(argv)
     recipe = recipe_from_args(parser, args)
-    if args.dry_run:
-        print(recipe_to_yaml(recipe))
-        return None
     if args.output is None:
-        parser.error("--output is required unless --dry-run")
+        parser.error("--output is required")
 
     final_stage = list(recipe.stages().values())[-1]
     model, processor = build_model(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray
 
-from llava_platform.config import recipe_argument_parser, recipe_from_args, recipe_to_yaml
+from llava_platform.config import recipe_argument_parser, recipe_from_args
 from pipelines.preprocess import preprocess, stage_fingerprint, write_shards
 from pipelines.sources import read_records
 
@@ -27,14 +27,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--output", type=Path, help="folder for shards/, manifest.json, quarantine.jsonl")
     args = parser.parse_args(argv)
     recipe = recipe_from_args(parser, args)
-    if args.dry_run:
-        print(recipe_to_yaml(recipe))
-        return None
     stage = recipe.stages().get(f"stage{args.stage}")
     if stage is None:
         parser.exit(2, f"recipe {recipe.name} has no stage{args.stage} section\n")
     if not args.model or not args.output:
-        parser.error("--model and --output are required unless --dry-run")
+        parser.error("--model and --output are required")
 
     ray.init(ignore_reinit_error=True)
     data = stage.data

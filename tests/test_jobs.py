@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from jobs import compose, pipeline
@@ -17,17 +18,22 @@ def test_compose_job_writes_a_self_describing_checkpoint(tmp_path):
     assert isinstance(AutoModelForImageTextToText.from_pretrained(out), LlavaForConditionalGeneration)
 
 
-def test_pipeline_job_trains_saves_and_answers(tmp_path):
-    summary = pipeline.main(["--recipe", "tiny_cpu_demo", "--output", str(tmp_path), "--steps", "8"])
-    assert summary["last_loss"] < summary["first_loss"]
-    assert isinstance(summary["answer"], str)
-    assert (tmp_path / "tiny-cpu-demo" / "checkpoint" / "model.safetensors").exists()
+def test_pipeline_job_end_to_end(ray_local, tmp_path):
+    result = pipeline.main(["--recipe", "tiny_cpu_demo", "--output", str(tmp_path), "--steps", "12",
+                            "--records", "24"])
+    assert (result["report"].read, result["report"].kept) == (24, 24)
+    assert np.mean(result["losses"][-3:]) < np.mean(result["losses"][:3])
+    assert set(result["accuracy"]) == {"short", "mc"}
+    assert all(0.0 <= value <= 1.0 for value in result["accuracy"].values())
+    assert isinstance(result["answer"], str)
+    reloaded = AutoModelForImageTextToText.from_pretrained(result["checkpoint"])
+    assert isinstance(reloaded, LlavaForConditionalGeneration)
 
 
-def test_pipeline_job_runs_llava_next(tmp_path):
-    summary = pipeline.main([
-        "--recipe", "tiny_cpu_demo", "--output", str(tmp_path), "--steps", "3", "model.arch=llava_next",
-        "model.image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]]", "stage1.data.image_mode=anyres",
-        "stage2.data.image_mode=anyres",
+def test_pipeline_job_runs_llava_next(ray_local, tmp_path):
+    result = pipeline.main([
+        "--recipe", "tiny_cpu_demo", "--output", str(tmp_path), "--steps", "4", "--records", "8",
+        "model.arch=llava_next", "model.image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]]",
+        "stage1.data.image_mode=anyres", "stage2.data.image_mode=anyres",
     ])
-    assert summary["last_loss"] < summary["first_loss"]
+    assert result["report"].kept == 8 and len(result["losses"]) == 4

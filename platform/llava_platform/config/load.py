@@ -137,8 +137,16 @@ def recipe_argument_parser(description: str) -> argparse.ArgumentParser:
 
 
 def recipe_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Recipe:
-    """Resolve ``--recipe`` + overrides once; on mistakes print them all and exit with status 2."""
+    """Resolve ``--recipe`` + overrides once.
+
+    On mistakes, print them all and exit with status 2; with ``--dry-run``, print the resolved
+    recipe and exit with status 0 (like ``--help``), before any cluster resource is claimed.
+    """
     try:
-        return load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as err:
         parser.exit(2, f"{err}\n")
+    if args.dry_run:
+        print(recipe_to_yaml(recipe))
+        parser.exit(0)
+    return recipe
