@@ -94,6 +94,7 @@ def test_pixel_limit_checked_before_decoding():
     assert decode_image(data, 20_000_000).size == (5000, 4000)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt EXIF it is fed here
 def test_fuzzed_bytes_only_raise_sample_errors():
     """Damaged files of every common format fail as UndecodableImageError, never a raw OSError."""
     rng = np.random.default_rng(0)
