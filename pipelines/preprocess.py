@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
@@ -233,7 +232,3 @@ def stage_fingerprint(*parts: object) -> str:
     """A short stable hash of the settings that shape the rows (recipe data section, processor)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-
-def sample_lengths(rows: ray.data.Dataset) -> np.ndarray:
-    """Token lengths of all rows (small column; for padding reports)."""
-    return np.concatenate([b["length"] for b in rows.select_columns(["length"]).iter_batches(batch_format="numpy")])

@@ -60,10 +60,14 @@ MODEL_ARCHS = ("llava", "llava_next")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the session (2 CPUs, like the CI machines)."""
+    """One local Ray instance for the whole session.
+
+    4 logical CPUs on the 2-core machines: actor pools of earlier tests release their reservations
+    asynchronously, and a trainer's workers plus a preprocessing pool must still fit beside them.
+    """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": S3_TEST_ENV})
     yield ray
     ray.shutdown()

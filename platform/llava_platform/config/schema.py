@@ -164,6 +164,9 @@ class ScalingConfig(Section):
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: float = Field(1.0, ge=0.0)
     """GPUs per worker when ``use_gpu`` (usually 1)."""
+    data_cpus_per_actor: PositiveFloat = 1.0
+    """Logical CPUs per Ray Data preprocessing actor and read task. Below 1 on a single small machine:
+    Ray Train leaves Ray Data only the CPUs its workers do not reserve."""
 
 
 class Recipe(Section):

@@ -1,0 +1,62 @@
+"""Stage outputs: the projector on its own (safetensors) and the Hugging Face export of a DeepSpeed engine.
+
+Stage 1 hands its projector to stage 2 as a small safetensors file (``projector.safetensors``), so
+stage 2 starts from the composed towers plus that file, never from a stage-1 optimizer state. The
+export gathers ZeRO-3 shards into a full state dict first: without that, ZeRO-3 saves
+zero-size placeholders (the reference code's ``size mismatch torch.Size([0])``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava_platform.model.trainability import part_of
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector's tensors (and LLaVA-NeXT's ``image_newline``) out of a full state dict."""
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()
+            if part_of(name) == "projector"}
+
+
+def save_projector(state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """Write the projector tensors of a full state dict to ``out_dir/projector.safetensors``."""
+    path = Path(out_dir) / PROJECTOR_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(projector_state(state_dict), str(path))
+    return path
+
+
+def load_projector(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Load a saved projector into ``model``; return the names loaded.
+
+    Raises:
+        ValueError: the file holds tensors the model lacks, or shapes that differ.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROJECTOR_FILE
+    tensors = load_file(str(path))
+    own = model.state_dict()
+    wrong = [f"{n}: {tuple(t.shape)} vs model {tuple(own[n].shape) if n in own else 'missing'}"
+             for n, t in tensors.items() if n not in own or own[n].shape != t.shape]
+    if wrong:
+        raise ValueError(f"projector {path} does not fit this model: {'; '.join(wrong)}")
+    model.load_state_dict(tensors, strict=False)
+    return sorted(tensors)
+
+
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights from a DeepSpeed engine; every rank must call it (collective).
+
+    Returns:
+        The state dict on rank 0 (ZeRO-3: gathered from all ranks), ``None`` on other ranks under ZeRO-3.
+    """
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {name: tensor.detach().cpu() for name, tensor in engine.module.state_dict().items()}

@@ -1,0 +1,94 @@
+"""A recipe stage -> a DeepSpeed config dict. Flat arguments in, plain dict out (testable, printable).
+
+The global batch is fixed by the recipe; gradient accumulation absorbs the worker count, so the
+same recipe trains identically on 1 or 64 workers. Learning rates live in the parameter groups
+(``model.trainability.parameter_groups``); the scheduler scales each group from its own rate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class DeepSpeedConfigError(ValueError):
+    """Settings that DeepSpeed cannot run."""
+
+
+def build_deepspeed_config(
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    world_size: int,
+    zero_stage: int,
+    precision: str,
+    offload_optimizer: bool,
+    max_grad_norm: float,
+    weight_decay: float,
+    lr: float,
+    scheduler: str,
+    warmup_ratio: float,
+    total_steps: int,
+    use_gpu: bool,
+) -> dict[str, Any]:
+    """The DeepSpeed config of one stage.
+
+    Args:
+        global_batch_size: samples per optimizer step over all workers.
+        micro_batch_size: samples per forward pass on one worker.
+        world_size: number of training workers.
+        zero_stage: 0-3; 3 shards parameters (and gathers them at save time).
+        precision: ``bf16``/``fp16`` on GPUs, ``fp32`` on CPU.
+        offload_optimizer: keep optimizer state in CPU memory.
+        max_grad_norm: gradient clipping.
+        weight_decay, lr: AdamW defaults (groups override ``lr``).
+        scheduler: ``cosine``, ``linear`` or ``constant``, all after a linear warmup.
+        warmup_ratio: share of ``total_steps`` spent warming up.
+        total_steps: optimizer steps of the stage.
+        use_gpu: whether workers have GPUs.
+
+    Raises:
+        DeepSpeedConfigError: a batch that does not divide, a ZeRO stage outside 0-3, half precision on CPU.
+    """
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise DeepSpeedConfigError(
+            f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} x "
+            f"{world_size} workers = {per_step}"
+        )
+    if zero_stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if precision != "fp32" and not use_gpu:
+        raise DeepSpeedConfigError(f"{precision} needs GPUs; use fp32 on CPU")
+    warmup_steps = math.ceil(warmup_ratio * total_steps)
+    zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": use_gpu, "contiguous_gradients": True}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    return {
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": global_batch_size // per_step,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999]}},
+        "scheduler": _scheduler(scheduler, warmup_steps, total_steps),
+        "steps_per_print": 10**9,  # progress is reported by our loop and MLflow, not DeepSpeed's prints
+        "wall_clock_breakdown": False,
+    }
+
+
+def _scheduler(name: str, warmup_steps: int, total_steps: int) -> dict[str, Any]:
+    if name == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": total_steps, "warmup_num_steps": warmup_steps, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}}
+    if name == "linear":
+        return {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": total_steps, "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
+    if name == "constant":
+        return {"type": "WarmupLR", "params": {"warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
+    raise DeepSpeedConfigError(f"unknown scheduler {name!r}; allowed: cosine, linear, constant")
