@@ -5,8 +5,8 @@ Today it runs the parts that exist, in the order the finished pipeline runs them
   2. compose the model from its towers (``jobs.compose``)
   3. preprocess the last stage's data with Ray Data on an embedded local Ray (decode, tile, tokenise,
      quarantine)
-  4. train in-process on the streamed rows, grouped by modality and length (Ray Train + DeepSpeed
-     replace this step when they land; see the README's status table)
+  4. train in-process on the streamed rows, grouped by modality and length (the demo moves onto
+     ``jobs.train`` (Ray Train + DeepSpeed) once that job has checkpoints and MLflow; see the README)
   5. save a Hugging Face checkpoint, reload it with plain transformers, score the held-out questions
      and answer one image question through the checkpoint's own processor
 
@@ -35,6 +35,7 @@ from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.evaluation import is_correct
 from llava_platform.model.build import build_model
 from llava_platform.model.compose import load_processor, save_llava
+from llava_platform.model.trainability import set_trainable
 from pipelines.preprocess import finish, preprocess
 from pipelines.sources import read_records
 
@@ -44,14 +45,14 @@ def log(message: str) -> None:
 
 
 def train_in_process(model, rows: list[dict], settings: ImageSettings, *, pad_token_id: int, anyres: bool,
-                     steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    """Plain AdamW steps over the preprocessed rows (an epoch at a time, length-grouped batches)."""
+                     steps: int, batch_size: int, lr: float, seed: int, group: bool) -> list[float]:
+    """Plain AdamW steps over the preprocessed rows, an epoch at a time (grouped by length if ``group``)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses: list[float] = []
     epoch = 0
     while len(losses) < steps:
-        for batch in regroup(rows, batch_size, seed=seed + epoch):
+        for batch in regroup(rows, batch_size, group=group, seed=seed + epoch):
             inputs = collate(batch["input_ids"], batch["labels"], list(batch["tiles"]), list(batch["image_size"]),
                              pad_token_id=pad_token_id, anyres=anyres, image_mean=settings.image_mean,
                              image_std=settings.image_std)
@@ -126,10 +127,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     log(f"4. {args.steps} in-process optimizer steps on {stage_name} (lr {stage.optim.lr})")
     settings = ImageSettings.from_processor(processor)
+    set_trainable(model, stage.tunable)
     losses = train_in_process(
         model, windows, settings, pad_token_id=processor.tokenizer.pad_token_id,
         anyres=data.image_mode == "anyres", steps=args.steps, batch_size=stage.micro_batch_size,
-        lr=stage.optim.lr, seed=recipe.seed,
+        lr=stage.optim.lr, seed=recipe.seed, group=data.group_by_modality_length,
     )
 
     checkpoint = save_llava(model, processor, run_dir / "checkpoint")

@@ -43,6 +43,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from llava_platform.model.compose import load_pretrained_llava
     from llava_platform.model.trainability import parameter_groups, set_trainable
     from llava_platform.train.checkpoint import full_state_dict, load_projector, save_projector
+    from llava_platform.train.deepspeed_config import build_lr_scheduler
 
     deepspeed.init_distributed(dist_backend=config["backend"])  # reuses Ray Train's process group
     model, processor = load_pretrained_llava(config["model"])
@@ -51,7 +52,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     set_trainable(model, config["tunable"])
     groups = parameter_groups(model.named_parameters(), lr=config["lr"], projector_lr=config["projector_lr"],
                               vision_tower_lr=config["vision_tower_lr"], weight_decay=config["weight_decay"])
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config["deepspeed"])
+    if config["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    schedule = build_lr_scheduler(config["scheduler"], warmup_ratio=config["warmup_ratio"],
+                                  total_steps=config["total_steps"])
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config["deepspeed"],
+                                      lr_scheduler=schedule)
     settings = ImageSettings.from_processor(processor)
     device = ray.train.torch.get_device()
     accumulation = config["deepspeed"]["gradient_accumulation_steps"]
@@ -121,8 +128,7 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size,
         world_size=scaling.num_workers, zero_stage=stage.deepspeed.zero_stage, precision=stage.deepspeed.precision,
         offload_optimizer=stage.deepspeed.offload_optimizer, max_grad_norm=stage.optim.max_grad_norm,
-        weight_decay=stage.optim.weight_decay, lr=stage.optim.lr, scheduler=stage.optim.scheduler,
-        warmup_ratio=stage.optim.warmup_ratio, total_steps=total_steps, use_gpu=scaling.use_gpu,
+        weight_decay=stage.optim.weight_decay, lr=stage.optim.lr, use_gpu=scaling.use_gpu,
     )
     stage_dir = output / name
     log(f"{name}: {estimated_records} records, {total_steps} optimizer steps, {scaling.num_workers} workers, "
@@ -135,6 +141,8 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
             "lr": stage.optim.lr, "projector_lr": stage.optim.projector_lr,
             "vision_tower_lr": stage.optim.vision_tower_lr, "weight_decay": stage.optim.weight_decay,
             "deepspeed": deepspeed, "epochs": stage.epochs, "total_steps": total_steps, "seed": recipe.seed,
+            "scheduler": stage.optim.scheduler, "warmup_ratio": stage.optim.warmup_ratio,
+            "gradient_checkpointing": stage.deepspeed.gradient_checkpointing,
             "group_by_length": data.group_by_modality_length, "group_window": 32 * stage.micro_batch_size,
             "anyres": data.image_mode == "anyres", "backend": "nccl" if scaling.use_gpu else "gloo",
             "output": str(stage_dir.resolve()), "export": export,
@@ -161,6 +169,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     missing = [n for n in names if recipe.stages().get(n) is None]
     if missing or not args.model or not args.output:
         parser.exit(2, f"need --model, --output and recipe sections {names} (missing: {missing})\n")
+    lora = [n for n in names if recipe.stages()[n].lora is not None]
+    if lora:  # never train silently without the adapters the recipe asks for
+        parser.exit(2, f"{', '.join(lora)}.lora: LoRA training is not wired into jobs.train yet; remove the "
+                       "lora section or wait for it (see the README's status table)\n")
     stage2 = recipe.stage2
     if "stage2" in names and "stage1" not in names and stage2.init_from == "stage1":
         parser.exit(2, "stage2.init_from is 'stage1' but --stage 2 runs alone: set stage2.init_from to a "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 from ray.data.extensions import ArrowVariableShapedTensorArray, ArrowVariableShapedTensorType
@@ -88,7 +89,8 @@ class Preprocessor:
                     "reason": err.reason, "message": str(err)[:500],
                 })
             keys.append(key)
-        self.quarantine.add.remote(keys, bad)
+        # Acknowledged, not fire-and-forget: once a batch's rows are out, its quarantine entries are in.
+        ray.get(self.quarantine.add.remote(keys, bad))
         return rows_to_table(rows)
 
     def _image_bytes(self, record: dict[str, Any], inline: bytes | None) -> bytes | None:
@@ -103,10 +105,8 @@ class Preprocessor:
 
 
 def record_key(raw: dict[str, Any]) -> str:
-    """Identity of a raw record across retries and epochs: file + position (Parquet: file + id)."""
-    if raw["index"] >= 0:
-        return f"{raw['source']}:{raw['index']}"
-    return f"{raw['source']}#{record_id_of(raw['record']) or hashlib.sha1(raw['record'].encode()).hexdigest()}"
+    """Identity of a raw record across retries and epochs: its file and position in the file."""
+    return f"{raw['source']}:{raw['index']}"
 
 
 def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
@@ -221,14 +221,28 @@ def read_shards(out_dir: str | Path, *, recipe_hash: str | None = None) -> ray.d
             f"{out_dir} was preprocessed for recipe hash {manifest['recipe_hash']}, not {recipe_hash}; re-run "
             "jobs.preprocess for this recipe"
         )
-    expected = {field.name: str(field.type) for field in ROW_SCHEMA}
-    if manifest["schema"] != expected:
-        raise ManifestError(f"{out_dir} schema {manifest['schema']} differs from the current {expected}")
     files = [str(out_dir / "shards" / name) for name in manifest["shards"]]
+    missing = [f for f in files if not Path(f).exists()]
+    if missing:
+        raise ManifestError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
+    on_disk = pq.read_schema(files[0]).names if files else ROW_SCHEMA.names
+    if on_disk != ROW_SCHEMA.names:
+        raise ManifestError(f"{out_dir} shards have columns {on_disk}; this version expects {ROW_SCHEMA.names}")
     return ray.data.read_parquet(files)
 
 
-def stage_fingerprint(*parts: object) -> str:
-    """A short stable hash of the settings that shape the rows (recipe data section, processor)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "chat_template.jinja")
+
+
+def stage_fingerprint(data_settings: dict[str, Any], processor_path: str) -> str:
+    """A short stable hash of what shapes the rows: the stage's data settings and the processor's files."""
+    digest = hashlib.sha256(json.dumps(data_settings, sort_keys=True, default=str).encode())
+    folder = Path(processor_path)
+    for name in PROCESSOR_FILES:
+        if (folder / name).is_file():
+            digest.update(name.encode() + (folder / name).read_bytes())
+    if not folder.is_dir():  # a hub id or remote URI: its name is all we can see from here
+        digest.update(processor_path.encode())
+    return digest.hexdigest()[:16]
 

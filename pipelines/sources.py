@@ -8,17 +8,18 @@ record, so that one bad row is quarantined instead of failing its file.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from pipelines.storage import filesystem_for
 
 RAW_SCHEMA = pa.schema([
     ("source", pa.string()),  # file the record came from
-    ("index", pa.int64()),  # position in that file (JSON: element, JSONL: line); -1 for Parquet rows
+    ("index", pa.int64()),  # position in that file (JSON: element, JSONL: line, Parquet: row); -1: the whole file
     ("record", pa.string()),  # the record as JSON text (Parquet: every column but the image bytes)
     ("image_bytes", pa.binary()),  # inline image (Parquet sources); null: read the record's `image` path
     ("error", pa.string()),  # set when the file itself could not be split into records
@@ -49,13 +50,24 @@ def _split_json_files(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(rows, schema=RAW_SCHEMA)
 
 
-def _parquet_to_raw(table: pa.Table) -> pa.Table:
-    columns = [c for c in table.column_names if c not in ("image_bytes", "path")]
+def _read_parquet_files(batch: dict[str, np.ndarray], s3_endpoint_url: str | None) -> Iterator[pa.Table]:
+    """Raw rows of whole Parquet files, one row group at a time, with each row's position in its file."""
+    for path in batch["path"]:
+        filesystem, inner = filesystem_for(str(path), s3_endpoint_url)
+        position = 0
+        for table in pq.ParquetFile(filesystem.open_input_file(inner)).iter_batches(batch_size=256):
+            yield _parquet_to_raw(pa.Table.from_batches([table]), str(path), position)
+            position += table.num_rows
+
+
+def _parquet_to_raw(table: pa.Table, path: str, start: int) -> pa.Table:
+    # The record JSON holds every column but the image bytes and other binary columns.
+    columns = [f.name for f in table.schema if f.name != "image_bytes" and not pa.types.is_binary(f.type)]
     records = [json.dumps(row) for row in table.select(columns).to_pylist()]
     images = table["image_bytes"] if "image_bytes" in table.column_names else pa.nulls(len(table), pa.binary())
     return pa.table({
-        "source": table["path"],
-        "index": pa.array(np.full(len(table), -1, dtype=np.int64)),  # Parquet rows are located by id
+        "source": pa.array([path] * len(table), pa.string()),
+        "index": pa.array(np.arange(start, start + len(table), dtype=np.int64)),
         "record": pa.array(records, pa.string()),
         "image_bytes": images.cast(pa.binary()),
         "error": pa.nulls(len(table), pa.string()),
@@ -80,11 +92,11 @@ def read_records(
             )
             .map_batches(_split_json_files, batch_size=1, batch_format="numpy", num_cpus=cpus_per_task)
         )
-    if parquet_files:
-        filesystem, _ = filesystem_for(parquet_files[0], s3_endpoint_url)
+    if parquet_files:  # file by file, so that every row keeps its position (its identity for the quarantine)
         parts.append(
-            ray.data.read_parquet(parquet_files, filesystem=filesystem, include_paths=True, num_cpus=cpus_per_task)
-            .map_batches(_parquet_to_raw, batch_format="pyarrow", num_cpus=cpus_per_task)
+            ray.data.from_items([{"path": f} for f in parquet_files])
+            .map_batches(_read_parquet_files, batch_size=1, batch_format="numpy", num_cpus=cpus_per_task,
+                         fn_kwargs={"s3_endpoint_url": s3_endpoint_url})
         )
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 

@@ -37,3 +37,19 @@ def test_pipeline_job_runs_llava_next(ray_local, tmp_path):
         "stage1.data.image_mode=anyres", "stage2.data.image_mode=anyres",
     ])
     assert result["report"].kept == 8 and len(result["losses"]) == 4
+
+
+def test_preprocess_job_materialises_shards(ray_local, tmp_path):
+    from jobs import preprocess as preprocess_job
+    from llava_platform.config import load_recipe
+    from llava_platform.data.synthetic import write_synthetic_dataset
+    from pipelines.preprocess import read_shards, stage_fingerprint
+
+    files = write_synthetic_dataset(tmp_path / "data", train=8, eval=1, seed=0)
+    initial = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(tmp_path / "initial")])
+    overrides = [f"stage2.data.train_files=[{files['stage2']}]", f"stage2.data.image_root={tmp_path / 'data'}"]
+    manifest = preprocess_job.main(["--recipe", "tiny_cpu_demo", "--stage", "2", "--model", str(initial),
+                                    "--output", str(tmp_path / "shards"), *overrides])
+    assert manifest["counts"]["kept"] == 8
+    data = load_recipe("tiny_cpu_demo", overrides).stage2.data
+    assert read_shards(tmp_path / "shards", recipe_hash=stage_fingerprint(data.model_dump(), str(initial))).count() == 8

@@ -168,17 +168,21 @@ def test_parquet_source_with_inline_images(ray_local, dataset, saved_checkpoints
     root, files = dataset
     records = [json.loads(line) for line in files["stage2"].read_text().splitlines()[:6]]
     table = pa.table({
-        "id": [r["id"] for r in records] + ["inline-empty", "inline-text"],
-        "image_bytes": [(root / r["image"]).read_bytes() for r in records] + [b"", None],
+        "id": [r["id"] for r in records] + ["inline-empty", "inline-text", records[0]["id"]],
+        "image_bytes": [(root / r["image"]).read_bytes() for r in records] + [b"", None, b""],
         "conversations": [r["conversations"] for r in records] + [
-            records[0]["conversations"], [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]],
+            records[0]["conversations"], [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
+            records[0]["conversations"]],
+        "thumbnail": [b"\x00\x01"] * (len(records) + 3),  # another binary column stays out of the record
     })
     path = tmp_path / "inline.parquet"
     pq.write_table(table, path)
     got, report, bad = run(read_records([str(path)]), saved_checkpoints["llava"], "pad")
     assert set(got) == {r["id"] for r in records} | {"inline-text"}
-    assert [(row["id"], row["reason"]) for row in bad] == [("inline-empty", "empty_image")]
-    assert report.read == 8
+    # a bad row that shares its id with a good one is still its own record: located by position
+    assert sorted((row["id"], row["index"], row["reason"]) for row in bad) == [
+        (records[0]["id"], 8, "empty_image"), ("inline-empty", 6, "empty_image")]
+    assert (report.read, report.kept) == (9, 7)
 
 
 def test_s3_sources_and_images(ray_local, dataset, saved_checkpoints, s3_server):

@@ -48,10 +48,16 @@ def test_stage2_alone_zero3_exports_full_weights(ray_local, setup):
     root, initial, overrides = setup
     projector = root / "zero2" / "stage1" / PROJECTOR_FILE
     out = train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(root / "zero3"),
-                      "--stage", "2", *overrides, "stage2.deepspeed.zero_stage=3", f"stage2.init_from={projector}"])
-    before, after = state(initial), state(out["stage2"] / "export")
-    assert after.keys() == before.keys()
-    assert all(after[n].shape == before[n].shape and after[n].numel() > 0 for n in before)  # gathered, not [0]
+                      "--stage", "2", *overrides, "stage2.deepspeed.zero_stage=3", f"stage2.init_from={projector}",
+                      "stage2.deepspeed.gradient_checkpointing=true"])
+    before = state(initial)
+    saved = load_file(str(out["stage2"] / "export" / "model.safetensors"))  # the file itself, not a reload
+    assert all(saved[n].shape == before[n].shape for n in before if n in saved)  # gathered, not torch.Size([0])
+    vision = [n for n in before if n.startswith("model.vision_tower.")]
+    assert vision and all(torch.equal(saved[n], before[n]) for n in vision)
+    stage1 = load_file(str(projector))
+    started_from_stage1 = state(out["stage2"] / "export")
+    assert any(not torch.equal(started_from_stage1[n], before[n]) for n in stage1)
 
 
 def test_stage2_alone_needs_a_projector(setup):
@@ -59,4 +65,12 @@ def test_stage2_alone_needs_a_projector(setup):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(root / "x"), "--stage", "2",
                     *overrides])
+    assert exit_info.value.code == 2
+
+
+def test_lora_recipes_are_refused_until_wired(setup):
+    root, initial, overrides = setup
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(root / "y"), "--stage", "2",
+                    *overrides, "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8}"])
     assert exit_info.value.code == 2

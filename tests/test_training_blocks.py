@@ -21,16 +21,15 @@ from llava_platform.model.trainability import (
     part_of,
     set_trainable,
 )
-from llava_platform.train.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config
+from llava_platform.train.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config, build_lr_scheduler
 
 
-def config_for(stage, world_size, use_gpu=True, total_steps=100):
+def config_for(stage, world_size, use_gpu=True):
     return build_deepspeed_config(
         global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size, world_size=world_size,
         zero_stage=stage.deepspeed.zero_stage, precision=stage.deepspeed.precision,
         offload_optimizer=stage.deepspeed.offload_optimizer, max_grad_norm=stage.optim.max_grad_norm,
-        weight_decay=stage.optim.weight_decay, lr=stage.optim.lr, scheduler=stage.optim.scheduler,
-        warmup_ratio=stage.optim.warmup_ratio, total_steps=total_steps, use_gpu=use_gpu,
+        weight_decay=stage.optim.weight_decay, lr=stage.optim.lr, use_gpu=use_gpu,
     )
 
 
@@ -43,8 +42,26 @@ def test_global_batch_holds_at_any_worker_count(world_size, accumulation):
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
-    assert config["scheduler"]["type"] == "WarmupCosineLR"
-    assert config["scheduler"]["params"]["warmup_num_steps"] == 3  # ceil(0.03 * 100)
+    assert "scheduler" not in config  # ours, from transformers, keeps per-group rates
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_schedules_keep_each_groups_own_rate(name):
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2e-5},
+              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2e-6}]
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = build_lr_scheduler(name, warmup_ratio=0.1, total_steps=20)(optimizer)
+    seen = []
+    for _ in range(15):
+        optimizer.step()
+        scheduler.step()
+        first, second = (g["lr"] for g in optimizer.param_groups)
+        assert first == pytest.approx(10 * second)
+        seen.append(first)
+    assert max(seen) == pytest.approx(2e-5, rel=0.01)
+    assert (seen[-1] < max(seen)) == (name != "constant")
+    with pytest.raises(DeepSpeedConfigError, match="unknown scheduler 'step'"):
+        build_lr_scheduler("step", warmup_ratio=0.0, total_steps=1)
 
 
 def test_deepspeed_config_errors():
@@ -108,10 +125,11 @@ def test_stage1_engine_trains_the_projector_and_nothing_else(towers, single_proc
     set_trainable(model, ["projector"])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     stage = load_recipe("tiny_cpu_demo", [f"stage1.deepspeed.zero_stage={zero_stage}"]).stage1
-    config = config_for(stage, world_size=1, use_gpu=False, total_steps=8)
+    config = config_for(stage, world_size=1, use_gpu=False)
     config["gradient_accumulation_steps"], config["train_batch_size"] = 1, stage.micro_batch_size
     groups = parameter_groups(model.named_parameters(), lr=stage.optim.lr)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=(
+        build_lr_scheduler(stage.optim.scheduler, warmup_ratio=0.25, total_steps=8)))
 
     settings = ImageSettings.from_processor(processor)
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 The global batch is fixed by the recipe; gradient accumulation absorbs the worker count, so the
 same recipe trains identically on 1 or 64 workers. Learning rates live in the parameter groups
-(``model.trainability.parameter_groups``); the scheduler scales each group from its own rate.
+(``model.trainability.parameter_groups``); ``build_lr_scheduler`` scales each group from its own rate.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ def build_deepspeed_config(
     max_grad_norm: float,
     weight_decay: float,
     lr: float,
-    scheduler: str,
-    warmup_ratio: float,
-    total_steps: int,
     use_gpu: bool,
 ) -> dict[str, Any]:
     """The DeepSpeed config of one stage.
@@ -42,9 +39,6 @@ def build_deepspeed_config(
         offload_optimizer: keep optimizer state in CPU memory.
         max_grad_norm: gradient clipping.
         weight_decay, lr: AdamW defaults (groups override ``lr``).
-        scheduler: ``cosine``, ``linear`` or ``constant``, all after a linear warmup.
-        warmup_ratio: share of ``total_steps`` spent warming up.
-        total_steps: optimizer steps of the stage.
         use_gpu: whether workers have GPUs.
 
     Raises:
@@ -60,7 +54,6 @@ def build_deepspeed_config(
         raise DeepSpeedConfigError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
     if precision != "fp32" and not use_gpu:
         raise DeepSpeedConfigError(f"{precision} needs GPUs; use fp32 on CPU")
-    warmup_steps = math.ceil(warmup_ratio * total_steps)
     zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": use_gpu, "contiguous_gradients": True}
     if zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -75,20 +68,24 @@ def build_deepspeed_config(
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999]}},
-        "scheduler": _scheduler(scheduler, warmup_steps, total_steps),
         "steps_per_print": 10**9,  # progress is reported by our loop and MLflow, not DeepSpeed's prints
         "wall_clock_breakdown": False,
     }
 
 
-def _scheduler(name: str, warmup_steps: int, total_steps: int) -> dict[str, Any]:
-    if name == "cosine":
-        return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": total_steps, "warmup_num_steps": warmup_steps, "warmup_type": "linear",
-            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}}
-    if name == "linear":
-        return {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": total_steps, "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
-    if name == "constant":
-        return {"type": "WarmupLR", "params": {"warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
-    raise DeepSpeedConfigError(f"unknown scheduler {name!r}; allowed: cosine, linear, constant")
+
+def build_lr_scheduler(name: str, *, warmup_ratio: float, total_steps: int):
+    """A callable ``optimizer -> scheduler`` for ``deepspeed.initialize(lr_scheduler=...)``.
+
+    transformers' schedules multiply each parameter group's own learning rate, so the projector,
+    language model and vision tower keep their ratios. (DeepSpeed's ``WarmupLR``/``WarmupDecayLR``
+    set one absolute rate for every group; its defaults would silently train at 1e-3.)
+    """
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    if name not in names:
+        raise DeepSpeedConfigError(f"unknown scheduler {name!r}; allowed: {', '.join(names)}")
+    warmup_steps = math.ceil(warmup_ratio * total_steps)
+    return lambda optimizer: get_scheduler(names[name], optimizer, num_warmup_steps=warmup_steps,
+                                           num_training_steps=total_steps)
