@@ -21,7 +21,7 @@ from llava_platform.model.compose import save_llava
 def main(argv: list[str] | None = None) -> Path | None:
     parser = recipe_argument_parser(__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, help="directory to save the composed checkpoint to")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
     if args.output is None:
         parser.error("--output is required")

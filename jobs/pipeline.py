@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--output", type=Path, default=Path("outputs"), help="where data and checkpoints go")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of the in-process training")
     parser.add_argument("--records", type=int, default=200, help="synthetic training records")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--stage", choices=["1", "2"], default="2", help="whose data section to preprocess")
     parser.add_argument("--model", help="checkpoint directory whose processor tiles and tokenises")
     parser.add_argument("--output", type=Path, help="folder for shards/, manifest.json, quarantine.jsonl")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
     stage = recipe.stages().get(f"stage{args.stage}")
     if stage is None:

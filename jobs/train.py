@@ -1,161 +1,50 @@
-"""Two-stage training with Ray Train + DeepSpeed on the Ray Data pipeline's streamed rows.
+"""Two-stage training with Ray Train + DeepSpeed on the Ray Data pipeline, tracked in MLflow.
 
     python -m jobs.train --recipe tiny_cpu_demo --model outputs/initial --output outputs/train --stage all
-    ray job submit --working-dir . -- python -m jobs.train --recipe llava15_7b --model s3://.../initial \\
-        --output s3://.../train --stage all
+    ray job submit --working-dir . -- python -m jobs.train --recipe llava15_7b --model /mnt/shared/initial \\
+        --output /mnt/shared/train --stage all
+    python -m jobs.train ... --resume outputs/train/checkpoints/<run>/stage2-step00000400
 
 ``--model`` is the composed starting checkpoint (``jobs.compose``). Stage 1 trains the projector and
 writes ``<output>/stage1/projector.safetensors``; stage 2 starts from ``--model`` plus that projector
-(or the recipe's ``stage2.init_from`` path) and writes a Hugging Face export to ``<output>/stage2/export``.
+(or ``stage2.init_from``: a path or a ``runs:/<id>/projector.safetensors`` URI) and writes a Hugging
+Face export to ``<output>/stage2/export``, registered in MLflow under ``tracking.registered_model``.
 
-Status: the loop, both stages, ZeRO-2/3 and the export work; periodic checkpoints with resume,
-MLflow tracking and LoRA wiring are not built yet (see the README's status table).
+Checkpoints (full DeepSpeed state + data position) go to ``checkpoint.storage_path`` every
+``checkpoint.every_n_steps`` steps. A dead worker restarts the worker group from the latest one
+(``checkpoint.max_failures``); running the same command again, or ``--resume <checkpoint>``, does too.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 
+from jobs.train_worker import POSITION_FILE, train_loop_per_worker
+from llava_platform import tracking
 from llava_platform.config import recipe_argument_parser, recipe_from_args
 from llava_platform.config.schema import Recipe, StageConfig
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_config import build_deepspeed_config
 from pipelines.preprocess import finish, preprocess
+from pipelines.quarantine import QuarantineLog
 from pipelines.sources import read_records
+from pipelines.storage import filesystem_for
+
+RUNS_FILE = "mlflow_runs.json"
+"""Written into ``--output``: the tracking URI and the MLflow run ids (``parent``, ``stage1``, ``stage2``)."""
+KILL_AT_STEP_ENV = "LLAVA_TRAIN_KILL_WORKER_AT_STEP"
+"""Fault injection: ``<step>`` or ``<step>:<rank>`` SIGKILLs that worker once, to exercise auto-resume."""
 
 
 def log(message: str) -> None:
     print(f"[train] {message}", file=sys.stderr, flush=True)
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: DeepSpeed engine, then forward / backward / step over its data shard."""
-    import deepspeed
-    import ray.train
-
-    from llava_platform.data.collate import collate
-    from llava_platform.data.grouping import regroup
-    from llava_platform.data.image_settings import ImageSettings
-    from llava_platform.model.compose import load_pretrained_llava
-    from llava_platform.model.trainability import parameter_groups, set_trainable
-    from llava_platform.train.checkpoint import full_state_dict, load_projector, save_projector
-    from llava_platform.train.deepspeed_config import build_lr_scheduler
-
-    deepspeed.init_distributed(dist_backend=config["backend"])  # reuses Ray Train's process group
-    model, processor = load_pretrained_llava(config["model"])
-    if config["projector"]:
-        load_projector(model, config["projector"])
-    set_trainable(model, config["tunable"])
-    groups = parameter_groups(model.named_parameters(), lr=config["lr"], projector_lr=config["projector_lr"],
-                              vision_tower_lr=config["vision_tower_lr"], weight_decay=config["weight_decay"])
-    if config["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
-    schedule = build_lr_scheduler(config["scheduler"], warmup_ratio=config["warmup_ratio"],
-                                  total_steps=config["total_steps"])
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config["deepspeed"],
-                                      lr_scheduler=schedule)
-    settings = ImageSettings.from_processor(processor)
-    device = ray.train.torch.get_device()
-    accumulation = config["deepspeed"]["gradient_accumulation_steps"]
-    micro_batch = config["deepspeed"]["train_micro_batch_size_per_gpu"]
-
-    def micro_batches(epoch: int):
-        windows = ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=config["group_window"], batch_format="numpy")
-        for batch in regroup(windows, micro_batch, group=config["group_by_length"], seed=config["seed"] + epoch):
-            yield collate(batch["input_ids"], batch["labels"], list(batch["tiles"]), list(batch["image_size"]),
-                          pad_token_id=processor.tokenizer.pad_token_id, anyres=config["anyres"],
-                          image_mean=settings.image_mean, image_std=settings.image_std, device=device)
-
-    step = 0
-    for epoch in range(config["epochs"]):
-        batches = micro_batches(epoch)
-        while step < config["total_steps"]:
-            step_batches = [b for _, b in zip(range(accumulation), batches, strict=False)]
-            if not all_ranks_have(len(step_batches) == accumulation, device):
-                break  # some rank ran out of data: everyone ends the epoch together (no hung collectives)
-            losses = []
-            for batch in step_batches:
-                loss = engine(**batch).loss
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.item())
-            step += 1
-            ray.train.report({"stage": config["stage"], "step": step, "epoch": epoch,
-                              "loss": sum(losses) / len(losses), "lr": engine.get_lr()[0]})
-
-    state = full_state_dict(engine, config["deepspeed"]["zero_optimization"]["stage"])
-    if ray.train.get_context().get_world_rank() == 0:
-        out = Path(config["output"])
-        save_projector(state, out)
-        if config["export"]:
-            engine.module.save_pretrained(out / "export", state_dict=state)
-            processor.save_pretrained(out / "export")
-
-
-def all_ranks_have(flag: bool, device) -> bool:
-    """Whether every rank's flag is true (a one-integer all-reduce)."""
-    import torch
-    import torch.distributed as dist
-
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, projector: str | None,
-              output: Path, export: bool) -> Path:
-    """Preprocess (streamed) and train one stage; return its output folder."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    data, scaling = stage.data, recipe.scaling
-    records = read_records(data.train_files, data.s3_endpoint_url, cpus_per_task=scaling.data_cpus_per_actor)
-    estimated_records = records.count()
-    rows, quarantine = preprocess(
-        records, processor_path=model, template=data.template, image_mode=data.image_mode,
-        max_length=data.model_max_length, truncation=data.truncation, max_image_pixels=data.max_image_pixels,
-        image_root=data.image_root, s3_endpoint_url=data.s3_endpoint_url, cpus_per_actor=scaling.data_cpus_per_actor,
-    )
-    steps_per_epoch = max(1, estimated_records // stage.global_batch_size)
-    total_steps = min(stage.max_steps or 10**12, stage.epochs * steps_per_epoch)
-    deepspeed = build_deepspeed_config(
-        global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size,
-        world_size=scaling.num_workers, zero_stage=stage.deepspeed.zero_stage, precision=stage.deepspeed.precision,
-        offload_optimizer=stage.deepspeed.offload_optimizer, max_grad_norm=stage.optim.max_grad_norm,
-        weight_decay=stage.optim.weight_decay, lr=stage.optim.lr, use_gpu=scaling.use_gpu,
-    )
-    stage_dir = output / name
-    log(f"{name}: {estimated_records} records, {total_steps} optimizer steps, {scaling.num_workers} workers, "
-        f"ZeRO-{stage.deepspeed.zero_stage}, accumulation {deepspeed['gradient_accumulation_steps']}")
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "stage": name, "model": model, "projector": projector, "tunable": list(stage.tunable),
-            "lr": stage.optim.lr, "projector_lr": stage.optim.projector_lr,
-            "vision_tower_lr": stage.optim.vision_tower_lr, "weight_decay": stage.optim.weight_decay,
-            "deepspeed": deepspeed, "epochs": stage.epochs, "total_steps": total_steps, "seed": recipe.seed,
-            "scheduler": stage.optim.scheduler, "warmup_ratio": stage.optim.warmup_ratio,
-            "gradient_checkpointing": stage.deepspeed.gradient_checkpointing,
-            "group_by_length": data.group_by_modality_length, "group_window": 32 * stage.micro_batch_size,
-            "anyres": data.image_mode == "anyres", "backend": "nccl" if scaling.use_gpu else "gloo",
-            "output": str(stage_dir.resolve()), "export": export,
-        },
-        datasets={"train": rows},
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str((output / "ray_train").resolve()), name=f"{recipe.name}-{name}"),
-    )
-    result = trainer.fit()
-    finish(quarantine, stage_dir / "quarantine.jsonl")
-    log(f"{name}: done, last metrics {result.metrics}")
-    return stage_dir
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
@@ -163,35 +52,224 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--stage", choices=["1", "2", "all"], default="all")
     parser.add_argument("--model", help="the composed starting checkpoint (jobs.compose output)")
     parser.add_argument("--output", type=Path, help="folder for stage outputs")
-    args = parser.parse_args(argv)
+    parser.add_argument("--resume", help="a checkpoint folder (local or s3://) to continue from")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
     names = ["stage1", "stage2"] if args.stage == "all" else [f"stage{args.stage}"]
-    missing = [n for n in names if recipe.stages().get(n) is None]
-    if missing or not args.model or not args.output:
-        parser.exit(2, f"need --model, --output and recipe sections {names} (missing: {missing})\n")
-    lora = [n for n in names if recipe.stages()[n].lora is not None]
-    if lora:  # never train silently without the adapters the recipe asks for
-        parser.exit(2, f"{', '.join(lora)}.lora: LoRA training is not wired into jobs.train yet; remove the "
-                       "lora section or wait for it (see the README's status table)\n")
-    stage2 = recipe.stage2
-    if "stage2" in names and "stage1" not in names and stage2.init_from == "stage1":
-        parser.exit(2, "stage2.init_from is 'stage1' but --stage 2 runs alone: set stage2.init_from to a "
-                       f"projector path (e.g. {args.output}/stage1/{PROJECTOR_FILE})\n")
+    resume = read_position(args.resume, recipe.checkpoint.s3_endpoint_url) if args.resume else None
+    if resume is not None:  # earlier stages are done; their outputs are already in --output
+        names = names[names.index(resume["stage"]):] if resume["stage"] in names else []
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
+    problems = preflight(recipe, names, args, resume)
+    if problems:
+        parser.exit(2, "jobs.train cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+
+    uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
+    experiment = recipe.tracking.experiment or recipe.name
+    if resume is not None:
+        parent = resume["mlflow_parent_run_id"]
+        tracking.reopen_run(uri, parent)
+    else:
+        parent = tracking.start_run(uri, experiment, recipe.name,
+                                    params=tracking.flatten(recipe.model_dump(mode="json")))
+        recipe_file = args.output / "recipe.yaml"
+        args.output.mkdir(parents=True, exist_ok=True)
+        recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        tracking.log_artifact(uri, parent, recipe_file)
+    log(f"MLflow: {uri}, experiment {experiment!r}, run {parent}")
+
     outputs: dict[str, Path] = {}
-    for name in names:
-        stage = recipe.stages()[name]
-        projector = None
-        if stage.init_from == "stage1":
-            projector = str(outputs["stage1"] / PROJECTOR_FILE)
-        elif stage.init_from:
-            projector = stage.init_from
-        outputs[name] = run_stage(recipe, name, stage, model=args.model, projector=projector, output=args.output,
-                                  export=name == names[-1])
+    stage_runs: dict[str, str] = {}
+    try:
+        for name in names:
+            stage = recipe.stages()[name]
+            resuming = resume is not None and resume["stage"] == name
+            if resuming:
+                stage_runs[name] = resume["mlflow_run_id"]
+                tracking.reopen_run(uri, stage_runs[name])
+            else:
+                stage_runs[name] = tracking.start_run(uri, experiment, name, parent_run_id=parent)
+            write_runs_file(args.output, uri, {"parent": parent, **stage_runs})
+            projector = None if resuming else starting_projector(stage, stage_runs.get("stage1"), args.output)
+            outputs[name] = run_stage(recipe, name, stage, model=args.model, projector=projector,
+                                      output=args.output, export=name == "stage2" or name == names[-1],
+                                      tracking_uri=uri, run_id=stage_runs[name], parent_run_id=parent,
+                                      resume_from=args.resume if resuming else None)
+            tracking.end_run(uri, stage_runs[name])
+    except BaseException:
+        for run_id in [*stage_runs.values(), parent]:
+            tracking.end_run(uri, run_id, failed=True)
+        raise
+    tracking.end_run(uri, parent)
     return outputs
+
+
+def write_runs_file(output: Path, tracking_uri: str, runs: dict[str, str]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RUNS_FILE).write_text(json.dumps({"tracking_uri": tracking_uri, "runs": runs}, indent=1))
+
+
+def read_position(checkpoint: str, s3_endpoint_url: str | None) -> dict[str, Any]:
+    """The ``position.json`` that rank 0 wrote into a checkpoint (local path or ``s3://``)."""
+    filesystem, path = filesystem_for(checkpoint, s3_endpoint_url)
+    try:
+        with filesystem.open_input_stream(f"{path.rstrip('/')}/{POSITION_FILE}") as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError) as error:
+        raise SystemExit(f"--resume {checkpoint}: no {POSITION_FILE} there ({error}); pass a checkpoint folder "
+                         "written by jobs.train, e.g. <storage>/<recipe>-stage2/stage2-step00000400") from error
+
+
+def preflight(recipe: Recipe, names: list[str], args, resume: dict | None) -> list[str]:
+    """Everything that would fail later on a worker, checked before any worker starts (all at once)."""
+    problems = []
+    if not args.model or not args.output:
+        problems.append("--model and --output are required")
+    elif "://" not in args.model and not Path(args.model).is_dir():
+        problems.append(f"--model: {args.model} is not a folder; create it with `python -m jobs.compose`")
+    missing = [n for n in names if recipe.stages().get(n) is None]
+    if missing:
+        problems.append(f"{', '.join(missing)}: the recipe has no such section")
+    stage2 = recipe.stage2
+    if "stage2" in names and stage2 is not None and not (resume and resume["stage"] == "stage2"):
+        if stage2.init_from == "stage1" and "stage1" not in names:
+            problems.append(f"stage2.init_from: 'stage1' but stage 1 does not run here; give its projector, e.g. "
+                            f"stage2.init_from={args.output}/stage1/{PROJECTOR_FILE} or runs:/<stage1 run>/"
+                            f"{PROJECTOR_FILE}")
+        elif stage2.init_from and "://" not in stage2.init_from and stage2.init_from != "stage1" and not (
+                Path(stage2.init_from).exists()):
+            problems.append(f"stage2.init_from: {stage2.init_from} does not exist; point it at a stage-1 "
+                            f"{PROJECTOR_FILE}")
+    if resume is not None and resume.get("world_size") != recipe.scaling.num_workers:
+        problems.append(f"scaling.num_workers: {recipe.scaling.num_workers}, but --resume {args.resume} was "
+                        f"written by {resume.get('world_size')} workers (ZeRO state is sharded per worker)")
+    if resume is not None and not names:
+        problems.append(f"--resume: the checkpoint is from {resume['stage']}, which --stage {args.stage} does not run")
+    scaling = recipe.scaling
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if scaling.use_gpu and scaling.gpu_preflight and gpus < scaling.num_workers * scaling.gpus_per_worker:
+        problems.append(f"scaling.use_gpu: {scaling.num_workers} workers x {scaling.gpus_per_worker} GPU need "
+                        f"{scaling.num_workers * scaling.gpus_per_worker:g} GPUs; the Ray cluster has {gpus:g}. "
+                        "Use a CPU recipe (use_gpu: false, precision: fp32), or set scaling.gpu_preflight: false "
+                        "if GPU nodes start on demand")
+    return problems
+
+
+def starting_projector(stage: StageConfig, stage1_run: str | None, output: Path) -> str | None:
+    """Stage 2 picks up stage 1's projector through MLflow (reachable from every node), or a given path."""
+    if stage.init_from == "stage1":
+        return f"runs:/{stage1_run}/{PROJECTOR_FILE}" if stage1_run else str(output / "stage1" / PROJECTOR_FILE)
+    if stage.init_from and "://" not in stage.init_from:
+        return str(Path(stage.init_from).resolve())
+    return stage.init_from
+
+
+def rank_datasets(records: ray.data.Dataset, num_workers: int, seed: int) -> list[ray.data.Dataset]:
+    """One slice of the (seeded-shuffled) raw records per rank, so each rank's order is fixed across restarts.
+
+    Raw records are small (paths and text), so they are materialised here; images are read and
+    tiled later, streaming, by each rank's own preprocessing pipeline. ``equal=True`` drops at most
+    ``num_workers - 1`` records so that every rank gets the same count.
+    """
+    return records.random_shuffle(seed=seed).split(num_workers, equal=True)
+
+
+def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, projector: str | None, output: Path,
+              export: bool, tracking_uri: str, run_id: str, parent_run_id: str, resume_from: str | None) -> Path:
+    """Preprocess (streamed, one pipeline per rank) and train one stage; return its output folder."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data, scaling, workers = stage.data, recipe.scaling, recipe.scaling.num_workers
+    records = read_records(data.train_files, data.s3_endpoint_url, cpus_per_task=scaling.data_cpus_per_actor)
+    quarantine = QuarantineLog.remote()
+    parts = rank_datasets(records, workers, recipe.seed)
+    records_per_rank = [part.count() for part in parts]
+    datasets = {}
+    for rank, part in enumerate(parts):
+        datasets[f"rank{rank}"], _ = preprocess(
+            part, processor_path=model, template=data.template, image_mode=data.image_mode,
+            max_length=data.model_max_length, truncation=data.truncation, max_image_pixels=data.max_image_pixels,
+            image_root=data.image_root, s3_endpoint_url=data.s3_endpoint_url, quarantine=quarantine,
+            cpus_per_actor=scaling.data_cpus_per_actor,
+        )
+    steps_per_epoch = max(1, sum(records_per_rank) // stage.global_batch_size)
+    total_steps = min(stage.max_steps or 10**12, stage.epochs * steps_per_epoch)
+    deepspeed = build_deepspeed_config(
+        global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size, world_size=workers,
+        zero_stage=stage.deepspeed.zero_stage, precision=stage.deepspeed.precision,
+        offload_optimizer=stage.deepspeed.offload_optimizer, max_grad_norm=stage.optim.max_grad_norm,
+        weight_decay=stage.optim.weight_decay, lr=stage.optim.lr, use_gpu=scaling.use_gpu,
+    )
+    stage_dir = (output / name).resolve()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    derived = {"total_steps": total_steps, "gradient_accumulation_steps": deepspeed["gradient_accumulation_steps"],
+               "world_size": workers, "records": sum(records_per_rank)}
+    if resume_from is None:
+        tracking.log_params(tracking_uri, run_id, {**tracking.flatten(stage.model_dump(mode="json")),
+                                                   **{k: str(v) for k, v in derived.items()}})
+    log(f"{name}: {sum(records_per_rank)} records ({records_per_rank[0]} per worker), {derived}, "
+        f"ZeRO-{stage.deepspeed.zero_stage}")
+    lora = stage.lora.model_dump() if stage.lora else None
+    config = {
+        "stage": name, "output": str(stage_dir), "export": export, "projector": projector,
+        "resume_from": resume_from and filesystem_for(resume_from, recipe.checkpoint.s3_endpoint_url),
+        "fault": fault_from_env(stage_dir, workers),
+        "engine": {
+            "model_path": str(Path(model).resolve()) if "://" not in model else model,
+            "tunable": list(stage.tunable), "lora": lora, "lr": stage.optim.lr,
+            "projector_lr": stage.optim.projector_lr, "vision_tower_lr": stage.optim.vision_tower_lr,
+            "weight_decay": stage.optim.weight_decay, "scheduler": stage.optim.scheduler,
+            "warmup_ratio": stage.optim.warmup_ratio, "total_steps": total_steps, "deepspeed_config": deepspeed,
+            "gradient_checkpointing": stage.deepspeed.gradient_checkpointing,
+        },
+        "zero_stage": stage.deepspeed.zero_stage, "epochs": stage.epochs, "seed": recipe.seed,
+        "micro_batch": stage.micro_batch_size, "group_window": 32 * stage.micro_batch_size,
+        "group_by_length": data.group_by_modality_length, "anyres": data.image_mode == "anyres",
+        "backend": "nccl" if scaling.use_gpu else "gloo", "checkpoint_every": recipe.checkpoint.every_n_steps,
+        "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "mlflow_parent_run_id": parent_run_id,
+        "system_metrics_interval_s": recipe.tracking.system_metrics and recipe.tracking.system_metrics_interval_s,
+        "registered_model": recipe.tracking.registered_model or recipe.name,
+    }
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same micro-batches, in the same order, after a restart
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    storage, storage_path = checkpoint_storage(recipe, output)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            storage_path=storage_path, storage_filesystem=storage, name=f"{recipe.name}-{name}",
+            failure_config=FailureConfig(max_failures=recipe.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.checkpoint.num_to_keep),
+        ),
+    )
+    result = trainer.fit()
+    report = finish(quarantine, stage_dir / "quarantine.jsonl")
+    tracking.log_metrics(tracking_uri, run_id, report.as_metrics(), step=total_steps)
+    tracking.log_artifact(tracking_uri, run_id, stage_dir / "quarantine.jsonl")
+    log(f"{name}: done at step {result.metrics.get('step')}, latest checkpoint {result.checkpoint.path}")
+    return stage_dir
+
+
+def checkpoint_storage(recipe: Recipe, output: Path):
+    """``(filesystem, path)`` of the checkpoint storage: ``checkpoint.storage_path`` or ``<output>/checkpoints``."""
+    return filesystem_for(recipe.checkpoint.storage_path or str(output / "checkpoints"),
+                          recipe.checkpoint.s3_endpoint_url)
+
+
+def fault_from_env(stage_dir: Path, workers: int) -> dict[str, Any] | None:
+    """``LLAVA_TRAIN_KILL_WORKER_AT_STEP=<step>[:<rank>]`` -> the worker's fault-injection setting."""
+    value = os.environ.get(KILL_AT_STEP_ENV)
+    if not value:
+        return None
+    step, _, rank = value.partition(":")
+    return {"step": int(step), "rank": int(rank or workers - 1), "marker": str(stage_dir / ".fault-fired")}
 
 
 if __name__ == "__main__":
     main()
-

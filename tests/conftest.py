@@ -81,14 +81,11 @@ def s3_server():
     """moto's S3-compatible server on 127.0.0.1 (a real HTTP server in its own process)."""
     import os
     import shutil
-    import socket
     import subprocess
     import time
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     binary = shutil.which("moto_server", path=os.path.dirname(sys.executable))
     process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -103,3 +100,46 @@ def s3_server():
     yield endpoint
     process.terminate()
     process.wait(timeout=10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (sqlite backend, proxied artifact store) on 127.0.0.1; yields its URI."""
+    import os
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    binary = shutil.which("mlflow", path=os.path.dirname(sys.executable))
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - open for the server's lifetime
+    process = subprocess.Popen(
+        [binary, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}") from None
+            time.sleep(0.1)
+    else:
+        raise RuntimeError(f"mlflow server did not answer on {uri}")
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()

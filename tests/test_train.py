@@ -1,13 +1,26 @@
-"""jobs.train on 2 CPU workers: stage 1 then stage 2 with Ray Train + DeepSpeed, then the export."""
+"""jobs.train on 2 CPU workers: both stages under ZeRO-2 and ZeRO-3 + LoRA, MLflow, checkpoints, resume.
 
+The runs are module fixtures shared by several tests: a stage takes about a minute on 2 cores.
+"""
+
+import json
+
+import boto3
+import mlflow
 import pytest
 import torch
+from mlflow import MlflowClient
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from jobs import compose, train
+from jobs.train_worker import EXPORT_CHECK_FILE
 from llava_platform.data.synthetic import write_synthetic_dataset
-from llava_platform.train.checkpoint import PROJECTOR_FILE, save_projector
+from llava_platform.train.checkpoint import PROJECTOR_FILE
+from llava_platform.train.engine import CHECKPOINT_TAG
+
+RECIPE = "tiny-cpu-demo"
+STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -19,60 +32,206 @@ def setup(tmp_path_factory):
         f"stage1.data.train_files=[{files['stage1']}]", f"stage2.data.train_files=[{files['stage2']}]",
         f"stage1.data.image_root={root / 'data'}", f"stage2.data.image_root={root / 'data'}",
         "stage1.global_batch_size=4", "stage1.micro_batch_size=2", "stage2.global_batch_size=4",
-        "stage2.micro_batch_size=2", "stage1.max_steps=3", "stage2.max_steps=3",
+        "stage2.micro_batch_size=1", f"stage1.max_steps={STEPS}", f"stage2.max_steps={STEPS}",
+        "stage1.optim.lr=0.01", "checkpoint.every_n_steps=2", "tracking.system_metrics_interval_s=1",
     ]
-    return root, initial, overrides
+    return root, initial, files, overrides
 
 
-def state(path):
+def run(setup, output, *extra):
+    root, initial, _, overrides = setup
+    return train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(root / output),
+                       *overrides, *extra])
+
+
+def weights(path):
     return AutoModelForImageTextToText.from_pretrained(path).state_dict()
 
 
-def test_two_stages_zero2(ray_local, setup):
-    root, initial, overrides = setup
-    out = train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(root / "zero2"),
-                      "--stage", "all", *overrides])
+def checkpoint_dir(out, stage, step):
+    return out[stage].parent / "checkpoints" / f"{RECIPE}-{stage}" / f"{stage}-step{step:08d}"
+
+
+def mlflow_runs(out):
+    """The run ids jobs.train wrote next to its outputs: ``parent``, ``stage1``, ``stage2``."""
+    return json.loads((next(iter(out.values())).parent / train.RUNS_FILE).read_text())["runs"]
+
+
+def stage_runs(client, parent_run_id):
+    children = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {run.info.run_name: run for run in children}
+
+
+def losses(client, run_id):
+    """The last logged loss per step (a resumed run logs the replayed steps again)."""
+    return {m.step: m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)}
+
+
+def latest_version(client):
+    return max(client.search_model_versions(f"name = '{RECIPE}'"), key=lambda v: int(v.version))
+
+
+def assert_export_reproduces_engine(stage_dir):
+    check = torch.load(stage_dir / EXPORT_CHECK_FILE)
+    model = AutoModelForImageTextToText.from_pretrained(stage_dir / "export").eval()
+    with torch.no_grad():
+        logits = model(**check["batch"]).logits[:, -16:]
+    torch.testing.assert_close(logits, check["logits"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_local, setup, mlflow_server):
+    out = run(setup, "zero2", "--stage", "all", f"tracking.uri={mlflow_server}")
+    return out, MlflowClient(mlflow_server), mlflow_runs(out)["parent"]
+
+
+def test_stage1_trains_only_the_projector(zero2, setup):
+    out, *_ = zero2
+    before = weights(setup[1])
+    state = torch.load(checkpoint_dir(out, "stage1", STEPS) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]  # the full DeepSpeed checkpoint of the last step
+    frozen = [n for n in before if "multi_modal_projector" not in n]
+    assert frozen and all(torch.equal(state[n], before[n]) for n in frozen), "a frozen weight changed in stage 1"
     projector = load_file(str(out["stage1"] / PROJECTOR_FILE))
-    before = state(initial)
-    assert set(projector) == {n for n in before if "multi_modal_projector" in n}
-    assert any(not torch.equal(projector[n], before[n]) for n in projector), "stage 1 did not train the projector"
-    after = state(out["stage2"] / "export")
+    assert set(projector) == set(before) - set(frozen)
+    assert all(torch.equal(projector[n], state[n]) for n in projector)
+    assert all(not torch.equal(projector[n], before[n]) for n in projector), "stage 1 left a projector weight as is"
+
+
+def test_stage2_export_reloads_with_plain_transformers(zero2, setup):
+    out, *_ = zero2
+    before, after = weights(setup[1]), weights(out["stage2"] / "export")
     vision = [n for n in before if n.startswith("model.vision_tower.")]
     assert vision and all(torch.equal(after[n], before[n]) for n in vision), "the frozen tower changed"
     lm = [n for n in before if n.startswith("model.language_model.layers.")]
     assert any(not torch.equal(after[n], before[n]) for n in lm), "stage 2 did not train the language model"
-    assert (out["stage1"] / "quarantine.jsonl").exists()
+    assert_export_reproduces_engine(out["stage2"])
 
 
-def test_stage2_alone_zero3_exports_full_weights(ray_local, setup):
-    root, initial, overrides = setup
-    before = state(initial)
-    given = {n: t + 0.01 for n, t in before.items() if "multi_modal_projector" in n}  # a stand-in stage-1 result
-    projector = save_projector(given, root / "given")
-    out = train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(root / "zero3"),
-                      "--stage", "2", *overrides, "stage2.deepspeed.zero_stage=3", f"stage2.init_from={projector}",
-                      "stage2.deepspeed.gradient_checkpointing=true"])
-    # The file itself (a reload would fill gaps with random weights). transformers writes the llava-hf key
-    # layout, so compare counts and sizes here and values after the reload below.
-    saved = load_file(str(out["stage2"] / "export" / "model.safetensors"))
-    assert len(saved) == len(before) and all(t.numel() > 0 for t in saved.values())  # gathered, not Size([0])
-    after = state(out["stage2"] / "export")
+def test_mlflow_holds_params_metrics_and_registered_model(zero2, setup):
+    out, client, parent = zero2
+    parent_run = client.get_run(parent)
+    assert parent_run.data.params["model.image_size"] == "56" and parent_run.info.status == "FINISHED"
+    assert "recipe.yaml" in [a.path for a in client.list_artifacts(parent)]
+    runs = stage_runs(client, parent)
+    assert set(runs) == {"stage1", "stage2"}
+    stage2 = runs["stage2"]
+    assert stage2.data.params["total_steps"] == str(STEPS) and stage2.data.params["tunable"] == "['projector', " \
+        "'language_model']"
+    history = losses(client, stage2.info.run_id)
+    assert sorted(history) == list(range(1, STEPS + 1))
+    assert history[STEPS] < history[1], f"stage-2 loss did not fall: {history}"
+    assert losses(client, runs["stage1"].info.run_id)[STEPS] < losses(client, runs["stage1"].info.run_id)[1]
+    for name in ("grad_norm", "samples_per_s", "tokens_per_s", "data_wait_fraction", "lr/projector",
+                 "lr/language_model", "data/read", "data/kept"):
+        assert client.get_metric_history(stage2.info.run_id, name), f"no {name} metric"
+    assert stage2.data.metrics["data/read"] == 24
+    assert any(key.startswith("system/") for key in stage2.data.metrics), "no system metrics"
+    assert PROJECTOR_FILE in [a.path for a in client.list_artifacts(runs["stage1"].info.run_id)]
+
+    version = latest_version(client)
+    assert version.run_id == stage2.info.run_id
+    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{RECIPE}/{version.version}")
+    image = next((setup[0] / "data" / "images").iterdir())
+    answers = model.predict([{"prompt": "What is in the image?", "image": str(image)}])
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(ray_local, setup, zero2, s3_server, monkeypatch):
+    out, client, parent = zero2
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="checkpoints")
+    monkeypatch.setenv(train.KILL_AT_STEP_ENV, "3:1")  # SIGKILL rank 1 right after optimizer step 3
+    killed = run(setup, "killed", "--stage", "1", f"tracking.uri={client._tracking_client.tracking_uri}",
+                 "checkpoint.storage_path=s3://checkpoints/runs", f"checkpoint.s3_endpoint_url={s3_server}")
+    assert (killed["stage1"] / ".fault-fired").exists(), "the fault was not injected"
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_objects_v2(
+        Bucket="checkpoints", Prefix="runs/")["Contents"]]
+    assert any(f"stage1-step{STEPS:08d}/{CHECKPOINT_TAG}/" in key for key in keys)
+    resumed = losses(client, mlflow_runs(killed)["stage1"])
+    reference = losses(client, stage_runs(client, parent)["stage1"].info.run_id)
+    assert sorted(resumed) == list(range(1, STEPS + 1)), "the resumed run did not end at the same step count"
+    for step in resumed:  # same data order and restored optimizer state: the same losses as the run without failure
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}: {resumed} vs {reference}"
+
+
+def test_manual_resume_replays_the_same_steps(ray_local, setup, zero2):
+    """--resume from stage 2's step-2 checkpoint: steps 3-4 again, same losses, same MLflow run, new version."""
+    out, client, parent = zero2
+    stage2_run = stage_runs(client, parent)["stage2"].info.run_id
+    first = losses(client, stage2_run)
+    resumed = run(setup, "resumed", "--stage", "2", f"tracking.uri={client._tracking_client.tracking_uri}",
+                  "--resume", str(checkpoint_dir(out, "stage2", 2)))
+    assert mlflow_runs(resumed)["stage2"] == stage2_run
+    history = client.get_metric_history(stage2_run, "loss")
+    replayed = [m for m in history if m.step in (3, 4)]
+    assert len(replayed) == 4, "steps 3 and 4 should have been logged twice"
+    for metric in replayed:
+        assert metric.value == pytest.approx(first[metric.step], rel=1e-5)
+    assert int(latest_version(client).version) >= 2
+    assert_export_reproduces_engine(resumed["stage2"])
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def zero3_lora(ray_local, setup, tmp_path_factory, monkeypatch_module):
+    """ZeRO-3 for both stages, LoRA in stage 2, text-only rows mixed in, MLflow's default local store."""
+    root, _, files, _ = setup
+    mixed = root / "data" / "stage2_with_text.jsonl"
+    text_only = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                                                       {"from": "gpt", "value": str(2 * i)}]} for i in range(8)]
+    mixed.write_text(files["stage2"].read_text() + "".join(json.dumps(r) + "\n" for r in text_only))
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch_module.chdir(cwd)
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = run(setup, "zero3_lora", "--stage", "all", "stage1.deepspeed.zero_stage=3",
+              "stage2.deepspeed.zero_stage=3", "stage2.deepspeed.gradient_checkpointing=true",
+              "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
+              f"stage2.data.train_files=[{mixed}]", "stage2.optim.lr=0.01")
+    return out, cwd
+
+
+def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora, setup):
+    out, cwd = zero3_lora
+    stage2 = out["stage2"]
+    assert (stage2 / "adapter" / "adapter_config.json").exists()
+    adapters = load_file(str(stage2 / "adapter" / "adapter_model.safetensors"))
+    assert adapters and all("lora_" in n for n in adapters)
+    saved = load_file(str(stage2 / "export" / "model.safetensors"))
+    assert not any("lora_" in n or "base_layer" in n for n in saved), "the export still holds adapter weights"
+    assert all(t.numel() > 0 for t in saved.values()), "ZeRO-3 placeholders were saved instead of weights"
+    before, after = weights(setup[1]), weights(stage2 / "export")
     vision = [n for n in before if n.startswith("model.vision_tower.")]
     assert vision and all(torch.equal(after[n], before[n]) for n in vision)
-    assert set(load_file(str(projector))) == set(given)
+    q_proj = [n for n in before if n.endswith("self_attn.q_proj.weight")]
+    assert q_proj and all(not torch.equal(after[n], before[n]) for n in q_proj), "the LoRA update was not merged"
+    assert_export_reproduces_engine(stage2)
 
 
-def test_stage2_alone_needs_a_projector(setup):
-    root, initial, overrides = setup
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(root / "x"), "--stage", "2",
-                    *overrides])
-    assert exit_info.value.code == 2
+def test_default_tracking_is_a_local_store_in_the_working_directory(zero3_lora):
+    out, cwd = zero3_lora
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    runs = mlflow_runs(out)
+    assert client.get_run(runs["parent"]).info.status == "FINISHED"
+    assert losses(client, runs["stage2"]), "no stage-2 losses in the local store"
+    assert latest_version(client).run_id == runs["stage2"]
 
 
-def test_lora_recipes_are_refused_until_wired(setup):
-    root, initial, overrides = setup
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(root / "y"), "--stage", "2",
-                    *overrides, "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8}"])
-    assert exit_info.value.code == 2
+def test_bad_configuration_fails_before_any_worker_starts(ray_local, setup, capsys):
+    checks = [
+        (["--stage", "all", "scaling.use_gpu=true", "stage1.deepspeed.precision=bf16",
+          "stage2.deepspeed.precision=bf16"], "scaling.use_gpu"),
+        (["--stage", "2"], "stage2.init_from: 'stage1' but stage 1 does not run here"),
+        (["--stage", "2", "stage2.init_from=/nonexistent/projector.safetensors"], "stage2.init_from: /nonexistent"),
+    ]
+    for extra, expected in checks:
+        with pytest.raises(SystemExit) as exit_info:
+            run(setup, "never", *extra)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err, extra
+    assert not (setup[0] / "never" / "stage1").exists()

@@ -164,9 +164,43 @@ class ScalingConfig(Section):
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: float = Field(1.0, ge=0.0)
     """GPUs per worker when ``use_gpu`` (usually 1)."""
+    gpu_preflight: bool = True
+    """With ``use_gpu``, fail before any worker starts if the cluster has no GPUs. Turn off on an
+    autoscaling cluster whose GPU nodes only start on demand."""
     data_cpus_per_actor: PositiveFloat = 1.0
     """Logical CPUs per Ray Data preprocessing actor and read task. Below 1 on a single small machine:
     Ray Train leaves Ray Data only the CPUs its workers do not reserve."""
+
+
+class TrackingConfig(Section):
+    """Where MLflow records the runs and under which name the result is registered."""
+
+    uri: str | None = None
+    """MLflow tracking URI (``http://mlflow:5000``). Default: ``MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<working dir>/mlflow.db`` (no server needed)."""
+    experiment: str | None = None
+    """MLflow experiment; default: the recipe's ``name``."""
+    registered_model: str | None = None
+    """Model Registry name of the stage-2 export (a new version per run); default: the recipe's ``name``."""
+    system_metrics: bool = True
+    """Sample CPU/GPU/memory/network on the rank-0 worker into the stage's run."""
+    system_metrics_interval_s: PositiveFloat = 10.0
+    """Seconds between system-metric samples."""
+
+
+class CheckpointConfig(Section):
+    """Periodic full training state (DeepSpeed weights, optimizer, scheduler, data position) and auto-resume."""
+
+    every_n_steps: PositiveInt = 200
+    """Optimizer steps between checkpoints (the last step always gets one)."""
+    num_to_keep: PositiveInt = 2
+    """Checkpoints kept per stage; older ones are deleted."""
+    storage_path: str | None = None
+    """Folder or ``s3://`` prefix for checkpoints, shared by all nodes; default: ``<output>/checkpoints``."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for an ``s3://`` ``storage_path``; default: ``AWS_ENDPOINT_URL`` or AWS."""
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
 
 
 class Recipe(Section):
@@ -180,6 +214,8 @@ class Recipe(Section):
     stage2: StageConfig | None = None
     """Instruction tuning: projector + the parts in ``tunable`` (or LoRA)."""
     scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     def stages(self) -> dict[str, StageConfig]:
         """The stages present, in run order, keyed by their recipe name (``stage1``, ``stage2``)."""

@@ -75,11 +75,18 @@ def parameter_groups(
 
 
 def apply_lora(
-    model: torch.nn.Module, *, r: int, alpha: int, dropout: float, target_modules: Sequence[str]
+    model: torch.nn.Module,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: Sequence[str],
+    fully_trained: Sequence[str] = ("projector",),
 ) -> torch.nn.Module:
     """Wrap the model with peft LoRA adapters on the language model's ``target_modules`` only.
 
-    The projector stays fully trainable; the vision tower and the base LM weights are frozen.
+    The parts in ``fully_trained`` (the projector, optionally the vision tower) keep training in
+    full; everything else, the base language-model weights included, is frozen.
 
     Returns:
         The ``PeftModel``; ``merge_and_unload()`` gives back a plain transformers model for export.
@@ -90,6 +97,6 @@ def apply_lora(
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                   target_modules=pattern))
     for name, parameter in peft_model.named_parameters():
-        if part_of(name) == "projector":
+        if "lora_" not in name and part_of(name) in fully_trained:
             parameter.requires_grad_(True)
     return peft_model

@@ -13,9 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava_platform.model.trainability import part_of
+from llava_platform.model.compose import load_pretrained_llava
+from llava_platform.model.trainability import apply_lora, part_of
 
 PROJECTOR_FILE = "projector.safetensors"
+EXPORT_DIR = "export"
+ADAPTER_DIR = "adapter"
 
 
 def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,3 +63,30 @@ def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
     if zero_stage == 3:
         return engine._zero3_consolidated_16bit_state_dict()
     return {name: tensor.detach().cpu() for name, tensor in engine.module.state_dict().items()}
+
+
+def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | Path, *, model_path: str,
+                 lora: dict | None, module: torch.nn.Module) -> Path:
+    """Write ``out_dir/export``: a Hugging Face checkpoint that plain transformers loads.
+
+    Args:
+        state_dict: the full weights (``full_state_dict``; ZeRO-3 shards already gathered).
+        model_path: the stage's starting checkpoint; with LoRA, the base the adapters are merged into.
+        lora: the stage's LoRA settings, or ``None``.
+        module: the trained model (``engine.module``); its config and class are what gets saved.
+
+    With LoRA, the adapters are also saved on their own in ``out_dir/adapter`` (peft's format), and
+    the export holds the merged weights. The merge runs on a fresh CPU copy loaded strictly from
+    ``state_dict``, so it works the same whether the engine's parameters are sharded (ZeRO-3) or not.
+    """
+    export = Path(out_dir) / EXPORT_DIR
+    if lora is None:
+        module.save_pretrained(export, state_dict=state_dict)
+    else:
+        base, _ = load_pretrained_llava(model_path)
+        adapted = apply_lora(base, **lora)
+        adapted.load_state_dict(state_dict, strict=True)
+        adapted.save_pretrained(Path(out_dir) / ADAPTER_DIR)
+        adapted.merge_and_unload().save_pretrained(export)
+    processor.save_pretrained(export)
+    return export

@@ -1,0 +1,202 @@
+"""What each Ray Train worker runs: build the engine, resume if there is a checkpoint, train, checkpoint, export.
+
+``train_loop_per_worker`` reads top to bottom; ``jobs.train`` builds its ``config`` from the recipe.
+Rank ``r`` reads the dataset ``rank<r>``: its own slice of the records, preprocessed in a fixed order,
+so that a restarted worker group replays exactly the same micro-batches and can skip the ones a
+checkpoint already covers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from llava_platform import tracking
+from llava_platform.data.collate import collate
+from llava_platform.data.grouping import regroup
+from llava_platform.data.image_settings import ImageSettings
+from llava_platform.train.checkpoint import export_model, full_state_dict, save_projector
+from llava_platform.train.engine import build_engine, load_training_state, save_training_state, train_step
+
+POSITION_FILE = "position.json"
+"""Written by rank 0 into every checkpoint: stage, step, data position and MLflow run ids (read by ``--resume``)."""
+EXPORT_CHECK_FILE = "export_check.pt"
+"""One probe micro-batch and the trained engine's logits on it, to check that the export reproduces them."""
+LOG_EVERY = 10
+"""Optimizer steps between MLflow metric uploads (every step is logged, in batches)."""
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=config["backend"])  # joins Ray Train's process group
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    projector = resolve_projector(config["projector"], config["tracking_uri"], config["output"])
+    engine, processor = build_engine(**config["engine"], projector_path=projector)
+    position = {"stage": config["stage"], "step": 0, "epoch": 0, "steps_in_epoch": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config["resume_from"]:
+        filesystem, path = config["resume_from"]
+        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            position = load_training_state(engine, directory)
+            dist.barrier()  # nobody leaves (and deletes a downloaded copy) before everyone has loaded
+        log(rank, f"resumed at step {position['step']} (epoch {position['epoch']})")
+
+    run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
+    interval = config["system_metrics_interval_s"]
+    monitor = tracking.start_system_metrics(uri, run_id, interval) if rank == 0 and interval else None
+    pending: dict[int, dict[str, float]] = {}
+    accumulation = config["engine"]["deepspeed_config"]["gradient_accumulation_steps"]
+    total_steps = config["engine"]["total_steps"]
+    settings = ImageSettings.from_processor(processor)
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    probe = None
+
+    for epoch in range(position["epoch"], config["epochs"]):
+        resumed_here = epoch == position["epoch"]
+        done_in_epoch = position["steps_in_epoch"] if resumed_here else 0
+        raw = micro_batch_rows(shard, config, epoch, skip=done_in_epoch * accumulation)
+        batches = (collate_rows(rows, processor, settings, config["anyres"], device) for rows in raw)
+        while position["step"] < total_steps:
+            waited = time.perf_counter()
+            step_batches = [b for _, b in zip(range(accumulation), batches, strict=False)]
+            waited = time.perf_counter() - waited
+            if not all_ranks_have(len(step_batches) == accumulation, device):
+                break  # a rank ran out of data: everyone ends the epoch together (no hung collectives)
+            probe = probe or step_batches[0]
+            result = train_step(engine, step_batches, zero_stage=config["zero_stage"])
+            done_in_epoch += 1
+            position = {**position, "step": position["step"] + 1, "epoch": epoch, "steps_in_epoch": done_in_epoch}
+            inject_fault(config["fault"], position["step"], rank)
+            samples, tokens, loss = summed_over_ranks([result.samples, result.tokens, result.loss], device)
+            step_time = result.compute_s + waited
+            metrics = {
+                "loss": loss / dist.get_world_size(), "grad_norm": result.grad_norm,
+                "samples_per_s": samples / step_time, "tokens_per_s": tokens / step_time,
+                "data_wait_fraction": waited / step_time, "epoch": epoch,
+                **{f"lr/{group}": lr for group, lr in result.learning_rates.items()},
+            }
+            pending[position["step"]] = metrics
+            checkpointed = position["step"] % config["checkpoint_every"] == 0 or position["step"] == total_steps
+            if checkpointed:
+                report_checkpoint(engine, position, config, metrics, rank)
+            if checkpointed or len(pending) >= LOG_EVERY:  # flushed at checkpoints: a restart replays what follows
+                if rank == 0:
+                    log(rank, f"step {position['step']}/{total_steps} loss {metrics['loss']:.4f}")
+                    tracking.log_steps(uri, run_id, pending)
+                pending = {}
+        position = {**position, "epoch": epoch + 1, "steps_in_epoch": 0}
+
+    if rank == 0:
+        tracking.log_steps(uri, run_id, pending)
+    export_and_register(engine, processor, probe, position["step"], config, rank)
+    if monitor is not None:
+        monitor.finish()
+
+
+def resolve_projector(projector: str | None, tracking_uri: str, output: str) -> str | None:
+    """A local path for the stage's starting projector: ``runs:/`` URIs are downloaded from MLflow."""
+    if not projector or not projector.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        return projector
+    import mlflow.artifacts
+
+    destination = Path(tempfile.mkdtemp(prefix="projector-", dir=output if Path(output).is_dir() else None))
+    return mlflow.artifacts.download_artifacts(artifact_uri=projector, dst_path=str(destination),
+                                               tracking_uri=tracking_uri)
+
+
+def micro_batch_rows(shard, config: dict[str, Any], epoch: int, *, skip: int) -> Iterator[dict]:
+    """This rank's micro-batches of rows for one epoch, in a fixed order; the first ``skip`` are dropped uncollated."""
+    windows = shard.iter_batches(batch_size=config["group_window"], batch_format="numpy")
+    rows = regroup(windows, config["micro_batch"], group=config["group_by_length"], seed=config["seed"] + epoch)
+    for index, batch in enumerate(rows):
+        if index >= skip:
+            yield batch
+
+
+def collate_rows(rows: dict, processor, settings: ImageSettings, anyres: bool, device) -> dict[str, torch.Tensor]:
+    return collate(rows["input_ids"], rows["labels"], list(rows["tiles"]), list(rows["image_size"]),
+                   pad_token_id=processor.tokenizer.pad_token_id, anyres=anyres, image_mean=settings.image_mean,
+                   image_std=settings.image_std, device=device)
+
+
+def all_ranks_have(flag: bool, device) -> bool:
+    """Whether every rank's flag is true (a one-integer all-reduce)."""
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def summed_over_ranks(values: list[float], device) -> list[float]:
+    """Each value summed over all ranks (one all-reduce)."""
+    summed = torch.tensor(values, device=device, dtype=torch.float64)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def report_checkpoint(engine, position: dict[str, Any], config: dict[str, Any], metrics: dict, rank: int) -> None:
+    """Every rank saves its DeepSpeed shard into a folder of the same name; Ray Train merges them in storage."""
+    with tempfile.TemporaryDirectory(prefix="llava-ckpt-") as directory:
+        save_training_state(engine, directory, position)
+        if rank == 0:
+            saved = {**position, "mlflow_run_id": config["mlflow_run_id"],
+                     "mlflow_parent_run_id": config["mlflow_parent_run_id"], "world_size": dist.get_world_size()}
+            (Path(directory) / POSITION_FILE).write_text(json.dumps(saved, indent=1))
+        ray.train.report({"step": position["step"], "loss": metrics["loss"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"{config['stage']}-step{position['step']:08d}")
+
+
+def export_and_register(engine, processor, probe: dict | None, step: int, config: dict[str, Any], rank: int) -> None:
+    """Gather the weights (collective), then rank 0 writes the projector, the export and the MLflow artifacts."""
+    logits = None
+    if probe is not None:  # every rank runs it: ZeRO-3 forwards are collective
+        engine.eval()
+        with torch.no_grad():
+            logits = engine(**probe).logits[:, -16:].float().cpu()  # the tail: small even with a 150k vocabulary
+    state = full_state_dict(engine, config["zero_stage"])
+    if rank != 0:
+        return
+    out = Path(config["output"])
+    projector = save_projector(state, out)
+    uri, run_id = config["tracking_uri"], config["mlflow_run_id"]
+    tracking.log_artifact(uri, run_id, projector)
+    if not config["export"]:
+        return
+    export = export_model(state, processor, out, model_path=config["engine"]["model_path"],
+                          lora=config["engine"]["lora"], module=engine.module)
+    if probe is not None:
+        torch.save({"batch": {k: v.cpu() for k, v in probe.items()}, "logits": logits}, out / EXPORT_CHECK_FILE)
+    version = tracking.register_export(uri, run_id, export, config["registered_model"])
+    tracking.log_metrics(uri, run_id, {"optimizer_steps": step}, step=step)
+    log(rank, f"exported {export} (registered {config['registered_model']} version {version})")
+
+
+def inject_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
+    """Fault injection for tests: SIGKILL this worker once, at ``fault['step']`` on ``fault['rank']``.
+
+    A marker file makes it fire once, so the restarted worker group runs through. The kill is the
+    same signal the kernel's OOM killer sends; nothing is cleaned up.
+    """
+    if not fault or step != fault["step"] or rank != fault["rank"] or Path(fault["marker"]).exists():
+        return
+    Path(fault["marker"]).write_text(f"killed rank {rank} at step {step}\n")
+    log(rank, f"fault injection: killing this worker (pid {os.getpid()}) at step {step}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def log(rank: int, message: str) -> None:
+    print(f"[train rank {rank}] {message}", flush=True)

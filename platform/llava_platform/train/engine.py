@@ -1,0 +1,162 @@
+"""The DeepSpeed side of a training worker: build the engine, run one optimizer step, save and load its state.
+
+Nothing here knows Ray: ``jobs.train`` calls these from each Ray Train worker, and the training
+benchmark calls the same functions from one bare process, so the two loops differ only in what
+Ray Train adds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llava_platform.model.compose import load_pretrained_llava
+from llava_platform.model.trainability import apply_lora, parameter_groups, set_trainable
+from llava_platform.train.checkpoint import load_projector
+from llava_platform.train.deepspeed_config import build_lr_scheduler
+
+CHECKPOINT_TAG = "state"
+"""DeepSpeed's tag (sub-folder) inside every periodic checkpoint directory."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did (this rank's share)."""
+
+    loss: float
+    """Mean loss over the step's micro-batches."""
+    samples: int
+    tokens: int
+    """Non-padding tokens, image tokens included."""
+    grad_norm: float | None
+    learning_rates: dict[str, float]
+    """Learning rate per parameter group name (``projector``, ``language_model/no_decay``, ...)."""
+    compute_s: float
+    """Seconds of forward + backward + optimizer step."""
+
+
+def build_engine(
+    *,
+    model_path: str,
+    projector_path: str | None,
+    tunable: Sequence[str],
+    lora: dict[str, Any] | None,
+    lr: float,
+    projector_lr: float | None,
+    vision_tower_lr: float | None,
+    weight_decay: float,
+    scheduler: str,
+    warmup_ratio: float,
+    total_steps: int,
+    deepspeed_config: dict[str, Any],
+    gradient_checkpointing: bool,
+):
+    """Load the starting checkpoint, choose what trains, and wrap it in a DeepSpeed engine.
+
+    Args:
+        model_path: the composed (``jobs.compose``) or pretrained LLaVA checkpoint.
+        projector_path: a stage-1 ``projector.safetensors`` to load on top, or ``None``.
+        tunable: parts that train (``projector``, ``language_model``, ``vision_tower``).
+        lora: ``{r, alpha, dropout, target_modules}`` to train adapters on the language model instead.
+        deepspeed_config: from ``build_deepspeed_config``; the optimizer and ZeRO settings come from it.
+
+    Returns:
+        ``(engine, processor)``; ``engine.module`` is the transformers model (or its peft wrapper).
+    """
+    import deepspeed
+
+    dtype = torch.bfloat16 if deepspeed_config["bf16"]["enabled"] else torch.float32
+    model, processor = load_pretrained_llava(model_path, dtype=dtype)
+    if projector_path:
+        load_projector(model, projector_path)
+    set_trainable(model, tunable)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    if lora is not None:
+        model = apply_lora(model, **lora, fully_trained=[part for part in tunable if part != "language_model"])
+    groups = parameter_groups(model.named_parameters(), lr=lr, projector_lr=projector_lr,
+                              vision_tower_lr=vision_tower_lr, weight_decay=weight_decay)
+    schedule = build_lr_scheduler(scheduler, warmup_ratio=warmup_ratio, total_steps=total_steps)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config,
+                                      lr_scheduler=schedule)
+    return engine, processor
+
+
+def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]], *, zero_stage: int) -> StepResult:
+    """One optimizer step: forward and backward over ``micro_batches`` (the accumulation), then step.
+
+    Under ZeRO-3 every rank must run the vision tower on every micro-batch, or the ranks' parameter
+    gathers go out of step and the job hangs; a text-only micro-batch therefore runs the tower on a
+    blank tile and adds its output times zero to the loss.
+    """
+    started = time.perf_counter()
+    losses, samples, tokens = [], 0, 0
+    for batch in micro_batches:
+        loss = engine(**batch).loss
+        if zero_stage == 3 and "pixel_values" not in batch:
+            loss = loss + 0.0 * _blank_image_features(engine.module, batch["input_ids"].device)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        samples += int(batch["input_ids"].shape[0])
+        tokens += int(batch["attention_mask"].sum())
+    norm = engine.get_global_grad_norm()
+    names = [group.get("name", str(i)) for i, group in enumerate(engine.optimizer.param_groups)]
+    return StepResult(
+        loss=sum(losses) / len(losses), samples=samples, tokens=tokens,
+        grad_norm=float(norm) if norm is not None else None,
+        learning_rates=dict(zip(names, engine.get_lr(), strict=True)), compute_s=time.perf_counter() - started,
+    )
+
+
+def _blank_image_features(model, device: torch.device) -> torch.Tensor:
+    config = model.config
+    size = config.vision_config.image_size
+    dtype = next(model.parameters()).dtype
+    if config.model_type == "llava_next":
+        pixels = torch.zeros(1, 1, 3, size, size, device=device, dtype=dtype)
+        features = model.get_image_features(pixels, image_sizes=torch.tensor([[size, size]], device=device))
+    else:
+        features = model.get_image_features(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+    features = getattr(features, "pooler_output", features)
+    return sum(f.sum() for f in features) if isinstance(features, list | tuple) else features.sum()
+
+
+def save_training_state(engine, directory: str | Path, position: dict[str, Any]) -> None:
+    """Write the full DeepSpeed state (weights, optimizer, scheduler) plus ``position``; every rank calls it.
+
+    Args:
+        position: where the run is (``step``, ``epoch``, ``steps_in_epoch``, ...), returned by
+            ``load_training_state``.
+    """
+    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"position": position})
+
+
+def load_training_state(engine, directory: str | Path) -> dict[str, Any]:
+    """Restore what ``save_training_state`` wrote into a freshly built engine; return the saved position.
+
+    Raises:
+        ResumeError: the directory holds no DeepSpeed state of this layout (wrong folder, or a
+            checkpoint from a run with a different worker count).
+    """
+    if not (Path(directory) / CHECKPOINT_TAG).is_dir():
+        raise ResumeError(f"{directory} holds no training state (no {CHECKPOINT_TAG}/ folder); pass a checkpoint "
+                          "folder written by jobs.train (…/checkpoint_<time>)")
+    try:
+        path, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    except (FileNotFoundError, AssertionError, RuntimeError) as error:
+        raise ResumeError(f"cannot resume from {directory}: {error}. ZeRO checkpoints need the same number of "
+                          "workers as the run that wrote them") from error
+    if path is None:
+        raise ResumeError(f"DeepSpeed found no checkpoint in {directory}/{CHECKPOINT_TAG}")
+    return client_state["position"]
