@@ -209,7 +209,7 @@ def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora, setup):
     before, after = weights(setup[1]), weights(stage2 / "export")
     vision = [n for n in before if n.startswith("model.vision_tower.")]
     assert vision and all(torch.equal(after[n], before[n]) for n in vision)
-    q_proj = [n for n in before if n.endswith("self_attn.q_proj.weight")]
+    q_proj = [n for n in before if n.startswith("model.language_model.") and n.endswith("q_proj.weight")]
     assert q_proj and all(not torch.equal(after[n], before[n]) for n in q_proj), "the LoRA update was not merged"
     assert_export_reproduces_engine(stage2)
 
