@@ -32,8 +32,8 @@ from llava_platform.config import recipe_argument_parser, recipe_from_args
 from llava_platform.config.schema import Recipe, StageConfig
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_config import build_deepspeed_config
-from pipelines.preprocess import finish, preprocess
-from pipelines.quarantine import QuarantineLog
+from pipelines.preprocess import finish, preprocess, shard_files, stage_fingerprint
+from pipelines.quarantine import PreprocessReport, QuarantineLog
 from pipelines.sources import read_records
 from pipelines.storage import filesystem_for
 
@@ -165,35 +165,57 @@ def starting_projector(stage: StageConfig, stage1_run: str | None, output: Path)
     return stage.init_from
 
 
-def rank_datasets(records: ray.data.Dataset, num_workers: int, seed: int) -> list[ray.data.Dataset]:
-    """One slice of the (seeded-shuffled) raw records per rank, so each rank's order is fixed across restarts.
+def streamed_rank_datasets(recipe: Recipe, stage: StageConfig, model: str, quarantine) -> tuple[list, list[int]]:
+    """One preprocessing pipeline per rank over its slice of the (seeded-shuffled) raw records.
 
-    Raw records are small (paths and text), so they are materialised here; images are read and
-    tiled later, streaming, by each rank's own preprocessing pipeline. ``equal=True`` drops at most
-    ``num_workers - 1`` records so that every rank gets the same count.
+    Raw records are small (paths and text), so they are materialised and split here; images are
+    read and tiled later, streaming, by each rank's own pipeline, in a fixed order, so a restarted
+    rank sees the same rows again. ``equal=True`` drops at most ``num_workers - 1`` records so that
+    every rank gets the same count.
+
+    Returns:
+        The per-rank datasets and each rank's number of records.
     """
-    return records.random_shuffle(seed=seed).split(num_workers, equal=True)
+    data, scaling = stage.data, recipe.scaling
+    records = read_records(data.train_files, data.s3_endpoint_url, cpus_per_task=scaling.data_cpus_per_actor)
+    parts = records.random_shuffle(seed=recipe.seed).split(scaling.num_workers, equal=True)
+    return [preprocess(part, processor_path=model, template=data.template, image_mode=data.image_mode,
+                       max_length=data.model_max_length, truncation=data.truncation,
+                       max_image_pixels=data.max_image_pixels, image_root=data.image_root,
+                       s3_endpoint_url=data.s3_endpoint_url, quarantine=quarantine,
+                       cpus_per_actor=scaling.data_cpus_per_actor)[0] for part in parts], [p.count() for p in parts]
+
+
+def materialised_rank_datasets(stage: StageConfig, model: str, num_workers: int) -> tuple[list, dict]:
+    """Each rank reads its own share of ``jobs.preprocess``'s Parquet files, in manifest order.
+
+    With fewer files than workers the rows are split instead (that materialises them in the object store).
+
+    Returns:
+        The per-rank datasets and the manifest (counts of read, kept and quarantined records).
+    """
+    files, manifest = shard_files(stage.data.preprocessed,
+                                  recipe_hash=stage_fingerprint(stage.data.model_dump(), model))
+    if len(files) >= num_workers:
+        return [ray.data.read_parquet(files[rank::num_workers]) for rank in range(num_workers)], manifest
+    return ray.data.read_parquet(files).split(num_workers, equal=True), manifest
 
 
 def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, projector: str | None, output: Path,
               export: bool, tracking_uri: str, run_id: str, parent_run_id: str, resume_from: str | None) -> Path:
-    """Preprocess (streamed, one pipeline per rank) and train one stage; return its output folder."""
+    """Train one stage on streamed (or materialised) rows; return its output folder."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     data, scaling, workers = stage.data, recipe.scaling, recipe.scaling.num_workers
-    records = read_records(data.train_files, data.s3_endpoint_url, cpus_per_task=scaling.data_cpus_per_actor)
-    quarantine = QuarantineLog.remote()
-    parts = rank_datasets(records, workers, recipe.seed)
-    records_per_rank = [part.count() for part in parts]
-    datasets = {}
-    for rank, part in enumerate(parts):
-        datasets[f"rank{rank}"], _ = preprocess(
-            part, processor_path=model, template=data.template, image_mode=data.image_mode,
-            max_length=data.model_max_length, truncation=data.truncation, max_image_pixels=data.max_image_pixels,
-            image_root=data.image_root, s3_endpoint_url=data.s3_endpoint_url, quarantine=quarantine,
-            cpus_per_actor=scaling.data_cpus_per_actor,
-        )
+    quarantine, manifest = None, None
+    if data.preprocessed:
+        parts, manifest = materialised_rank_datasets(stage, model, workers)
+        records_per_rank = [part.count() for part in parts]  # Parquet metadata, nothing is read
+    else:
+        quarantine = QuarantineLog.remote()
+        parts, records_per_rank = streamed_rank_datasets(recipe, stage, model, quarantine)
+    datasets = {f"rank{rank}": part for rank, part in enumerate(parts)}
     steps_per_epoch = max(1, sum(records_per_rank) // stage.global_batch_size)
     total_steps = min(stage.max_steps or 10**12, stage.epochs * steps_per_epoch)
     deepspeed = build_deepspeed_config(
@@ -249,9 +271,12 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         ),
     )
     result = trainer.fit()
-    report = finish(quarantine, stage_dir / "quarantine.jsonl")
+    if quarantine is not None:
+        report = finish(quarantine, stage_dir / "quarantine.jsonl")
+        tracking.log_artifact(tracking_uri, run_id, stage_dir / "quarantine.jsonl")
+    else:
+        report = PreprocessReport(**manifest["counts"])
     tracking.log_metrics(tracking_uri, run_id, report.as_metrics(), step=total_steps)
-    tracking.log_artifact(tracking_uri, run_id, stage_dir / "quarantine.jsonl")
     log(f"{name}: done at step {result.metrics.get('step')}, latest checkpoint {result.checkpoint.path}")
     return stage_dir
 

@@ -206,10 +206,16 @@ class ManifestError(ValueError):
 
 
 def read_shards(out_dir: str | Path, *, recipe_hash: str | None = None) -> ray.data.Dataset:
-    """Training rows from ``write_shards`` output, checked against its manifest.
+    """Training rows from ``write_shards`` output, checked against its manifest (see ``shard_files``)."""
+    return ray.data.read_parquet(shard_files(out_dir, recipe_hash=recipe_hash)[0])
+
+
+def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None) -> tuple[list[str], dict[str, Any]]:
+    """The Parquet files of ``write_shards`` output, in manifest order, and the manifest.
 
     Raises:
-        ManifestError: no manifest, a different recipe hash, or a schema that differs from ``ROW_SCHEMA``.
+        ManifestError: no manifest, a different recipe hash, missing shards, or a schema that differs
+            from ``ROW_SCHEMA``.
     """
     out_dir = Path(out_dir)
     manifest_path = out_dir / "manifest.json"
@@ -228,7 +234,7 @@ def read_shards(out_dir: str | Path, *, recipe_hash: str | None = None) -> ray.d
     on_disk = pq.read_schema(files[0]).names if files else ROW_SCHEMA.names
     if on_disk != ROW_SCHEMA.names:
         raise ManifestError(f"{out_dir} shards have columns {on_disk}; this version expects {ROW_SCHEMA.names}")
-    return ray.data.read_parquet(files)
+    return files, manifest
 
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -236,8 +242,12 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeniz
 
 
 def stage_fingerprint(data_settings: dict[str, Any], processor_path: str) -> str:
-    """A short stable hash of what shapes the rows: the stage's data settings and the processor's files."""
-    digest = hashlib.sha256(json.dumps(data_settings, sort_keys=True, default=str).encode())
+    """A short stable hash of what shapes the rows: the stage's data settings and the processor's files.
+
+    ``preprocessed`` (where the rows are stored) is not part of it.
+    """
+    shaping = {key: value for key, value in data_settings.items() if key != "preprocessed"}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
     folder = Path(processor_path)
     for name in PROCESSOR_FILES:
         if (folder / name).is_file():

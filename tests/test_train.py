@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from jobs import compose, train
+from jobs import preprocess as preprocess_job
 from jobs.train_worker import EXPORT_CHECK_FILE
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.train.checkpoint import PROJECTOR_FILE
@@ -181,8 +182,12 @@ def monkeypatch_module():
 
 @pytest.fixture(scope="module")
 def zero3_lora(ray_local, setup, tmp_path_factory, monkeypatch_module):
-    """ZeRO-3 for both stages, LoRA in stage 2, text-only rows mixed in, MLflow's default local store."""
-    root, _, files, _ = setup
+    """ZeRO-3 for both stages, stage 1 from jobs.preprocess's Parquet shards, LoRA and text-only rows in
+    stage 2, MLflow's default local store."""
+    root, initial, files, overrides = setup
+    preprocessed = root / "stage1-shards"
+    preprocess_job.main(["--recipe", "tiny_cpu_demo", "--stage", "1", "--model", str(initial), "--output",
+                         str(preprocessed), *overrides])
     mixed = root / "data" / "stage2_with_text.jsonl"
     text_only = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
                                                        {"from": "gpt", "value": str(2 * i)}]} for i in range(8)]
@@ -193,7 +198,7 @@ def zero3_lora(ray_local, setup, tmp_path_factory, monkeypatch_module):
     out = run(setup, "zero3_lora", "--stage", "all", "stage1.deepspeed.zero_stage=3",
               "stage2.deepspeed.zero_stage=3", "stage2.deepspeed.gradient_checkpointing=true",
               "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
-              f"stage2.data.train_files=[{mixed}]", "stage2.optim.lr=0.01")
+              f"stage2.data.train_files=[{mixed}]", "stage2.optim.lr=0.01", f"stage1.data.preprocessed={preprocessed}")
     return out, cwd
 
 
@@ -220,6 +225,8 @@ def test_default_tracking_is_a_local_store_in_the_working_directory(zero3_lora):
     runs = mlflow_runs(out)
     assert client.get_run(runs["parent"]).info.status == "FINISHED"
     assert losses(client, runs["stage2"]), "no stage-2 losses in the local store"
+    stage1 = client.get_run(runs["stage1"])
+    assert stage1.data.metrics["data/read"] == 24 and stage1.data.params["data.preprocessed"].endswith("stage1-shards")
     assert latest_version(client).run_id == runs["stage2"]
 
 

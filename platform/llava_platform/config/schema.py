@@ -103,6 +103,9 @@ class DataConfig(Section):
     """Refuse images with more pixels than this before decoding (decompression-bomb guard)."""
     group_by_modality_length: bool = True
     """Batch samples of similar length and the same modality together to cut padding."""
+    preprocessed: str | None = None
+    """A folder written by ``jobs.preprocess`` for these settings: training reads its Parquet shards
+    instead of preprocessing on the fly (checked against the manifest's fingerprint)."""
 
 
 class OptimConfig(Section):
