@@ -70,6 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         done_in_epoch = position["steps_in_epoch"] if resumed_here else 0
         raw = micro_batch_rows(shard, config, epoch, skip=done_in_epoch * accumulation)
         batches = (collate_rows(rows, processor, settings, config["anyres"], device) for rows in raw)
+        step_started = time.perf_counter()  # wall time between steps: a step's logging counts towards the next
         while position["step"] < total_steps:
             waited = time.perf_counter()
             step_batches = [b for _, b in zip(range(accumulation), batches, strict=False)]
@@ -82,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             position = {**position, "step": position["step"] + 1, "epoch": epoch, "steps_in_epoch": done_in_epoch}
             inject_fault(config["fault"], position["step"], rank)
             samples, tokens, loss = summed_over_ranks([result.samples, result.tokens, result.loss], device)
-            step_time = result.compute_s + waited
+            step_time, step_started = time.perf_counter() - step_started, time.perf_counter()
             metrics = {
                 "loss": loss / dist.get_world_size(), "grad_norm": result.grad_norm,
                 "samples_per_s": samples / step_time, "tokens_per_s": tokens / step_time,

@@ -159,3 +159,22 @@ def test_stage1_engine_trains_the_projector_and_nothing_else(towers, single_proc
             assert not torch.equal(tensor, before[name]), f"{name} did not train"
         else:
             assert torch.equal(tensor, before[name]), f"{name} changed although frozen"
+
+
+def test_resume_from_a_folder_without_training_state_names_what_to_pass(tmp_path):
+    from llava_platform.train.engine import ResumeError, load_training_state
+
+    with pytest.raises(ResumeError, match="no state/ folder"):
+        load_training_state(None, tmp_path)
+
+
+def test_tracking_uri_falls_back_to_a_local_sqlite_store(tmp_path, monkeypatch):
+    from llava_platform.tracking import flatten, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri(None) == "http://env:5000"
+    assert resolve_tracking_uri("http://recipe:5000") == "http://recipe:5000"
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}

@@ -1,0 +1,131 @@
+"""Benchmark: seconds per optimizer step of jobs.train (Ray Train, 1 worker) vs a bare DeepSpeed loop.
+
+    python -m jobs.bench_train [--steps 30] [--out /tmp/bench-train]
+
+One run, the same model, data and engine settings (``build_engine`` + ``train_step``) three ways:
+
+- ``bare``: one process, no Ray; the rows are in memory before the clock starts, and each step
+  collates its micro-batch and runs forward/backward/step (the floor).
+- ``ray-streamed``: ``jobs.train`` with 1 worker, rows preprocessed by Ray Data while training runs.
+- ``ray-materialised``: ``jobs.train`` with 1 worker reading ``jobs.preprocess``'s Parquet shards.
+
+Ray runs are timed from their MLflow metrics (wall time between optimizer steps, logging and data
+wait included). Medians skip the first 3 steps (warm-up) and the last (final checkpoint). Targets:
+ray / bare <= 1.15; data-wait fraction < 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import ray
+import torch
+from mlflow import MlflowClient
+
+from jobs import compose, train
+from jobs import preprocess as preprocess_job
+from jobs.train_worker import collate_rows
+from llava_platform.config import load_recipe
+from llava_platform.data.grouping import regroup
+from llava_platform.data.image_settings import ImageSettings
+from llava_platform.data.synthetic import write_synthetic_dataset
+from llava_platform.train.deepspeed_config import build_deepspeed_config
+from llava_platform.train.engine import build_engine, train_step
+from pipelines.preprocess import read_shards
+
+MODEL = ["model.tiny.text_hidden_size=256", "model.tiny.text_layers=4", "model.tiny.text_heads=4",
+         "model.tiny.vision_hidden_size=64", "model.image_size=112"]
+"""Bigger than the test model, so a step takes long enough (~0.3 s on 2 cores) for overheads to show."""
+THREADS = 2
+
+
+def stage_overrides(files: dict, data_root: Path, steps: int, batch: int) -> list[str]:
+    return [f"stage1.data.train_files=[{files['stage1']}]", f"stage1.data.image_root={data_root}",
+            f"stage1.global_batch_size={batch}", f"stage1.micro_batch_size={batch}", f"stage1.max_steps={steps}",
+            "scaling.num_workers=1", f"scaling.cpus_per_worker={THREADS}", "tracking.system_metrics=false",
+            "stage1.data.group_by_modality_length=false"]
+
+
+def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], steps: int) -> list[float]:
+    """The same engine in this process (world size 1, gloo), on rows loaded into memory beforehand."""
+    import deepspeed
+
+    recipe = load_recipe("tiny_cpu_demo", overrides)
+    stage = recipe.stage1
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = build_deepspeed_config(
+        global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size, world_size=1,
+        zero_stage=stage.deepspeed.zero_stage, precision="fp32", offload_optimizer=False,
+        max_grad_norm=stage.optim.max_grad_norm, weight_decay=0.0, lr=stage.optim.lr, use_gpu=False)
+    engine, processor = build_engine(
+        model_path=str(initial), projector_path=None, tunable=stage.tunable, lora=None, lr=stage.optim.lr,
+        projector_lr=None, vision_tower_lr=None, weight_decay=0.0, scheduler="cosine", warmup_ratio=0.03,
+        total_steps=steps, deepspeed_config=config, gradient_checkpointing=False)
+    settings = ImageSettings.from_processor(processor)
+    windows = read_shards(shards).iter_batches(batch_size=32 * stage.micro_batch_size, batch_format="numpy")
+    micro_batches = list(regroup(windows, stage.micro_batch_size, group=False))[:steps]
+    times = []
+    for rows in micro_batches:
+        started = time.perf_counter()
+        batch = collate_rows(rows, processor, settings, False, torch.device("cpu"))
+        train_step(engine, [batch], zero_stage=stage.deepspeed.zero_stage)
+        times.append(time.perf_counter() - started)
+    torch.distributed.destroy_process_group()
+    return times
+
+
+def ray_seconds_per_step(initial: Path, out: Path, overrides: list[str], batch: int) -> tuple[list, list]:
+    """jobs.train's own per-step metrics: seconds per step and data-wait fraction."""
+    tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
+    outputs = train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(out), "--stage", "1",
+                          *overrides, f"tracking.uri={tracking_uri}"])
+    run_id = json.loads((outputs["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
+    client = MlflowClient(tracking_uri)
+    rate = sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)
+    wait = sorted(client.get_metric_history(run_id, "data_wait_fraction"), key=lambda m: m.step)
+    return [batch / m.value for m in rate], [m.value for m in wait]
+
+
+def steady(values: list[float]) -> list[float]:
+    return values[3:-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-train"))
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    data = write_synthetic_dataset(args.out / "data", train=args.steps * args.batch, eval=1, seed=0)
+    initial = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(args.out / "initial"), *MODEL])
+    overrides = MODEL + stage_overrides(data, args.out / "data", args.steps, args.batch)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(THREADS)}})
+    shards = args.out / "shards"
+    preprocess_job.main(["--recipe", "tiny_cpu_demo", "--stage", "1", "--model", str(initial), "--output",
+                         str(shards), *overrides])
+
+    bare = bare_seconds_per_step(initial, shards, overrides, args.steps)
+    streamed, streamed_wait = ray_seconds_per_step(initial, args.out / "streamed", overrides, args.batch)
+    materialised, materialised_wait = ray_seconds_per_step(
+        initial, args.out / "materialised", [*overrides, f"stage1.data.preprocessed={shards}"], args.batch)
+
+    base = statistics.median(steady(bare))
+    print(f"\n{args.steps} optimizer steps of {args.batch} samples, {THREADS} torch threads, "
+          "medians without warm-up and the final checkpoint step")
+    print(f"{'loop':<18}{'s/step':>8}{'vs bare':>9}{'data wait':>11}")
+    print(f"{'bare DeepSpeed':<18}{base:>8.3f}{1.0:>9.2f}{'-':>11}")
+    for name, times, wait in (("ray-streamed", streamed, streamed_wait),
+                              ("ray-materialised", materialised, materialised_wait)):
+        median = statistics.median(steady(times))
+        print(f"{name:<18}{median:>8.3f}{median / base:>9.2f}{statistics.median(steady(wait)):>10.1%}")
+
+
+if __name__ == "__main__":
+    main()
