@@ -10,8 +10,8 @@ One run, the same model, data and engine settings (``build_engine`` + ``train_st
 - ``ray-materialised``: ``jobs.train`` with 1 worker reading ``jobs.preprocess``'s Parquet shards.
 
 Ray runs are timed from their MLflow metrics (wall time between optimizer steps, logging and data
-wait included). Medians skip the first 3 steps (warm-up) and the last (final checkpoint). Targets:
-ray / bare <= 1.15; data-wait fraction < 5%.
+wait included). Medians skip the first 3 steps (warm-up) and the last. Targets: ray / bare <= 1.15;
+data-wait fraction < 5%.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from llava_platform.config import load_recipe
 from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.synthetic import write_synthetic_dataset
-from llava_platform.train.deepspeed_config import build_deepspeed_config
 from llava_platform.train.engine import build_engine, train_step
 from pipelines.preprocess import read_shards
 
@@ -59,10 +58,7 @@ def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], ste
     stage = recipe.stage1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")
-    config = build_deepspeed_config(
-        global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size, world_size=1,
-        zero_stage=stage.deepspeed.zero_stage, precision="fp32", offload_optimizer=False,
-        max_grad_norm=stage.optim.max_grad_norm, weight_decay=0.0, lr=stage.optim.lr, use_gpu=False)
+    config = train.deepspeed_config_for(stage, recipe.scaling)
     engine, processor = build_engine(
         model_path=str(initial), projector_path=None, tunable=stage.tunable, lora=None, lr=stage.optim.lr,
         projector_lr=None, vision_tower_lr=None, weight_decay=0.0, scheduler="cosine", warmup_ratio=0.03,
@@ -74,7 +70,7 @@ def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], ste
     for rows in micro_batches:
         started = time.perf_counter()
         batch = collate_rows(rows, processor, settings, False, torch.device("cpu"))
-        train_step(engine, [batch], zero_stage=stage.deepspeed.zero_stage)
+        train_step(engine, [batch])
         times.append(time.perf_counter() - started)
     torch.distributed.destroy_process_group()
     return times
@@ -118,7 +114,7 @@ def main() -> None:
 
     base = statistics.median(steady(bare))
     print(f"\n{args.steps} optimizer steps of {args.batch} samples, {THREADS} torch threads, "
-          "medians without warm-up and the final checkpoint step")
+          "medians without the first 3 steps and the last")
     print(f"{'loop':<18}{'s/step':>8}{'vs bare':>9}{'data wait':>11}")
     print(f"{'bare DeepSpeed':<18}{base:>8.3f}{1.0:>9.2f}{'-':>11}")
     for name, times, wait in (("ray-streamed", streamed, streamed_wait),

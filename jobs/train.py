@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import yaml
 
@@ -30,15 +32,16 @@ from jobs.train_worker import POSITION_FILE, train_loop_per_worker
 from llava_platform import tracking
 from llava_platform.config import recipe_argument_parser, recipe_from_args
 from llava_platform.config.schema import Recipe, StageConfig
+from llava_platform.config.schema import ScalingConfig as ScalingSection
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_config import build_deepspeed_config
-from pipelines.preprocess import finish, preprocess, shard_files, stage_fingerprint
+from pipelines.preprocess import ManifestError, finish, preprocess, shard_files, stage_fingerprint
 from pipelines.quarantine import PreprocessReport, QuarantineLog
 from pipelines.sources import read_records
 from pipelines.storage import filesystem_for
 
 RUNS_FILE = "mlflow_runs.json"
-"""Written into ``--output``: the tracking URI and the MLflow run ids (``parent``, ``stage1``, ``stage2``)."""
+"""Written into ``--output``: the tracking URI, experiment and MLflow run ids (``parent``, ``stage1``, ``stage2``)."""
 KILL_AT_STEP_ENV = "LLAVA_TRAIN_KILL_WORKER_AT_STEP"
 """Fault injection: ``<step>`` or ``<step>:<rank>`` SIGKILLs that worker once, to exercise auto-resume."""
 
@@ -55,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--resume", help="a checkpoint folder (local or s3://) to continue from")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
-    names = ["stage1", "stage2"] if args.stage == "all" else [f"stage{args.stage}"]
     resume = read_position(args.resume, recipe.checkpoint.s3_endpoint_url) if args.resume else None
+    names = ["stage1", "stage2"] if args.stage == "all" else [f"stage{args.stage}"]
     if resume is not None:  # earlier stages are done; their outputs are already in --output
         names = names[names.index(resume["stage"]):] if resume["stage"] in names else []
 
@@ -66,47 +69,52 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         parser.exit(2, "jobs.train cannot start:\n" + "".join(f"  {p}\n" for p in problems))
 
     uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
-    experiment = recipe.tracking.experiment or recipe.name
-    if resume is not None:
-        parent = resume["mlflow_parent_run_id"]
-        tracking.reopen_run(uri, parent)
-    else:
-        parent = tracking.start_run(uri, experiment, recipe.name,
-                                    params=tracking.flatten(recipe.model_dump(mode="json")))
-        recipe_file = args.output / "recipe.yaml"
-        args.output.mkdir(parents=True, exist_ok=True)
-        recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        tracking.log_artifact(uri, parent, recipe_file)
-    log(f"MLflow: {uri}, experiment {experiment!r}, run {parent}")
-
+    runs = open_parent_run(uri, recipe, args.output, resume)
     outputs: dict[str, Path] = {}
-    stage_runs: dict[str, str] = {}
-    try:
-        for name in names:
-            stage = recipe.stages()[name]
-            resuming = resume is not None and resume["stage"] == name
-            if resuming:
-                stage_runs[name] = resume["mlflow_run_id"]
-                tracking.reopen_run(uri, stage_runs[name])
-            else:
-                stage_runs[name] = tracking.start_run(uri, experiment, name, parent_run_id=parent)
-            write_runs_file(args.output, uri, {"parent": parent, **stage_runs})
-            projector = None if resuming else starting_projector(stage, stage_runs.get("stage1"), args.output)
-            outputs[name] = run_stage(recipe, name, stage, model=args.model, projector=projector,
-                                      output=args.output, export=name == "stage2" or name == names[-1],
-                                      tracking_uri=uri, run_id=stage_runs[name], parent_run_id=parent,
-                                      resume_from=args.resume if resuming else None)
-            tracking.end_run(uri, stage_runs[name])
-    except BaseException:
-        for run_id in [*stage_runs.values(), parent]:
-            tracking.end_run(uri, run_id, failed=True)
-        raise
-    tracking.end_run(uri, parent)
+    for name in names:
+        stage = recipe.stages()[name]
+        resuming = resume is not None and resume["stage"] == name
+        if resuming:
+            runs[name] = resume["mlflow_run_id"]
+            tracking.reopen_run(uri, runs[name])
+        else:
+            runs[name] = tracking.start_run(uri, runs["experiment"], name, parent_run_id=runs["parent"])
+        write_runs_file(args.output, uri, runs)
+        try:
+            outputs[name] = run_stage(
+                recipe, name, stage, model=args.model, output=args.output, tracking_uri=uri, runs=runs,
+                projector=None if resuming else starting_projector(stage, runs.get("stage1"), args.output),
+                export=name == names[-1], resume_from=args.resume if resuming else None,
+            )
+        except BaseException:
+            tracking.end_run(uri, runs[name], failed=True)
+            tracking.end_run(uri, runs["parent"], failed=True)
+            raise
+        tracking.end_run(uri, runs[name])
+    tracking.end_run(uri, runs["parent"])
     return outputs
 
 
-def write_runs_file(output: Path, tracking_uri: str, runs: dict[str, str]) -> None:
+def open_parent_run(tracking_uri: str, recipe: Recipe, output: Path, resume: dict | None) -> dict[str, str]:
+    """The pipeline's parent run (new, or the resumed checkpoint's); returns the run-id map for ``RUNS_FILE``.
+
+    A new parent run gets the resolved recipe as params and as ``recipe.yaml``.
+    """
+    experiment = recipe.tracking.experiment or recipe.name
     output.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        tracking.reopen_run(tracking_uri, resume["mlflow_parent_run_id"])
+        earlier = json.loads((output / RUNS_FILE).read_text())["runs"] if (output / RUNS_FILE).exists() else {}
+        return {**earlier, "experiment": experiment, "parent": resume["mlflow_parent_run_id"]}
+    resolved = recipe.model_dump(mode="json")
+    parent = tracking.start_run(tracking_uri, experiment, recipe.name, params=tracking.flatten(resolved))
+    (output / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    tracking.log_artifact(tracking_uri, parent, output / "recipe.yaml")
+    log(f"MLflow: {tracking_uri}, experiment {experiment!r}, run {parent}")
+    return {"experiment": experiment, "parent": parent}
+
+
+def write_runs_file(output: Path, tracking_uri: str, runs: dict[str, str]) -> None:
     (output / RUNS_FILE).write_text(json.dumps({"tracking_uri": tracking_uri, "runs": runs}, indent=1))
 
 
@@ -125,35 +133,61 @@ def preflight(recipe: Recipe, names: list[str], args, resume: dict | None) -> li
     """Everything that would fail later on a worker, checked before any worker starts (all at once)."""
     problems = []
     if not args.model or not args.output:
-        problems.append("--model and --output are required")
-    elif "://" not in args.model and not Path(args.model).is_dir():
+        return ["--model and --output are required"]
+    if "://" not in args.model and not Path(args.model).is_dir():
         problems.append(f"--model: {args.model} is not a folder; create it with `python -m jobs.compose`")
-    missing = [n for n in names if recipe.stages().get(n) is None]
-    if missing:
-        problems.append(f"{', '.join(missing)}: the recipe has no such section")
-    stage2 = recipe.stage2
-    if "stage2" in names and stage2 is not None and not (resume and resume["stage"] == "stage2"):
-        if stage2.init_from == "stage1" and "stage1" not in names:
-            problems.append(f"stage2.init_from: 'stage1' but stage 1 does not run here; give its projector, e.g. "
-                            f"stage2.init_from={args.output}/stage1/{PROJECTOR_FILE} or runs:/<stage1 run>/"
-                            f"{PROJECTOR_FILE}")
-        elif stage2.init_from and "://" not in stage2.init_from and stage2.init_from != "stage1" and not (
-                Path(stage2.init_from).exists()):
-            problems.append(f"stage2.init_from: {stage2.init_from} does not exist; point it at a stage-1 "
-                            f"{PROJECTOR_FILE}")
+    if resume is not None and not names:
+        problems.append(f"--resume: the checkpoint is from {resume['stage']}, which --stage {args.stage} does not run")
     if resume is not None and resume.get("world_size") != recipe.scaling.num_workers:
         problems.append(f"scaling.num_workers: {recipe.scaling.num_workers}, but --resume {args.resume} was "
                         f"written by {resume.get('world_size')} workers (ZeRO state is sharded per worker)")
-    if resume is not None and not names:
-        problems.append(f"--resume: the checkpoint is from {resume['stage']}, which --stage {args.stage} does not run")
-    scaling = recipe.scaling
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if scaling.use_gpu and scaling.gpu_preflight and gpus < scaling.num_workers * scaling.gpus_per_worker:
-        problems.append(f"scaling.use_gpu: {scaling.num_workers} workers x {scaling.gpus_per_worker} GPU need "
-                        f"{scaling.num_workers * scaling.gpus_per_worker:g} GPUs; the Ray cluster has {gpus:g}. "
-                        "Use a CPU recipe (use_gpu: false, precision: fp32), or set scaling.gpu_preflight: false "
-                        "if GPU nodes start on demand")
+    for name in names:
+        stage = recipe.stages().get(name)
+        if stage is None:
+            problems.append(f"{name}: the recipe has no such section")
+            continue
+        resuming = resume is not None and resume["stage"] == name
+        problems += stage_problems(recipe, name, stage, args, first=name == names[0], resuming=resuming)
+    return problems + gpu_problems(recipe.scaling)
+
+
+def stage_problems(recipe: Recipe, name: str, stage: StageConfig, args, *, first: bool, resuming: bool) -> list[str]:
+    """A stage's inputs exist, and no earlier run's checkpoints would be silently mixed in."""
+    problems = []
+    for path in stage.data.train_files:
+        if "://" not in path and not Path(path).exists():
+            problems.append(f"{name}.data.train_files: {path} does not exist")
+    if stage.data.preprocessed:
+        try:
+            shard_files(stage.data.preprocessed, recipe_hash=stage_fingerprint(stage.data.model_dump(), args.model))
+        except (ManifestError, OSError) as error:
+            problems.append(f"{name}.data.preprocessed: {error}")
+    init_from = stage.init_from
+    if init_from == "stage1" and first and not resuming:
+        example = f"{args.output}/stage1/{PROJECTOR_FILE} or runs:/<stage1 run>/{PROJECTOR_FILE}"
+        problems.append(f"{name}.init_from: 'stage1' but stage 1 does not run here; give its projector, e.g. "
+                        f"{name}.init_from={example}")
+    elif init_from and init_from != "stage1" and "://" not in init_from and not Path(init_from).exists():
+        problems.append(f"{name}.init_from: {init_from} does not exist; point it at a stage-1 {PROJECTOR_FILE}")
+    filesystem, root = checkpoint_storage(recipe, args.output)
+    run_dir = f"{root}/{recipe.name}-{name}"
+    if not resuming and filesystem.get_file_info(run_dir).type != pafs.FileType.NotFound:
+        saved = sorted(info.base_name for info in filesystem.get_file_info(pafs.FileSelector(run_dir))
+                       if info.base_name.startswith(f"{name}-step"))
+        problems.append(f"checkpoint.storage_path: {run_dir} already holds checkpoints of an earlier {name} run; "
+                        f"continue it with --resume {run_dir}/{saved[-1] if saved else '<checkpoint>'}, or start "
+                        "afresh with another --output or checkpoint.storage_path")
     return problems
+
+
+def gpu_problems(scaling: ScalingSection) -> list[str]:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    needed = scaling.num_workers * scaling.gpus_per_worker
+    if scaling.use_gpu and scaling.gpu_preflight and gpus < needed:
+        return [f"scaling.use_gpu: {scaling.num_workers} workers x {scaling.gpus_per_worker} GPU need {needed:g} "
+                f"GPUs; the Ray cluster has {gpus:g}. Use a CPU recipe (use_gpu: false, precision: fp32), or set "
+                "scaling.gpu_preflight: false if GPU nodes start on demand"]
+    return []
 
 
 def starting_projector(stage: StageConfig, stage1_run: str | None, output: Path) -> str | None:
@@ -201,9 +235,28 @@ def materialised_rank_datasets(stage: StageConfig, model: str, num_workers: int)
     return ray.data.read_parquet(files).split(num_workers, equal=True), manifest
 
 
+def deepspeed_config_for(stage: StageConfig, scaling: ScalingSection) -> dict[str, Any]:
+    """The stage's DeepSpeed config for the recipe's worker count."""
+    return build_deepspeed_config(
+        global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size,
+        world_size=scaling.num_workers, zero_stage=stage.deepspeed.zero_stage, precision=stage.deepspeed.precision,
+        offload_optimizer=stage.deepspeed.offload_optimizer, max_grad_norm=stage.optim.max_grad_norm,
+        weight_decay=stage.optim.weight_decay, lr=stage.optim.lr, use_gpu=scaling.use_gpu,
+        param_persistence_threshold=stage.deepspeed.zero3_param_persistence_threshold,
+    )
+
+
 def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, projector: str | None, output: Path,
-              export: bool, tracking_uri: str, run_id: str, parent_run_id: str, resume_from: str | None) -> Path:
-    """Train one stage on streamed (or materialised) rows; return its output folder."""
+              export: bool, tracking_uri: str, runs: dict[str, str], resume_from: str | None) -> Path:
+    """Train one stage on streamed (or materialised) rows; return its output folder.
+
+    Args:
+        projector: the projector to start from (path or ``runs:/`` URI), or ``None``.
+        export: write (and, for stage 2, register) a Hugging Face export at the end.
+        runs: MLflow run ids (``parent`` and this stage's).
+        resume_from: a checkpoint to start from; the trainer then gets a new run name, so that Ray
+            Train does not restore the latest checkpoint of the original run instead.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -216,18 +269,14 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         quarantine = QuarantineLog.remote()
         parts, records_per_rank = streamed_rank_datasets(recipe, stage, model, quarantine)
     datasets = {f"rank{rank}": part for rank, part in enumerate(parts)}
-    steps_per_epoch = max(1, sum(records_per_rank) // stage.global_batch_size)
+    steps_per_epoch = max(1, min(records_per_rank) * workers // stage.global_batch_size)  # the shortest rank ends it
     total_steps = min(stage.max_steps or 10**12, stage.epochs * steps_per_epoch)
-    deepspeed = build_deepspeed_config(
-        global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size, world_size=workers,
-        zero_stage=stage.deepspeed.zero_stage, precision=stage.deepspeed.precision,
-        offload_optimizer=stage.deepspeed.offload_optimizer, max_grad_norm=stage.optim.max_grad_norm,
-        weight_decay=stage.optim.weight_decay, lr=stage.optim.lr, use_gpu=scaling.use_gpu,
-    )
+    deepspeed = deepspeed_config_for(stage, scaling)
     stage_dir = (output / name).resolve()
     stage_dir.mkdir(parents=True, exist_ok=True)
     derived = {"total_steps": total_steps, "gradient_accumulation_steps": deepspeed["gradient_accumulation_steps"],
                "world_size": workers, "records": sum(records_per_rank)}
+    run_id = runs[name]
     if resume_from is None:
         tracking.log_params(tracking_uri, run_id, {**tracking.flatten(stage.model_dump(mode="json")),
                                                    **{k: str(v) for k, v in derived.items()}})
@@ -235,7 +284,8 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         f"ZeRO-{stage.deepspeed.zero_stage}")
     lora = stage.lora.model_dump() if stage.lora else None
     config = {
-        "stage": name, "output": str(stage_dir), "export": export, "projector": projector,
+        "stage": name, "output": str(stage_dir), "export": export, "register": export and name == "stage2",
+        "projector": projector,
         "resume_from": resume_from and filesystem_for(resume_from, recipe.checkpoint.s3_endpoint_url),
         "fault": fault_from_env(stage_dir, workers),
         "engine": {
@@ -250,8 +300,9 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         "micro_batch": stage.micro_batch_size, "group_window": 32 * stage.micro_batch_size,
         "group_by_length": data.group_by_modality_length, "anyres": data.image_mode == "anyres",
         "backend": "nccl" if scaling.use_gpu else "gloo", "checkpoint_every": recipe.checkpoint.every_n_steps,
-        "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "mlflow_parent_run_id": parent_run_id,
-        "system_metrics_interval_s": recipe.tracking.system_metrics and recipe.tracking.system_metrics_interval_s,
+        "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "mlflow_parent_run_id": runs["parent"],
+        "system_metrics_interval_s": recipe.tracking.system_metrics_interval_s if recipe.tracking.system_metrics
+        else None,
         "registered_model": recipe.tracking.registered_model or recipe.name,
     }
     ingest = DataConfig.default_ingest_options()
@@ -265,7 +316,8 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            storage_path=storage_path, storage_filesystem=storage, name=f"{recipe.name}-{name}",
+            storage_path=storage_path, storage_filesystem=storage,
+            name=f"{recipe.name}-{name}" + (time.strftime("-resumed-%Y%m%d-%H%M%S") if resume_from else ""),
             failure_config=FailureConfig(max_failures=recipe.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.checkpoint.num_to_keep),
         ),
@@ -277,7 +329,7 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
     else:
         report = PreprocessReport(**manifest["counts"])
     tracking.log_metrics(tracking_uri, run_id, report.as_metrics(), step=total_steps)
-    log(f"{name}: done at step {result.metrics.get('step')}, latest checkpoint {result.checkpoint.path}")
+    log(f"{name}: done; latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return stage_dir
 
 

@@ -26,7 +26,7 @@ from llava_platform.data.collate import collate
 from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.train.checkpoint import export_model, full_state_dict, save_projector
-from llava_platform.train.engine import build_engine, load_training_state, save_training_state, train_step
+from llava_platform.train.engine import build_engine, forward, load_training_state, save_training_state, train_step
 
 POSITION_FILE = "position.json"
 """Written by rank 0 into every checkpoint: stage, step, data position and MLflow run ids (read by ``--resume``)."""
@@ -42,8 +42,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend=config["backend"])  # joins Ray Train's process group
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    projector = resolve_projector(config["projector"], config["tracking_uri"], config["output"])
-    engine, processor = build_engine(**config["engine"], projector_path=projector)
+    with tempfile.TemporaryDirectory(prefix="llava-projector-") as download:
+        projector = resolve_projector(config["projector"], config["tracking_uri"], download)
+        engine, processor = build_engine(**config["engine"], projector_path=projector)
     position = {"stage": config["stage"], "step": 0, "epoch": 0, "steps_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config["resume_from"]:
@@ -65,9 +66,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     probe = None
 
+    checkpointed_step = position["step"]
     for epoch in range(position["epoch"], config["epochs"]):
-        resumed_here = epoch == position["epoch"]
-        done_in_epoch = position["steps_in_epoch"] if resumed_here else 0
+        done_in_epoch = position["steps_in_epoch"]  # 0 unless resuming inside this epoch
         raw = micro_batch_rows(shard, config, epoch, skip=done_in_epoch * accumulation)
         batches = (collate_rows(rows, processor, settings, config["anyres"], device) for rows in raw)
         step_started = time.perf_counter()  # wall time between steps: a step's logging counts towards the next
@@ -78,7 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not all_ranks_have(len(step_batches) == accumulation, device):
                 break  # a rank ran out of data: everyone ends the epoch together (no hung collectives)
             probe = probe or step_batches[0]
-            result = train_step(engine, step_batches, zero_stage=config["zero_stage"])
+            result = train_step(engine, step_batches)
             done_in_epoch += 1
             position = {**position, "step": position["step"] + 1, "epoch": epoch, "steps_in_epoch": done_in_epoch}
             inject_fault(config["fault"], position["step"], rank)
@@ -94,12 +95,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             checkpointed = position["step"] % config["checkpoint_every"] == 0 or position["step"] == total_steps
             if checkpointed:
                 report_checkpoint(engine, position, config, metrics, rank)
-            if checkpointed or len(pending) >= LOG_EVERY:  # flushed at checkpoints: a restart replays what follows
+                checkpointed_step = position["step"]
+            # A restart replays the steps after the last checkpoint; those flushed in between are logged twice.
+            if checkpointed or len(pending) >= LOG_EVERY:
                 if rank == 0:
                     log(rank, f"step {position['step']}/{total_steps} loss {metrics['loss']:.4f}")
                     tracking.log_steps(uri, run_id, pending)
                 pending = {}
         position = {**position, "epoch": epoch + 1, "steps_in_epoch": 0}
+    if checkpointed_step != position["step"]:  # the data ran out before total_steps
+        report_checkpoint(engine, position, config, metrics, rank)
 
     if rank == 0:
         tracking.log_steps(uri, run_id, pending)
@@ -108,14 +113,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         monitor.finish()
 
 
-def resolve_projector(projector: str | None, tracking_uri: str, output: str) -> str | None:
-    """A local path for the stage's starting projector: ``runs:/`` URIs are downloaded from MLflow."""
+def resolve_projector(projector: str | None, tracking_uri: str, download_dir: str) -> str | None:
+    """A local path for the stage's starting projector: ``runs:/`` URIs are downloaded into ``download_dir``."""
     if not projector or not projector.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         return projector
     import mlflow.artifacts
 
-    destination = Path(tempfile.mkdtemp(prefix="projector-", dir=output if Path(output).is_dir() else None))
-    return mlflow.artifacts.download_artifacts(artifact_uri=projector, dst_path=str(destination),
+    return mlflow.artifacts.download_artifacts(artifact_uri=projector, dst_path=download_dir,
                                                tracking_uri=tracking_uri)
 
 
@@ -167,7 +171,7 @@ def export_and_register(engine, processor, probe: dict | None, step: int, config
     if probe is not None:  # every rank runs it: ZeRO-3 forwards are collective
         engine.eval()
         with torch.no_grad():
-            logits = engine(**probe).logits[:, -16:].float().cpu()  # the tail: small even with a 150k vocabulary
+            logits = forward(engine, probe).logits[:, -16:].float().cpu()  # the tail: small even with a 150k vocabulary
     state = full_state_dict(engine, config["zero_stage"])
     if rank != 0:
         return
@@ -181,9 +185,12 @@ def export_and_register(engine, processor, probe: dict | None, step: int, config
                           lora=config["engine"]["lora"], module=engine.module)
     if probe is not None:
         torch.save({"batch": {k: v.cpu() for k, v in probe.items()}, "logits": logits}, out / EXPORT_CHECK_FILE)
-    version = tracking.register_export(uri, run_id, export, config["registered_model"])
     tracking.log_metrics(uri, run_id, {"optimizer_steps": step}, step=step)
-    log(rank, f"exported {export} (registered {config['registered_model']} version {version})")
+    if config["register"]:
+        version = tracking.register_export(uri, run_id, export, config["registered_model"])
+        log(rank, f"exported {export}, registered as {config['registered_model']} version {version}")
+    else:
+        log(rank, f"exported {export}")
 
 
 def inject_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:

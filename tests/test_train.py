@@ -197,6 +197,8 @@ def zero3_lora(ray_local, setup, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = run(setup, "zero3_lora", "--stage", "all", "stage1.deepspeed.zero_stage=3",
               "stage2.deepspeed.zero_stage=3", "stage2.deepspeed.gradient_checkpointing=true",
+              "stage1.deepspeed.zero3_param_persistence_threshold=0",  # shard every weight of the tiny model
+              "stage2.deepspeed.zero3_param_persistence_threshold=0",
               "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
               f"stage2.data.train_files=[{mixed}]", "stage2.optim.lr=0.01", f"stage1.data.preprocessed={preprocessed}")
     return out, cwd
@@ -230,8 +232,12 @@ def test_default_tracking_is_a_local_store_in_the_working_directory(zero3_lora):
     assert latest_version(client).run_id == runs["stage2"]
 
 
-def test_bad_configuration_fails_before_any_worker_starts(ray_local, setup, capsys):
+def test_bad_configuration_fails_before_any_worker_starts(ray_local, setup, zero2, capsys):
     checks = [
+        (["--stage", "all", "--output", str(zero2[0]["stage1"].parent)], "already holds checkpoints of an earlier "
+         "stage1 run; continue it with --resume"),
+        (["--stage", "1", "stage1.data.train_files=[/missing.json]"], "stage1.data.train_files: /missing.json"),
+        (["--stage", "1", f"stage1.data.preprocessed={setup[0]}"], "stage1.data.preprocessed:"),
         (["--stage", "all", "scaling.use_gpu=true", "stage1.deepspeed.precision=bf16",
           "stage2.deepspeed.precision=bf16"], "scaling.use_gpu"),
         (["--stage", "2"], "stage2.init_from: 'stage1' but stage 1 does not run here"),

@@ -1,8 +1,9 @@
 """MLflow tracking: where runs go, what a training run records, and how an export enters the Model Registry.
 
-Every call names its tracking URI and run id explicitly (``MlflowClient``), never MLflow's
-process-global active run: the driver opens the runs, Ray Train workers log into them, and a
-restarted worker group keeps logging into the same runs.
+Every call names its tracking URI and run id explicitly (``MlflowClient``): the driver opens the
+runs, Ray Train workers log into them, and a restarted worker group keeps logging into the same
+runs. Only ``register_export`` uses MLflow's process-global active run, because ``log_model`` needs
+one; it runs on the rank-0 worker at the very end of stage 2.
 
 The ``mlflow.transformers`` flavour does not handle image-text-to-text models, so an export is
 registered as a small ``mlflow.pyfunc`` model whose artifact is the Hugging Face folder itself:

@@ -132,6 +132,9 @@ class DeepSpeedConfig(Section):
     precision: Precision = "bf16"
     """``bf16`` on GPUs; ``fp32`` on CPU."""
     gradient_checkpointing: bool = False
+    zero3_param_persistence_threshold: int = Field(100_000, ge=0)
+    """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's default);
+    0 shards everything."""
 
 
 class StageConfig(Section):

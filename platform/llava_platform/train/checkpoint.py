@@ -18,12 +18,17 @@ from llava_platform.model.trainability import apply_lora, part_of
 
 PROJECTOR_FILE = "projector.safetensors"
 EXPORT_DIR = "export"
+PEFT_PREFIX = "base_model.model."
+"""What peft puts in front of the wrapped model's parameter names."""
 ADAPTER_DIR = "adapter"
 
 
 def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The projector's tensors (and LLaVA-NeXT's ``image_newline``) out of a full state dict."""
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()
+    """The projector's tensors (and LLaVA-NeXT's ``image_newline``) out of a full state dict.
+
+    Names are the plain model's, also when the state dict comes from a peft (LoRA) wrapper.
+    """
+    return {name.removeprefix(PEFT_PREFIX): tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()
             if part_of(name) == "projector"}
 
 
@@ -55,13 +60,15 @@ def load_projector(model: torch.nn.Module, path: str | Path) -> list[str]:
 
 
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights from a DeepSpeed engine; every rank must call it (collective).
+    """The whole model's weights from a DeepSpeed engine; every rank must call it (collective under ZeRO-3).
 
     Returns:
-        The state dict on rank 0 (ZeRO-3: gathered from all ranks), ``None`` on other ranks under ZeRO-3.
+        The state dict on rank 0 (ZeRO-3: gathered from all ranks), ``None`` on the other ranks.
     """
     if zero_stage == 3:
         return engine._zero3_consolidated_16bit_state_dict()
+    if engine.global_rank != 0:
+        return None
     return {name: tensor.detach().cpu() for name, tensor in engine.module.state_dict().items()}
 
 
@@ -75,15 +82,17 @@ def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | 
         lora: the stage's LoRA settings, or ``None``.
         module: the trained model (``engine.module``); its config and class are what gets saved.
 
-    With LoRA, the adapters are also saved on their own in ``out_dir/adapter`` (peft's format), and
-    the export holds the merged weights. The merge runs on a fresh CPU copy loaded strictly from
-    ``state_dict``, so it works the same whether the engine's parameters are sharded (ZeRO-3) or not.
+    With LoRA, the adapters are also saved on their own in ``out_dir/adapter`` (peft's format; the
+    fully trained projector is ``out_dir/projector.safetensors`` next to it), and the export holds
+    the merged weights. The merge runs on a fresh CPU copy, in the trained weights' dtype, loaded
+    strictly from ``state_dict``, so it works the same whether the engine's parameters are sharded
+    (ZeRO-3) or not.
     """
     export = Path(out_dir) / EXPORT_DIR
     if lora is None:
         module.save_pretrained(export, state_dict=state_dict)
     else:
-        base, _ = load_pretrained_llava(model_path)
+        base, _ = load_pretrained_llava(model_path, dtype=next(iter(state_dict.values())).dtype)
         adapted = apply_lora(base, **lora)
         adapted.load_state_dict(state_dict, strict=True)
         adapted.save_pretrained(Path(out_dir) / ADAPTER_DIR)

@@ -27,6 +27,7 @@ def build_deepspeed_config(
     weight_decay: float,
     lr: float,
     use_gpu: bool,
+    param_persistence_threshold: int = 100_000,
 ) -> dict[str, Any]:
     """The DeepSpeed config of one stage.
 
@@ -40,6 +41,8 @@ def build_deepspeed_config(
         max_grad_norm: gradient clipping.
         weight_decay, lr: AdamW defaults (groups override ``lr``).
         use_gpu: whether workers have GPUs.
+        param_persistence_threshold: ZeRO-3 keeps parameters with fewer elements than this whole on
+            every rank instead of sharding them (DeepSpeed's default, 100k).
 
     Raises:
         DeepSpeedConfigError: a batch that does not divide, a ZeRO stage outside 0-3, half precision on CPU.
@@ -57,6 +60,7 @@ def build_deepspeed_config(
     zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": use_gpu, "contiguous_gradients": True}
     if zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["stage3_param_persistence_threshold"] = param_persistence_threshold
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     return {

@@ -92,19 +92,29 @@ def build_engine(
     return engine, processor
 
 
-def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]], *, zero_stage: int) -> StepResult:
-    """One optimizer step: forward and backward over ``micro_batches`` (the accumulation), then step.
+def forward(engine, batch: dict[str, torch.Tensor]):
+    """The engine's forward pass on a collated micro-batch; the vision tower runs even without images.
 
-    Under ZeRO-3 every rank must run the vision tower on every micro-batch, or the ranks' parameter
-    gathers go out of step and the job hangs; a text-only micro-batch therefore runs the tower on a
-    blank tile and adds its output times zero to the loss.
+    Every rank must run the same modules in the same order: under ZeRO-3 each module's weights are
+    gathered collectively as it runs, and under ZeRO-2 every trainable weight's gradient is reduced
+    across ranks. So a text-only micro-batch follows the order transformers' forward uses with
+    images: embed the tokens, run the tower and projector on a blank tile, add those features times
+    zero (the values stay exact), then enter the model with ``inputs_embeds``.
     """
+    if "pixel_values" in batch:
+        return engine(**batch)
+    model = engine.module
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    embeds = embeds + 0.0 * _blank_image_features(model, embeds.device, embeds.dtype)
+    return engine(inputs_embeds=embeds, **{k: v for k, v in batch.items() if k != "input_ids"})
+
+
+def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepResult:
+    """One optimizer step: forward and backward over ``micro_batches`` (the accumulation), then step."""
     started = time.perf_counter()
     losses, samples, tokens = [], 0, 0
     for batch in micro_batches:
-        loss = engine(**batch).loss
-        if zero_stage == 3 and "pixel_values" not in batch:
-            loss = loss + 0.0 * _blank_image_features(engine.module, batch["input_ids"].device)
+        loss = forward(engine, batch).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
@@ -119,10 +129,10 @@ def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]], *, zero
     )
 
 
-def _blank_image_features(model, device: torch.device) -> torch.Tensor:
+def _blank_image_features(model, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of the projected features of one blank tile (a scalar that depends on tower and projector)."""
     config = model.config
     size = config.vision_config.image_size
-    dtype = next(model.parameters()).dtype
     if config.model_type == "llava_next":
         pixels = torch.zeros(1, 1, 3, size, size, device=device, dtype=dtype)
         features = model.get_image_features(pixels, image_sizes=torch.tensor([[size, size]], device=device))
@@ -133,13 +143,21 @@ def _blank_image_features(model, device: torch.device) -> torch.Tensor:
 
 
 def save_training_state(engine, directory: str | Path, position: dict[str, Any]) -> None:
-    """Write the full DeepSpeed state (weights, optimizer, scheduler) plus ``position``; every rank calls it.
+    """Write the full DeepSpeed state (weights, optimizer, scheduler), ``position`` and this rank's RNG state.
+
+    Every rank calls it (collective). The random state makes dropout (e.g. LoRA's) replay exactly.
 
     Args:
         position: where the run is (``step``, ``epoch``, ``steps_in_epoch``, ...), returned by
             ``load_training_state``.
     """
     engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"position": position})
+    torch.save(_rng_state(), Path(directory) / CHECKPOINT_TAG / f"rng_rank{engine.global_rank}.pt")
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def load_training_state(engine, directory: str | Path) -> dict[str, Any]:
@@ -151,7 +169,7 @@ def load_training_state(engine, directory: str | Path) -> dict[str, Any]:
     """
     if not (Path(directory) / CHECKPOINT_TAG).is_dir():
         raise ResumeError(f"{directory} holds no training state (no {CHECKPOINT_TAG}/ folder); pass a checkpoint "
-                          "folder written by jobs.train (…/checkpoint_<time>)")
+                          "folder written by jobs.train (<storage>/<recipe>-<stage>/<stage>-step<N>)")
     try:
         path, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
     except (FileNotFoundError, AssertionError, RuntimeError) as error:
@@ -159,4 +177,10 @@ def load_training_state(engine, directory: str | Path) -> dict[str, Any]:
                           "workers as the run that wrote them") from error
     if path is None:
         raise ResumeError(f"DeepSpeed found no checkpoint in {directory}/{CHECKPOINT_TAG}")
+    rng_file = Path(directory) / CHECKPOINT_TAG / f"rng_rank{engine.global_rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return client_state["position"]
