@@ -3,7 +3,7 @@
     python -m jobs.train --recipe tiny_cpu_demo --model outputs/initial --output outputs/train --stage all
     ray job submit --working-dir . -- python -m jobs.train --recipe llava15_7b --model /mnt/shared/initial \\
         --output /mnt/shared/train --stage all
-    python -m jobs.train ... --resume outputs/train/checkpoints/<run>/stage2-step00000400
+    python -m jobs.train ... --resume outputs/train/checkpoints/tiny-cpu-demo-stage2/stage2-step00000400
 
 ``--model`` is the composed starting checkpoint (``jobs.compose``). Stage 1 trains the projector and
 writes ``<output>/stage1/projector.safetensors``; stage 2 starts from ``--model`` plus that projector
@@ -12,7 +12,7 @@ Face export to ``<output>/stage2/export``, registered in MLflow under ``tracking
 
 Checkpoints (full DeepSpeed state + data position) go to ``checkpoint.storage_path`` every
 ``checkpoint.every_n_steps`` steps. A dead worker restarts the worker group from the latest one
-(``checkpoint.max_failures``); running the same command again, or ``--resume <checkpoint>``, does too.
+(``checkpoint.max_failures``); ``--resume <checkpoint>`` continues a stopped run from any kept one.
 """
 
 from __future__ import annotations
