@@ -33,12 +33,12 @@ from llava_platform import tracking
 from llava_platform.config import recipe_argument_parser, recipe_from_args
 from llava_platform.config.schema import Recipe, StageConfig
 from llava_platform.config.schema import ScalingConfig as ScalingSection
+from llava_platform.storage import filesystem_for
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_config import build_deepspeed_config
 from pipelines.preprocess import ManifestError, finish, preprocess, shard_files, stage_fingerprint
 from pipelines.quarantine import PreprocessReport, QuarantineLog
 from pipelines.sources import read_records
-from pipelines.storage import filesystem_for
 
 RUNS_FILE = "mlflow_runs.json"
 """Written into ``--output``: the tracking URI, experiment and MLflow run ids (``parent``, ``stage1``, ``stage2``)."""

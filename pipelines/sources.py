@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipelines.storage import filesystem_for
+from llava_platform.storage import filesystem_for
 
 RAW_SCHEMA = pa.schema([
     ("source", pa.string()),  # file the record came from

@@ -1,34 +1,8 @@
-"""Paths that are local folders or ``s3://`` URIs, read through pyarrow's filesystems.
-
-S3-compatible stores (MinIO, moto, Ceph) work through an endpoint override: the recipe's
-``data.s3_endpoint_url`` or the standard ``AWS_ENDPOINT_URL`` variable. Credentials come from the
-usual AWS environment variables, never from recipes.
-"""
+"""Reading the records' image files below a folder or ``s3://`` prefix (see ``llava_platform.storage``)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from urllib.parse import urlparse
-
-import pyarrow.fs as pafs
-
-
-def filesystem_for(uri: str, s3_endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """The filesystem that holds ``uri`` and the path inside it (no scheme)."""
-    if uri.startswith("s3://"):
-        endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-        if endpoint:
-            parsed = urlparse(endpoint)
-            kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-        return pafs.S3FileSystem(**kwargs), uri.removeprefix("s3://")
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
-def join(root: str, relative: str) -> str:
-    """``root`` + ``relative`` for folders and ``s3://`` prefixes alike."""
-    return f"{root.rstrip('/')}/{relative.lstrip('/')}"
+from llava_platform.storage import filesystem_for, join
 
 
 class ImageReader:

@@ -25,6 +25,8 @@ from mlflow.entities import Metric, Param
 DEFAULT_TRACKING_DB = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 EXPORT_ARTIFACT = "export"
+CHECKPOINT_ARTIFACT = "checkpoint"
+"""The registered pyfunc model's artifact that holds the Hugging Face folder."""
 MAX_BATCH = 100
 """MLflow accepts at most this many params (and 1000 metrics) per ``log_batch`` call."""
 
@@ -37,6 +39,14 @@ def resolve_tracking_uri(configured: str | None) -> str:
     """
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path.cwd() / DEFAULT_TRACKING_DB}"
+
+
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """For a ``sqlite:///`` store, artifacts go next to the database (``<dir>/mlartifacts``), not into the
+    working directory of whichever process created the experiment; servers choose their own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -56,7 +66,8 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, *, parent_run_i
     """Create a run (a child of ``parent_run_id`` if given), log ``params``; return its id. It stays open."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=local_artifact_location(tracking_uri))
     tags = {PARENT_TAG: parent_run_id} if parent_run_id else {}
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     log_params(tracking_uri, run_id, params or {})
@@ -127,7 +138,7 @@ class LlavaCheckpoint(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from llava_platform.model.compose import load_pretrained_llava
 
-        self.checkpoint_path = context.artifacts["checkpoint"]
+        self.checkpoint_path = context.artifacts[CHECKPOINT_ARTIFACT]
         self.model, self.processor = load_pretrained_llava(self.checkpoint_path)
         self.model.eval()
 
@@ -159,7 +170,7 @@ def register_export(tracking_uri: str, run_id: str, export_dir: str | Path, mode
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name=EXPORT_ARTIFACT, python_model=LlavaCheckpoint(), artifacts={"checkpoint": str(export_dir)},
+            name=EXPORT_ARTIFACT, python_model=LlavaCheckpoint(), artifacts={CHECKPOINT_ARTIFACT: str(export_dir)},
             registered_model_name=model_name, pip_requirements=requirements,
         )
     return str(info.registered_model_version)

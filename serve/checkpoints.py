@@ -1,0 +1,83 @@
+"""Where a served checkpoint comes from: a local folder, an ``s3://`` prefix, or MLflow.
+
+Every source ends as a local folder in the Hugging Face layout (``config.json`` + weights +
+processor files), which ``load_pretrained_llava`` loads: our exports and any llava-hf checkpoint alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from llava_platform.tracking import CHECKPOINT_ARTIFACT
+
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+class CheckpointSourceError(ValueError):
+    """A model URI that does not lead to a Hugging Face checkpoint folder."""
+
+
+def resolve_checkpoint(uri: str, cache_dir: str | Path, *, tracking_uri: str | None = None,
+                       s3_endpoint_url: str | None = None) -> Path:
+    """A local Hugging Face folder for ``uri``, downloading it into ``cache_dir`` if it is remote.
+
+    Args:
+        uri: a folder, ``s3://bucket/prefix``, ``models:/<name>/<version or alias>``, or ``runs:/<id>/<path>``.
+        cache_dir: where remote checkpoints are downloaded (one sub-folder per URI).
+        tracking_uri: MLflow tracking URI for ``models:/`` and ``runs:/`` (default: MLflow's own).
+        s3_endpoint_url: S3-compatible endpoint (default: ``AWS_ENDPOINT_URL``).
+
+    Raises:
+        CheckpointSourceError: the source does not exist or holds no ``config.json``.
+    """
+    target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if uri.startswith(MLFLOW_SCHEMES):
+        import mlflow.artifacts
+
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target),
+                                                              tracking_uri=tracking_uri))
+        except Exception as error:  # MLflow raises several types for "not found"
+            raise CheckpointSourceError(f"cannot download {uri} from MLflow: {error}") from error
+        folder = _pyfunc_checkpoint(folder) or folder
+    elif uri.startswith("s3://"):
+        folder = _download_s3(uri, target, s3_endpoint_url)
+    else:
+        folder = Path(uri)
+    if not (folder / "config.json").is_file():
+        raise CheckpointSourceError(f"{uri}: no config.json in {folder}; give a Hugging Face checkpoint folder "
+                                    "(an export of jobs.train, or a llava-hf model)")
+    return folder
+
+
+def _pyfunc_checkpoint(folder: Path) -> Path | None:
+    """The Hugging Face folder inside a model registered by ``llava_platform.tracking.register_export``."""
+    import yaml
+
+    if not (folder / "MLmodel").is_file():
+        return None
+    flavor = yaml.safe_load((folder / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+    relative = (flavor.get("artifacts") or {}).get(CHECKPOINT_ARTIFACT, {}).get("path")
+    return folder / relative if relative else None
+
+
+def _download_s3(uri: str, target: Path, s3_endpoint_url: str | None) -> Path:
+    import pyarrow.fs as pafs
+
+    from llava_platform.storage import filesystem_for
+
+    filesystem, prefix = filesystem_for(uri, s3_endpoint_url)
+    files = [info for info in filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True))
+             if info.type == pafs.FileType.File]
+    if not files:
+        raise CheckpointSourceError(f"{uri}: no files under this prefix")
+    for info in files:
+        local = target / info.path[len(prefix):].lstrip("/")
+        if local.exists() and local.stat().st_size == info.size:
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with filesystem.open_input_stream(info.path) as source, open(local, "wb") as sink:
+            while chunk := source.read(1 << 24):
+                sink.write(chunk)
+    return target

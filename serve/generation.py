@@ -1,0 +1,179 @@
+"""Batched generation with a LLaVA checkpoint: prompts and images in, answers and token counts out.
+
+Nothing here knows Ray Serve: the deployment (``serve/app.py``) queues requests and hands them
+over in batches. Prompts are built by the checkpoint's own chat template and images tiled by its
+own processor, exactly as in training.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jinja2 import TemplateError
+
+from llava_platform.model.compose import load_pretrained_llava
+from serve.openai_api import ApiError, ParsedChat
+
+
+@dataclass
+class Prepared:
+    """One request's model inputs (batch dimension 1) and generation settings."""
+
+    inputs: dict[str, torch.Tensor]
+    prompt_tokens: int
+    request: ParsedChat
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    """``stop`` (end of turn or a stop string) or ``length`` (``max_tokens`` reached)."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Generator:
+    """A loaded checkpoint that prepares requests and generates for several at once.
+
+    ``generate_calls`` counts calls to ``model.generate`` (a batch of N requests with the same
+    sampling settings is one call), so tests and operators can see the batching work.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model, self.processor = load_pretrained_llava(str(checkpoint), dtype=dtype)
+        self.model.to(device).eval()
+        self.device = device
+        self.tokenizer = self.processor.tokenizer
+        self.context_length = self.model.config.text_config.max_position_embeddings
+        self.generate_calls = 0
+        self._lock = threading.Lock()  # one generate at a time per replica: batching is the concurrency
+
+    def prepare(self, request: ParsedChat) -> Prepared:
+        """Render the prompt with the checkpoint's chat template and tile the images with its processor.
+
+        Raises:
+            ApiError: 400 when the template refuses the conversation (e.g. roles out of order) or the
+                prompt plus ``max_tokens`` does not fit the context.
+        """
+        try:
+            prompt = self.processor.apply_chat_template(request.conversation, add_generation_prompt=True)
+        except TemplateError as error:
+            raise ApiError(400, f"messages: this model's chat template refuses the conversation: {error}",
+                           param="messages") from error
+        inputs = self.processor(images=request.images or None, text=prompt, return_tensors="pt")
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        if prompt_tokens + request.max_tokens > self.context_length:
+            raise ApiError(400, f"the prompt is {prompt_tokens} tokens (images included) and max_tokens is "
+                                f"{request.max_tokens}: over the model's context of {self.context_length}",
+                           param="messages", code="context_length_exceeded")
+        return Prepared(inputs=dict(inputs), prompt_tokens=prompt_tokens, request=request)
+
+    def generate(self, batch: Sequence[Prepared]) -> list[Completion]:
+        """Answer every prepared request; requests with the same sampling settings share one ``generate``."""
+        groups: dict[tuple, list[int]] = {}
+        for index, item in enumerate(batch):
+            groups.setdefault(_sampling_key(item.request), []).append(index)
+        results: list[Completion | None] = [None] * len(batch)
+        for indices in groups.values():
+            for index, completion in zip(indices, self._generate_group([batch[i] for i in indices]), strict=True):
+                results[index] = completion
+        return results
+
+    def _generate_group(self, group: Sequence[Prepared]) -> list[Completion]:
+        request = group[0].request
+        inputs = merge_inputs([item.inputs for item in group], self.tokenizer.pad_token_id)
+        max_new = max(item.request.max_tokens for item in group)
+        sampling = {"do_sample": request.temperature > 0}
+        if sampling["do_sample"]:
+            sampling.update(temperature=request.temperature, top_p=request.top_p)
+        with self._lock, torch.no_grad():
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            output = self.model.generate(**{k: v.to(self.device) for k, v in inputs.items()}, max_new_tokens=max_new,
+                                         pad_token_id=self.tokenizer.pad_token_id, **sampling)
+            self.generate_calls += 1
+        new_tokens = output[:, inputs["input_ids"].shape[1]:].cpu()
+        return [self._completion(item, tokens) for item, tokens in zip(group, new_tokens, strict=True)]
+
+    def _completion(self, item: Prepared, tokens: torch.Tensor) -> Completion:
+        ends = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.pad_token_id}
+        kept = []
+        for token in tokens.tolist()[: item.request.max_tokens]:
+            if token in ends:
+                break
+            kept.append(token)
+        finish = "stop" if len(kept) < min(len(tokens), item.request.max_tokens) else "length"
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        for stop in item.request.stop:
+            if stop and stop in text:
+                text, finish = text[: text.index(stop)], "stop"
+        return Completion(text=text, finish_reason=finish, prompt_tokens=item.prompt_tokens,
+                          completion_tokens=len(kept))
+
+    def stream(self, item: Prepared) -> Iterator[str]:
+        """Yield the answer's text pieces as they are generated (one request, outside the batches)."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        request = item.request
+        sampling = {"do_sample": request.temperature > 0}
+        if sampling["do_sample"]:
+            sampling.update(temperature=request.temperature, top_p=request.top_p)
+
+        def run() -> None:
+            with self._lock, torch.no_grad():
+                if request.seed is not None:
+                    torch.manual_seed(request.seed)
+                self.model.generate(**{k: v.to(self.device) for k, v in item.inputs.items()}, streamer=streamer,
+                                    max_new_tokens=request.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                    **sampling)
+                self.generate_calls += 1
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+
+
+def _sampling_key(request: ParsedChat) -> tuple:
+    if request.temperature == 0:
+        return ("greedy", request.seed)
+    return ("sample", request.temperature, request.top_p, request.seed)
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def merge_inputs(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack single-request processor outputs into one batch: token ids left-padded (generation appends
+    on the right), images concatenated in request order, LLaVA-NeXT tile stacks zero-padded to the longest.
+
+    Shapes: ``input_ids``/``attention_mask`` (B, L); ``pixel_values`` (images, 3, T, T) or
+    (images, max_tiles, 3, T, T); ``image_sizes`` (images, 2).
+    """
+    length = max(item["input_ids"].shape[1] for item in items)
+    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for row, item in enumerate(items):
+        size = item["input_ids"].shape[1]
+        ids[row, length - size:] = item["input_ids"][0]
+        mask[row, length - size:] = item["attention_mask"][0]
+    merged = {"input_ids": ids, "attention_mask": mask}
+    pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+    if pixels:
+        if pixels[0].ndim == 5:  # LLaVA-NeXT: (images, tiles, 3, T, T), tiles differ per image
+            tiles = max(p.shape[1] for p in pixels)
+            pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
+        merged["pixel_values"] = torch.cat(pixels)
+    sizes = [item["image_sizes"] for item in items if "image_sizes" in item]
+    if sizes:
+        merged["image_sizes"] = torch.cat(sizes)
+    return merged

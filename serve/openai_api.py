@@ -1,0 +1,204 @@
+"""The OpenAI-compatible request and response shapes, and the errors a client can cause.
+
+Requests are validated here, before anything touches the model: every problem becomes an
+``ApiError`` that the HTTP layer turns into OpenAI's error JSON
+(``{"error": {"message", "type", "param", "code"}}``) with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP ``status`` and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):  # noqa: A002 - OpenAI's field name
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ChatRequest(BaseModel):
+    """``POST /v1/chat/completions``: the fields we honour; other OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; set by the operator in the deployment's config."""
+
+    max_tokens: int = 256
+    """Cap on ``max_tokens``; also the default when a request gives none."""
+    max_images: int = 4
+    max_image_bytes: int = 10_000_000
+    max_image_pixels: int = 50_000_000
+    allowed_image_hosts: tuple[str, ...] = ()
+    """``http(s)`` image URLs are refused unless their host is listed here; ``data:`` URLs always work."""
+
+
+@dataclass
+class ParsedChat:
+    """A validated request: the conversation for the chat template and the decoded images, in order."""
+
+    conversation: list[dict[str, Any]]
+    images: list[Any] = field(default_factory=list)
+    """PIL images, in the order their parts appear."""
+    max_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stream: bool = False
+
+
+def parse_chat_request(body: Any, limits: Limits, fetch_image=None) -> ParsedChat:
+    """Validate a decoded JSON body into a ``ParsedChat``.
+
+    Args:
+        body: the JSON body (anything: a list or a string is refused too).
+        fetch_image: ``url -> bytes`` for allow-listed ``http(s)`` URLs (``None``: refuse them all).
+
+    Raises:
+        ApiError: 400 for any malformed field, unknown role, bad or oversized image, or a
+            ``max_tokens`` above the cap.
+    """
+    from llava_platform.data.errors import SampleError
+    from llava_platform.data.images import decode_image
+
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        request = ChatRequest.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{param}: {first['msg']}", param=param) from error
+    if not request.messages:
+        raise ApiError(400, "messages must hold at least one message", param="messages")
+    max_tokens = request.max_completion_tokens or request.max_tokens or limits.max_tokens
+    if max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {limits.max_tokens}",
+                       param="max_tokens")
+    conversation, image_bytes = [], []
+    for index, message in enumerate(request.messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise ApiError(400, f"messages.{index}.role: {role!r} is not one of {', '.join(ROLES)}",
+                           param=f"messages.{index}.role")
+        parts = _content_parts(message.get("content"), f"messages.{index}.content")
+        content = []
+        for number, part in enumerate(parts):
+            where = f"messages.{index}.content.{number}"
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                content.append({"type": "text", "text": part["text"]})
+            elif part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
+                image_bytes.append((where, _image_bytes(url, where, limits, fetch_image)))
+                content.append({"type": "image"})
+            else:
+                raise ApiError(400, f"{where}: a part must be {{type: text, text}} or {{type: image_url, image_url: "
+                                    "{url}}", param=where)
+        conversation.append({"role": role, "content": content})
+    if len(image_bytes) > limits.max_images:
+        raise ApiError(400, f"{len(image_bytes)} images; this server takes at most {limits.max_images} per request",
+                       param="messages")
+    images = []
+    for where, data in image_bytes:
+        try:
+            images.append(decode_image(data, limits.max_image_pixels))
+        except SampleError as error:
+            raise ApiError(400, f"{where}: {error}", param=where, code=error.reason) from error
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    return ParsedChat(conversation=conversation, images=images, max_tokens=max_tokens,
+                      temperature=request.temperature, top_p=request.top_p, stop=stop, seed=request.seed,
+                      stream=request.stream)
+
+
+def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return content
+    raise ApiError(400, f"{where}: content must be a string or a list of parts", param=where)
+
+
+def _image_bytes(url: Any, where: str, limits: Limits, fetch_image) -> bytes:
+    """The bytes of a ``data:`` URL, or of an allow-listed ``http(s)`` URL; everything else is refused."""
+    if not isinstance(url, str) or not url:
+        raise ApiError(400, f"{where}.image_url.url is missing", param=where)
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(400, f"{where}: only base64 data URLs are supported (data:image/png;base64,...)",
+                           param=where)
+        if len(payload) * 3 // 4 > limits.max_image_bytes:
+            raise ApiError(400, f"{where}: image is over the {limits.max_image_bytes:,}-byte limit", param=where,
+                           code="image_too_large")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise ApiError(400, f"{where}: the data URL is not valid base64", param=where) from error
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https") and parsed.hostname in limits.allowed_image_hosts and fetch_image:
+        data = fetch_image(url)
+        if len(data) > limits.max_image_bytes:
+            raise ApiError(400, f"{where}: image is over the {limits.max_image_bytes:,}-byte limit", param=where)
+        return data
+    raise ApiError(400, f"{where}: image URLs must be base64 data: URLs (this server fetches no remote URLs"
+                        f"{'' if not limits.allowed_image_hosts else ' outside its allow-list'})", param=where)
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def chat_completion(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+                    ) -> dict[str, Any]:
+    """A non-streaming ``chat.completion`` response."""
+    return {
+        "id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def chat_chunk(chunk_id: str, model: str, delta: dict[str, Any], finish_reason: str | None = None,
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` of a streamed response."""
+    chunk = {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+FinishReason = Literal["stop", "length"]
