@@ -33,8 +33,11 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path, *, tracking_uri: str | N
     """
     target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if uri.startswith(MLFLOW_SCHEMES):
+        import mlflow
         import mlflow.artifacts
 
+        if tracking_uri:  # models:/ URIs are looked up in the registry, which is MLflow-global state
+            mlflow.set_registry_uri(tracking_uri)
         try:
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target),
                                                               tracking_uri=tracking_uri))

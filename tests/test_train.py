@@ -182,8 +182,12 @@ def monkeypatch_module():
 
 @pytest.fixture(scope="module")
 def zero3_lora(ray_local, setup, tmp_path_factory, monkeypatch_module):
-    """ZeRO-3 for both stages, stage 1 from jobs.preprocess's Parquet shards, LoRA and text-only rows in
-    stage 2, MLflow's default local store."""
+    """ZeRO-3 for both stages, run one at a time (stage 2 gets stage 1's projector by path); stage 1
+    from jobs.preprocess's Parquet shards; LoRA and text-only rows in stage 2; MLflow's default local store.
+
+    Returns:
+        The stage outputs, the working directory, and each invocation's MLflow run ids.
+    """
     root, initial, files, overrides = setup
     preprocessed = root / "stage1-shards"
     preprocess_job.main(["--recipe", "tiny_cpu_demo", "--stage", "1", "--model", str(initial), "--output",
@@ -195,17 +199,20 @@ def zero3_lora(ray_local, setup, tmp_path_factory, monkeypatch_module):
     cwd = tmp_path_factory.mktemp("cwd")
     monkeypatch_module.chdir(cwd)
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = run(setup, "zero3_lora", "--stage", "all", "stage1.deepspeed.zero_stage=3",
-              "stage2.deepspeed.zero_stage=3", "stage2.deepspeed.gradient_checkpointing=true",
-              "stage1.deepspeed.zero3_param_persistence_threshold=0",  # shard every weight of the tiny model
-              "stage2.deepspeed.zero3_param_persistence_threshold=0",
-              "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
-              f"stage2.data.train_files=[{mixed}]", "stage2.optim.lr=0.01", f"stage1.data.preprocessed={preprocessed}")
-    return out, cwd
+    zero3 = ["stage1.deepspeed.zero_stage=3", "stage2.deepspeed.zero_stage=3",
+             "stage1.deepspeed.zero3_param_persistence_threshold=0",  # shard every weight of the tiny model
+             "stage2.deepspeed.zero3_param_persistence_threshold=0"]
+    out = run(setup, "zero3_lora", "--stage", "1", *zero3, f"stage1.data.preprocessed={preprocessed}")
+    stage1_runs = mlflow_runs(out)
+    out |= run(setup, "zero3_lora", "--stage", "2", *zero3, "stage2.deepspeed.gradient_checkpointing=true",
+               "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
+               f"stage2.init_from={out['stage1'] / PROJECTOR_FILE}", f"stage2.data.train_files=[{mixed}]",
+               "stage2.optim.lr=0.01")
+    return out, cwd, stage1_runs, mlflow_runs(out)
 
 
 def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora, setup):
-    out, cwd = zero3_lora
+    out, *_ = zero3_lora
     stage2 = out["stage2"]
     assert (stage2 / "adapter" / "adapter_config.json").exists()
     adapters = load_file(str(stage2 / "adapter" / "adapter_model.safetensors"))
@@ -222,14 +229,14 @@ def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora, setup):
 
 
 def test_default_tracking_is_a_local_store_in_the_working_directory(zero3_lora):
-    out, cwd = zero3_lora
+    out, cwd, stage1_runs, runs = zero3_lora
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
-    runs = mlflow_runs(out)
     assert client.get_run(runs["parent"]).info.status == "FINISHED"
     assert losses(client, runs["stage2"]), "no stage-2 losses in the local store"
-    stage1 = client.get_run(runs["stage1"])
+    stage1 = client.get_run(stage1_runs["stage1"])
     assert stage1.data.metrics["data/read"] == 24 and stage1.data.params["data.preprocessed"].endswith("stage1-shards")
     assert latest_version(client).run_id == runs["stage2"]
+    assert len(client.search_model_versions(f"name = '{RECIPE}'")) == 1, "a stage-1-only run was registered"
 
 
 def test_bad_configuration_fails_before_any_worker_starts(ray_local, setup, zero2, capsys):

@@ -1,0 +1,55 @@
+"""Deploy the OpenAI-compatible LLaVA endpoint (``serve/``) onto a running Ray cluster.
+
+    python -m jobs.deploy --model models:/tiny-cpu-demo/1 [--config serve/config.yaml] [--api-key KEY]
+    ray job submit --working-dir . -- python -m jobs.deploy --model s3://bucket/llava/export
+
+The config is Ray Serve's own format (the same file ``serve run`` takes); ``--model`` replaces its
+``args.model``, and its deployment settings (autoscaling, resources, max ongoing requests) apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import serve
+
+from serve.app import LlavaServer, default_config_path
+
+
+def deploy(config: dict[str, Any], *, model: str | None = None, model_name: str | None = None,
+           api_key: str | None = None, http_port: int | None = None) -> str:
+    """Start Serve with the config's HTTP options and run its first application; return the base URL."""
+    http = dict(config.get("http_options", {}))
+    if http_port is not None:
+        http["port"] = http_port
+    application = config["applications"][0]
+    args = dict(application.get("args", {}))
+    args.update({k: v for k, v in {"model": model, "model_name": model_name, "api_key": api_key}.items() if v})
+    deployment = next(iter(application.get("deployments", [])), {})
+    options = {k: v for k, v in deployment.items() if k != "name"}
+    serve.start(http_options=http)
+    serve.run(LlavaServer.options(**options).bind(**args), name=application.get("name", "llava"),
+              route_prefix=application.get("route_prefix", "/"), blocking=False)
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="checkpoint: a folder, s3://..., models:/<name>/<version>, runs:/<id>/<path>")
+    parser.add_argument("--model-name", help="the name clients send as `model` (default: the config's)")
+    parser.add_argument("--config", type=Path, default=default_config_path(), help="a Ray Serve config file")
+    parser.add_argument("--api-key", help="require Authorization: Bearer <key> (default: LLAVA_SERVE_API_KEY)")
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(args.config.read_text())
+    ray.init(address="auto", ignore_reinit_error=True)
+    url = deploy(config, model=args.model, model_name=args.model_name, api_key=args.api_key)
+    print(f"serving on {url}/v1/chat/completions", flush=True)
+    return url
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The Ray Serve application: an OpenAI-compatible HTTP API over one LLaVA checkpoint.
+
+    serve run serve/config.yaml                       # the config's args name the model
+    python -m jobs.deploy --model models:/tiny-cpu-demo/1 --config serve/config.yaml
+
+Routes: ``POST /v1/chat/completions`` (text and ``image_url`` parts, ``stream: true`` as server-sent
+events), ``GET /v1/models``, ``GET /healthz``, ``GET /v1/stats``. Non-streaming requests are queued
+by ``@serve.batch`` and answered together; streaming ones generate on their own. Every request
+the server refuses gets OpenAI's error JSON with a 4xx status, and the replica keeps serving.
+
+(No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type on the
+routes that Ray Serve's ingress wraps. The ingress serialises the class when it is decorated, so
+the helpers it calls are defined above it.)
+"""
+
+
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from serve.checkpoints import resolve_checkpoint
+from serve.generation import Completion, Generator, Prepared
+from serve.openai_api import ApiError, Limits, chat_chunk, chat_completion, completion_id, parse_chat_request
+
+API_KEY_ENV = "LLAVA_SERVE_API_KEY"
+"""The bearer token clients must send; the config's ``api_key`` takes precedence. Unset: no auth."""
+
+api = FastAPI(title="LLaVA Platform", description="OpenAI-compatible chat completions with images")
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the body is not valid JSON: {error}") from error
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+@serve.deployment
+@serve.ingress(api)
+class LlavaServer:
+    """One replica: a loaded checkpoint, a request queue that batches, and the HTTP routes."""
+
+    def __init__(self, model: str, model_name: str | None = None, device: str = "cpu", api_key: str | None = None,
+                 limits: dict[str, Any] | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
+                 tracking_uri: str | None = None, s3_endpoint_url: str | None = None,
+                 cache_dir: str | None = None):
+        cache = cache_dir or os.path.join(tempfile.gettempdir(), "llava-serve-cache")
+        checkpoint = resolve_checkpoint(model, cache, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
+        self.generator = Generator(checkpoint, device=device)
+        self.model_name = model_name or model
+        self.limits = Limits(**{k: tuple(v) if isinstance(v, list) else v for k, v in (limits or {}).items()})
+        self.api_key = api_key or os.environ.get(API_KEY_ENV)
+        self.requests = 0
+        self.generate_batch.set_max_batch_size(max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def generate_batch(self, items: list[Prepared]) -> list[Completion]:
+        return await asyncio.to_thread(self.generator.generate, items)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self.requests += 1
+        try:
+            self._authorize(request)
+            body = await _json_body(request)
+            if isinstance(body, dict) and "model" in body and body["model"] != self.model_name:
+                raise ApiError(404, f"model {body['model']!r} is not served here; GET /v1/models lists "
+                                    f"{self.model_name!r}", param="model", code="model_not_found")
+            parsed = parse_chat_request(body, self.limits)
+            prepared = await asyncio.to_thread(self.generator.prepare, parsed)
+        except ApiError as error:
+            return JSONResponse(error.body(), status_code=error.status)
+        if parsed.stream:
+            return StreamingResponse(self._events(prepared), media_type="text/event-stream")
+        answer = await self.generate_batch(prepared)
+        return chat_completion(self.model_name, answer.text, answer.finish_reason, answer.prompt_tokens,
+                               answer.completion_tokens)
+
+    async def _events(self, prepared: Prepared) -> AsyncIterator[str]:
+        """Server-sent events: the role, the text pieces, the finish reason with usage, then ``[DONE]``."""
+        chunk_id, stops = completion_id(), prepared.request.stop
+        yield _event(chat_chunk(chunk_id, self.model_name, {"role": "assistant", "content": ""}))
+        pieces, text, finish = self.generator.stream(prepared), "", "length"
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            text += piece
+            cut = min((text.index(s) for s in stops if s and s in text), default=None)
+            if cut is not None:
+                piece, finish = piece[: max(0, len(piece) - (len(text) - cut))], "stop"
+            if piece:
+                yield _event(chat_chunk(chunk_id, self.model_name, {"content": piece}))
+            if cut is not None:
+                break
+        completion_tokens = len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if finish == "length" and completion_tokens < prepared.request.max_tokens:
+            finish = "stop"
+        usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prepared.prompt_tokens + completion_tokens}
+        yield _event(chat_chunk(chunk_id, self.model_name, {}, finish_reason=finish, usage=usage))
+        yield "data: [DONE]\n\n"
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except ApiError as error:
+            return JSONResponse(error.body(), status_code=error.status)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "llava-platform"}]}
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "model": self.model_name}
+
+    @api.get("/v1/stats")
+    async def stats(self):
+        """Requests received and ``model.generate`` calls made by this replica (batching shows as fewer calls)."""
+        return {"requests": self.requests, "generate_calls": self.generator.generate_calls}
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.api_key}":
+            raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                           code="invalid_api_key")
+
+    def check_health(self) -> None:
+        """Ray Serve's health probe: a replica whose model is gone gets replaced."""
+        if self.generator.model is None:
+            raise RuntimeError("model not loaded")
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application builder that ``serve run`` / ``serve deploy`` call with the config's ``args``."""
+    return LlavaServer.bind(**args)
+
+
+def default_config_path() -> Path:
+    return Path(__file__).with_name("config.yaml")

@@ -1,0 +1,204 @@
+"""The Ray Serve endpoint on a local Ray instance, called over real HTTP with the official openai client."""
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import free_port
+from jobs import deploy
+from serve.app import default_config_path
+
+KEY = "test-key"
+MODEL = "tiny"
+
+
+def data_url(size=(40, 30)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (30, 200, 30)).save(buffer, "PNG")
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def config(name, route, **deployment):
+    base = yaml.safe_load(default_config_path().read_text())
+    app = base["applications"][0]
+    app.update(name=name, route_prefix=route)
+    app["args"]["limits"] = {"max_tokens": 32, "max_images": 2, "max_image_bytes": 200_000,
+                             "max_image_pixels": 512 * 512}
+    app["deployments"] = [{"name": "LlavaServer", "max_ongoing_requests": 64,
+                           "ray_actor_options": {"num_cpus": 0.25}, **deployment}]
+    base["http_options"] = {"host": "127.0.0.1", "port": PORT}
+    return base
+
+
+PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, saved_checkpoints):
+    from ray import serve
+
+    url = deploy.deploy(config("llava", "/", num_replicas=1), model=str(saved_checkpoints["llava"]),
+                        model_name=MODEL, api_key=KEY)
+    yield url
+    serve.shutdown()
+
+
+def client(url, key=KEY, prefix=""):
+    return openai.OpenAI(base_url=f"{url}{prefix}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def ask(url, text="What colour is it?", image=True, prefix="", **options):
+    content = [{"type": "text", "text": text}] + ([{"type": "image_url", "image_url": {"url": data_url()}}]
+                                                  if image else [])
+    return client(url, prefix=prefix).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], **{"max_tokens": 6, "temperature": 0,
+                                                                          **options})
+
+
+def post(url, body, key=KEY, raw=False):
+    data = body if raw else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=data, method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def stats(url):
+    with urllib.request.urlopen(f"{url}/v1/stats", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_openai_client_plain_and_streaming_with_an_image(server):
+    answer = ask(server)
+    assert isinstance(answer.choices[0].message.content, str) and answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.prompt_tokens > 1 and 0 <= answer.usage.completion_tokens <= 6
+    chunks = list(ask(server, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == answer.choices[0].message.content, "greedy streaming and non-streaming answers differ"
+    assert chunks[-1].choices[0].finish_reason is not None and chunks[-1].usage.prompt_tokens == \
+        answer.usage.prompt_tokens
+    models = client(server).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    with urllib.request.urlopen(f"{server}/healthz", timeout=30) as response:
+        assert json.loads(response.read())["status"] == "ok"
+
+
+def test_bad_input_gets_4xx_and_the_replica_keeps_serving(server):
+    good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    bad_image = base64.b64encode(b"not an image at all").decode()
+    cases = [
+        (b"{not json", 400, "not valid JSON"),
+        ({"model": MODEL}, 400, "messages"),
+        ({**good, "messages": []}, 400, "at least one message"),
+        ({**good, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "'wizard'"),
+        ({**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]}, 400, "base64"),
+        ({**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{bad_image}"}}]}]}, 400, "decodable"),
+        ({**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url((600, 600))}}]}]}, 400, "pixels"),
+        ({**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 300_000}}]}]}, 400,
+         "byte limit"),
+        ({**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url()}}] * 3}]}, 400, "at most 2"),
+        ({**good, "max_tokens": 33}, 400, "cap of 32"),
+        ({**good, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context"),
+        ({**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]}]}, 400, "remote URLs"),
+        ({**good, "model": "gpt-4o"}, 404, "not served here"),
+    ]
+    for body, status, message in cases:
+        got, payload = post(server, body, raw=isinstance(body, bytes))
+        assert (got, message in payload["error"]["message"]) == (status, True), (body if not isinstance(
+            body, dict) else list(body), payload)
+    assert post(server, good)[0] == 200
+
+
+def test_wrong_or_missing_api_key_gets_401(server):
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    request = urllib.request.Request(f"{server}/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    assert error.value.code == 401
+
+
+def test_concurrent_requests_share_generate_calls(server):
+    before = stats(server)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: ask(server, text=f"Question {i}", image=i % 2 == 0), range(16)))
+    after = stats(server)
+    assert all(a.choices[0].message.content is not None for a in answers)
+    requests = after["requests"] - before["requests"]
+    calls = after["generate_calls"] - before["generate_calls"]
+    assert requests == 16 and calls < requests, f"{requests} requests took {calls} generate calls"
+
+
+def test_model_from_a_real_mlflow_server(server, saved_checkpoints, mlflow_server, tmp_path):
+    from ray import serve
+
+    from llava_platform import tracking
+
+    run_id = tracking.start_run(mlflow_server, "serve", "export")
+    version = tracking.register_export(mlflow_server, run_id, saved_checkpoints["llava_next"], "tiny-next")
+    app = config("from-mlflow", "/mlflow", num_replicas=1)["applications"][0]
+    args = {**app["args"], "model": f"models:/tiny-next/{version}", "model_name": MODEL, "api_key": KEY,
+            "tracking_uri": mlflow_server, "cache_dir": str(tmp_path)}
+    serve.run(deploy.LlavaServer.options(ray_actor_options={"num_cpus": 0.25}).bind(**args), name="from-mlflow",
+              route_prefix="/mlflow", blocking=False)
+    answer = ask(server, prefix="/mlflow")
+    assert answer.usage.prompt_tokens > ask(server).usage.prompt_tokens, "anyres should spend more image tokens"
+    serve.delete("from-mlflow")
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, saved_checkpoints):
+    from ray import serve
+
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+                   "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}
+    app = config("scaling", "/scaling", autoscaling_config=autoscaling)["applications"][0]
+    args = {**app["args"], "model": str(saved_checkpoints["llava"]), "model_name": MODEL, "api_key": KEY,
+            "max_batch_size": 1}
+    serve.run(deploy.LlavaServer.options(ray_actor_options={"num_cpus": 0.25}, autoscaling_config=autoscaling,
+                                         max_ongoing_requests=8).bind(**args),
+              name="scaling", route_prefix="/scaling", blocking=False)
+
+    def replicas() -> int:
+        status = serve.status().applications["scaling"].deployments["LlavaServer"]
+        return status.replica_states.get("RUNNING", 0)
+
+    stop, peak, deadline = threading.Event(), 1, time.time() + 90
+
+    def load() -> int:
+        answered = 0
+        while not stop.is_set():
+            answered += bool(ask(server, prefix="/scaling", max_tokens=32, image=False).choices)
+        return answered
+
+    with ThreadPoolExecutor(6) as pool:
+        workers = [pool.submit(load) for _ in range(6)]
+        while time.time() < deadline and peak < 2:
+            peak = max(peak, replicas())
+            time.sleep(0.25)
+        stop.set()
+        assert all(w.result() > 0 for w in workers)
+    assert peak == 2, "no second replica under load"
+    deadline = time.time() + 60
+    while time.time() < deadline and replicas() != 1:
+        time.sleep(0.5)
+    assert replicas() == 1, "the extra replica was not removed when idle"
+    serve.delete("scaling")
