@@ -25,11 +25,11 @@ from pathlib import Path
 
 import ray
 import torch
-from mlflow import MlflowClient
 
 from jobs import compose, train
 from jobs import preprocess as preprocess_job
 from jobs.train_worker import collate_rows
+from llava_platform import tracking
 from llava_platform.config import load_recipe
 from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
@@ -82,7 +82,7 @@ def ray_seconds_per_step(initial: Path, out: Path, overrides: list[str], batch: 
     outputs = train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(out), "--stage", "1",
                           *overrides, f"tracking.uri={tracking_uri}"])
     run_id = json.loads((outputs["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
-    client = MlflowClient(tracking_uri)
+    client = tracking.client_for(tracking_uri)
     rate = sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)
     wait = sorted(client.get_metric_history(run_id, "data_wait_fraction"), key=lambda m: m.step)
     return [batch / m.value for m in rate], [m.value for m in wait]

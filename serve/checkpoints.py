@@ -33,13 +33,11 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path, *, tracking_uri: str | N
     """
     target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if uri.startswith(MLFLOW_SCHEMES):
-        import mlflow
         import mlflow.artifacts
 
-        if tracking_uri:  # models:/ URIs are looked up in the registry, which is MLflow-global state
-            mlflow.set_registry_uri(tracking_uri)
         try:
-            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target),
+            source = _registered_source(uri, tracking_uri) if uri.startswith("models:/") else uri
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
                                                               tracking_uri=tracking_uri))
         except Exception as error:  # MLflow raises several types for "not found"
             raise CheckpointSourceError(f"cannot download {uri} from MLflow: {error}") from error
@@ -52,6 +50,23 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path, *, tracking_uri: str | N
         raise CheckpointSourceError(f"{uri}: no config.json in {folder}; give a Hugging Face checkpoint folder "
                                     "(an export of jobs.train, or a llava-hf model)")
     return folder
+
+
+def _registered_source(uri: str, tracking_uri: str | None) -> str:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> the version's artifact URI.
+
+    Looked up with an explicit registry URI, not MLflow's process-global one.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    registry = tracking_uri or mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    return client.get_model_version_download_uri(name, version)
 
 
 def _pyfunc_checkpoint(folder: Path) -> Path | None:

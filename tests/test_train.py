@@ -9,13 +9,13 @@ import boto3
 import mlflow
 import pytest
 import torch
-from mlflow import MlflowClient
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from jobs import compose, train
 from jobs import preprocess as preprocess_job
 from jobs.train_worker import EXPORT_CHECK_FILE
+from llava_platform import tracking
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.engine import CHECKPOINT_TAG
@@ -84,7 +84,7 @@ def assert_export_reproduces_engine(stage_dir):
 @pytest.fixture(scope="module")
 def zero2(ray_local, setup, mlflow_server):
     out = run(setup, "zero2", "--stage", "all", f"tracking.uri={mlflow_server}")
-    return out, MlflowClient(mlflow_server), mlflow_runs(out)["parent"]
+    return out, tracking.client_for(mlflow_server), mlflow_runs(out)["parent"]
 
 
 def test_stage1_trains_only_the_projector(zero2, setup):
@@ -110,7 +110,7 @@ def test_stage2_export_reloads_with_plain_transformers(zero2, setup):
     assert_export_reproduces_engine(out["stage2"])
 
 
-def test_mlflow_holds_params_metrics_and_registered_model(zero2, setup):
+def test_mlflow_holds_params_metrics_and_registered_model(zero2, setup, mlflow_server):
     out, client, parent = zero2
     parent_run = client.get_run(parent)
     assert parent_run.data.params["model.image_size"] == "56" and parent_run.info.status == "FINISHED"
@@ -133,18 +133,20 @@ def test_mlflow_holds_params_metrics_and_registered_model(zero2, setup):
 
     version = latest_version(client)
     assert version.run_id == stage2.info.run_id
-    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(f"models:/{RECIPE}/{version.version}")
     image = next((setup[0] / "data" / "images").iterdir())
     answers = model.predict([{"prompt": "What is in the image?", "image": str(image)}])
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
-def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(ray_local, setup, zero2, s3_server, monkeypatch):
+def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(ray_local, setup, zero2, s3_server, monkeypatch,
+                                                                  mlflow_server):
     out, client, parent = zero2
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="checkpoints")
     monkeypatch.setenv(train.KILL_AT_STEP_ENV, "3:1")  # SIGKILL rank 1 right after optimizer step 3
-    killed = run(setup, "killed", "--stage", "1", f"tracking.uri={client._tracking_client.tracking_uri}",
+    killed = run(setup, "killed", "--stage", "1", f"tracking.uri={mlflow_server}",
                  "checkpoint.storage_path=s3://checkpoints/runs", f"checkpoint.s3_endpoint_url={s3_server}")
     assert (killed["stage1"] / ".fault-fired").exists(), "the fault was not injected"
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_objects_v2(
@@ -157,12 +159,12 @@ def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(ray_local, se
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}: {resumed} vs {reference}"
 
 
-def test_manual_resume_replays_the_same_steps(ray_local, setup, zero2):
+def test_manual_resume_replays_the_same_steps(ray_local, setup, zero2, mlflow_server):
     """--resume from stage 2's step-2 checkpoint: steps 3-4 again, same losses, same MLflow run, new version."""
     out, client, parent = zero2
     stage2_run = stage_runs(client, parent)["stage2"].info.run_id
     first = losses(client, stage2_run)
-    resumed = run(setup, "resumed", "--stage", "2", f"tracking.uri={client._tracking_client.tracking_uri}",
+    resumed = run(setup, "resumed", "--stage", "2", f"tracking.uri={mlflow_server}",
                   "--resume", str(checkpoint_dir(out, "stage2", 2)))
     assert mlflow_runs(resumed)["stage2"] == stage2_run
     history = client.get_metric_history(stage2_run, "loss")
@@ -230,7 +232,7 @@ def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora, setup):
 
 def test_default_tracking_is_a_local_store_in_the_working_directory(zero3_lora):
     out, cwd, stage1_runs, runs = zero3_lora
-    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    client = tracking.client_for(f"sqlite:///{cwd / 'mlflow.db'}")
     assert client.get_run(runs["parent"]).info.status == "FINISHED"
     assert losses(client, runs["stage2"]), "no stage-2 losses in the local store"
     stage1 = client.get_run(stage1_runs["stage1"])

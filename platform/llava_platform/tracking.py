@@ -2,8 +2,8 @@
 
 Every call names its tracking URI and run id explicitly (``MlflowClient``): the driver opens the
 runs, Ray Train workers log into them, and a restarted worker group keeps logging into the same
-runs. Only ``register_export`` uses MLflow's process-global active run, because ``log_model`` needs
-one; it runs on the rank-0 worker at the very end of stage 2.
+runs. Only ``register_export`` uses MLflow's process-global state (tracking and registry URI, active
+run), because ``log_model`` needs it; it runs on the rank-0 worker at the very end of stage 2.
 
 The ``mlflow.transformers`` flavour does not handle image-text-to-text models, so an export is
 registered as a small ``mlflow.pyfunc`` model whose artifact is the Hugging Face folder itself:
@@ -29,6 +29,11 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 """The registered pyfunc model's artifact that holds the Hugging Face folder."""
 MAX_BATCH = 100
 """MLflow accepts at most this many params (and 1000 metrics) per ``log_batch`` call."""
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    """A client whose tracking store and model registry are both ``tracking_uri`` (never the global registry)."""
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -64,7 +69,7 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def start_run(tracking_uri: str, experiment: str, run_name: str, *, parent_run_id: str | None = None,
               params: Mapping[str, str] | None = None) -> str:
     """Create a run (a child of ``parent_run_id`` if given), log ``params``; return its id. It stays open."""
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(
         experiment, artifact_location=local_artifact_location(tracking_uri))
@@ -76,7 +81,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, *, parent_run_i
 
 def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> None:
     """Log params in batches of at most 100 (MLflow's limit per call)."""
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), MAX_BATCH):
         client.log_batch(run_id, params=items[start:start + MAX_BATCH])
@@ -84,11 +89,11 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> Non
 
 def reopen_run(tracking_uri: str, run_id: str) -> None:
     """Mark a run running again (a resumed job continues its runs instead of opening new ones)."""
-    MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
+    client_for(tracking_uri).update_run(run_id, status="RUNNING")
 
 
 def end_run(tracking_uri: str, run_id: str, *, failed: bool = False) -> None:
-    MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    client_for(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float | None], *, step: int) -> None:
@@ -104,12 +109,12 @@ def log_steps(tracking_uri: str, run_id: str, by_step: Mapping[int, Mapping[str,
     entries = [Metric(name, float(value), now, step) for step, metrics in sorted(by_step.items())
                for name, value in metrics.items() if value is not None]
     for start in range(0, len(entries), 1000):  # MLflow's limit per call
-        MlflowClient(tracking_uri).log_batch(run_id, metrics=entries[start:start + 1000])
+        client_for(tracking_uri).log_batch(run_id, metrics=entries[start:start + 1000])
 
 
 def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     """Upload a file or a folder (its contents under ``artifact_path``)."""
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     path = Path(path)
     if path.is_dir():
         client.log_artifacts(run_id, str(path), artifact_path)
@@ -168,6 +173,7 @@ def register_export(tracking_uri: str, run_id: str, export_dir: str | Path, mode
     """
     requirements = [f"{package}=={version(package)}" for package in ("torch", "transformers", "pillow")]
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=EXPORT_ARTIFACT, python_model=LlavaCheckpoint(), artifacts={CHECKPOINT_ARTIFACT: str(export_dir)},
