@@ -68,10 +68,11 @@ def drive(base_url: str, concurrency: int, requests: int, max_tokens: int, timeo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=192, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--timeout-s", type=float, default=180, help="cap per concurrency level")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--batch-wait-s", type=float, default=0.05, help="batch_wait_timeout_s of the batched app")
     args = parser.parse_args()
 
     model = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(Path(tempfile.mkdtemp()) / "model")])
@@ -80,9 +81,10 @@ def main() -> None:
     limits = {"max_tokens": args.max_tokens}
     results = {}
     for name, batch in (("batched", 32), ("unbatched", 1)):
-        serve.run(LlavaServer.options(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
-                  .bind(model=str(model), model_name="tiny", max_batch_size=batch, batch_wait_timeout_s=0.02,
-                        limits=limits), name=name, route_prefix=f"/{name}", blocking=False)
+        deployment = LlavaServer.options(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+        serve.run(deployment.bind(model=str(model), model_name="tiny", max_batch_size=batch,
+                                  batch_wait_timeout_s=args.batch_wait_s, limits=limits),
+                  name=name, route_prefix=f"/{name}", blocking=False)
         base_url = f"http://127.0.0.1:{args.port}/{name}/v1"
         drive(base_url, 4, 8, args.max_tokens, 60)  # warm-up
         for concurrency in CONCURRENCY:
