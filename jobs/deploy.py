@@ -3,8 +3,10 @@
     python -m jobs.deploy --model models:/tiny-cpu-demo/1 [--config serve/config.yaml] [--api-key KEY]
     ray job submit --working-dir . -- python -m jobs.deploy --model s3://bucket/llava/export
 
-The config is Ray Serve's own format (the same file ``serve run`` takes); ``--model`` replaces its
-``args.model``, and its deployment settings (autoscaling, resources, max ongoing requests) apply.
+The config is Ray Serve's own format (the same file ``serve run`` takes). This job deploys its first
+application (``serve.app``'s ``LlavaServer``) with that application's ``args`` (``--model`` replaces
+``args.model``) and first deployment's settings (autoscaling, resources, max ongoing requests), and
+starts Serve with its ``http_options``; for several applications use ``serve deploy`` on the file.
 """
 
 from __future__ import annotations

@@ -16,9 +16,11 @@ the helpers it calls are defined above it.)
 
 
 import asyncio
+import hmac
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,11 +40,24 @@ API_KEY_ENV = "LLAVA_SERVE_API_KEY"
 api = FastAPI(title="LLaVA Platform", description="OpenAI-compatible chat completions with images")
 
 
-async def _json_body(request: Request) -> Any:
+async def _json_body(request: Request, max_bytes: int) -> Any:
+    """The decoded JSON body; 413 above ``max_bytes``, 400 for anything that is not JSON."""
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise ApiError(413, f"the body is {len(body):,} bytes; this server takes at most {max_bytes:,}")
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return json.loads(body)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError(400, f"the body is not valid JSON: {error}") from error
+
+
+def _server_error(request: Request, error: Exception) -> JSONResponse:
+    """Anything unexpected still answers in OpenAI's error shape (and the replica keeps serving)."""
+    return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}", type="server_error").body(),
+                        status_code=500)
+
+
+api.add_exception_handler(Exception, _server_error)
 
 
 def _event(payload: dict[str, Any]) -> str:
@@ -65,11 +80,13 @@ class LlavaServer:
         self.limits = Limits(**{k: tuple(v) if isinstance(v, list) else v for k, v in (limits or {}).items()})
         self.api_key = api_key or os.environ.get(API_KEY_ENV)
         self.requests = 0
+        # a request holds at most max_images base64 images plus text: refuse bigger bodies unread
+        self.max_body_bytes = self.limits.max_images * self.limits.max_image_bytes * 4 // 3 + 1_000_000
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, items: list[Prepared]) -> list[Completion]:
+    async def generate_batch(self, items: list[Prepared]) -> list[Completion | Exception]:
         return await asyncio.to_thread(self.generator.generate, items)
 
     @api.post("/v1/chat/completions")
@@ -77,39 +94,56 @@ class LlavaServer:
         self.requests += 1
         try:
             self._authorize(request)
-            body = await _json_body(request)
+            body = await _json_body(request, self.max_body_bytes)
             if isinstance(body, dict) and "model" in body and body["model"] != self.model_name:
                 raise ApiError(404, f"model {body['model']!r} is not served here; GET /v1/models lists "
                                     f"{self.model_name!r}", param="model", code="model_not_found")
-            parsed = parse_chat_request(body, self.limits)
-            prepared = await asyncio.to_thread(self.generator.prepare, parsed)
+            prepared = await asyncio.to_thread(self._prepare, body)  # image decoding stays off the event loop
         except ApiError as error:
             return JSONResponse(error.body(), status_code=error.status)
-        if parsed.stream:
+        if prepared.request.stream:
             return StreamingResponse(self._events(prepared), media_type="text/event-stream")
         answer = await self.generate_batch(prepared)
+        if isinstance(answer, Exception):
+            raise answer
         return chat_completion(self.model_name, answer.text, answer.finish_reason, answer.prompt_tokens,
                                answer.completion_tokens)
 
+    def _prepare(self, body: Any) -> Prepared:
+        return self.generator.prepare(parse_chat_request(body, self.limits))
+
     async def _events(self, prepared: Prepared) -> AsyncIterator[str]:
-        """Server-sent events: the role, the text pieces, the finish reason with usage, then ``[DONE]``."""
-        chunk_id, stops = completion_id(), prepared.request.stop
-        yield _event(chat_chunk(chunk_id, self.model_name, {"role": "assistant", "content": ""}))
-        pieces, text, finish = self.generator.stream(prepared), "", "length"
-        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-            text += piece
-            cut = min((text.index(s) for s in stops if s and s in text), default=None)
-            if cut is not None:
-                piece, finish = piece[: max(0, len(piece) - (len(text) - cut))], "stop"
-            if piece:
-                yield _event(chat_chunk(chunk_id, self.model_name, {"content": piece}))
-            if cut is not None:
-                break
-        completion_tokens = len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if finish == "length" and completion_tokens < prepared.request.max_tokens:
-            finish = "stop"
-        usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prepared.prompt_tokens + completion_tokens}
+        """Server-sent events: the role, the text pieces, the finish reason with usage, then ``[DONE]``.
+
+        Text that could be the start of a stop string is held back until it cannot; a stop string,
+        or the client going away, cancels the generation.
+        """
+        chunk_id, stops = completion_id(), [s for s in prepared.request.stop if s]
+        hold = max((len(s) for s in stops), default=1) - 1
+        cancel = threading.Event()
+        pieces = self.generator.stream(prepared, cancel)
+        sent, text, stopped = 0, "", False
+        try:
+            yield _event(chat_chunk(chunk_id, self.model_name, {"role": "assistant", "content": ""}))
+            while not stopped and (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                text += piece
+                cut = min((text.index(s) for s in stops if s in text), default=None)
+                stopped = cut is not None
+                ready = cut if stopped else max(sent, len(text) - hold)
+                if ready > sent:
+                    yield _event(chat_chunk(chunk_id, self.model_name, {"content": text[sent:ready]}))
+                    sent = ready
+            if not stopped and len(text) > sent:
+                yield _event(chat_chunk(chunk_id, self.model_name, {"content": text[sent:]}))
+        finally:
+            cancel.set()
+        if stopped:
+            await asyncio.to_thread(lambda: list(pieces))  # let the cancelled generation finish its bookkeeping
+        done = prepared.generated
+        tokens = done.completion_tokens if done else 0
+        finish = "stop" if stopped else (done.finish_reason if done else "stop")
+        usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": tokens,
+                 "total_tokens": prepared.prompt_tokens + tokens}
         yield _event(chat_chunk(chunk_id, self.model_name, {}, finish_reason=finish, usage=usage))
         yield "data: [DONE]\n\n"
 
@@ -127,15 +161,19 @@ class LlavaServer:
         return {"status": "ok", "model": self.model_name}
 
     @api.get("/v1/stats")
-    async def stats(self):
+    async def stats(self, request: Request):
         """Requests received and ``model.generate`` calls made by this replica (batching shows as fewer calls)."""
+        try:
+            self._authorize(request)
+        except ApiError as error:
+            return JSONResponse(error.body(), status_code=error.status)
         return {"requests": self.requests, "generate_calls": self.generator.generate_calls}
 
     def _authorize(self, request: Request) -> None:
         if not self.api_key:
             return
         header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
+        if not hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode()):
             raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                            code="invalid_api_key")
 

@@ -60,8 +60,8 @@ def drive(base_url: str, concurrency: int, requests: int, max_tokens: int, timeo
     with ThreadPoolExecutor(concurrency) as pool:
         results = [r for r in pool.map(one, range(requests)) if r is not None]
     elapsed = time.perf_counter() - started
-    latencies = sorted(r for r in results if r >= 0)
-    return {"rps": len(latencies) / elapsed, "p50": statistics.median(latencies),
+    latencies = sorted(r for r in results if r >= 0) or [float("nan")]
+    return {"rps": sum(r >= 0 for r in results) / elapsed, "p50": statistics.median(latencies),
             "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "errors": sum(r < 0 for r in results), "done": len(results)}
 
@@ -96,7 +96,7 @@ def main() -> None:
     for (name, concurrency), r in results.items():
         print(f"{name:<11}{concurrency:>5}{r['rps']:>8.2f}{r['p50']:>8.3f}{r['p99']:>8.3f}{r['errors']:>8}"
               f"{r['done']:>6}")
-    ratio = results["batched", 32]["rps"] / results["unbatched", 32]["rps"]
+    ratio = results["batched", 32]["rps"] / max(results["unbatched", 32]["rps"], 1e-9)
     print(f"batched / unbatched at concurrency 32: {ratio:.2f}x")
 
 

@@ -64,8 +64,9 @@ def _registered_source(uri: str, tracking_uri: str | None) -> str:
     client = MlflowClient(tracking_uri=registry, registry_uri=registry)
     name, _, version = uri.removeprefix("models:/").partition("/")
     if "@" in name:
-        name, alias = name.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias).version
+        name, version = name.split("@", 1)
+    if not version.isdigit():  # models:/<name>@<alias> or models:/<name>/<alias>
+        version = client.get_model_version_by_alias(name, version).version
     return client.get_model_version_download_uri(name, version)
 
 
@@ -91,9 +92,11 @@ def _download_s3(uri: str, target: Path, s3_endpoint_url: str | None) -> Path:
     if not files:
         raise CheckpointSourceError(f"{uri}: no files under this prefix")
     for info in files:
-        local = target / info.path[len(prefix):].lstrip("/")
-        if local.exists() and local.stat().st_size == info.size:
-            continue
+        local = (target / info.path[len(prefix):].lstrip("/")).resolve()
+        if not local.is_relative_to(target.resolve()):
+            raise CheckpointSourceError(f"{uri}: key {info.path} points outside the download folder")
+        if local.exists() and local.stat().st_size == info.size and local.stat().st_mtime >= info.mtime.timestamp():
+            continue  # downloaded after the object was last written
         local.parent.mkdir(parents=True, exist_ok=True)
         with filesystem.open_input_stream(info.path) as source, open(local, "wb") as sink:
             while chunk := source.read(1 << 24):

@@ -26,6 +26,8 @@ class Prepared:
     inputs: dict[str, torch.Tensor]
     prompt_tokens: int
     request: ParsedChat
+    generated: Completion | None = None
+    """Set by ``Generator.stream`` when the streamed generation ends: token count and finish reason."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,10 @@ class Generator:
         except TemplateError as error:
             raise ApiError(400, f"messages: this model's chat template refuses the conversation: {error}",
                            param="messages") from error
-        inputs = self.processor(images=request.images or None, text=prompt, return_tensors="pt")
+        try:
+            inputs = self.processor(images=request.images or None, text=prompt, return_tensors="pt")
+        except ValueError as error:  # e.g. image tokens and images that do not pair up
+            raise ApiError(400, f"messages: the processor refuses this input: {error}", param="messages") from error
         prompt_tokens = int(inputs["input_ids"].shape[1])
         if prompt_tokens + request.max_tokens > self.context_length:
             raise ApiError(400, f"the prompt is {prompt_tokens} tokens (images included) and max_tokens is "
@@ -73,14 +78,21 @@ class Generator:
                            param="messages", code="context_length_exceeded")
         return Prepared(inputs=dict(inputs), prompt_tokens=prompt_tokens, request=request)
 
-    def generate(self, batch: Sequence[Prepared]) -> list[Completion]:
-        """Answer every prepared request; requests with the same sampling settings share one ``generate``."""
+    def generate(self, batch: Sequence[Prepared]) -> list[Completion | Exception]:
+        """Answer every prepared request; requests with the same sampling settings share one ``generate``.
+
+        A group whose ``generate`` fails gets the exception in its places; the other groups are unaffected.
+        """
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(batch):
             groups.setdefault(_sampling_key(item.request), []).append(index)
-        results: list[Completion | None] = [None] * len(batch)
+        results: list[Completion | Exception] = [RuntimeError("not generated")] * len(batch)
         for indices in groups.values():
-            for index, completion in zip(indices, self._generate_group([batch[i] for i in indices]), strict=True):
+            try:
+                completions = self._generate_group([batch[i] for i in indices])
+            except Exception as error:  # noqa: BLE001 - reported to exactly the requests it concerns
+                completions = [error] * len(indices)
+            for index, completion in zip(indices, completions, strict=True):
                 results[index] = completion
         return results
 
@@ -88,9 +100,7 @@ class Generator:
         request = group[0].request
         inputs = merge_inputs([item.inputs for item in group], self.tokenizer.pad_token_id)
         max_new = max(item.request.max_tokens for item in group)
-        sampling = {"do_sample": request.temperature > 0}
-        if sampling["do_sample"]:
-            sampling.update(temperature=request.temperature, top_p=request.top_p)
+        sampling = _sampling_kwargs(request)
         with self._lock, torch.no_grad():
             if request.seed is not None:
                 torch.manual_seed(request.seed)
@@ -115,35 +125,59 @@ class Generator:
         return Completion(text=text, finish_reason=finish, prompt_tokens=item.prompt_tokens,
                           completion_tokens=len(kept))
 
-    def stream(self, item: Prepared) -> Iterator[str]:
-        """Yield the answer's text pieces as they are generated (one request, outside the batches)."""
-        from transformers import TextIteratorStreamer
+    def stream(self, item: Prepared, cancel: threading.Event) -> Iterator[str]:
+        """Yield the answer's text pieces as they are generated (one request, outside the batches).
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        request = item.request
-        sampling = {"do_sample": request.temperature > 0}
-        if sampling["do_sample"]:
-            sampling.update(temperature=request.temperature, top_p=request.top_p)
+        Setting ``cancel`` (client gone, stop string seen) ends the generation at the next token, so
+        the replica's lock is not held for tokens nobody reads. ``streamed_tokens`` is the count so far.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs) -> bool:
+                return cancel.is_set()
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        request, failure = item.request, []
 
         def run() -> None:
-            with self._lock, torch.no_grad():
-                if request.seed is not None:
-                    torch.manual_seed(request.seed)
-                self.model.generate(**{k: v.to(self.device) for k, v in item.inputs.items()}, streamer=streamer,
-                                    max_new_tokens=request.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                    **sampling)
-                self.generate_calls += 1
+            try:
+                with self._lock, torch.no_grad():
+                    if request.seed is not None:
+                        torch.manual_seed(request.seed)
+                    output = self.model.generate(
+                        **{k: v.to(self.device) for k, v in item.inputs.items()}, streamer=streamer,
+                        max_new_tokens=request.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                        stopping_criteria=StoppingCriteriaList([Cancelled()]), **_sampling_kwargs(request))
+                    self.generate_calls += 1
+                    item.generated = self._completion(item, output[0, item.prompt_tokens:].cpu())
+            except Exception as error:  # noqa: BLE001 - handed to the reader below
+                failure.append(error)
+                streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         yield from streamer
         thread.join()
+        if failure:
+            raise failure[0]
+
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (dividing logits by ~0 gives NaN probabilities)."""
 
 
 def _sampling_key(request: ParsedChat) -> tuple:
-    if request.temperature == 0:
-        return ("greedy", request.seed)
+    """Requests with equal keys can share a ``generate`` call (greedy ignores the seed)."""
+    if request.temperature < GREEDY_BELOW:
+        return ("greedy",)
     return ("sample", request.temperature, request.top_p, request.seed)
+
+
+def _sampling_kwargs(request: ParsedChat) -> dict:
+    if request.temperature < GREEDY_BELOW:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
 
 
 def _as_list(value) -> list[int]:

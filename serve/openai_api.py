@@ -12,7 +12,7 @@ import binascii
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -43,7 +43,7 @@ class ChatRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
 
@@ -58,7 +58,8 @@ class Limits:
     max_image_bytes: int = 10_000_000
     max_image_pixels: int = 50_000_000
     allowed_image_hosts: tuple[str, ...] = ()
-    """``http(s)`` image URLs are refused unless their host is listed here; ``data:`` URLs always work."""
+    """``http(s)`` image URLs are refused unless their host is listed here (then fetched with a timeout,
+    no redirects and the byte limit); ``data:`` URLs always work."""
 
 
 @dataclass
@@ -72,16 +73,16 @@ class ParsedChat:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
 
 
-def parse_chat_request(body: Any, limits: Limits, fetch_image=None) -> ParsedChat:
+def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
     """Validate a decoded JSON body into a ``ParsedChat``.
 
     Args:
         body: the JSON body (anything: a list or a string is refused too).
-        fetch_image: ``url -> bytes`` for allow-listed ``http(s)`` URLs (``None``: refuse them all).
+        fetcher: ``(url, max_bytes) -> bytes`` for allow-listed ``http(s)`` URLs (default: ``fetch_image``).
 
     Raises:
         ApiError: 400 for any malformed field, unknown role, bad or oversized image, or a
@@ -115,18 +116,18 @@ def parse_chat_request(body: Any, limits: Limits, fetch_image=None) -> ParsedCha
         for number, part in enumerate(parts):
             where = f"messages.{index}.content.{number}"
             if part.get("type") == "text" and isinstance(part.get("text"), str):
-                content.append({"type": "text", "text": part["text"]})
+                content.append({"type": "text", "text": _checked_text(part["text"], where)})
             elif part.get("type") == "image_url":
-                url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
-                image_bytes.append((where, _image_bytes(url, where, limits, fetch_image)))
+                url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+                if len(image_bytes) == limits.max_images:
+                    raise ApiError(400, f"more than {limits.max_images} images; this server takes at most "
+                                        f"{limits.max_images} per request", param="messages")
+                image_bytes.append((where, _image_bytes(url, where, limits, fetcher or fetch_image)))
                 content.append({"type": "image"})
             else:
                 raise ApiError(400, f"{where}: a part must be {{type: text, text}} or {{type: image_url, image_url: "
                                     "{url}}", param=where)
         conversation.append({"role": role, "content": content})
-    if len(image_bytes) > limits.max_images:
-        raise ApiError(400, f"{len(image_bytes)} images; this server takes at most {limits.max_images} per request",
-                       param="messages")
     images = []
     for where, data in image_bytes:
         try:
@@ -139,6 +140,20 @@ def parse_chat_request(body: Any, limits: Limits, fetch_image=None) -> ParsedCha
                       stream=request.stream)
 
 
+def _checked_text(text: str, where: str) -> str:
+    """Text parts may not smuggle in the image placeholder (images come as parts) or unencodable characters."""
+    from llava_platform.data.templates import IMAGE_PLACEHOLDER
+
+    if IMAGE_PLACEHOLDER in text:
+        raise ApiError(400, f"{where}: text may not contain {IMAGE_PLACEHOLDER}; send images as image_url parts",
+                       param=where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ApiError(400, f"{where}: text is not valid Unicode ({error.reason})", param=where) from error
+    return text
+
+
 def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
@@ -147,7 +162,7 @@ def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
     raise ApiError(400, f"{where}: content must be a string or a list of parts", param=where)
 
 
-def _image_bytes(url: Any, where: str, limits: Limits, fetch_image) -> bytes:
+def _image_bytes(url: Any, where: str, limits: Limits, fetcher) -> bytes:
     """The bytes of a ``data:`` URL, or of an allow-listed ``http(s)`` URL; everything else is refused."""
     if not isinstance(url, str) or not url:
         raise ApiError(400, f"{where}.image_url.url is missing", param=where)
@@ -166,13 +181,29 @@ def _image_bytes(url: Any, where: str, limits: Limits, fetch_image) -> bytes:
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
-    if parsed.scheme in ("http", "https") and parsed.hostname in limits.allowed_image_hosts and fetch_image:
-        data = fetch_image(url)
-        if len(data) > limits.max_image_bytes:
-            raise ApiError(400, f"{where}: image is over the {limits.max_image_bytes:,}-byte limit", param=where)
-        return data
+    if parsed.scheme in ("http", "https") and parsed.hostname in limits.allowed_image_hosts:
+        return fetcher(url, limits.max_image_bytes)
     raise ApiError(400, f"{where}: image URLs must be base64 data: URLs (this server fetches no remote URLs"
                         f"{'' if not limits.allowed_image_hosts else ' outside its allow-list'})", param=where)
+
+
+def fetch_image(url: str, max_bytes: int, timeout_s: float = 10.0) -> bytes:
+    """GET an allow-listed image URL: no redirects (they could leave the allow-list), at most ``max_bytes``."""
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    try:
+        with urllib.request.build_opener(NoRedirect).open(url, timeout=timeout_s) as response:
+            data = response.read(max_bytes + 1)
+    except (urllib.error.URLError, OSError) as error:
+        raise ApiError(400, f"cannot fetch {url}: {error}") from error
+    if len(data) > max_bytes:
+        raise ApiError(400, f"{url}: image is over the {max_bytes:,}-byte limit", code="image_too_large")
+    return data
 
 
 def completion_id() -> str:
@@ -200,5 +231,3 @@ def chat_chunk(chunk_id: str, model: str, delta: dict[str, Any], finish_reason: 
         chunk["usage"] = usage
     return chunk
 
-
-FinishReason = Literal["stop", "length"]

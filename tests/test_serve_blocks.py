@@ -56,6 +56,10 @@ def test_valid_request_keeps_parts_and_decodes_images():
     (chat(image_part("https://example.com/cat.png")), "fetches no remote URLs"),
     (chat(image_part("file:///etc/passwd")), "fetches no remote URLs"),
     (chat(text_part(), temperature=5), "temperature"),
+    (chat(text_part(), seed=2**64), "seed"),
+    (chat(text_part("look: <image>")), "may not contain <image>"),
+    (chat(text_part("\ud800")), "not valid Unicode"),
+    (chat({"type": "image_url", "image_url": "data:image/png;base64,AAAA"}), "image_url.url is missing"),
 ])
 def test_bad_requests_get_a_400_that_names_the_problem(body, expected):
     with pytest.raises(ApiError) as error:
@@ -69,7 +73,7 @@ def test_allow_listed_hosts_are_fetched_with_the_given_function():
     limits = Limits(allowed_image_hosts=("images.internal",))
     png = base64.b64decode(data_url().split(",")[1])
     parsed = parse_chat_request(chat(image_part("https://images.internal/a.png")), limits,
-                                fetch_image=lambda url: fetched.append(url) or png)
+                                fetcher=lambda url, max_bytes: fetched.append(url) or png)
     assert fetched == ["https://images.internal/a.png"] and len(parsed.images) == 1
 
 
