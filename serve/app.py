@@ -26,13 +26,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from serve.checkpoints import resolve_checkpoint
+from llava_platform.model.sources import resolve_checkpoint
 from serve.generation import Completion, Generator, Prepared
 from serve.openai_api import ApiError, Limits, chat_chunk, chat_completion, completion_id, parse_chat_request
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 API_KEY_ENV = "LLAVA_SERVE_API_KEY"
 """The bearer token clients must send; the config's ``api_key`` takes precedence. Unset: no auth."""
@@ -60,6 +63,15 @@ def _server_error(request: Request, error: Exception) -> JSONResponse:
 api.add_exception_handler(Exception, _server_error)
 
 
+def serving_dtype(name: str, device: str) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it (what training used there), float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"args.dtype is {name!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -69,13 +81,13 @@ def _event(payload: dict[str, Any]) -> str:
 class LlavaServer:
     """One replica: a loaded checkpoint, a request queue that batches, and the HTTP routes."""
 
-    def __init__(self, model: str, model_name: str | None = None, device: str = "cpu", api_key: str | None = None,
-                 limits: dict[str, Any] | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
-                 tracking_uri: str | None = None, s3_endpoint_url: str | None = None,
-                 cache_dir: str | None = None):
+    def __init__(self, model: str, model_name: str | None = None, device: str = "cpu", dtype: str = "auto",
+                 api_key: str | None = None, limits: dict[str, Any] | None = None, max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.05, tracking_uri: str | None = None,
+                 s3_endpoint_url: str | None = None, cache_dir: str | None = None):
         cache = cache_dir or os.path.join(tempfile.gettempdir(), "llava-serve-cache")
         checkpoint = resolve_checkpoint(model, cache, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
-        self.generator = Generator(checkpoint, device=device)
+        self.generator = Generator(checkpoint, device=device, dtype=serving_dtype(dtype, device))
         self.model_name = model_name or model
         self.limits = Limits(**{k: tuple(v) if isinstance(v, list) else v for k, v in (limits or {}).items()})
         self.api_key = api_key or os.environ.get(API_KEY_ENV)

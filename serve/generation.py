@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from jinja2 import TemplateError
 
+from llava_platform.inference import encode_chat, merge_inputs
 from llava_platform.model.compose import load_pretrained_llava
 from serve.openai_api import ApiError, ParsedChat
 
@@ -63,12 +64,10 @@ class Generator:
                 prompt plus ``max_tokens`` does not fit the context.
         """
         try:
-            prompt = self.processor.apply_chat_template(request.conversation, add_generation_prompt=True)
+            inputs = encode_chat(self.processor, request.conversation, request.images)
         except TemplateError as error:
             raise ApiError(400, f"messages: this model's chat template refuses the conversation: {error}",
                            param="messages") from error
-        try:
-            inputs = self.processor(images=request.images or None, text=prompt, return_tensors="pt")
         except ValueError as error:  # e.g. image tokens and images that do not pair up
             raise ApiError(400, f"messages: the processor refuses this input: {error}", param="messages") from error
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -76,7 +75,7 @@ class Generator:
             raise ApiError(400, f"the prompt is {prompt_tokens} tokens (images included) and max_tokens is "
                                 f"{request.max_tokens}: over the model's context of {self.context_length}",
                            param="messages", code="context_length_exceeded")
-        return Prepared(inputs=dict(inputs), prompt_tokens=prompt_tokens, request=request)
+        return Prepared(inputs=inputs, prompt_tokens=prompt_tokens, request=request)
 
     def generate(self, batch: Sequence[Prepared]) -> list[Completion | Exception]:
         """Answer every prepared request; requests with the same sampling settings share one ``generate``.
@@ -184,30 +183,3 @@ def _as_list(value) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def merge_inputs(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Stack single-request processor outputs into one batch: token ids left-padded (generation appends
-    on the right), images concatenated in request order, LLaVA-NeXT tile stacks zero-padded to the longest.
-
-    Shapes: ``input_ids``/``attention_mask`` (B, L); ``pixel_values`` (images, 3, T, T) or
-    (images, max_tiles, 3, T, T); ``image_sizes`` (images, 2).
-    """
-    length = max(item["input_ids"].shape[1] for item in items)
-    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(items), length), dtype=torch.long)
-    for row, item in enumerate(items):
-        size = item["input_ids"].shape[1]
-        ids[row, length - size:] = item["input_ids"][0]
-        mask[row, length - size:] = item["attention_mask"][0]
-    merged = {"input_ids": ids, "attention_mask": mask}
-    pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
-    if pixels:
-        if pixels[0].ndim == 5:  # LLaVA-NeXT: (images, tiles, 3, T, T), tiles differ per image
-            tiles = max(p.shape[1] for p in pixels)
-            pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
-        merged["pixel_values"] = torch.cat(pixels)
-    sizes = [item["image_sizes"] for item in items if "image_sizes" in item]
-    if sizes:
-        merged["image_sizes"] = torch.cat(sizes)
-    return merged

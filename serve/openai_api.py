@@ -57,6 +57,8 @@ class Limits:
     max_images: int = 4
     max_image_bytes: int = 10_000_000
     max_image_pixels: int = 50_000_000
+    max_image_aspect_ratio: float = 20.0
+    """Longer side / shorter side; beyond it an image is refused from its header, before decoding."""
     allowed_image_hosts: tuple[str, ...] = ()
     """``http(s)`` image URLs are refused unless their host is listed here (then fetched with a timeout,
     no redirects and the byte limit); ``data:`` URLs always work."""
@@ -131,7 +133,7 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
     images = []
     for where, data in image_bytes:
         try:
-            images.append(decode_image(data, limits.max_image_pixels))
+            images.append(decode_image(data, limits.max_image_pixels, limits.max_image_aspect_ratio))
         except SampleError as error:
             raise ApiError(400, f"{where}: {error}", param=where, code=error.reason) from error
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])

@@ -9,6 +9,7 @@ from PIL import Image
 from llava_platform.data.errors import SampleError
 from llava_platform.data.images import (
     EmptyImageError,
+    ImageAspectRatioError,
     ImageTooLargeError,
     UndecodableImageError,
     decode_image,
@@ -92,6 +93,15 @@ def test_pixel_limit_checked_before_decoding():
     with pytest.raises(ImageTooLargeError, match="5000x4000 = 20000000 pixels, above the limit of 1000000"):
         decode_image(truncated_body, 1_000_000)
     assert decode_image(data, 20_000_000).size == (5000, 4000)
+
+
+def test_aspect_ratio_limit_checked_before_decoding():
+    """A 200 x 5000 strip passes the pixel limit; the aspect limit refuses it from the header alone."""
+    data = encode(Image.new("RGB", (200, 5000), "red"))
+    with pytest.raises(ImageAspectRatioError, match="200x5000, an aspect ratio of 25.0:1, above the limit of 20:1"):
+        decode_image(data[:200], LIMIT, max_aspect_ratio=20)
+    assert decode_image(data, LIMIT, max_aspect_ratio=25).size == (200, 5000)
+    assert decode_image(data, LIMIT).size == (200, 5000), "no aspect limit unless one is given"
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt EXIF it is fed here

@@ -119,6 +119,8 @@ def test_bad_input_gets_4xx_and_the_replica_keeps_serving(server):
         ({**good, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_url((600, 600))}}]}]}, 400, "pixels"),
         ({**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url((10, 400))}}]}]}, 400, "aspect ratio"),
+        ({**good, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 300_000}}]}]}, 400,
          "byte limit"),
         ({**good, "messages": [{"role": "user", "content": [

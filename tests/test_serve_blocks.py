@@ -2,14 +2,19 @@
 
 import base64
 import io
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
-from serve.checkpoints import CheckpointSourceError, resolve_checkpoint
-from serve.generation import Generator, merge_inputs
+from llava_platform.inference import merge_inputs
+from llava_platform.model.sources import CheckpointSourceError, resolve_checkpoint
+from serve.app import serving_dtype
+from serve.generation import Generator
 from serve.openai_api import ApiError, Limits, parse_chat_request
 
 LIMITS = Limits(max_tokens=16, max_images=2, max_image_bytes=50_000, max_image_pixels=200 * 200)
@@ -50,6 +55,7 @@ def test_valid_request_keeps_parts_and_decodes_images():
     (chat(image_part("data:image/png;base64,@@@not-base64@@@")), "not valid base64"),
     (chat(image_part("data:image/png;base64," + base64.b64encode(b"plain text").decode())), "not a decodable image"),
     (chat(image_part(data_url(size=(300, 300)))), "pixels"),
+    (chat(image_part(data_url(size=(4, 100)))), "aspect ratio of 25.0:1"),
     (chat(image_part("data:image/png;base64," + "A" * 80_000)), "byte limit"),
     (chat(*[image_part(data_url())] * 3), "at most 2"),
     (chat(text_part(), max_tokens=17), "cap of 16"),
@@ -89,6 +95,22 @@ def test_checkpoint_sources(saved_checkpoints, tmp_path, s3_server):
     folder = resolve_checkpoint("s3://models/tiny", tmp_path / "cache", s3_endpoint_url=s3_server)
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in local.iterdir())
     assert (folder / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+
+    # a second replica on the node waits while the first holds the download, then reuses the folder
+    with ThreadPoolExecutor(1) as pool:
+        with FileLock(f"{folder}.lock"):
+            waiting = pool.submit(resolve_checkpoint, "s3://models/tiny", tmp_path / "cache",
+                                  s3_endpoint_url=s3_server)
+            time.sleep(0.5)
+            assert not waiting.done(), "resolve_checkpoint did not wait for the download lock"
+        assert waiting.result(timeout=30) == folder
+
+
+def test_serving_dtype():
+    assert serving_dtype("auto", "cpu") == torch.float32
+    assert serving_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="args.dtype is 'fp8'"):
+        serving_dtype("fp8", "cuda")
 
 
 def test_registered_model_resolves_to_the_checkpoint_folder(saved_checkpoints, tmp_path):

@@ -34,16 +34,22 @@ class ImageTooLargeError(ImageDecodeError):
     reason = "image_too_large"
 
 
+class ImageAspectRatioError(ImageDecodeError):
+    reason = "extreme_aspect_ratio"
+
+
 _CORRUPT = (OSError, SyntaxError, ValueError, struct.error, EOFError)
 """What Pillow's decoders raise on damaged files (found by fuzzing: not only OSError)."""
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float | None = None) -> Image.Image:
     """Decode bytes to an upright RGB image, refusing oversized ones before any pixel is allocated.
 
     Args:
         data: encoded image (JPEG, PNG, WebP, GIF, TIFF, ...).
         max_pixels: width * height above which the image is refused (decompression-bomb guard).
+        max_aspect_ratio: longer side / shorter side above which the image is refused, or ``None``.
+            A 200 x 250,000 strip passes any pixel limit but makes every tiling mode slow.
 
     Returns:
         A fully loaded PIL image in mode ``RGB``, EXIF orientation applied.
@@ -51,6 +57,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     Raises:
         EmptyImageError: zero bytes.
         ImageTooLargeError: more than ``max_pixels`` pixels.
+        ImageAspectRatioError: sides further apart than ``max_aspect_ratio``.
         UndecodableImageError: not an image, or truncated / corrupt.
     """
     if not data:
@@ -70,6 +77,11 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         )
     if width == 0 or height == 0:
         raise UndecodableImageError(f"image has no pixels ({width}x{height})")
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+        raise ImageAspectRatioError(
+            f"image is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.1f}:1, "
+            f"above the limit of {max_aspect_ratio:g}:1; crop it into parts"
+        )
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the whole image when upright

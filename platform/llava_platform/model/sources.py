@@ -1,4 +1,4 @@
-"""Where a served checkpoint comes from: a local folder, an ``s3://`` prefix, or MLflow.
+"""Where a checkpoint to serve or evaluate comes from: a local folder, an ``s3://`` prefix, or MLflow.
 
 Every source ends as a local folder in the Hugging Face layout (``config.json`` + weights +
 processor files), which ``load_pretrained_llava`` loads: our exports and any llava-hf checkpoint alike.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+
+from filelock import FileLock
 
 from llava_platform.tracking import CHECKPOINT_ARTIFACT
 
@@ -31,7 +33,16 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path, *, tracking_uri: str | N
     Raises:
         CheckpointSourceError: the source does not exist or holds no ``config.json``.
     """
+    if not uri.startswith((*MLFLOW_SCHEMES, "s3://")):
+        return _checked(Path(uri), uri)
     target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Replicas that start together on one node share the cache: one downloads, the others wait and reuse.
+    with FileLock(f"{target}.lock"):
+        return _checked(_download(uri, target, tracking_uri, s3_endpoint_url), uri)
+
+
+def _download(uri: str, target: Path, tracking_uri: str | None, s3_endpoint_url: str | None) -> Path:
     if uri.startswith(MLFLOW_SCHEMES):
         import mlflow.artifacts
 
@@ -41,11 +52,11 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path, *, tracking_uri: str | N
                                                               tracking_uri=tracking_uri))
         except Exception as error:  # MLflow raises several types for "not found"
             raise CheckpointSourceError(f"cannot download {uri} from MLflow: {error}") from error
-        folder = _pyfunc_checkpoint(folder) or folder
-    elif uri.startswith("s3://"):
-        folder = _download_s3(uri, target, s3_endpoint_url)
-    else:
-        folder = Path(uri)
+        return _pyfunc_checkpoint(folder) or folder
+    return _download_s3(uri, target, s3_endpoint_url)
+
+
+def _checked(folder: Path, uri: str) -> Path:
     if not (folder / "config.json").is_file():
         raise CheckpointSourceError(f"{uri}: no config.json in {folder}; give a Hugging Face checkpoint folder "
                                     "(an export of jobs.train, or a llava-hf model)")
@@ -53,10 +64,14 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path, *, tracking_uri: str | N
 
 
 def _registered_source(uri: str, tracking_uri: str | None) -> str:
-    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> the version's artifact URI.
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> the version's artifact URI."""
+    client, version = _registered_version(uri, tracking_uri)
+    return client.get_model_version_download_uri(version.name, version.version)
 
-    Looked up with an explicit registry URI, not MLflow's process-global one.
-    """
+
+def _registered_version(uri: str, tracking_uri: str | None):
+    """The MLflow client and ``ModelVersion`` of a ``models:/`` URI, looked up with an explicit registry URI
+    (not MLflow's process-global one)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -65,9 +80,25 @@ def _registered_source(uri: str, tracking_uri: str | None) -> str:
     name, _, version = uri.removeprefix("models:/").partition("/")
     if "@" in name:
         name, version = name.split("@", 1)
-    if not version.isdigit():  # models:/<name>@<alias> or models:/<name>/<alias>
-        version = client.get_model_version_by_alias(name, version).version
-    return client.get_model_version_download_uri(name, version)
+    if version.isdigit():
+        return client, client.get_model_version(name, version)
+    return client, client.get_model_version_by_alias(name, version)  # models:/<name>@<alias> or /<alias>
+
+
+def source_run_id(uri: str, tracking_uri: str | None) -> str | None:
+    """The MLflow run that produced a ``models:/`` or ``runs:/`` URI; ``None`` for folders and ``s3://``.
+
+    Raises:
+        CheckpointSourceError: a ``models:/`` URI whose version or alias does not exist.
+    """
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/", 1)[0]
+    if not uri.startswith("models:/"):
+        return None
+    try:
+        return _registered_version(uri, tracking_uri)[1].run_id
+    except Exception as error:  # MLflow raises several types for "not found"
+        raise CheckpointSourceError(f"{uri}: no such registered model version ({error})") from error
 
 
 def _pyfunc_checkpoint(folder: Path) -> Path | None:
