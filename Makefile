@@ -5,23 +5,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The torch pin is read from pyproject.toml (the one place pins live). Set TORCH_INDEX_URL to a
-# CUDA wheel index for GPU machines; the default takes the CPU build.
-TORCH_PIN := $(shell grep -oE '"torch==[^"]+"' pyproject.toml | tr -d '"')
+# infra/install.sh holds the install steps (torch first, at the pin in pyproject.toml, then the
+# project with --no-build-isolation); the container image (infra/Dockerfile) runs the same script.
+# Set TORCH_INDEX_URL to a CUDA wheel index for GPU machines; the default takes the index's build.
 TORCH_INDEX_URL ?=
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: demo test install lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile infra/install.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) "setuptools>=69" wheel
-	$(PIP) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_PIN)"
-	# --no-build-isolation: deepspeed is an sdist whose build needs torch; an isolated build
-	# environment would download the newest CUDA torch instead of using the pinned one.
-	$(PIP) --no-build-isolation -e ".[test]"
+	sh infra/install.sh $(PY) test $(TORCH_INDEX_URL)
 	touch $(STAMP)
 
 demo: $(STAMP)

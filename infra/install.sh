@@ -1,0 +1,22 @@
+#!/bin/sh
+# The install steps of the project, run by `make install` (into .venv/) and by infra/Dockerfile
+# (into the image's /opt/venv), so the laptop, CI and the cluster install the same way:
+#
+#   sh infra/install.sh PYTHON EXTRAS [TORCH_INDEX_URL]
+#   sh infra/install.sh .venv/bin/python test                                            # make
+#   sh infra/install.sh /opt/venv/bin/python server https://download.pytorch.org/whl/cu128  # image
+#
+# Torch goes in first, at the pin read from pyproject.toml (the one place pins live), from
+# TORCH_INDEX_URL when given (CPU or CUDA wheels), so that DeepSpeed's source build finds it.
+set -eu
+python=$1
+extras=$2
+torch_index=${3:-}
+cd "$(dirname "$0")/.."
+torch_pin=$(grep -oE '"torch==[^"]+"' pyproject.toml | tr -d '"')
+pip="$python -m pip install --quiet --disable-pip-version-check"
+$pip "setuptools>=69" wheel
+$pip ${torch_index:+--index-url "$torch_index"} "$torch_pin"
+# --no-build-isolation: deepspeed is an sdist whose build needs torch; an isolated build
+# environment would download the newest CUDA torch instead of using the pinned one.
+$pip --no-build-isolation -e ".[$extras]"

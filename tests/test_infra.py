@@ -1,0 +1,561 @@
+"""infra/ holds together: manifests against KubeRay's CRD fields, the recipes and job modules they run,
+the Serve config they embed, the MLflow server they reach, Ray's launcher schema, and no secrets.
+
+No Docker engine or Kubernetes here: these are parsing and consistency checks. Each would fail if the
+file it reads were wrong in the way its name says.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import io
+import re
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+from infra import render
+from llava_platform.config import load_recipe, shipped_recipes
+
+INFRA = REPO_ROOT / "infra"
+K8S = INFRA / "k8s"
+LAUNCHER = INFRA / "launcher" / "aws.yaml"
+README = INFRA / "README.md"
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+IMAGE_REPO_SUFFIX = "/llava-platform"
+THIRD_PARTY_IMAGES = {"postgres:17"}
+
+# Field names of KubeRay's ray.io/v1 CRDs (ray-operator/apis/ray/v1/*_types.go, KubeRay 1.5).
+RAYJOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+               "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy", "entrypoint", "runtimeEnvYAML",
+               "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
+               "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend"}
+RAYSERVICE_SPEC = {"serveConfigV2", "rayClusterConfig", "serveService", "upgradeStrategy",
+                   "excludeHeadPodFromServeSvc"}
+RAYCLUSTER_SPEC = {"suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
+                   "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions"}
+HEAD_GROUP = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
+WORKER_GROUP = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+                "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
+WORKER_GROUP_REQUIRED = {"groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"}
+AUTH_OPTIONS = {"mode"}
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode"}
+# The Kubernetes pod and container fields these manifests may use.
+POD_SPEC = {"containers", "volumes", "nodeSelector", "tolerations", "securityContext", "serviceAccountName",
+            "affinity", "initContainers", "restartPolicy", "terminationGracePeriodSeconds", "imagePullSecrets"}
+CONTAINER = {"name", "image", "command", "args", "env", "envFrom", "ports", "resources", "volumeMounts",
+             "readinessProbe", "livenessProbe", "lifecycle", "securityContext", "imagePullPolicy", "workingDir"}
+
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY|ACCESS_KEY|USERNAME|_USER$")
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def resource(kind: str) -> dict[str, Any]:
+    found = [doc for path in MANIFESTS for doc in documents(path) if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} in infra/k8s, found {len(found)}"
+    return found[0]
+
+
+def cluster_spec(kind: str) -> dict[str, Any]:
+    """The RayClusterSpec of a RayJob (``rayClusterSpec``), a RayService (``rayClusterConfig``) or a RayCluster."""
+    spec = resource(kind)["spec"]
+    key = {"RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}.get(kind)
+    return spec[key] if key else spec
+
+
+def ray_groups(kind: str) -> dict[str, dict[str, Any]]:
+    """The head group (as ``head``) and the worker groups by name."""
+    spec = cluster_spec(kind)
+    return {"head": spec["headGroupSpec"], **{g["groupName"]: g for g in spec.get("workerGroupSpecs", [])}}
+
+
+def pod_templates() -> list[tuple[str, dict[str, Any]]]:
+    """Every pod spec in infra/k8s: Ray groups, Deployments and StatefulSets, with where it is."""
+    found = []
+    for path in MANIFESTS:
+        for doc in documents(path):
+            where = f"{path.name}:{doc['kind']}/{doc['metadata']['name']}"
+            if doc["kind"] in ("Deployment", "StatefulSet"):
+                found.append((where, doc["spec"]["template"]["spec"]))
+            elif doc["kind"] in ("RayJob", "RayService", "RayCluster"):
+                for name, group in ray_groups(doc["kind"]).items():
+                    found.append((f"{where}[{name}]", group["template"]["spec"]))
+    return found
+
+
+def gpus(container: dict[str, Any]) -> int:
+    return int(container["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if str(quantity).endswith("m") else float(quantity)
+
+
+def walk(node: Any, path: str = ""):
+    """Every (dotted path, mapping) pair under ``node``."""
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from walk(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from walk(value, f"{path}[{i}]")
+
+
+def pyproject_pin(package: str) -> str:
+    match = re.search(rf'"{re.escape(package)}(?:\[[^\]]*\])?==([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text())
+    assert match, f"no {package} pin in pyproject.toml"
+    return match[1]
+
+
+def dry_run(command: list[str]) -> dict[str, Any]:
+    """Run ``python -m jobs.X ARGS`` in-process with ``--dry-run``: the job's own parser and recipe loader.
+
+    Returns the resolved recipe the job prints.
+    """
+    assert command[:2] == ["python", "-m"] and command[2].startswith("jobs."), command
+    module = command[2]
+    assert (REPO_ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{module} is not a job module"
+    job = importlib.import_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        job.main([*command[3:], "--dry-run"])
+    assert exit_info.value.code == 0, f"{shlex.join(command)} --dry-run exited {exit_info.value.code}"
+    return yaml.safe_load(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def rayjob_command() -> list[str]:
+    return shlex.split(resource("RayJob")["spec"]["entrypoint"])
+
+
+@pytest.fixture(scope="module")
+def rayjob_recipe(rayjob_command) -> dict[str, Any]:
+    return dry_run(rayjob_command)
+
+
+@pytest.fixture(scope="module")
+def serve_config() -> dict[str, Any]:
+    return yaml.safe_load(resource("RayService")["spec"]["serveConfigV2"])
+
+
+# --- the files and the commands that use them -------------------------------------------------
+
+
+def test_every_infra_file_parses_says_who_uses_it_and_is_in_the_readme():
+    readme = README.read_text()
+    files = [p for p in INFRA.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p != README]
+    assert {p.name for p in files} >= {"Dockerfile", "install.sh", "render.py", "aws.yaml", "rayjob-pipeline.yaml",
+                                        "rayservice.yaml", "raycluster.yaml", "mlflow.yaml", "config.yaml"}
+    for path in files:
+        relative = str(path.relative_to(INFRA))
+        if path.name != "__init__.py":
+            assert f"`{relative}`" in readme or f"`{path.name}`" in readme, f"infra/README.md never names {relative}"
+        if path.suffix == ".yaml":
+            assert path.read_text().startswith("#"), f"{relative}: start with a comment naming the command"
+            assert documents(path), relative
+    for applied in re.findall(r"kubectl apply -f (\S+)", readme):
+        assert (REPO_ROOT / applied).is_file(), f"README applies {applied}, which does not exist"
+
+
+def test_kuberay_resources_use_only_known_crd_fields():
+    kinds = {doc["kind"]: (path, doc) for path in MANIFESTS for doc in documents(path) if "ray.io" in doc["apiVersion"]}
+    assert set(kinds) == {"RayJob", "RayService", "RayCluster"}
+    for kind, (path, doc) in kinds.items():
+        assert doc["apiVersion"] == "ray.io/v1", path
+        spec = doc["spec"]
+        assert set(spec) <= {"RayJob": RAYJOB_SPEC, "RayService": RAYSERVICE_SPEC, "RayCluster": RAYCLUSTER_SPEC}[kind]
+        cluster = cluster_spec(kind)
+        assert set(cluster) <= RAYCLUSTER_SPEC, f"{path.name}: {set(cluster) - RAYCLUSTER_SPEC}"
+        assert cluster["rayVersion"] == pyproject_pin("ray"), f"{path.name}: rayVersion is not the pinned Ray"
+        assert set(cluster.get("authOptions", {})) <= AUTH_OPTIONS
+        assert {"rayStartParams", "template"} <= set(cluster["headGroupSpec"]) <= HEAD_GROUP
+        for group in cluster["workerGroupSpecs"]:
+            assert WORKER_GROUP_REQUIRED <= set(group) <= WORKER_GROUP, f"{path.name}: {group.get('groupName')}"
+            assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], group["groupName"]
+        for group in ray_groups(kind).values():
+            params = group["rayStartParams"]
+            assert all(isinstance(v, str) for v in params.values()), f"{path.name}: rayStartParams are strings"
+    assert kinds["RayJob"][1]["spec"]["submissionMode"] in SUBMISSION_MODES
+    assert isinstance(kinds["RayService"][1]["spec"]["serveConfigV2"], str), "serveConfigV2 is a YAML string"
+
+
+def test_pod_templates_use_known_fields():
+    for where, pod in pod_templates():
+        assert set(pod) <= POD_SPEC, f"{where}: {set(pod) - POD_SPEC}"
+        for container in pod["containers"]:
+            assert set(container) <= CONTAINER, f"{where}: {set(container) - CONTAINER}"
+            mounts = {m["name"] for m in container.get("volumeMounts", [])}
+            assert mounts <= {v["name"] for v in pod.get("volumes", [])} | {"data"}, f"{where}: unknown volume"
+
+
+# --- what the RayJob runs -----------------------------------------------------------------------
+
+
+def test_rayjob_entrypoint_is_the_local_pipeline_command(rayjob_command, rayjob_recipe):
+    assert rayjob_command[:3] == ["python", "-m", "jobs.pipeline"]
+    assert rayjob_recipe["name"] == "llava15-7b"
+    for stage in ("stage1", "stage2"):
+        data = rayjob_recipe[stage]["data"]
+        assert all(f.startswith("s3://") for f in data["train_files"]) and data["image_root"].startswith("s3://")
+    assert rayjob_recipe["checkpoint"]["storage_path"].startswith("s3://")
+    output = rayjob_command[rayjob_command.index("--output") + 1]
+    for name, group in ray_groups("RayJob").items():  # rank 0 writes stage outputs, the driver reads them
+        pod = group["template"]["spec"]
+        shared = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] in shared}
+        assert any(output.startswith(mount + "/") for mount in mounts), f"{name}: --output is not on the shared volume"
+
+
+def test_readme_job_commands_are_real_and_their_recipes_resolve():
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if "python -m jobs." in line:
+                commands.append(shlex.split(line[line.index("python -m jobs."):].split(" #")[0]))
+    assert len(commands) >= 3
+    for command in commands:
+        recipe = command[command.index("--recipe") + 1]
+        assert recipe in shipped_recipes() or (REPO_ROOT / recipe).is_file(), f"no recipe {recipe}"
+        resolved = dry_run([arg for arg in command if arg != "--dry-run"])
+        assert resolved["scaling"]["use_gpu"], shlex.join(command)
+
+
+def test_gpu_group_holds_the_recipes_train_workers(rayjob_recipe):
+    scaling = rayjob_recipe["scaling"]
+    groups = ray_groups("RayJob")
+    gpu = groups["gpu"]
+    container = gpu["template"]["spec"]["containers"][0]
+    per_pod = gpus(container)
+    assert scaling["use_gpu"] and per_pod > 0
+    assert gpu["replicas"] == gpu["minReplicas"] == gpu["maxReplicas"], "the world size of a run is fixed"
+    assert gpu["replicas"] * per_pod == scaling["num_workers"] * scaling["gpus_per_worker"]
+    workers_per_pod = per_pod / scaling["gpus_per_worker"]
+    assert float(gpu["rayStartParams"]["num-cpus"]) == workers_per_pod * scaling["cpus_per_worker"], \
+        "GPU pods offer Ray exactly the Train workers' CPUs, so Ray Data runs on the cpu group"
+    assert cpus(container["resources"]["requests"]["cpu"]) > float(gpu["rayStartParams"]["num-cpus"])
+    cpu_group = groups["cpu"]
+    cpu_container = cpu_group["template"]["spec"]["containers"][0]
+    assert cpu_group["minReplicas"] >= 1 and gpus(cpu_container) == 0
+    assert cpus(cpu_container["resources"]["requests"]["cpu"]) >= scaling["data_cpus_per_actor"]
+    assert groups["head"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_interactive_cluster_fits_the_shipped_gpu_recipes():
+    gpu = ray_groups("RayCluster")["gpu"]
+    per_pod = gpus(gpu["template"]["spec"]["containers"][0])
+    for name in ("llava15_7b", "llava15_13b", "llava15_7b_lora", "llava_next_vicuna_7b"):
+        scaling = load_recipe(name).scaling
+        assert gpu["maxReplicas"] * per_pod >= scaling.num_workers * scaling.gpus_per_worker, name
+        assert float(gpu["rayStartParams"]["num-cpus"]) >= per_pod / scaling.gpus_per_worker * scaling.cpus_per_worker
+
+
+# --- the Serve config the RayService embeds -----------------------------------------------------
+
+
+def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves by path; named list entries keyed by name, as the renderer merges them."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}.{key}").items()}
+    if isinstance(node, list) and node and all(isinstance(i, dict) and "name" in i for i in node):
+        return {k: v for item in node for k, v in flat(item, f"{prefix}[{item['name']}]").items()}
+    return {prefix: node}
+
+
+def test_serve_config_v2_is_rendered_from_serve_config():
+    assert render.rendered_rayservice() == render.RAYSERVICE.read_text(), \
+        "infra/k8s/rayservice.yaml is stale: run `python -m infra.render`"
+    assert render.main(["--check"]) == 0
+
+
+def test_serve_config_v2_differs_from_local_config_only_where_the_cluster_overrides(serve_config):
+    local = flat(yaml.safe_load(render.SERVE_CONFIG.read_text()))
+    cluster = flat(serve_config)
+    overridden = set(flat(yaml.safe_load(render.CLUSTER_OVERRIDES.read_text())))
+    assert set(cluster) == set(local)
+    assert {path for path in local if local[path] != cluster[path]} <= overridden
+    assert cluster[".applications[llava].import_path"] == local[".applications[llava].import_path"]
+
+
+def test_render_check_fails_on_a_hand_edited_manifest(tmp_path, monkeypatch):
+    copy = tmp_path / "rayservice.yaml"
+    copy.write_text(render.RAYSERVICE.read_text().replace("max_replicas: 4", "max_replicas: 9"))
+    monkeypatch.setattr(render, "RAYSERVICE", copy)
+    assert render.main(["--check"]) == 1
+    assert render.main([]) == 0
+    assert render.main(["--check"]) == 0
+    assert copy.read_text() == (K8S / "rayservice.yaml").read_text()
+
+
+def test_overrides_cannot_add_settings_serve_would_ignore(tmp_path, monkeypatch):
+    with pytest.raises(render.RenderError, match="autoscaling_cofig"):
+        render.merge({"deployments": [{"name": "A", "autoscaling_config": {}}]},
+                     {"deployments": [{"name": "A", "autoscaling_cofig": {}}]}, "x")
+    with pytest.raises(render.RenderError, match="no entry named"):
+        render.merge({"applications": [{"name": "llava"}]}, {"applications": [{"name": "llama"}]}, "x")
+    assert render.merge({"hosts": ["a"]}, {"hosts": []}, "x") == {"hosts": []}
+    config = tmp_path / "config.yaml"
+    typo = render.SERVE_CONFIG.read_text().replace("      device: cpu", "      devcie: cpu\n      device: cpu")
+    config.write_text(typo)
+    monkeypatch.setattr(render, "SERVE_CONFIG", config)
+    with pytest.raises(render.RenderError, match="devcie"):
+        render.cluster_serve_config()
+
+
+def test_serve_replicas_fit_the_gpu_group_and_serve_the_trained_model(serve_config, rayjob_recipe):
+    app = serve_config["applications"][0]
+    deployment = app["deployments"][0]
+    scaling, actor = deployment["autoscaling_config"], deployment["ray_actor_options"]
+    gpu = ray_groups("RayService")["gpu"]
+    container = gpu["template"]["spec"]["containers"][0]
+    per_pod = gpus(container)
+    assert actor["num_gpus"] > 0 and app["args"]["device"] == "cuda"
+    assert gpu["maxReplicas"] * per_pod >= scaling["max_replicas"] * actor["num_gpus"]
+    assert gpu["minReplicas"] * per_pod >= scaling["min_replicas"] * actor["num_gpus"]
+    assert cpus(container["resources"]["limits"]["cpu"]) >= actor["num_cpus"] * per_pod / actor["num_gpus"]
+    registered = rayjob_recipe["tracking"]["registered_model"] or rayjob_recipe["name"]
+    assert re.fullmatch(rf"models:/{re.escape(registered)}/\d+", app["args"]["model"]), \
+        "the RayService serves a version of the model the RayJob registers"
+    module, builder = app["import_path"].split(":")
+    source = ast.parse((REPO_ROOT / (module.replace(".", "/") + ".py")).read_text())
+    assert builder in {n.name for n in source.body if isinstance(n, ast.FunctionDef)}
+
+
+# --- resources, exposure, secrets ---------------------------------------------------------------
+
+
+def test_every_container_requests_cpu_memory_and_its_gpus():
+    for where, pod in pod_templates():
+        for container in pod["containers"]:
+            resources = container.get("resources", {})
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where}: {kind} for cpu and memory"
+            if gpus(container):
+                assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], where
+                assert pod.get("tolerations") and pod.get("nodeSelector"), f"{where}: GPU pods pick GPU nodes"
+
+
+def test_images_are_one_repository_at_the_project_version_cuda_where_gpus_are_used():
+    version = render.project_version()
+    seen = []
+    for where, pod in pod_templates():
+        for container in pod["containers"]:
+            if container["image"] in THIRD_PARTY_IMAGES:
+                continue
+            seen.append(container["image"])
+            variant = "cuda" if gpus(container) else "cpu"
+            assert container["image"].endswith(f"{IMAGE_REPO_SUFFIX}:{version}-{variant}"), where
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    seen.append(launcher["docker"]["image"])
+    assert launcher["docker"]["image"].endswith(f":{version}-cpu")
+    for name, node in launcher["available_node_types"].items():
+        image = node.get("docker", {}).get("worker_image", launcher["docker"]["image"])
+        seen.append(image)
+        assert image.endswith(f":{version}-cuda" if node["resources"].get("GPU") else f":{version}-cpu"), name
+    assert len({image.rsplit(":", 1)[0] for image in seen}) == 1, "one image repository everywhere"
+    readme = README.read_text()
+    assert f"$IMAGE:{version}-cpu ." in readme and f"$IMAGE:{version}-cuda \\" in readme, "README builds these tags"
+
+
+def test_image_repository_is_set_in_every_manifest_by_one_command():
+    def ours(text: str) -> list[str]:
+        images = re.findall(r"^\s*(?:- )?(?:image|worker_image): (\S+)$", text, re.M)
+        return [image for image in images if image not in THIRD_PARTY_IMAGES]
+
+    changed = 0
+    for path in render.image_files():
+        before = path.read_text()
+        after = render.with_image(before, "ghcr.io/acme/llava-platform", "9.9.9")
+        assert len(ours(after)) == len(ours(before)), path
+        assert all(re.fullmatch(r"ghcr\.io/acme/llava-platform:9\.9\.9-(cpu|cuda)", i) for i in ours(after)), path
+        assert [i.rsplit("-", 1)[1] for i in ours(after)] == [i.rsplit("-", 1)[1] for i in ours(before)], path
+        assert list(yaml.safe_load_all(after))
+        changed += bool(ours(before))
+    assert changed == 5, "mlflow, rayjob, rayservice, raycluster and the launcher name the image"
+
+
+def test_dashboard_and_gcs_are_not_exposed():
+    for path in MANIFESTS:
+        for doc in documents(path):
+            if doc["kind"] == "Service":
+                assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", f"{path.name}: {doc['metadata']['name']}"
+            for where, node in walk(doc):
+                assert "hostPort" not in node and not node.get("hostNetwork"), f"{path.name}: {where}"
+                assert not node.get("enableIngress"), f"{path.name}: {where}"
+    for kind in ("RayJob", "RayService", "RayCluster"):
+        assert cluster_spec(kind)["headGroupSpec"]["serviceType"] == "ClusterIP", kind
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    head_start = " ".join(launcher["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert not any(re.match(r"(-p|--publish|--network)\b", opt) for opt in launcher["docker"]["run_options"])
+
+
+def test_secret_looking_variables_come_from_kubernetes_secrets():
+    for path in MANIFESTS:
+        for doc in documents(path):
+            assert doc["kind"] != "Secret", f"{path.name}: Secrets are created from the shell, never committed"
+            if doc["kind"] == "ConfigMap":
+                assert not any(SECRET_NAME.search(key) for key in doc["data"]), path.name
+            for where, node in walk(doc):
+                if isinstance(node.get("name"), str) and ("value" in node or "valueFrom" in node):
+                    if SECRET_NAME.search(node["name"]):
+                        assert "value" not in node and "secretKeyRef" in node["valueFrom"], f"{path.name}: {where}"
+    env_names = {e["name"] for _, pod in pod_templates() for c in pod["containers"] for e in c.get("env", [])}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+            "LLAVA_SERVE_API_KEY"} <= env_names
+    serve_app = (REPO_ROOT / "serve" / "app.py").read_text()
+    assert 'API_KEY_ENV = "LLAVA_SERVE_API_KEY"' in serve_app, "the RayService sets the variable serve/app.py reads"
+
+
+SECRET_PATTERNS = {
+    "AWS access key id": re.compile(r"\bA(?:KIA|SIA)[0-9A-Z]{16}\b"),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "password in a URI": re.compile(r"://[^/\s:@'\"]+:(?!\$)[^@\s/'\"]+@"),
+    "secret assigned a literal": re.compile(
+        r"\b[A-Z0-9_]*(?:SECRET|PASSWORD|TOKEN|API_KEY|ACCESS_KEY)[A-Z0-9_]*[ \t]*[=:][ \t]*(?![\"']?\$)[^\s]"),
+    "committed Secret object": re.compile(r"^kind:\s*Secret\s*$", re.M),
+}
+
+
+def secret_findings(text: str) -> list[str]:
+    return [name for name, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+
+
+@pytest.mark.parametrize("leak", [
+    "AKIA" + "IOSFODNN7EXAMPLE",
+    "--backend-store-uri=postgresql://mlflow:hunter2@mlflow-postgres:5432/mlflow",
+    "--from-literal=POSTGRES_PASSWORD=hunter2",
+    "AWS_SECRET_ACCESS_KEY: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "export RAY_AUTH_TOKEN=abc123",
+    "apiVersion: v1\nkind: Secret\nstringData: {x: y}",
+])
+def test_secret_scan_catches_leaks(leak):
+    assert secret_findings(leak)
+
+
+def test_no_secret_values_in_infra():
+    scanned = [p for p in INFRA.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert README in scanned and LAUNCHER in scanned
+    for path in scanned:
+        found = secret_findings(path.read_text())
+        assert not found, f"{path.relative_to(REPO_ROOT)}: {found}"
+
+
+# --- MLflow server ------------------------------------------------------------------------------
+
+
+def test_mlflow_server_command_parses_and_matches_what_jobs_use():
+    from mlflow.cli import server
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in documents(K8S / "mlflow.yaml")}
+    container = docs["Deployment", "mlflow"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["mlflow", "server"]
+    params = server.make_context("server", list(container["args"])).params  # mlflow's own option parser
+    env = {e["name"]: e for e in container["env"]}
+    backend = params["backend_store_uri"]
+    assert backend.startswith("postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@")
+    assert all("secretKeyRef" in env[name]["valueFrom"] for name in ("POSTGRES_USER", "POSTGRES_PASSWORD"))
+    database = docs["Service", "mlflow-postgres"]["spec"]
+    assert f"@{docs['Service', 'mlflow-postgres']['metadata']['name']}:{database['ports'][0]['port']}/" in backend
+    assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"]
+    assert "MLFLOW_S3_ENDPOINT_URL" in env
+    service = docs["Service", "mlflow"]
+    assert service["spec"]["selector"] == docs["Deployment", "mlflow"]["spec"]["template"]["metadata"]["labels"]
+    port = service["spec"]["ports"][0]
+    assert port["targetPort"] == params["port"]
+    uri = resource("ConfigMap")["data"]["MLFLOW_TRACKING_URI"]
+    assert uri == f"http://{service['metadata']['name']}:{port['port']}"
+    host = uri.removeprefix("http://")
+    assert is_allowed_host_header(params["allowed_hosts"].split(","), host), "MLflow would refuse the jobs' Host"
+    for where, pod in pod_templates():
+        for c in pod["containers"]:
+            if c["image"].endswith(("-cpu", "-cuda")) and c["name"].startswith("ray-"):
+                assert {"configMapRef": {"name": "llava-config"}} in c["envFrom"], where
+
+
+# --- cluster launcher ---------------------------------------------------------------------------
+
+
+def test_launcher_config_validates_against_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(LAUNCHER.read_text())
+    validate_config(prepare_config(config))  # what `ray up` runs: ray/autoscaler/ray-schema.json and more
+    broken = yaml.safe_load(LAUNCHER.read_text())
+    broken["available_node_types"]["gpu_workers"]["max_worker"] = 1
+    with pytest.raises(Exception, match="max_worker"):
+        validate_config(prepare_config(broken))
+
+
+def test_launcher_node_types_map_onto_the_recipe():
+    config = yaml.safe_load(LAUNCHER.read_text())
+    nodes = config["available_node_types"]
+    assert set(nodes) == {"head", "cpu_workers", "gpu_workers"} and config["head_node_type"] == "head"
+    assert nodes["head"]["resources"] == {"CPU": 0}
+    assert 0 <= nodes["cpu_workers"]["min_workers"] <= nodes["cpu_workers"]["max_workers"]
+    gpu = nodes["gpu_workers"]
+    scaling = load_recipe("llava15_7b").scaling  # what the README submits to this cluster
+    assert gpu["min_workers"] <= gpu["max_workers"]
+    assert gpu["max_workers"] * gpu["resources"]["GPU"] >= scaling.num_workers * scaling.gpus_per_worker
+    assert gpu["resources"]["CPU"] == gpu["resources"]["GPU"] / scaling.gpus_per_worker * scaling.cpus_per_worker
+    env_file = next(iter(config["file_mounts"]))
+    for command in (config["head_start_ray_commands"][-1], config["worker_start_ray_commands"][-1]):
+        assert f". {env_file} " in command and command.index(env_file) < command.index("ray start")
+
+
+# --- one set of install steps -------------------------------------------------------------------
+
+
+def test_makefile_and_dockerfile_install_with_the_same_script():
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    rule = makefile[makefile.index("$(STAMP):"):].split("\n\n")[0]
+    assert "infra/install.sh" in rule.splitlines()[0], "the stamp depends on the install script"
+    assert re.search(r"^\tsh infra/install\.sh \$\(PY\) test \$\(TORCH_INDEX_URL\)$", rule, re.M)
+    assert re.search(r"^RUN sh infra/install\.sh /opt/venv/bin/python \"\$EXTRAS\" \"\$TORCH_INDEX_URL\"$",
+                     dockerfile, re.M)
+    for text in (makefile, dockerfile):
+        assert "pip install" not in text, "pip runs only in infra/install.sh"
+        assert "==" not in text, "pins live only in pyproject.toml"
+    assert "server" in re.search(r"^ARG EXTRAS=(\S+)$", dockerfile, re.M)[1]
+    assert re.search(r'^server = \["psycopg2-binary', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
+
+
+def test_install_script_puts_pinned_torch_first_then_the_project_without_build_isolation(tmp_path):
+    log = tmp_path / "calls"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    pin = f"torch=={pyproject_pin('torch')}"
+    common = "-m pip install --quiet --disable-pip-version-check"
+    for index, extras in (("https://download.pytorch.org/whl/cu128", "server"), ("", "test")):
+        log.unlink(missing_ok=True)
+        subprocess.run(["sh", str(INFRA / "install.sh"), str(python), extras, *([index] if index else [])], check=True)
+        assert log.read_text().splitlines() == [
+            f"{common} setuptools>=69 wheel",
+            f"{common} --index-url {index} {pin}" if index else f"{common} {pin}",
+            f"{common} --no-build-isolation -e .[{extras}]",
+        ]
+
+
+def test_image_holds_the_code_where_ray_finds_it():
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) \1$", dockerfile, re.M))
+    assert {"jobs", "pipelines", "serve", "infra", "platform"} <= copied
+    assert re.search(r"^WORKDIR /app$", dockerfile, re.M) and re.search(r"PYTHONPATH=/app\b", dockerfile)
+    assert dockerfile.index("COPY platform") < dockerfile.index("RUN sh infra/install.sh") < dockerfile.index(
+        "COPY jobs"), "dependencies are installed before the often-changing entrypoint packages are copied"
+    ignored = (INFRA / "Dockerfile.dockerignore").read_text().split()
+    assert {".venv", ".git", "outputs"} <= set(ignored)
