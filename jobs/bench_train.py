@@ -34,7 +34,7 @@ from llava_platform.config import load_recipe
 from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.synthetic import write_synthetic_dataset
-from llava_platform.train.engine import build_engine, train_step
+from llava_platform.train.engine import build_engine, init_distributed, train_step
 from pipelines.preprocess import read_shards
 
 MODEL = ["model.tiny.text_hidden_size=256", "model.tiny.text_layers=4", "model.tiny.text_heads=4",
@@ -52,12 +52,10 @@ def stage_overrides(files: dict, data_root: Path, steps: int, batch: int) -> lis
 
 def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], steps: int) -> list[float]:
     """The same engine in this process (world size 1, gloo), on rows loaded into memory beforehand."""
-    import deepspeed
-
     recipe = load_recipe("tiny_cpu_demo", overrides)
     stage = recipe.stage1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     config = train.deepspeed_config_for(stage, recipe.scaling)
     engine, processor = build_engine(
         model_path=str(initial), projector_path=None, tunable=stage.tunable, lora=None, lr=stage.optim.lr,

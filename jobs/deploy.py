@@ -1,7 +1,8 @@
 """Deploy the OpenAI-compatible LLaVA endpoint (``serve/``) onto a running Ray cluster.
 
     python -m jobs.deploy --model models:/tiny-cpu-demo/1 [--config serve/config.yaml] [--api-key KEY]
-    ray job submit --working-dir . -- python -m jobs.deploy --model s3://bucket/llava/export
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python -m jobs.deploy \
+        --model models:/tiny-cpu-demo/1 --tracking-uri http://mlflow:5000
 
 The config is Ray Serve's own format (the same file ``serve run`` takes). This job deploys its first
 application (``serve.app``'s ``LlavaServer``) with that application's ``args`` (``--model`` replaces
@@ -23,14 +24,18 @@ from serve.app import LlavaServer, default_config_path
 
 
 def deploy(config: dict[str, Any], *, model: str | None = None, model_name: str | None = None,
-           api_key: str | None = None, http_port: int | None = None) -> str:
-    """Start Serve with the config's HTTP options and run its first application; return the base URL."""
+           api_key: str | None = None, tracking_uri: str | None = None, http_host: str | None = None,
+           http_port: int | None = None) -> str:
+    """Start Serve with the config's HTTP options and run its first application; return the base URL.
+
+    The keyword arguments replace the config's values where given.
+    """
     http = dict(config.get("http_options", {}))
-    if http_port is not None:
-        http["port"] = http_port
+    http.update({k: v for k, v in {"host": http_host, "port": http_port}.items() if v is not None})
     application = config["applications"][0]
     args = dict(application.get("args", {}))
-    args.update({k: v for k, v in {"model": model, "model_name": model_name, "api_key": api_key}.items() if v})
+    args.update({k: v for k, v in {"model": model, "model_name": model_name, "api_key": api_key,
+                                   "tracking_uri": tracking_uri}.items() if v})
     deployment = next(iter(application.get("deployments", [])), {})
     options = {k: v for k, v in deployment.items() if k != "name"}
     serve.start(http_options=http)
@@ -45,10 +50,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--model-name", help="the name clients send as `model` (default: the config's)")
     parser.add_argument("--config", type=Path, default=default_config_path(), help="a Ray Serve config file")
     parser.add_argument("--api-key", help="require Authorization: Bearer <key> (default: LLAVA_SERVE_API_KEY)")
+    parser.add_argument("--tracking-uri", help="MLflow for models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--http-host", help="address the endpoint listens on (default: the config's http_options)")
+    parser.add_argument("--http-port", type=int, help="its port (default: the config's http_options)")
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     ray.init(address="auto", ignore_reinit_error=True)
-    url = deploy(config, model=args.model, model_name=args.model_name, api_key=args.api_key)
+    url = deploy(config, model=args.model, model_name=args.model_name, api_key=args.api_key,
+                 tracking_uri=args.tracking_uri, http_host=args.http_host, http_port=args.http_port)
     print(f"serving on {url}/v1/chat/completions", flush=True)
     return url
 

@@ -1,162 +1,245 @@
-"""The main job: the platform end to end on one recipe (``make demo`` runs it on ``tiny_cpu_demo``).
+"""The main job: the whole platform on one recipe, end to end (``make demo`` runs it on ``tiny_cpu_demo``).
 
-Today it runs the parts that exist, in the order the finished pipeline runs them:
-  1. write the synthetic dataset (coloured shapes, Q&A, held-out questions)
-  2. compose the model from its towers (``jobs.compose``)
-  3. preprocess the last stage's data with Ray Data on an embedded local Ray (decode, tile, tokenise,
-     quarantine)
-  4. train in-process on the streamed rows, grouped by modality and length (the demo moves onto
-     ``jobs.train`` (Ray Train + DeepSpeed) once that job has checkpoints and MLflow; see the README)
-  5. save a Hugging Face checkpoint, reload it with plain transformers, score the held-out questions
-     and answer one image question through the checkpoint's own processor
+    python -m jobs.pipeline --recipe tiny_cpu_demo                  # local Ray, local MLflow store, then stops
+    python -m jobs.pipeline --recipe tiny_cpu_demo --keep-serving   # leave the endpoint up (Ctrl-C stops it)
+    ray job submit --working-dir . -- python -m jobs.pipeline --recipe llava15_7b --output /mnt/shared/run1 \\
+        --no-serve tracking.uri=http://mlflow:5000 checkpoint.storage_path=s3://bucket/ckpt
 
-    python -m jobs.pipeline --recipe tiny_cpu_demo
-    python -m jobs.pipeline --recipe tiny_cpu_demo --dry-run
+Each step is a job of its own, also runnable alone:
+  1. write the synthetic dataset (recipes with a ``synthetic`` section; reused   jobs.synthetic_data
+     when the folder already holds it)
+  2. compose the starting checkpoint from the towers                               jobs.compose
+  3. preprocess with Ray Data into Parquet shards, for stages that name a          jobs.preprocess
+     ``data.preprocessed`` folder (reused when its manifest matches); other stages
+     stream their preprocessing straight into training
+  4. stage 1 -> stage 2 with Ray Train + DeepSpeed, MLflow parent run with a run   jobs.train
+     per stage, export registered in the Model Registry
+  5. score the stage-1 model and the registered stage-2 model on held-out questions  jobs.evaluate
+     (Ray Data batch inference; scores land on each stage's MLflow run)
+  6. deploy the registered model on Ray Serve, ask one image question over HTTP       jobs.deploy
+     (OpenAI-compatible API), print the answer, shut the endpoint down (unless --keep-serving)
+
+Everything a run writes goes to ``--output`` (default ``outputs/<recipe name>/run-<time>``, a new
+folder per run, so a rerun never meets the checkpoints of the previous one).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import mimetypes
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import ray
-import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText
+import yaml
 
-from llava_platform.config import recipe_argument_parser, recipe_from_args, recipe_to_yaml
-from llava_platform.data.collate import collate
-from llava_platform.data.grouping import regroup
-from llava_platform.data.image_settings import ImageSettings
-from llava_platform.data.synthetic import write_synthetic_dataset
-from llava_platform.evaluation import is_correct
-from llava_platform.model.build import build_model
-from llava_platform.model.compose import load_processor, save_llava
-from llava_platform.model.trainability import set_trainable
-from pipelines.preprocess import finish, preprocess
-from pipelines.sources import read_records
+from jobs import compose, deploy, evaluate, preprocess, train
+from llava_platform import tracking
+from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
+from llava_platform.config.schema import EvaluationConfig, SyntheticDataConfig
+from llava_platform.data.synthetic import existing_dataset, write_synthetic_dataset
+from llava_platform.evaluation import eval_fields, is_correct
+from llava_platform.train.checkpoint import PROJECTOR_FILE, export_with_projector
+from pipelines.preprocess import ManifestError, shard_files, stage_fingerprint
+from serve.app import default_config_path
 
 
 def log(message: str) -> None:
     print(f"[pipeline] {message}", file=sys.stderr, flush=True)
 
 
-def train_in_process(model, rows: list[dict], settings: ImageSettings, *, pad_token_id: int, anyres: bool,
-                     steps: int, batch_size: int, lr: float, seed: int, group: bool) -> list[float]:
-    """Plain AdamW steps over the preprocessed rows, an epoch at a time (grouped by length if ``group``)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses: list[float] = []
-    epoch = 0
-    while len(losses) < steps:
-        for batch in regroup(rows, batch_size, group=group, seed=seed + epoch):
-            inputs = collate(batch["input_ids"], batch["labels"], list(batch["tiles"]), list(batch["image_size"]),
-                             pad_token_id=pad_token_id, anyres=anyres, image_mean=settings.image_mean,
-                             image_std=settings.image_std)
-            loss = model(**inputs).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            if len(losses) % 25 == 0 or len(losses) == steps:
-                log(f"step {len(losses):>4}/{steps}  loss {np.mean(losses[-25:]):.3f}")
-            if len(losses) == steps:
-                break
-        epoch += 1
-    return losses
-
-
-def answer(model, processor, image: Image.Image, question: str, max_new_tokens: int = 12) -> str:
-    """Greedy answer through the checkpoint's own processor and chat template."""
-    content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
-    inputs = processor.apply_chat_template(  # tokenize=True: the template already holds the BOS token
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def evaluate(model, processor, eval_file: Path, image_root: Path) -> dict[str, float]:
-    """Accuracy on the held-out split, by question type (``short``: exact match, ``mc``: letter)."""
-    records = [json.loads(line) for line in eval_file.read_text().splitlines()]
-    correct: dict[str, list[bool]] = {"short": [], "mc": []}
-    for record in records:
-        question = record["conversations"][0]["value"].replace("<image>", "").strip()
-        image = Image.open(image_root / record["image"]).convert("RGB")
-        correct[record["type"]].append(is_correct(answer(model, processor, image, question), record["answer"],
-                                                  record["type"]))
-    return {kind: float(np.mean(hits)) for kind, hits in correct.items() if hits}
-
-
-def main(argv: list[str] | None = None) -> dict[str, object]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = recipe_argument_parser(__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, default=Path("outputs"), help="where data and checkpoints go")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of the in-process training")
-    parser.add_argument("--records", type=int, default=200, help="synthetic training records")
+    parser.add_argument("--output", type=Path, help="where the run writes (default: outputs/<recipe name>/run-<time>)")
+    parser.add_argument("--no-serve", action="store_true", help="stop after the evaluation (no Ray Serve step)")
+    parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint running until Ctrl-C")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint (on 127.0.0.1)")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
-    started = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    stage_name, stage = list(recipe.stages().items())[-1]
-    run_dir = args.output / recipe.name
+    output = args.output or Path("outputs") / recipe.name / time.strftime("run-%Y%m%d-%H%M%S")
+    recipe_args = ["--recipe", args.recipe, *args.overrides]
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
 
-    log(f"1. synthetic dataset -> {run_dir / 'data'}")
-    files = write_synthetic_dataset(run_dir / "data", train=args.records, eval=40, seed=recipe.seed)
+    log(f"writing everything to {output}")
+    if recipe.synthetic:
+        synthetic_dataset(recipe.synthetic, recipe.seed)
+        clock = _lap(timings, "synthetic data", clock)
 
     log(f"2. composing {recipe.model.arch} from its towers")
-    model, processor = build_model(recipe.model, image_mode=stage.data.image_mode, template=stage.data.template,
-                                   work_dir=run_dir / "towers")
-    initial = save_llava(model, processor, run_dir / "initial")
+    initial = compose.main([*recipe_args, "--output", str(output / "initial")])
+    clock = _lap(timings, "compose", clock)
 
-    log(f"3. Ray Data: {stage.data.image_mode} tiles + {stage.data.template} tokens for {stage_name}")
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
-    data = stage.data
-    rows, quarantine = preprocess(
-        read_records([str(files["stage2"])], cpus_per_task=0.5), processor_path=str(initial),
-        template=data.template, image_mode=data.image_mode, max_length=data.model_max_length,
-        truncation=data.truncation, max_image_pixels=data.max_image_pixels, image_root=str(run_dir / "data"),
-        cpus_per_actor=0.5,
-    )
-    windows = list(rows.iter_batches(batch_size=4 * stage.micro_batch_size, batch_format="numpy"))
-    report = finish(quarantine)
+    if preprocess_stages(recipe, recipe_args, str(initial)):
+        clock = _lap(timings, "preprocess", clock)
 
-    log(f"4. {args.steps} in-process optimizer steps on {stage_name} (lr {stage.optim.lr})")
-    settings = ImageSettings.from_processor(processor)
-    set_trainable(model, stage.tunable)
-    losses = train_in_process(
-        model, windows, settings, pad_token_id=processor.tokenizer.pad_token_id,
-        anyres=data.image_mode == "anyres", steps=args.steps, batch_size=stage.micro_batch_size,
-        lr=stage.optim.lr, seed=recipe.seed, group=data.group_by_modality_length,
-    )
+    log(f"4. training {', '.join(recipe.stages())} with Ray Train + DeepSpeed")
+    stage_outputs = train.main([*recipe_args, "--model", str(initial), "--output", str(output / "train"),
+                                "--stage", "all"])
+    mlflow_runs = json.loads((output / "train" / train.RUNS_FILE).read_text())
+    tracking_uri, runs = mlflow_runs["tracking_uri"], mlflow_runs["runs"]
+    model_uri, registered = trained_model_uri(tracking_uri, runs, stage_outputs, str(initial), output)
+    clock = _lap(timings, "train", clock)
 
-    checkpoint = save_llava(model, processor, run_dir / "checkpoint")
-    (checkpoint / "llava_platform_recipe.yaml").write_text(recipe_to_yaml(recipe))
-    log(f"5. saved {checkpoint}; reloading with plain transformers and scoring the held-out split")
-    reloaded = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
-    served = load_processor(str(checkpoint))
-    accuracy = evaluate(reloaded, served, files["eval"], run_dir / "data")
-    demo_record = json.loads(files["eval"].read_text().splitlines()[0])
-    question = demo_record["conversations"][0]["value"].replace("<image>", "").strip()
-    reply = answer(reloaded, served, Image.open(run_dir / "data" / demo_record["image"]).convert("RGB"), question)
+    scores: dict[str, dict[str, float]] = {}
+    if recipe.evaluation:
+        log("5. evaluating on the held-out questions with Ray Data")
+        scores = evaluate_stages(recipe.evaluation, tracking_uri, runs, stage_outputs, str(initial), model_uri,
+                                 output)
+        clock = _lap(timings, "evaluate", clock)
 
-    summary = {
-        "checkpoint": str(checkpoint),
-        "kept / read": f"{report.kept} / {report.read}",
-        "loss": f"{np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}",
-        "eval short": f"{accuracy.get('short', 0):.0%} exact match (chance <= 33%)",
-        "eval mc": f"{accuracy.get('mc', 0):.0%} (chance 25%)",
-        "question": f"{question}  [{demo_record['image']}]",
-        "answer": f"{reply}  (gold: {demo_record['answer']})",
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    for key, value in summary.items():
-        print(f"{key:>12}: {value}")
-    return {"accuracy": accuracy, "losses": losses, "report": report, "checkpoint": checkpoint, "answer": reply}
+    demo = None
+    if not args.no_serve:
+        log(f"6. deploying {model_uri} on Ray Serve")
+        url = deploy.deploy(yaml.safe_load(default_config_path().read_text()), model=model_uri,
+                            model_name=recipe.name, tracking_uri=tracking_uri, http_host="127.0.0.1",
+                            http_port=args.port)
+        if recipe.evaluation:
+            demo = ask_demo_question(url, recipe.name, recipe.evaluation)
+        clock = _lap(timings, "serve", clock)
+
+    print_summary(recipe.name, scores, demo, tracking_uri, runs, registered, model_uri,
+                  serving=None if args.no_serve else (args.port, args.keep_serving), timings=timings)
+    if not args.no_serve:
+        _serve_until_stopped(args.keep_serving)
+    return {"scores": scores, "demo": demo, "model_uri": model_uri, "runs": runs, "timings": timings}
+
+
+def synthetic_dataset(settings: SyntheticDataConfig, seed: int) -> dict[str, Path]:
+    """Write the recipe's synthetic dataset, or reuse the folder when an earlier run wrote the same one."""
+    sizes = dict(train=settings.train_records, eval=settings.eval_records, captions=settings.caption_records)
+    files = existing_dataset(settings.out_dir, seed=seed, **sizes)
+    if files:
+        log(f"1. synthetic dataset: reusing {settings.out_dir} (same sizes and seed)")
+        return files
+    log(f"1. synthetic dataset -> {settings.out_dir} ({settings.train_records} questions, "
+        f"{settings.caption_records or settings.train_records} captions, {settings.eval_records} held out)")
+    return write_synthetic_dataset(settings.out_dir, seed=seed, **sizes)
+
+
+def preprocess_stages(recipe: Recipe, recipe_args: list[str], initial: str) -> bool:
+    """Run ``jobs.preprocess`` for every stage whose ``data.preprocessed`` folder lacks matching shards.
+
+    A folder whose manifest matches the stage's settings and ``initial``'s processor is reused; one
+    written earlier for other settings is replaced. Returns whether any stage preprocesses ahead of training.
+    """
+    stages = {name: stage for name, stage in recipe.stages().items() if stage.data.preprocessed}
+    for name, stage in stages.items():
+        folder = stage.data.preprocessed
+        try:
+            shard_files(folder, recipe_hash=stage_fingerprint(stage.data.model_dump(), initial))
+            log(f"3. {name}: reusing the Parquet shards in {folder}")
+            continue
+        except ManifestError:
+            pass
+        log(f"3. {name}: preprocessing {', '.join(stage.data.train_files)} with Ray Data -> {folder}")
+        preprocess.main([*recipe_args, "--stage", name.removeprefix("stage"), "--model", initial,
+                         "--output", folder, "--overwrite"])
+    return bool(stages)
+
+
+def trained_model_uri(tracking_uri: str, runs: dict[str, str], stage_outputs: dict[str, Path], initial: str,
+                      output: Path) -> tuple[str, tuple[str, str] | None]:
+    """The model to evaluate and serve: stage 2's registered version (``models:/name/N``), or for a
+    stage-1-only recipe the starting checkpoint with the aligned projector."""
+    registered = tracking.registered_version(tracking_uri, runs["stage2"]) if "stage2" in runs else None
+    if registered:
+        return f"models:/{registered[0]}/{registered[1]}", registered
+    return str(export_with_projector(initial, stage_outputs["stage1"] / PROJECTOR_FILE, output / "stage1-model")), None
+
+
+def evaluate_stages(settings: EvaluationConfig, tracking_uri: str, runs: dict[str, str],
+                    stage_outputs: dict[str, Path], initial: str, model_uri: str,
+                    output: Path) -> dict[str, dict[str, float]]:
+    """Scores of the final model and, with ``score_stage1``, of the stage-1 model, each on its stage's run."""
+    common = dict(data=settings.data_files, image_root=settings.image_root, tracking_uri=tracking_uri,
+                  replicas=settings.num_replicas, batch_size=settings.batch_size,
+                  cpus_per_replica=settings.cpus_per_replica, gpus_per_replica=settings.gpus_per_replica,
+                  max_new_tokens=settings.max_new_tokens)
+    scores = {}
+    if settings.score_stage1 and {"stage1", "stage2"} <= set(stage_outputs):
+        stage1_model = export_with_projector(initial, stage_outputs["stage1"] / PROJECTOR_FILE,
+                                             output / "stage1-model")
+        scores["stage1"] = evaluate.evaluate(model=str(stage1_model), output=output / "eval" / "stage1",
+                                             run_id=runs["stage1"], **common)["scores"]
+    final = "stage2" if "stage2" in stage_outputs else "stage1"
+    scores[final] = evaluate.evaluate(model=model_uri, output=output / "eval" / final, run_id=runs.get(final),
+                                      **common)["scores"]
+    return scores
+
+
+def ask_demo_question(url: str, model_name: str, settings: EvaluationConfig) -> dict[str, Any] | None:
+    """Send the first held-out image question to the endpoint (OpenAI chat completions, base64 image)."""
+    source = Path(settings.data_files[0])
+    if "://" in settings.data_files[0] or not settings.image_root or "://" in settings.image_root:
+        log("the demo question needs a local evaluation file and image folder; skipped")
+        return None
+    text = source.read_text()
+    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    record = next(r for r in records if r.get("image"))
+    question, gold, kind = eval_fields(record)
+    image = Path(settings.image_root) / record["image"]
+    mime = mimetypes.guess_type(image.name)[0] or "image/png"
+    data_url = f"data:{mime};base64,{base64.b64encode(image.read_bytes()).decode()}"
+    body = {"model": model_name, "max_tokens": settings.max_new_tokens, "temperature": 0, "messages": [{
+        "role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                    {"type": "text", "text": question}]}]}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())["choices"][0]["message"]["content"]
+    return {"image": str(image), "question": question, "answer": answer, "gold": gold,
+            "correct": is_correct(answer, gold, kind)}
+
+
+def print_summary(name: str, scores: dict[str, dict[str, float]], demo: dict[str, Any] | None, tracking_uri: str,
+                  runs: dict[str, str], registered: tuple[str, str] | None, model_uri: str,
+                  serving: tuple[int, bool] | None, timings: dict[str, float]) -> None:
+    lines = [f"\n== {name}: done in {sum(timings.values()):.0f} s "
+             f"({', '.join(f'{step} {seconds:.0f} s' for step, seconds in timings.items())})"]
+    for stage, values in scores.items():
+        parts = [f"{kind} {values[f'accuracy/{kind}']:.0%} of {int(values[f'count/{kind}'])}"
+                 for kind in ("short", "mc") if f"accuracy/{kind}" in values]
+        lines.append(f"{'accuracy ' + stage:<18}{' | '.join(parts)}   (chance 25%)")
+    if demo:
+        lines.append(f"{'question':<18}{demo['question'].splitlines()[0]}   [{demo['image']}]")
+        lines.append(f"{'answer':<18}{demo['answer']!r}   (gold {demo['gold']!r}: "
+                     f"{'correct' if demo['correct'] else 'WRONG'})")
+    lines.append(f"{'MLflow runs':<18}parent {runs['parent']}, " + ", ".join(
+        f"{stage} {run}" for stage, run in runs.items() if stage.startswith("stage")))
+    lines.append(f"{'model':<18}{model_uri}" + (f"  (registered {registered[0]} version {registered[1]})"
+                                                if registered else ""))
+    ui = (f"mlflow ui --backend-store-uri {tracking_uri}   then open http://127.0.0.1:5000"
+          if tracking_uri.startswith("sqlite:") else f"open {tracking_uri}")
+    lines.append(f"{'MLflow UI':<18}{ui}")
+    if serving:
+        port, keep = serving
+        lines.append(f"{'endpoint':<18}http://127.0.0.1:{port}/v1/chat/completions  "
+                     + ("(running; Ctrl-C stops it)" if keep else "(stopped; --keep-serving keeps it up)"))
+        lines.append(f"{'':<18}curl http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' "
+                     f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+    print("\n".join(lines), flush=True)
+
+
+def _serve_until_stopped(keep_serving: bool) -> None:
+    from ray import serve
+
+    try:
+        while keep_serving:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+
+
+def _lap(timings: dict[str, float], step: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[step] = now - since
+    return now
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 
 from llava_platform.config import recipe_argument_parser, recipe_from_args
-from pipelines.preprocess import preprocess, stage_fingerprint, write_shards
+from pipelines.preprocess import ManifestError, preprocess, stage_fingerprint, write_shards
 from pipelines.sources import read_records
 
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--stage", choices=["1", "2"], default="2", help="whose data section to preprocess")
     parser.add_argument("--model", help="checkpoint directory whose processor tiles and tokenises")
     parser.add_argument("--output", type=Path, help="folder for shards/, manifest.json, quarantine.jsonl")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --output")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
     stage = recipe.stages().get(f"stage{args.stage}")
@@ -41,9 +42,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         max_length=data.model_max_length, truncation=data.truncation, max_image_pixels=data.max_image_pixels,
         image_root=data.image_root, s3_endpoint_url=data.s3_endpoint_url,
     )
-    manifest = write_shards(
-        rows, quarantine, args.output, recipe_hash=stage_fingerprint(data.model_dump(), args.model)
-    )
+    try:
+        manifest = write_shards(rows, quarantine, args.output, overwrite=args.overwrite,
+                                recipe_hash=stage_fingerprint(data.model_dump(), args.model))
+    except ManifestError as error:
+        parser.exit(2, f"--output: {error}\n")
     print(f"wrote {len(manifest['shards'])} shard(s) and manifest.json to {args.output}")
     return manifest
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
@@ -26,7 +27,14 @@ from llava_platform.data.collate import collate
 from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.train.checkpoint import export_model, full_state_dict, save_projector
-from llava_platform.train.engine import build_engine, forward, load_training_state, save_training_state, train_step
+from llava_platform.train.engine import (
+    build_engine,
+    forward,
+    init_distributed,
+    load_training_state,
+    save_training_state,
+    train_step,
+)
 
 POSITION_FILE = "position.json"
 """Written by rank 0 into every checkpoint: stage, step, data position and MLflow run ids (read by ``--resume``)."""
@@ -37,9 +45,9 @@ LOG_EVERY = 10
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=config["backend"])  # joins Ray Train's process group
+    init_distributed(config["backend"])  # joins Ray Train's process group
+    # Progress is this loop's step log (and MLflow); per-rank Ray Data bars would interleave on the driver.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     with tempfile.TemporaryDirectory(prefix="llava-projector-") as download:

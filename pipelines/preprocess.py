@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, SaveMode
 from ray.data.extensions import ArrowVariableShapedTensorArray, ArrowVariableShapedTensorType
 
 from llava_platform.data.errors import SampleError
@@ -82,31 +82,40 @@ class Preprocessor:
                 if raw["error"]:
                     raise MalformedRecordError(raw["error"])
                 record = parse_record(raw["record"])
-                rows.append(self.builder.build(record, self._image_bytes(record, raw["image_bytes"])))
+                rows.append(self.builder.build(record, record_image_bytes(record, raw["image_bytes"], self.images)))
             except SampleError as err:
-                bad.append({
-                    "key": key, "id": record_id_of(raw["record"]), "source": raw["source"], "index": raw["index"],
-                    "reason": err.reason, "message": str(err)[:500],
-                })
+                bad.append(quarantine_entry(raw, err))
             keys.append(key)
         # Acknowledged, not fire-and-forget: once a batch's rows are out, its quarantine entries are in.
         ray.get(self.quarantine.add.remote(keys, bad))
         return rows_to_table(rows)
 
-    def _image_bytes(self, record: dict[str, Any], inline: bytes | None) -> bytes | None:
-        if inline is not None:
-            return inline
-        if not record.get("image"):
-            return None
-        try:
-            return self.images.read(record["image"])
-        except FileNotFoundError as err:
-            raise MissingImageError(f"image {record['image']!r} not found: {err}") from err
-
 
 def record_key(raw: dict[str, Any]) -> str:
     """Identity of a raw record across retries and epochs: its file and position in the file."""
     return f"{raw['source']}:{raw['index']}"
+
+
+def record_image_bytes(record: dict[str, Any], inline: bytes | None, images: ImageReader) -> bytes | None:
+    """The record's encoded image: inline bytes (Parquet sources), its file, or ``None`` for text-only records.
+
+    Raises:
+        MissingImageError: the record names a file that does not exist.
+    """
+    if inline is not None:
+        return inline
+    if not record.get("image"):
+        return None
+    try:
+        return images.read(record["image"])
+    except FileNotFoundError as err:
+        raise MissingImageError(f"image {record['image']!r} not found: {err}") from err
+
+
+def quarantine_entry(raw: dict[str, Any], error: SampleError) -> dict[str, Any]:
+    """What the quarantine keeps of a bad raw record: where it is, its id, the reason and the message."""
+    return {"key": record_key(raw), "id": record_id_of(raw["record"]), "source": raw["source"], "index": raw["index"],
+            "reason": error.reason, "message": str(error)[:500]}
 
 
 def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
@@ -179,22 +188,38 @@ def finish(quarantine: ray.actor.ActorHandle, quarantine_path: str | Path | None
 
 
 def write_shards(
-    rows: ray.data.Dataset, quarantine: ray.actor.ActorHandle, out_dir: str | Path, *, recipe_hash: str
+    rows: ray.data.Dataset, quarantine: ray.actor.ActorHandle, out_dir: str | Path, *, recipe_hash: str,
+    overwrite: bool = False, rows_per_file: tuple[int, int] = (256, 1024),
 ) -> dict[str, Any]:
     """Materialise the rows once as Parquet shards plus ``quarantine.jsonl`` and ``manifest.json``.
 
+    Args:
+        overwrite: replace the shards of an earlier run in ``out_dir``; without it such a folder is an error
+            (appending would mix two runs' rows under one manifest).
+        rows_per_file: (min, max) rows per Parquet file: few enough files to read fast, enough of them
+            for every training worker to read its own.
+
     Returns:
         The manifest: counts, schema, recipe hash, shard files.
+
+    Raises:
+        ManifestError: ``out_dir`` already holds shards and ``overwrite`` is false.
     """
     out_dir = Path(out_dir)
+    shards = out_dir / "shards"
+    if not overwrite and shards.is_dir() and any(shards.iterdir()):
+        raise ManifestError(f"{out_dir} already holds shards of an earlier run; pass --overwrite to replace them, "
+                            "or write to another folder")
     started = time.perf_counter()
-    rows.write_parquet(str(out_dir / "shards"))
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest describes half-written shards
+    rows.write_parquet(str(shards), min_rows_per_file=rows_per_file[0], max_rows_per_file=rows_per_file[1],
+                       mode=SaveMode.OVERWRITE if overwrite else SaveMode.APPEND)
     report = finish(quarantine, out_dir / "quarantine.jsonl")
     manifest = {
         "recipe_hash": recipe_hash,
         "counts": {"read": report.read, "kept": report.kept, "quarantined": report.quarantined},
         "schema": {field.name: str(field.type) for field in ROW_SCHEMA},
-        "shards": sorted(p.name for p in (out_dir / "shards").glob("*.parquet")),
+        "shards": sorted(p.name for p in shards.glob("*.parquet")),
         "seconds": round(time.perf_counter() - started, 2),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -143,3 +143,18 @@ def mlflow_server(tmp_path_factory):
     process.terminate()
     process.wait(timeout=30)
     log.close()
+
+
+def tiny_pipeline_overrides(root: Path, records: int = 24, eval_records: int = 8, steps: int = 2) -> list[str]:
+    """Recipe overrides that run ``tiny_cpu_demo``'s whole pipeline on a few records below ``root`` in minutes."""
+    data = root / "data"
+    return [
+        f"synthetic.out_dir={data}", f"synthetic.train_records={records}", f"synthetic.eval_records={eval_records}",
+        f"stage1.data.train_files=[{data / 'stage1.json'}]", f"stage2.data.train_files=[{data / 'stage2.jsonl'}]",
+        f"stage1.data.image_root={data}", f"stage2.data.image_root={data}",
+        f"stage1.data.preprocessed={root / 'shards1'}", f"stage2.data.preprocessed={root / 'shards2'}",
+        f"evaluation.data_files=[{data / 'eval.jsonl'}]", f"evaluation.image_root={data}",
+        f"stage1.max_steps={steps}", f"stage2.max_steps={steps}", "stage1.global_batch_size=4",
+        "stage1.micro_batch_size=2", "stage2.global_batch_size=4", "stage2.micro_batch_size=2",
+        "tracking.system_metrics=false",
+    ]

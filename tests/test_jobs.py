@@ -1,11 +1,15 @@
 """The job entrypoints run for real on the tiny recipe."""
 
 import json
+import urllib.request
 
-import numpy as np
+import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
+from conftest import free_port, tiny_pipeline_overrides
 from jobs import compose, pipeline
+from llava_platform import tracking
+from llava_platform.evaluation import is_correct
 
 
 def test_compose_job_writes_a_self_describing_checkpoint(tmp_path):
@@ -18,25 +22,28 @@ def test_compose_job_writes_a_self_describing_checkpoint(tmp_path):
     assert isinstance(AutoModelForImageTextToText.from_pretrained(out), LlavaForConditionalGeneration)
 
 
-def test_pipeline_job_end_to_end(ray_local, tmp_path):
-    result = pipeline.main(["--recipe", "tiny_cpu_demo", "--output", str(tmp_path), "--steps", "12",
-                            "--records", "24"])
-    assert (result["report"].read, result["report"].kept) == (24, 24)
-    assert np.mean(result["losses"][-3:]) < np.mean(result["losses"][:3])
-    assert set(result["accuracy"]) == {"short", "mc"}
-    assert all(0.0 <= value <= 1.0 for value in result["accuracy"].values())
-    assert isinstance(result["answer"], str)
-    reloaded = AutoModelForImageTextToText.from_pretrained(result["checkpoint"])
-    assert isinstance(reloaded, LlavaForConditionalGeneration)
+def test_pipeline_job_end_to_end(ray_local, mlflow_server, tmp_path):
+    """Synthetic data -> compose -> stage 1 -> stage 2 -> evaluate both -> Serve -> one question over HTTP."""
+    port = free_port()
+    result = pipeline.main(["--recipe", "tiny_cpu_demo", "--output", str(tmp_path / "out"), "--port", str(port),
+                            *tiny_pipeline_overrides(tmp_path), f"tracking.uri={mlflow_server}"])
+    assert set(result["scores"]) == {"stage1", "stage2"}
+    for scores in result["scores"].values():
+        assert scores["count/short"] + scores["count/mc"] == 8 and 0 <= scores["accuracy"] <= 1
+    demo = result["demo"]
+    assert isinstance(demo["answer"], str) and demo["correct"] == is_correct(demo["answer"], demo["gold"], "short")
+    assert demo["question"].startswith("What colour is the")
 
-
-def test_pipeline_job_runs_llava_next(ray_local, tmp_path):
-    result = pipeline.main([
-        "--recipe", "tiny_cpu_demo", "--output", str(tmp_path), "--steps", "4", "--records", "8",
-        "model.arch=llava_next", "model.image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]]",
-        "stage1.data.image_mode=anyres", "stage2.data.image_mode=anyres",
-    ])
-    assert result["report"].kept == 8 and len(result["losses"]) == 4
+    client = tracking.client_for(mlflow_server)
+    runs = result["runs"]
+    name, version = result["model_uri"].removeprefix("models:/").split("/")
+    assert client.get_model_version(name, version).run_id == runs["stage2"]
+    for stage in ("stage1", "stage2"):  # each stage's scores land on its own run
+        metrics = client.get_run(runs[stage]).data.metrics
+        assert metrics["eval/accuracy"] == pytest.approx(result["scores"][stage]["accuracy"])
+        assert client.get_run(runs[stage]).data.tags[tracking.PARENT_TAG] == runs["parent"]
+    with pytest.raises(OSError):  # the endpoint was shut down at the end (no --keep-serving)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
 
 def test_preprocess_job_materialises_shards(ray_local, tmp_path):

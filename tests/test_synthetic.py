@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from llava_platform.data.synthetic import COLOURS, LETTERS, write_synthetic_dataset
+from llava_platform.data.synthetic import COLOURS, LETTERS, MC_SUFFIX, write_synthetic_dataset
 
 
 def load(path):
@@ -36,19 +36,39 @@ def test_splits_are_well_formed(tmp_path):
         assert sum(t["value"].count("<image>") for t in turns) == 1
         sizes.add(Image.open(tmp_path / record["image"]).size)
     assert len(sizes) > 20  # varied sizes and aspect ratios
-    assert any(len(r["conversations"]) >= 4 for r in stage2)  # multi-turn
     assert {r["type"] for r in held_out} == {"short", "mc"}
+    mc = [r for r in stage2 if MC_SUFFIX in r["conversations"][0]["value"]]
+    assert 0 < len(mc) < len(stage2) and all(r["conversations"][1]["value"] in LETTERS for r in mc)
     assert not {r["image"] for r in held_out} & {r["image"] for r in stage1}  # held out
 
 
+def test_captions_cover_the_first_training_images(tmp_path):
+    files = write_synthetic_dataset(tmp_path, train=12, eval=2, seed=0, captions=5)
+    stage1, stage2 = load(files["stage1"]), load(files["stage2"])
+    assert [r["image"] for r in stage1] == [r["image"] for r in stage2[:5]]
+
+
+def pixels_near(image: np.ndarray, half: str, colour: str) -> int:
+    """How many pixels in the named half of an (H, W, 3) image are close to ``colour``."""
+    height, width = image.shape[:2]
+    part = {"left": image[:, : width // 2], "right": image[:, width // 2:],
+            "top": image[: height // 2], "bottom": image[height // 2:]}[half]
+    return int((np.abs(part.reshape(-1, 3).astype(int) - COLOURS[colour]).sum(axis=1) < 40).sum())
+
+
 def test_answers_are_grounded_in_the_pixels(tmp_path):
-    """The gold colour of a multiple-choice answer is really drawn in the image."""
-    files = write_synthetic_dataset(tmp_path, train=1, eval=20, seed=1)
+    """The gold colour of every held-out answer is drawn in the half the question names, and not in the other."""
+    files = write_synthetic_dataset(tmp_path, train=1, eval=30, seed=1)
+    opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
     for record in load(files["eval"]):
-        if record["type"] != "mc":
-            continue
         question = record["conversations"][0]["value"]
-        options = dict(line.split(". ", 1) for line in question.splitlines() if line[:2] in {f"{x}." for x in LETTERS})
-        colour = COLOURS[options[record["answer"]]]
-        pixels = np.asarray(Image.open(tmp_path / record["image"]).convert("RGB")).reshape(-1, 3).astype(int)
-        assert (np.abs(pixels - colour).sum(axis=1) < 40).sum() > 50
+        if record["type"] == "mc":
+            options = dict(line.split(". ", 1) for line in question.splitlines()
+                           if line[:2] in {f"{x}." for x in LETTERS})
+            colour = options[record["answer"]]
+        else:
+            colour = record["answer"].rstrip(".").lower()
+        where = next(word for word in opposite if f"the {word} shape" in question)
+        image = np.asarray(Image.open(tmp_path / record["image"]).convert("RGB"))
+        assert pixels_near(image, where, colour) > 50, (record["id"], where, colour)
+        assert pixels_near(image, opposite[where], colour) < 5, (record["id"], where, colour)

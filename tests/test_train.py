@@ -35,6 +35,7 @@ def setup(tmp_path_factory):
         "stage1.global_batch_size=4", "stage1.micro_batch_size=2", "stage2.global_batch_size=4",
         "stage2.micro_batch_size=1", f"stage1.max_steps={STEPS}", f"stage2.max_steps={STEPS}",
         "stage1.optim.lr=0.01", "checkpoint.every_n_steps=2", "tracking.system_metrics_interval_s=1",
+        "stage1.data.preprocessed=null", "stage2.data.preprocessed=null",  # streamed into the workers
     ]
     return root, initial, files, overrides
 
@@ -234,7 +235,9 @@ def test_default_tracking_is_a_local_store_in_the_working_directory(zero3_lora):
     out, cwd, stage1_runs, runs = zero3_lora
     client = tracking.client_for(f"sqlite:///{cwd / 'mlflow.db'}")
     assert client.get_run(runs["parent"]).info.status == "FINISHED"
-    assert losses(client, runs["stage2"]), "no stage-2 losses in the local store"
+    for run_id in (stage1_runs["stage1"], runs["stage2"]):  # ZeRO-3 stage 1, then ZeRO-3 + LoRA stage 2
+        history = losses(client, run_id)
+        assert sorted(history) == list(range(1, STEPS + 1)) and history[STEPS] < history[1], history
     stage1 = client.get_run(stage1_runs["stage1"])
     assert stage1.data.metrics["data/read"] == 24 and stage1.data.params["data.preprocessed"].endswith("stage1-shards")
     assert latest_version(client).run_id == runs["stage2"]

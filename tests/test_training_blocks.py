@@ -22,6 +22,7 @@ from llava_platform.model.trainability import (
     set_trainable,
 )
 from llava_platform.train.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config, build_lr_scheduler
+from llava_platform.train.engine import init_distributed
 
 
 def config_for(stage, world_size, use_gpu=True):
@@ -106,13 +107,11 @@ def test_lora_trains_adapters_and_projector_only(towers):
 
 @pytest.fixture(scope="module")
 def single_process_group():
-    import deepspeed
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     yield
     torch.distributed.destroy_process_group()
 

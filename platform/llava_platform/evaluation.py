@@ -1,8 +1,17 @@
-"""Scoring of generated answers: VQA-style normalised exact match and multiple-choice letters."""
+"""Scoring of generated answers: VQA-style normalised exact match and multiple-choice letters.
+
+An evaluation record is a LLaVA-format record whose first human turn is the question, with a gold
+``answer`` (else the first assistant turn) and a ``type``: ``short`` (exact match after
+normalisation, the default) or ``mc`` (the option letter).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from llava_platform.data.errors import SampleError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = re.compile(r"[^\w\s]")
@@ -28,3 +37,48 @@ def is_correct(prediction: str, gold: str, kind: str) -> bool:
     if kind == "mc":
         return extract_choice(prediction) == gold.strip().upper()
     return normalize_answer(prediction) == normalize_answer(gold)
+
+
+KINDS = ("short", "mc")
+
+
+class EvalRecordError(SampleError):
+    """An evaluation record without a usable question, gold answer or type."""
+
+    reason = "bad_eval_record"
+
+
+def eval_fields(record: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(question without ``<image>``, gold answer, kind) of a parsed evaluation record.
+
+    Raises:
+        EvalRecordError: no human question first, no gold answer, or an unknown ``type``.
+    """
+    turns = record["conversations"]
+    first = turns[0] if turns and isinstance(turns[0], dict) else {}
+    if first.get("from") != "human" or not isinstance(first.get("value"), str):
+        raise EvalRecordError("the first turn must be the human question ({'from': 'human', 'value': ...})")
+    answer = record.get("answer")
+    if answer is None:
+        answer = next((t.get("value") for t in turns[1:] if isinstance(t, dict) and t.get("from") == "gpt"), None)
+    if not isinstance(answer, str) or not answer.strip():
+        raise EvalRecordError("no gold answer: give 'answer', or a 'gpt' turn after the question")
+    kind = record.get("type", "short")
+    if kind not in KINDS:
+        raise EvalRecordError(f"'type' is {kind!r}; use one of {', '.join(KINDS)}")
+    return first["value"].replace("<image>", "").strip(), answer, kind
+
+
+def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Accuracy per kind and overall, and the count per kind, from rows with ``type`` and ``correct``."""
+    hits: dict[str, list[bool]] = {}
+    for row in rows:
+        hits.setdefault(row["type"], []).append(bool(row["correct"]))
+    scores: dict[str, float] = {}
+    for kind, values in sorted(hits.items()):
+        scores[f"accuracy/{kind}"] = sum(values) / len(values)
+        scores[f"count/{kind}"] = len(values)
+    everything = [v for values in hits.values() for v in values]
+    if everything:
+        scores["accuracy"] = sum(everything) / len(everything)
+    return scores

@@ -180,3 +180,12 @@ def register_export(tracking_uri: str, run_id: str, export_dir: str | Path, mode
             registered_model_name=model_name, pip_requirements=requirements,
         )
     return str(info.registered_model_version)
+
+
+def registered_version(tracking_uri: str, run_id: str) -> tuple[str, str] | None:
+    """(registered model name, version) that ``register_export`` created from ``run_id``; the newest if several."""
+    versions = client_for(tracking_uri).search_model_versions(f"run_id = '{run_id}'")
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    return newest.name, str(newest.version)

@@ -40,6 +40,9 @@ class TinyTowers(Section):
     vision_heads: PositiveInt = 2
     patch_size: PositiveInt = 14
     """ViT patch size in pixels; ``model.image_size`` must be a multiple of it."""
+    vision_position_scale: PositiveFloat = 1.0
+    """Scale of the vision tower's random position embeddings; 10-15 makes patch features say where
+    they are, as a pretrained tower's do (see ``testing/tiny.py``)."""
     text_hidden_size: PositiveInt = 32
     text_layers: PositiveInt = 2
     text_heads: PositiveInt = 2
@@ -209,6 +212,39 @@ class CheckpointConfig(Section):
     """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
 
 
+class SyntheticDataConfig(Section):
+    """Write the synthetic coloured-shapes dataset before anything else (the CPU demo; see ``data/synthetic.py``)."""
+
+    out_dir: str
+    """Folder for ``stage1.json``, ``stage2.jsonl``, ``eval.jsonl`` and ``images/``; the stages' data point here.
+    Kept between runs: a folder written with the same settings and seed is reused."""
+    train_records: PositiveInt = 1000
+    """Stage-2 question records, one image each."""
+    caption_records: PositiveInt | None = None
+    """Stage-1 caption records, on the first training images (default: one per training image)."""
+    eval_records: PositiveInt = 100
+    """Held-out questions on new images, half short-answer, half multiple-choice."""
+
+
+class EvaluationConfig(Section):
+    """The held-out evaluation that ``jobs.pipeline`` runs after training (through ``jobs.evaluate``)."""
+
+    data_files: list[str] = Field(min_length=1)
+    """LLaVA-format evaluation files with gold ``answer`` and ``type`` (``short`` or ``mc``) per record."""
+    image_root: str | None = None
+    """Folder or ``s3://`` prefix of the records' relative image paths."""
+    max_new_tokens: PositiveInt = 16
+    batch_size: PositiveInt = 16
+    """Questions per ``generate`` call."""
+    num_replicas: PositiveInt = 1
+    """Model replicas (Ray Data actors) answering in parallel."""
+    cpus_per_replica: PositiveFloat = 1.0
+    gpus_per_replica: float = Field(0.0, ge=0.0)
+    """0: CPU replicas; 1 puts each replica on its own GPU."""
+    score_stage1: bool = True
+    """Also score the stage-1 model (starting checkpoint + aligned projector), to show what stage 2 adds."""
+
+
 class Recipe(Section):
     """The root of a training recipe: model, up to two stages, and the cluster shape."""
 
@@ -222,6 +258,10 @@ class Recipe(Section):
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    synthetic: SyntheticDataConfig | None = None
+    """Generate the synthetic dataset first (demo recipes)."""
+    evaluation: EvaluationConfig | None = None
+    """Score the trained model on held-out questions at the end of ``jobs.pipeline``."""
 
     def stages(self) -> dict[str, StageConfig]:
         """The stages present, in run order, keyed by their recipe name (``stage1``, ``stage2``)."""

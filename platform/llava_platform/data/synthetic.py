@@ -4,11 +4,19 @@ Deterministic from a seed. Images vary in size and aspect ratio (JPEG and PNG); 
 shapes of different kinds and colours, side by side or one above the other. Splits:
 
 - ``stage1.json`` (a JSON array): captions, "a red circle to the left of a blue square";
-- ``stage2.jsonl`` (JSON lines): multi-turn Q&A, "What colour is the circle?" -> "Red.";
-- ``eval.jsonl``: held-out single questions with a gold ``answer``: short answers (``type: short``)
-  and ScienceQA-style multiple choice answered with a letter (``type: mc``).
+- ``stage2.jsonl`` (JSON lines): one question per image about which colour is where, of the two
+  kinds the held-out split asks: "What colour is the left shape?" -> "Red.", or the same question
+  as multiple choice answered with the option's letter;
+- ``eval.jsonl``: held-out questions on new images with a gold ``answer`` and a ``type``:
+  ``short`` (the colour word) or ``mc`` (ScienceQA style, the letter).
 
-Chance is 1/4 for colour questions (four colours), 1/3 for shapes, 1/4 for multiple choice.
+Both kinds have a chance level of 1/4 (four colours; four options), and answering takes the pixels
+at the right place: a model that knows which colours are in the picture but not where scores 1/2.
+The options of a multiple-choice question always come in the same order (A. red, B. green,
+C. blue, D. yellow). With shuffled options the answer also needs in-context copying (find the
+colour among the options, emit the letter before it), which real LLMs bring from pretraining and
+the demo's tiny random LM does not learn within minutes (measured: no progress in 2000 steps of
+text-only training); the evaluation code scores shuffled options all the same.
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ class Scene:
     def relation(self) -> str:
         return "above" if self.vertical else "to the left of"
 
+    @property
+    def positions(self) -> tuple[str, str]:
+        """Where ``first`` and ``second`` are, as words: ("left", "right") or ("top", "bottom")."""
+        return ("top", "bottom") if self.vertical else ("left", "right")
+
     def caption(self) -> str:
         (c1, s1), (c2, s2) = self.first, self.second
         return f"a {c1} {s1} {self.relation} a {c2} {s2}"
@@ -51,15 +64,18 @@ def _random_scene(rng: np.random.Generator) -> Scene:
 
 
 def _draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
-    width, height = int(rng.integers(96, 400)), int(rng.integers(96, 400))
-    if scene.vertical and height < width:  # leave room for one shape above the other
+    # Sizes vary, aspect ratios stay within 3:4 and 4:3 so that each shape still covers several
+    # vision-tower patches once the picture is padded and scaled to the tile size.
+    width = int(rng.integers(96, 400))
+    height = int(width * rng.uniform(0.75, 1.33))
+    if scene.vertical != (height > width):  # the longer side holds both shapes
         width, height = height, width
     image = Image.new("RGB", (width, height), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
     draw = ImageDraw.Draw(image)
     halves = [(0, 0, width, height // 2), (0, height // 2, width, height)] if scene.vertical else [
         (0, 0, width // 2, height), (width // 2, 0, width, height)]
     for (colour, shape), (x0, y0, x1, y1) in zip((scene.first, scene.second), halves, strict=True):
-        side = int(min(x1 - x0, y1 - y0) * rng.uniform(0.5, 0.8))
+        side = int(min(x1 - x0, y1 - y0) * rng.uniform(0.6, 0.9))
         left = x0 + int(rng.integers(0, x1 - x0 - side + 1))
         top = y0 + int(rng.integers(0, y1 - y0 - side + 1))
         box = (left, top, left + side, top + side)
@@ -72,25 +88,25 @@ def _draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return image
 
 
-def _questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(question, short answer, kind) about the scene."""
-    out = []
-    for colour, shape in (scene.first, scene.second):
-        out.append((f"What colour is the {shape}?", f"{colour.capitalize()}.", "colour"))
-        out.append((f"Which shape is {colour}?", f"The {shape}.", "shape"))
-    (_, s1), (_, s2) = scene.first, scene.second
-    where = "above" if scene.vertical else "left of"
-    out.append((f"Is the {s1} {where} the {s2}?", "Yes.", "relation"))
-    out.append((f"Is the {s2} {where} the {s1}?", "No.", "relation"))
-    rng.shuffle(out)
-    return out
+def _colour_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """"What colour is the left shape?" about a random one of the two shapes; the answer is the colour word."""
+    k = int(rng.integers(2))
+    return f"What colour is the {scene.positions[k]} shape?", (scene.first, scene.second)[k][0]
 
 
 def _multiple_choice(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    colour, shape = scene.first if rng.integers(2) else scene.second
-    options = list(rng.permutation(list(COLOURS)))
-    lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
-    return f"What colour is the {shape}?\n{lines}\n{MC_SUFFIX}", LETTERS[options.index(colour)]
+    """The colour question with the four colours as lettered options; the answer is the letter."""
+    question, colour = _colour_question(scene, rng)
+    lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(COLOURS))
+    return f"{question}\n{lines}\n{MC_SUFFIX}", LETTERS[list(COLOURS).index(colour)]
+
+
+def _question(scene: Scene, rng: np.random.Generator, kind: str) -> tuple[str, str]:
+    """(question, gold answer) of the given kind (``short`` or ``mc``) about the scene."""
+    if kind == "mc":
+        return _multiple_choice(scene, rng)
+    question, colour = _colour_question(scene, rng)
+    return question, f"{colour.capitalize()}."
 
 
 def _save(image: Image.Image, folder: Path, name: str, rng: np.random.Generator) -> str:
@@ -101,49 +117,70 @@ def _save(image: Image.Image, folder: Path, name: str, rng: np.random.Generator)
 
 
 def write_synthetic_dataset(
-    out_dir: str | Path, *, train: int = 200, eval: int = 100, seed: int = 0
+    out_dir: str | Path, *, train: int = 200, eval: int = 100, seed: int = 0, captions: int | None = None
 ) -> dict[str, Path]:
     """Write images and the three splits under ``out_dir``; return the split files by name.
 
     Args:
-        train: records in each of the stage-1 and stage-2 splits (they share the images).
-        eval: held-out records (new images), half short-answer, half multiple-choice.
+        train: stage-2 records, one question on an image of its own (half short, half multiple choice).
+        eval: held-out records on new images, alternately short-answer and multiple-choice.
         seed: everything is a pure function of it.
+        captions: stage-1 caption records, on the first ``captions`` training images (default: all).
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # an interrupted rewrite is never taken for complete
     rng = np.random.default_rng(seed)
+    captions = train if captions is None else min(captions, train)
     stage1, stage2, held_out = [], [], []
     for i in range(train):
         scene = _random_scene(rng)
         image = _save(_draw(scene, rng), out_dir, f"train_{i:05d}", rng)
-        stage1.append({"id": f"cap-{i}", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image briefly."},
-            {"from": "gpt", "value": scene.caption()},
+        if i < captions:
+            stage1.append({"id": f"cap-{i}", "image": image, "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image briefly."},
+                {"from": "gpt", "value": scene.caption()},
+            ]})
+        question, answer = _question(scene, rng, "mc" if rng.integers(2) else "short")
+        stage2.append({"id": f"qa-{i}", "image": image, "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer},
         ]})
-        turns = _questions(scene, rng)[: int(rng.integers(2, 4))]
-        mc_question, mc_letter = _multiple_choice(scene, rng)
-        if rng.integers(2):
-            turns.append((mc_question, mc_letter, "mc"))
-        conversation = []
-        for k, (question, answer, _) in enumerate(turns):
-            conversation.append({"from": "human", "value": f"<image>\n{question}" if k == 0 else question})
-            conversation.append({"from": "gpt", "value": answer})
-        stage2.append({"id": f"qa-{i}", "image": image, "conversations": conversation})
     for i in range(eval):
         scene = _random_scene(rng)
         image = _save(_draw(scene, rng), out_dir, f"eval_{i:05d}", rng)
-        if i % 2:
-            question, answer = _multiple_choice(scene, rng)
-            kind = "mc"
-        else:
-            question, answer, _ = next(q for q in _questions(scene, rng) if q[2] != "relation")
-            kind = "short"
+        kind = "mc" if i % 2 else "short"
+        question, answer = _question(scene, rng, kind)
         held_out.append({"id": f"eval-{i}", "image": image, "type": kind, "answer": answer, "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer},
         ]})
-    files = {"stage1": out_dir / "stage1.json", "stage2": out_dir / "stage2.jsonl", "eval": out_dir / "eval.jsonl"}
+    files = split_files(out_dir)
     files["stage1"].write_text(json.dumps(stage1, indent=1))
     files["stage2"].write_text("".join(json.dumps(r) + "\n" for r in stage2))
     files["eval"].write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    (out_dir / SETTINGS_FILE).write_text(json.dumps(_settings(train, eval, seed, captions)))
     return files
+
+
+SETTINGS_FILE = "synthetic.json"
+"""Written last into ``out_dir``: what the folder was generated with (see ``existing_dataset``)."""
+GENERATOR_VERSION = 2
+"""Bumped whenever the generator's output changes, so that older folders are not reused."""
+
+
+def split_files(out_dir: str | Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    return {"stage1": out_dir / "stage1.json", "stage2": out_dir / "stage2.jsonl", "eval": out_dir / "eval.jsonl"}
+
+
+def existing_dataset(out_dir: str | Path, *, train: int, eval: int, seed: int,
+                     captions: int | None = None) -> dict[str, Path] | None:
+    """The split files of a complete earlier ``write_synthetic_dataset`` with the same arguments, else ``None``."""
+    settings = Path(out_dir) / SETTINGS_FILE
+    if not settings.is_file() or json.loads(settings.read_text()) != _settings(train, eval, seed, captions):
+        return None
+    return split_files(out_dir)
+
+
+def _settings(train: int, eval: int, seed: int, captions: int | None) -> dict[str, int]:
+    captions = train if captions is None else min(captions, train)
+    return {"version": GENERATOR_VERSION, "train": train, "eval": eval, "seed": seed, "captions": captions}

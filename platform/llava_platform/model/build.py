@@ -30,7 +30,7 @@ def materialize_tiny_towers(model: ModelConfig, out_dir: str | Path) -> tuple[st
     vision = save_tiny_vision_tower(
         out_dir / "tiny_vision_tower", family=tiny.vision_family, image_size=model.image_size,
         patch_size=tiny.patch_size, hidden_size=tiny.vision_hidden_size, layers=tiny.vision_layers,
-        heads=tiny.vision_heads, seed=tiny.seed,
+        heads=tiny.vision_heads, position_scale=tiny.vision_position_scale, seed=tiny.seed,
     )
     language = save_tiny_language_model(
         out_dir / "tiny_language_model", hidden_size=tiny.text_hidden_size, layers=tiny.text_layers,

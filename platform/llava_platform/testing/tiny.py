@@ -37,6 +37,12 @@ _CORPUS = [
     "What colour is the shape? Which shape is it? How many shapes are there? Answer with the letter.",
     "red green blue yellow black white circle square triangle left right top bottom one two three four",
     "A. B. C. D. The answer is yes no system user assistant",
+    # the words of the synthetic dataset (data/synthetic.py), so they are whole tokens as in a real vocabulary
+    "Red. Green. Blue. Yellow. Left. Right. Top. Bottom. Yes. No. Describe the image briefly.",
+    "What colour is the left shape? What colour is the bottom shape? Where is the red shape? Is the blue shape "
+    "left of the green shape? Is the yellow shape above the red shape? a green circle to the left of a yellow "
+    "triangle, a blue square above a red circle",
+    "Answer with the option's letter from the given choices directly.",
 ]
 
 
@@ -114,12 +120,20 @@ def save_tiny_vision_tower(
     hidden_size: int = 32,
     layers: int = 2,
     heads: int = 2,
+    position_scale: float = 1.0,
     seed: int = 0,
 ) -> Path:
     """Save a tiny dual-encoder (CLIP or SigLIP, text + vision) with its image processor.
 
     Real vision towers ship as full dual-encoder checkpoints; composing from one exercises the same
     "take the vision half" path as ``openai/clip-vit-large-patch14-336``.
+
+    Args:
+        position_scale: multiplies the vision position embeddings after random initialisation.
+            Both they and the patch projection start at std 0.02, but the projection sums
+            3 x patch² pixels, so a random tower's patch features barely say where a patch is; a
+            pretrained ViT's do. 10-15 gives the tiny tower that property (the CPU demo's
+            "where is the red shape?" questions need it).
     """
     out_dir = Path(out_dir)
     vision = {
@@ -144,6 +158,8 @@ def save_tiny_vision_tower(
         processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     else:
         raise ValueError(f"unknown vision family {family!r}; allowed: clip, siglip")
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.weight.mul_(position_scale)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

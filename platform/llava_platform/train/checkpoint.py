@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava_platform.model.compose import load_pretrained_llava
+from llava_platform.model.compose import load_pretrained_llava, save_llava
 from llava_platform.model.trainability import apply_lora, part_of
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -99,3 +99,14 @@ def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | 
         adapted.merge_and_unload().save_pretrained(export)
     processor.save_pretrained(export)
     return export
+
+
+def export_with_projector(model_path: str, projector_path: str | Path, out_dir: str | Path) -> Path:
+    """The starting checkpoint with a trained projector loaded, saved as a Hugging Face folder.
+
+    This is the stage-1 model (towers as composed, projector aligned), for evaluating or serving stage 1
+    on its own.
+    """
+    model, processor = load_pretrained_llava(model_path)
+    load_projector(model, projector_path)
+    return save_llava(model, processor, out_dir)

@@ -71,7 +71,9 @@ def build_deepspeed_config(
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999]}},
+        # On CPU, torch's AdamW: DeepSpeed's FusedAdam would first JIT-compile a C++ op (about a minute).
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999],
+                                                  **({} if use_gpu else {"torch_adam": True})}},
         "steps_per_print": 10**9,  # progress is reported by our loop and MLflow, not DeepSpeed's prints
         "wall_clock_breakdown": False,
     }

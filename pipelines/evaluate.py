@@ -1,0 +1,125 @@
+"""Batch inference with Ray Data: evaluation records -> scored predictions, bad records -> quarantine.
+
+    records = read_records([eval_file])                              # sources.py: JSON / JSONL / Parquet
+    predictions, quarantine = predict(records, model="models:/tiny-cpu-demo/1", ...)
+    rows = predictions.take_all()                                    # PREDICTION_SCHEMA rows, one per good record
+    report = finish(quarantine)                                      # read / kept / quarantined counts
+
+The model replicas are an actor pool: each actor resolves the model URI itself (a folder, ``s3://``,
+``models:/``, ``runs:/``; downloads are cached per node), loads the checkpoint once, and answers a
+batch of questions in one greedy ``generate`` call through the checkpoint's own processor. A record
+that cannot be evaluated (malformed JSON, no question or gold answer, a missing or broken image) is
+quarantined with its reason, exactly as in preprocessing, and the run goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+
+from llava_platform.data.errors import SampleError
+from llava_platform.data.images import decode_image
+from llava_platform.data.records import MalformedRecordError, parse_record
+from llava_platform.evaluation import eval_fields, is_correct
+from llava_platform.inference import answer_questions
+from llava_platform.model.compose import load_pretrained_llava
+from llava_platform.model.sources import resolve_checkpoint
+from pipelines.preprocess import quarantine_entry, record_image_bytes, record_key
+from pipelines.quarantine import QuarantineLog
+from pipelines.storage import ImageReader
+
+PREDICTION_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("type", pa.string()),  # "short" or "mc"
+    ("question", pa.string()),
+    ("answer", pa.string()),  # gold
+    ("prediction", pa.string()),
+    ("correct", pa.bool_()),
+])
+
+
+class Predictor:
+    """The per-actor callable of ``map_batches``: raw evaluation rows -> ``PREDICTION_SCHEMA`` rows."""
+
+    def __init__(self, *, model: str, cache_dir: str, tracking_uri: str | None, image_root: str | None,
+                 s3_endpoint_url: str | None, max_image_pixels: int, max_new_tokens: int, device: str,
+                 quarantine: ray.actor.ActorHandle):
+        checkpoint = resolve_checkpoint(model, cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
+        self.model, self.processor = load_pretrained_llava(str(checkpoint))
+        self.model.to(device).eval()
+        self.images = ImageReader(image_root, s3_endpoint_url)
+        self.max_image_pixels = max_image_pixels
+        self.max_new_tokens = max_new_tokens
+        self.quarantine = quarantine
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        good: list[dict[str, Any]] = []
+        inputs, keys, bad = [], [], []
+        for raw in batch.to_pylist():
+            keys.append(record_key(raw))
+            try:
+                if raw["error"]:
+                    raise MalformedRecordError(raw["error"])
+                record = parse_record(raw["record"])
+                question, answer, kind = eval_fields(record)
+                data = record_image_bytes(record, raw["image_bytes"], self.images)
+                image = decode_image(data, self.max_image_pixels) if data is not None else None
+            except SampleError as err:
+                bad.append(quarantine_entry(raw, err))
+                continue
+            good.append({"id": str(record["id"]), "type": kind, "question": question, "answer": answer})
+            inputs.append((image, question))
+        if inputs:
+            answers = answer_questions(self.model, self.processor, inputs, max_new_tokens=self.max_new_tokens)
+            for row, prediction in zip(good, answers, strict=True):
+                row.update(prediction=prediction, correct=is_correct(prediction, row["answer"], row["type"]))
+        ray.get(self.quarantine.add.remote(keys, bad))
+        return pa.Table.from_pylist(good, schema=PREDICTION_SCHEMA)
+
+
+def predict(
+    records: ray.data.Dataset,
+    *,
+    model: str,
+    cache_dir: str,
+    tracking_uri: str | None = None,
+    image_root: str | None = None,
+    s3_endpoint_url: str | None = None,
+    max_image_pixels: int = 50_000_000,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    num_replicas: int = 1,
+    cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+    """Lazily answer and score every evaluation record; returns (predictions, the quarantine log actor).
+
+    Args:
+        records: raw rows from ``read_records``.
+        model: checkpoint URI (folder, ``s3://``, ``models:/<name>/<version>``, ``runs:/<id>/<path>``).
+        cache_dir: where each node keeps downloaded checkpoints.
+        tracking_uri: MLflow tracking URI for ``models:/`` and ``runs:/``.
+        image_root: folder or ``s3://`` prefix of the records' relative image paths.
+        max_new_tokens: answer length cap (short answers and option letters need few).
+        batch_size: questions per ``generate`` call.
+        num_replicas: model replicas (actors); each holds one copy of the model.
+        cpus_per_replica, gpus_per_replica: resources per replica; with GPUs the model runs on ``cuda``.
+    """
+    quarantine = QuarantineLog.remote()
+    predictions = records.map_batches(
+        Predictor,
+        fn_constructor_kwargs=dict(
+            model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, image_root=image_root,
+            s3_endpoint_url=s3_endpoint_url, max_image_pixels=max_image_pixels, max_new_tokens=max_new_tokens,
+            device="cuda" if gpus_per_replica > 0 else "cpu", quarantine=quarantine,
+        ),
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ActorPoolStrategy(size=num_replicas),
+        num_cpus=cpus_per_replica,
+        num_gpus=gpus_per_replica,
+    )
+    return predictions, quarantine
