@@ -26,6 +26,7 @@ from llava_platform import tracking
 from llava_platform.data.collate import collate
 from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
+from llava_platform.data.read_ahead import EpochReader
 from llava_platform.train.checkpoint import export_model, full_state_dict, save_projector
 from llava_platform.train.engine import (
     build_engine,
@@ -42,6 +43,8 @@ EXPORT_CHECK_FILE = "export_check.pt"
 """One probe micro-batch and the trained engine's logits on it, to check that the export reproduces them."""
 LOG_EVERY = 10
 """Optimizer steps between MLflow metric uploads (every step is logged, in batches)."""
+READ_AHEAD_WINDOWS = 4
+"""Grouping windows (32 micro-batches each) a worker reads ahead, across epoch boundaries (``EpochReader``)."""
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -72,12 +75,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = config["engine"]["total_steps"]
     settings = ImageSettings.from_processor(processor)
     shard = ray.train.get_dataset_shard(f"rank{rank}")
+    reader = EpochReader(lambda epoch: shard.iter_batches(batch_size=config["group_window"], batch_format="numpy"),
+                         first_epoch=position["epoch"], epochs=config["epochs"], depth=READ_AHEAD_WINDOWS)
     probe = None
 
     checkpointed_step = position["step"]
     for epoch in range(position["epoch"], config["epochs"]):
         done_in_epoch = position["steps_in_epoch"]  # 0 unless resuming inside this epoch
-        raw = micro_batch_rows(shard, config, epoch, skip=done_in_epoch * accumulation)
+        raw = micro_batch_rows(reader.items(epoch), config, epoch, skip=done_in_epoch * accumulation)
         batches = (collate_rows(rows, processor, settings, config["anyres"], device) for rows in raw)
         step_started = time.perf_counter()  # wall time between steps: a step's logging counts towards the next
         while position["step"] < total_steps:
@@ -111,6 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     tracking.log_steps(uri, run_id, pending)
                 pending = {}
         position = {**position, "epoch": epoch + 1, "steps_in_epoch": 0}
+    reader.close()
     if checkpointed_step != position["step"]:  # the data ran out before total_steps
         report_checkpoint(engine, position, config, metrics, rank)
 
@@ -131,9 +137,8 @@ def resolve_projector(projector: str | None, tracking_uri: str, download_dir: st
                                                tracking_uri=tracking_uri)
 
 
-def micro_batch_rows(shard, config: dict[str, Any], epoch: int, *, skip: int) -> Iterator[dict]:
-    """This rank's micro-batches of rows for one epoch, in a fixed order; the first ``skip`` are dropped uncollated."""
-    windows = shard.iter_batches(batch_size=config["group_window"], batch_format="numpy")
+def micro_batch_rows(windows: Iterator[dict], config: dict[str, Any], epoch: int, *, skip: int) -> Iterator[dict]:
+    """One epoch's micro-batches from its windows of rows, in a fixed order; the first ``skip`` are dropped."""
     rows = regroup(windows, config["micro_batch"], group=config["group_by_length"], seed=config["seed"] + epoch)
     for index, batch in enumerate(rows):
         if index >= skip:

@@ -17,7 +17,7 @@ from pipelines.preprocess import ManifestError, finish, preprocess, read_shards,
 from pipelines.sources import read_records
 
 MAX_LENGTH = 1024
-PIXEL_LIMIT = 200_000  # synthetic images are at most 400 x 400 = 160,000 pixels
+PIXEL_LIMIT = 200_000  # synthetic images are at most 340 x 256 pixels
 
 
 def run(records, checkpoint, mode, **kwargs):

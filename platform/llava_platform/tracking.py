@@ -148,21 +148,14 @@ class LlavaCheckpoint(mlflow.pyfunc.PythonModel):
         self.model.eval()
 
     def predict(self, context, model_input, params=None) -> list[str]:
-        import torch
         from PIL import Image
 
+        from llava_platform.inference import answer_questions
+
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        answers = []
-        for row in rows:
-            image = Image.open(row["image"]).convert("RGB") if row.get("image") else None
-            content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": row["prompt"]}]
-            text = self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True)
-            inputs = self.processor(images=image, text=text, return_tensors="pt")
-            with torch.no_grad():
-                output = self.model.generate(**inputs, max_new_tokens=int((params or {}).get("max_new_tokens", 32)))
-            answers.append(self.processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-        return answers
+        items = [(Image.open(row["image"]).convert("RGB") if row.get("image") else None, row["prompt"]) for row in rows]
+        return answer_questions(self.model, self.processor, items,
+                                max_new_tokens=int((params or {}).get("max_new_tokens", 32)))
 
 
 def register_export(tracking_uri: str, run_id: str, export_dir: str | Path, model_name: str) -> str:
