@@ -18,7 +18,7 @@ def test_compose_job_writes_a_self_describing_checkpoint(tmp_path):
     assert "name: tiny-cpu-demo" in (out / "llava_platform_recipe.yaml").read_text()
     processor = AutoProcessor.from_pretrained(out)
     assert processor.image_processor.do_pad  # the last stage's image mode is `pad`
-    assert "ASSISTANT:" in processor.chat_template
+    assert "[INST]" in processor.chat_template  # stage 2's `mistral` template
     assert isinstance(AutoModelForImageTextToText.from_pretrained(out), LlavaForConditionalGeneration)
 
 

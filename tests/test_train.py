@@ -210,7 +210,7 @@ def zero3_lora(ray_local, setup, tmp_path_factory, monkeypatch_module):
     out |= run(setup, "zero3_lora", "--stage", "2", *zero3, "stage2.deepspeed.gradient_checkpointing=true",
                "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
                f"stage2.init_from={out['stage1'] / PROJECTOR_FILE}", f"stage2.data.train_files=[{mixed}]",
-               "stage2.optim.lr=0.01")
+               "stage2.optim.lr=0.01", "stage2.data.group_by_modality_length=true")
     return out, cwd, stage1_runs, mlflow_runs(out)
 
 

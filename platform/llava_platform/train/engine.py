@@ -111,17 +111,26 @@ def forward(engine, batch: dict[str, torch.Tensor]):
     """The engine's forward pass on a collated micro-batch; the vision tower runs even without images.
 
     Every rank must run the same modules in the same order: under ZeRO-3 each module's weights are
-    gathered collectively as it runs, and under ZeRO-2 every trainable weight's gradient is reduced
-    across ranks. So a text-only micro-batch follows the order transformers' forward uses with
-    images: embed the tokens, run the tower and projector on a blank tile, add those features times
-    zero (the values stay exact), then enter the model with ``inputs_embeds``.
+    gathered collectively as it runs (after a start-of-forward collective on the whole model), and
+    under ZeRO-2 every trainable weight's gradient is reduced across ranks. So a text-only
+    micro-batch takes the order transformers' forward uses with images, inside the engine's forward:
+    a pre-hook (after DeepSpeed's own) embeds the tokens, runs the tower and projector on a blank
+    tile and adds those features times zero (the values stay exact), then the model continues from
+    ``inputs_embeds``.
     """
     if "pixel_values" in batch:
         return engine(**batch)
-    model = engine.module
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    embeds = embeds + 0.0 * _blank_image_features(model, embeds.device, embeds.dtype)
-    return engine(inputs_embeds=embeds, **{k: v for k, v in batch.items() if k != "input_ids"})
+    handle = engine.module.register_forward_pre_hook(_embed_with_blank_image, with_kwargs=True)
+    try:
+        return engine(**batch)
+    finally:
+        handle.remove()
+
+
+def _embed_with_blank_image(model, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    embeds = model.get_input_embeddings()(kwargs.pop("input_ids"))
+    kwargs["inputs_embeds"] = embeds + 0.0 * _blank_image_features(model, embeds.device, embeds.dtype)
+    return args, kwargs
 
 
 def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepResult:
