@@ -1,6 +1,7 @@
 # Two entry points, both self-installing into .venv/ (reused while pyproject.toml is unchanged):
 #   make demo   - install, then run the main job (jobs.pipeline) on the tiny CPU recipe
 #   make test   - install, then run the test suite
+#   make chaos  - install, then run every fault-injection test (the slow ones too) and print the table
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Set TORCH_INDEX_URL to a CUDA wheel index for GPU machines; the default takes the index's build.
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test install lint clean
+.PHONY: demo test chaos install lint clean
 
 install: $(STAMP)
 
@@ -24,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+chaos: $(STAMP)
+	$(PY) -m pytest -m fault --chaos $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check platform jobs pipelines serve tests

@@ -340,12 +340,17 @@ def checkpoint_storage(recipe: Recipe, output: Path):
 
 
 def fault_from_env(stage_dir: Path, workers: int) -> dict[str, Any] | None:
-    """``LLAVA_TRAIN_KILL_WORKER_AT_STEP=<step>[:<rank>]`` -> the worker's fault-injection setting."""
+    """``LLAVA_TRAIN_KILL_WORKER_AT_STEP=<step>[:<rank>[:hang]]`` -> the worker's fault-injection setting.
+
+    ``hang`` stops the worker instead of killing it, until something outside kills it (a test
+    that removes the worker's node).
+    """
     value = os.environ.get(KILL_AT_STEP_ENV)
     if not value:
         return None
-    step, _, rank = value.partition(":")
-    return {"step": int(step), "rank": int(rank or workers - 1), "marker": str(stage_dir / ".fault-fired")}
+    step, rank, action = (value.split(":") + ["", ""])[:3]
+    return {"step": int(step), "rank": int(rank or workers - 1), "action": action or "kill",
+            "marker": str(stage_dir / ".fault-fired")}
 
 
 if __name__ == "__main__":

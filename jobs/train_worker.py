@@ -70,6 +70,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
     interval = config["system_metrics_interval_s"]
     monitor = tracking.start_system_metrics(uri, run_id, interval) if rank == 0 and interval else None
+    metrics_sender = None
+    if rank == 0:  # a restart replays the steps after its checkpoint: MLflow keeps their first record
+        logged = tracking.last_logged_step(uri, run_id, "loss") if checkpoint is not None else 0
+        metrics_sender = tracking.StepMetricSender(uri, run_id, skip_through_step=logged)
+        if checkpoint is not None:
+            tracking.log_metrics(uri, run_id, {"resumed_at_step": position["step"]}, step=position["step"])
     pending: dict[int, dict[str, float]] = {}
     accumulation = config["engine"]["deepspeed_config"]["gradient_accumulation_steps"]
     total_steps = config["engine"]["total_steps"]
@@ -106,22 +112,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             pending[position["step"]] = metrics
             checkpointed = position["step"] % config["checkpoint_every"] == 0 or position["step"] == total_steps
-            if checkpointed:
-                report_checkpoint(engine, position, config, metrics, rank)
-                checkpointed_step = position["step"]
-            # A restart replays the steps after the last checkpoint; those flushed in between are logged twice.
             if checkpointed or len(pending) >= LOG_EVERY:
                 if rank == 0:
                     log(rank, f"step {position['step']}/{total_steps} loss {metrics['loss']:.4f}")
-                    tracking.log_steps(uri, run_id, pending)
+                    metrics_sender.send(pending)
+                    if checkpointed:
+                        metrics_sender.flush()  # the checkpointed steps are in MLflow before the checkpoint
                 pending = {}
+            if checkpointed:
+                report_checkpoint(engine, position, config, metrics, rank)
+                checkpointed_step = position["step"]
         position = {**position, "epoch": epoch + 1, "steps_in_epoch": 0}
     reader.close()
     if checkpointed_step != position["step"]:  # the data ran out before total_steps
         report_checkpoint(engine, position, config, metrics, rank)
 
     if rank == 0:
-        tracking.log_steps(uri, run_id, pending)
+        metrics_sender.send(pending)
+        lost = metrics_sender.close()
+        tracking.log_metrics(uri, run_id, {"tracking/lost_metric_entries": lost}, step=position["step"])
     export_and_register(engine, processor, probe, position["step"], config, rank)
     if monitor is not None:
         monitor.finish()
@@ -192,13 +201,13 @@ def export_and_register(engine, processor, probe: dict | None, step: int, config
     projector = save_projector(state, out)
     uri, run_id = config["tracking_uri"], config["mlflow_run_id"]
     tracking.log_artifact(uri, run_id, projector)
+    tracking.log_metrics(uri, run_id, {"optimizer_steps": step}, step=step)
     if not config["export"]:
         return
     export = export_model(state, processor, out, model_path=config["engine"]["model_path"],
                           lora=config["engine"]["lora"], module=engine.module)
     if probe is not None:
         torch.save({"batch": {k: v.cpu() for k, v in probe.items()}, "logits": logits}, out / EXPORT_CHECK_FILE)
-    tracking.log_metrics(uri, run_id, {"optimizer_steps": step}, step=step)
     if config["register"]:
         version = tracking.register_export(uri, run_id, export, config["registered_model"])
         log(rank, f"exported {export}, registered as {config['registered_model']} version {version}")
@@ -207,15 +216,18 @@ def export_and_register(engine, processor, probe: dict | None, step: int, config
 
 
 def inject_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
-    """Fault injection for tests: SIGKILL this worker once, at ``fault['step']`` on ``fault['rank']``.
+    """Fault injection for tests: SIGKILL this worker once, at ``fault['step']`` on ``fault['rank']``
+    (``action: kill``), or stop it there until it is killed from outside (``action: hang``).
 
     A marker file makes it fire once, so the restarted worker group runs through. The kill is the
     same signal the kernel's OOM killer sends; nothing is cleaned up.
     """
     if not fault or step != fault["step"] or rank != fault["rank"] or Path(fault["marker"]).exists():
         return
-    Path(fault["marker"]).write_text(f"killed rank {rank} at step {step}\n")
-    log(rank, f"fault injection: killing this worker (pid {os.getpid()}) at step {step}")
+    Path(fault["marker"]).write_text(f"{fault['action']} rank {rank} at step {step} (pid {os.getpid()})\n")
+    log(rank, f"fault injection: {fault['action']} this worker (pid {os.getpid()}) at step {step}")
+    if fault["action"] == "hang":
+        time.sleep(600)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -158,3 +158,56 @@ def tiny_pipeline_overrides(root: Path, records: int = 24, eval_records: int = 8
         "stage1.micro_batch_size=2", "stage2.global_batch_size=4", "stage2.micro_batch_size=2",
         "tracking.system_metrics=false",
     ]
+
+
+# The reliability table: every test marked ``@pytest.mark.fault("what is injected")`` is one row;
+# `make chaos` runs just those (`pytest -m fault`), any other run prints the rows it included.
+# A test reports what it could not deliver with ``record_property("lost", n)`` (default 0).
+_FAULT_ROWS: list[tuple[str, str, str]] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault(description): a fault-injection test, one row of the reliability table")
+    config.addinivalue_line("markers", "chaos: a fault-injection test too slow for `make test`; `make chaos` runs it")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--chaos", action="store_true", help="also run the @pytest.mark.chaos tests (make chaos)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--chaos"):
+        return
+    skip = pytest.mark.skip(reason="a slow fault-injection test: `make chaos` runs it")
+    for item in items:
+        if item.get_closest_marker("chaos"):
+            item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    counted = report.when == "call" or (report.when == "setup" and report.outcome != "passed")
+    fault = getattr(report, "fault", None)
+    if counted and fault:
+        lost = dict(report.user_properties).get("lost", 0 if report.passed else "?")
+        _FAULT_ROWS.append((fault, "survived" if report.passed else report.outcome.upper(), str(lost)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    marker = item.get_closest_marker("fault")
+    if marker:
+        report.fault = marker.args[0]
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FAULT_ROWS:
+        return
+    width = max(len(row[0]) for row in _FAULT_ROWS)
+    terminalreporter.section("reliability: faults injected vs survived")
+    terminalreporter.write_line(f"{'fault injected':<{width}}  {'result':<9} lost")
+    for fault, result, lost in _FAULT_ROWS:
+        terminalreporter.write_line(f"{fault:<{width}}  {result:<9} {lost}")
+    survived = sum(result == "survived" for _, result, _ in _FAULT_ROWS)
+    terminalreporter.write_line(f"{survived}/{len(_FAULT_ROWS)} survived")

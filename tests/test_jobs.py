@@ -22,8 +22,16 @@ def test_compose_job_writes_a_self_describing_checkpoint(tmp_path):
     assert isinstance(AutoModelForImageTextToText.from_pretrained(out), LlavaForConditionalGeneration)
 
 
-def test_pipeline_job_end_to_end(ray_local, mlflow_server, tmp_path):
-    """Synthetic data -> compose -> stage 1 -> stage 2 -> evaluate both -> Serve -> one question over HTTP."""
+SECRET = "s3cr3t-f0r-the-leak-check"
+
+
+def test_pipeline_job_end_to_end(ray_local, mlflow_server, tmp_path, monkeypatch, capfd):
+    """Synthetic data -> compose -> stage 1 -> stage 2 -> evaluate both -> Serve -> one question over HTTP.
+
+    Secrets given by environment variable appear in no MLflow param or tag and in no log line.
+    """
+    for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN"):
+        monkeypatch.setenv(name, SECRET)
     port = free_port()
     result = pipeline.main(["--recipe", "tiny_cpu_demo", "--output", str(tmp_path / "out"), "--port", str(port),
                             *tiny_pipeline_overrides(tmp_path), f"tracking.uri={mlflow_server}"])
@@ -42,6 +50,10 @@ def test_pipeline_job_end_to_end(ray_local, mlflow_server, tmp_path):
         metrics = client.get_run(runs[stage]).data.metrics
         assert metrics["eval/accuracy"] == pytest.approx(result["scores"][stage]["accuracy"])
         assert client.get_run(runs[stage]).data.tags[tracking.PARENT_TAG] == runs["parent"]
+    for run_id in runs.values():
+        data = client.get_run(run_id).data
+        assert not any(SECRET in str(v) for v in [*data.params.values(), *data.tags.values()])
+    assert SECRET not in "".join(capfd.readouterr())
     with pytest.raises(OSError):  # the endpoint was shut down at the end (no --keep-serving)
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
 

@@ -17,7 +17,7 @@ from pipelines.preprocess import ManifestError, finish, preprocess, read_shards,
 from pipelines.sources import read_records
 
 MAX_LENGTH = 1024
-PIXEL_LIMIT = 200_000  # synthetic images are at most 340 x 256 pixels
+PIXEL_LIMIT = 300_000  # synthetic images pad to at most 532 x 532 = 283,024 pixels; huge.png has 800 x 500 = 400,000
 
 
 def run(records, checkpoint, mode, **kwargs):
@@ -76,7 +76,7 @@ def write_bad_corpus(root: Path, files: dict) -> tuple[Path, dict[str, str]]:
     jpeg = io.BytesIO()
     Image.effect_noise((200, 200), 40).convert("RGB").save(jpeg, format="JPEG")
     (images / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 3])
-    Image.new("RGB", (600, 400), "red").save(images / "huge.png")
+    Image.new("RGB", (800, 500), "red").save(images / "huge.png")
 
     def record(rid, image="images/train_00000.jpg", turns=None):
         turns = turns or [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red."}]

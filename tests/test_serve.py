@@ -104,6 +104,7 @@ def test_openai_client_plain_and_streaming_with_an_image(server):
         assert json.loads(response.read())["status"] == "ok"
 
 
+@pytest.mark.fault("serve: 14 kinds of malformed request (bad JSON, base64, image bombs, remote URLs...)")
 def test_bad_input_gets_4xx_and_the_replica_keeps_serving(server):
     good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     bad_image = base64.b64encode(b"not an image at all").decode()
@@ -138,6 +139,7 @@ def test_bad_input_gets_4xx_and_the_replica_keeps_serving(server):
     assert post(server, good)[0] == 200
 
 
+@pytest.mark.fault("security: requests without or with a wrong API key")
 def test_wrong_or_missing_api_key_gets_401(server):
     with pytest.raises(openai.AuthenticationError):
         client(server, key="wrong").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
@@ -175,6 +177,7 @@ def test_model_from_a_real_mlflow_server(server, saved_checkpoints, mlflow_serve
     serve.delete("from-mlflow")
 
 
+@pytest.mark.fault("serve: sustained load, then none (autoscaling up to max, back to min)")
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, saved_checkpoints):
     from ray import serve
 
@@ -212,3 +215,59 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, save
         time.sleep(0.5)
     assert replicas() == 1, "the extra replica was not removed when idle"
     serve.delete("scaling")
+
+
+@pytest.mark.fault("serve: a replica killed under load at concurrency 32, malformed requests mixed in")
+def test_a_replica_killed_under_load_is_replaced_and_valid_requests_are_answered(server, saved_checkpoints,
+                                                                                 record_property):
+    import ray
+    from ray import serve
+
+    app = config("failover", "/failover")["applications"][0]
+    args = {**app["args"], "model": str(saved_checkpoints["llava"]), "model_name": MODEL, "api_key": KEY}
+    serve.run(deploy.LlavaServer.options(ray_actor_options={"num_cpus": 0.25}, num_replicas=2,
+                                         max_ongoing_requests=32).bind(**args),
+              name="failover", route_prefix="/failover", blocking=False)
+
+    def running() -> list[str]:
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::failover#")]
+
+    deadline = time.time() + 120
+    while time.time() < deadline and serve.status().applications["failover"].status != "RUNNING":
+        time.sleep(0.5)
+    victims = running()
+    assert len(victims) == 2
+    retrying = openai.OpenAI(base_url=f"{server}/failover/v1", api_key=KEY, max_retries=3, timeout=60)
+    malformed = {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!not-base64!!"}}]}]}
+
+    def one(i: int) -> str:
+        if i % 4 == 3:  # a quarter of the traffic is malformed: it must get a 4xx, never a 5xx
+            status, _ = post(f"{server}/failover", malformed)
+            return "malformed-4xx" if 400 <= status < 500 else f"malformed-{status}"
+        try:
+            content = [{"type": "text", "text": "What colour?"},
+                       {"type": "image_url", "image_url": {"url": data_url()}}]
+            reply = retrying.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                                     max_tokens=4, temperature=0)
+            return "ok" if reply.choices else "empty"
+        except openai.APIError as error:
+            return f"failed-{type(error).__name__}"
+
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(one, i) for i in range(320)]
+        time.sleep(3)  # the load is on: kill one replica mid-flight
+        ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
+        outcomes = [f.result() for f in futures]
+    valid = [o for o in outcomes if not o.startswith("malformed")]
+    failed_share = sum(o != "ok" for o in valid) / len(valid)
+    record_property("injected", 1)
+    record_property("lost", sum(o != "ok" for o in valid))
+    assert all(o == "malformed-4xx" for o in outcomes if o.startswith("malformed")), outcomes
+    assert failed_share < 0.01, f"{failed_share:.1%} of valid requests failed"
+    deadline = time.time() + 120
+    while time.time() < deadline and (len(running()) != 2 or victims[0] in running()):
+        time.sleep(0.5)
+    assert len(running()) == 2 and victims[0] not in running(), "the killed replica was not replaced"
+    serve.delete("failover")

@@ -167,3 +167,33 @@ def test_merge_inputs_left_pads_and_pads_tile_stacks():
     assert merged["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert merged["pixel_values"].shape == (2, 5, 3, 2, 2) and merged["pixel_values"][0, 3:].abs().sum() == 0
     assert merged["image_sizes"].tolist() == [[10, 20], [30, 40]]
+
+
+@pytest.mark.fault("security: a decompression bomb (40000 x 40000 px in a 200 kB PNG)")
+def test_an_image_bomb_is_refused_from_its_header_before_decoding():
+    import resource
+
+    png = bilevel_png(40_000, 40_000)  # 4.8 GB once decoded to RGB
+    assert len(png) < 1_000_000
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ApiError) as error:
+        parse_chat_request(chat(image_part(url)), Limits(max_tokens=16, max_images=2, max_image_bytes=2_000_000,
+                                                         max_image_pixels=200 * 200))
+    assert error.value.status == 400 and "pixels" in error.value.message
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert grown_kib < 200_000, f"the peak memory grew by {grown_kib} KiB: the image was decoded"
+
+
+def bilevel_png(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG, compressed row by row (never held decoded in memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row = zlib.compressobj(9), b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

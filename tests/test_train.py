@@ -66,7 +66,7 @@ def stage_runs(client, parent_run_id):
 
 
 def losses(client, run_id):
-    """The last logged loss per step (a resumed run logs the replayed steps again)."""
+    """The loss per step."""
     return {m.step: m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)}
 
 
@@ -142,6 +142,7 @@ def test_mlflow_holds_params_metrics_and_registered_model(zero2, setup, mlflow_s
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
+@pytest.mark.fault("training: a worker SIGKILLed mid-run, checkpoints on S3 (moto)")
 def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(ray_local, setup, zero2, s3_server, monkeypatch,
                                                                   mlflow_server):
     out, client, parent = zero2
@@ -156,23 +157,26 @@ def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(ray_local, se
     resumed = losses(client, mlflow_runs(killed)["stage1"])
     reference = losses(client, stage_runs(client, parent)["stage1"].info.run_id)
     assert sorted(resumed) == list(range(1, STEPS + 1)), "the resumed run did not end at the same step count"
+    steps = [m.step for m in client.get_metric_history(mlflow_runs(killed)["stage1"], "loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1)), f"not one continuous history: {sorted(steps)}"
+    assert client.get_metric_history(mlflow_runs(killed)["stage1"], "resumed_at_step"), "no restart happened"
     for step in resumed:  # same data order and restored optimizer state: the same losses as the run without failure
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}: {resumed} vs {reference}"
 
 
 def test_manual_resume_replays_the_same_steps(ray_local, setup, zero2, mlflow_server):
-    """--resume from stage 2's step-2 checkpoint: steps 3-4 again, same losses, same MLflow run, new version."""
+    """--resume from stage 2's step-2 checkpoint: steps 3-4 again, to the same weights, in the same MLflow
+    run (one record per step: MLflow keeps the first), and a new registered version."""
     out, client, parent = zero2
     stage2_run = stage_runs(client, parent)["stage2"].info.run_id
-    first = losses(client, stage2_run)
     resumed = run(setup, "resumed", "--stage", "2", f"tracking.uri={mlflow_server}",
                   "--resume", str(checkpoint_dir(out, "stage2", 2)))
     assert mlflow_runs(resumed)["stage2"] == stage2_run
-    history = client.get_metric_history(stage2_run, "loss")
-    replayed = [m for m in history if m.step in (3, 4)]
-    assert len(replayed) == 4, "steps 3 and 4 should have been logged twice"
-    for metric in replayed:
-        assert metric.value == pytest.approx(first[metric.step], rel=1e-5)
+    assert sorted(m.step for m in client.get_metric_history(stage2_run, "loss")) == list(range(1, STEPS + 1))
+    assert [m.value for m in client.get_metric_history(stage2_run, "resumed_at_step")] == [2]
+    replayed, original = weights(resumed["stage2"] / "export"), weights(out["stage2"] / "export")
+    for name, tensor in original.items():  # same data order, restored optimizer state: the same steps
+        torch.testing.assert_close(replayed[name], tensor, rtol=1e-5, atol=1e-6)
     assert int(latest_version(client).version) >= 2
     assert_export_reproduces_engine(resumed["stage2"])
 

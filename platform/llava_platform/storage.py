@@ -15,12 +15,17 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+S3_MAX_ATTEMPTS = 10
+"""Attempts per S3 request (throttling, 5xx, dropped connections), with the AWS SDK's backoff; pyarrow's
+default of 3 gives up on a checkpoint upload during a short throttling burst."""
+
 
 def filesystem_for(uri: str, s3_endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """The filesystem that holds ``uri`` and the path inside it (no scheme)."""
     if uri.startswith("s3://"):
         endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
         if endpoint:
             parsed = urlparse(endpoint)
             kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")

@@ -112,6 +112,111 @@ def log_steps(tracking_uri: str, run_id: str, by_step: Mapping[int, Mapping[str,
         client_for(tracking_uri).log_batch(run_id, metrics=entries[start:start + 1000])
 
 
+def last_logged_step(tracking_uri: str, run_id: str, metric: str) -> int:
+    """The highest step at which ``metric`` was logged in the run (0 when it never was)."""
+    history = client_for(tracking_uri).get_metric_history(run_id, metric)
+    return max((m.step for m in history), default=0)
+
+
+class StepMetricSender:
+    """Sends step metrics to MLflow from a background thread, holding them while the server is down.
+
+    A training step only hands its metrics over (``send`` never blocks on the network), so a
+    tracking server that restarts or stalls neither crashes nor slows training. Entries that fail
+    to send stay queued, in order, and go out with the next attempt once the server answers again;
+    ``close`` waits for the queue to drain and returns how many entries could not be delivered (and
+    says so on stderr), so nothing is lost silently. Entries still queued when the worker process
+    dies are lost with it; the steps after the last checkpoint are replayed and logged again anyway.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, retry_interval_s: float = 2.0,
+                 max_queued: int = 1_000_000, skip_through_step: int = 0):
+        import collections
+        import threading
+
+        self._tracking_uri, self._run_id, self._retry_interval_s = tracking_uri, run_id, retry_interval_s
+        self._queue: collections.deque[Metric] = collections.deque()
+        self._max_queued = max_queued
+        self._skip_through_step = skip_through_step
+        self._dropped = 0
+        self._failures = 0
+        self._closing = threading.Event()
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="mlflow-step-metrics", daemon=True)
+        self._thread.start()
+
+    def send(self, by_step: Mapping[int, Mapping[str, float | None]]) -> None:
+        """Queue several steps' metrics (``None`` values, and steps up to ``skip_through_step``, the
+        ones a resumed run replays after MLflow already has them, are skipped); returns at once."""
+        import time
+
+        now = int(time.time() * 1000)
+        with self._wake:
+            for step, metrics in sorted(by_step.items()):
+                if step <= self._skip_through_step:
+                    continue
+                for name, value in metrics.items():
+                    if value is not None:
+                        self._queue.append(Metric(name, float(value), now, step))
+            while len(self._queue) > self._max_queued:  # bounded memory: the oldest go first, counted
+                self._queue.popleft()
+                self._dropped += 1
+            self._wake.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def failed_attempts(self) -> int:
+        """How many sends failed (and were retried) so far: the number of outages seen, roughly."""
+        return self._failures
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait up to ``timeout_s`` for the queue to drain (at a checkpoint: the steps it covers should
+        be in MLflow before a failure can strike); returns whether it did. Never raises."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while self._queue and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.05)
+        return not self._queue
+
+    def close(self, timeout_s: float = 120.0) -> int:
+        """Deliver what is queued, waiting up to ``timeout_s``; returns the number of entries lost."""
+        self._closing.set()
+        with self._wake:
+            self._wake.notify()
+        self._thread.join(timeout_s)
+        lost = self._dropped + len(self._queue)
+        if lost:
+            import sys
+
+            print(f"[tracking] {lost} metric entries could not be delivered to {self._tracking_uri} "
+                  f"(run {self._run_id}) after {self._failures} failed attempts", file=sys.stderr, flush=True)
+        return lost
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing.is_set():
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch = [self._queue[i] for i in range(min(1000, len(self._queue)))]  # MLflow's limit
+            try:
+                client_for(self._tracking_uri).log_batch(self._run_id, metrics=batch)
+            except Exception:  # noqa: BLE001 - any failure to reach the server: keep the entries, retry
+                import time
+
+                self._failures += 1
+                time.sleep(self._retry_interval_s)
+                continue
+            with self._wake:
+                for _ in batch:
+                    self._queue.popleft()
+
+
 def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     """Upload a file or a folder (its contents under ``artifact_path``)."""
     client = client_for(tracking_uri)

@@ -66,7 +66,7 @@ def _random_scene(rng: np.random.Generator) -> Scene:
 def _draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
     # Sizes vary, aspect ratios stay within 3:4 and 4:3 so that each shape still covers several
     # vision-tower patches once the picture is padded and scaled to the tile size.
-    width = int(rng.integers(64, 256))
+    width = int(rng.integers(96, 400))
     height = int(width * rng.uniform(0.75, 1.33))
     if scene.vertical != (height > width):  # the longer side holds both shapes
         width, height = height, width
@@ -163,7 +163,7 @@ def write_synthetic_dataset(
 
 SETTINGS_FILE = "synthetic.json"
 """Written last into ``out_dir``: what the folder was generated with (see ``existing_dataset``)."""
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 """Bumped whenever the generator's output changes, so that older folders are not reused."""
 
 

@@ -133,8 +133,9 @@ def compose_llava(
         model = MODEL_CLASSES[arch](config)
     # Swap the meta-device towers for the pretrained ones (no second copy of the weights in memory).
     with _only_errors_from_transformers():  # a dual encoder's unused text half is expected, not news
-        model.model.vision_tower = AutoModel.from_pretrained(vision_tower, config=tower.config, dtype=dtype)
-    causal_lm = AutoModelForCausalLM.from_pretrained(language_model, dtype=dtype)
+        model.model.vision_tower = AutoModel.from_pretrained(vision_tower, config=tower.config, dtype=dtype,
+                                                             use_safetensors=True)
+    causal_lm = AutoModelForCausalLM.from_pretrained(language_model, dtype=dtype, use_safetensors=True)
     model.model.language_model = causal_lm.base_model
     model.lm_head = causal_lm.get_output_embeddings()
     model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(dtype)
@@ -276,8 +277,29 @@ def load_pretrained_llava(name_or_path: str, dtype: torch.dtype = torch.float32)
             f"{name_or_path}: model_type {config.model_type!r} is not a LLaVA checkpoint; "
             f"supported: {', '.join(MODEL_CLASSES)}"
         )
-    model = MODEL_CLASSES[config.model_type].from_pretrained(name_or_path, dtype=dtype)
+    refuse_pickled_weights(name_or_path)
+    model = MODEL_CLASSES[config.model_type].from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
     return model, load_processor(name_or_path)
+
+
+PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def refuse_pickled_weights(name_or_path: str) -> None:
+    """Weights are only ever read from safetensors: a pickle can run code when it is loaded.
+
+    transformers' ``use_safetensors=True`` already never opens a pickle; this names the problem for a
+    local folder that only has pickled weights, instead of a "file not found".
+    """
+    folder = Path(name_or_path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_WEIGHT_SUFFIXES)
+    if pickled:
+        raise ModelCompositionError(
+            f"{name_or_path}: refusing pickled weights ({', '.join(pickled)}); only safetensors are loaded. "
+            "Convert them once in a trusted environment: model.save_pretrained(out, safe_serialization=True)"
+        )
 
 
 def load_processor(name_or_path: str) -> ProcessorMixin:

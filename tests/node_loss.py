@@ -1,0 +1,94 @@
+"""Node loss during training, on a simulated three-node cluster (``ray.cluster_utils.Cluster``).
+
+    python tests/node_loss.py <work dir>      # prints one JSON line; tests/test_reliability.py runs it
+
+A head without CPUs and two worker nodes of 2 CPUs each. Stage 1 of the tiny recipe trains on 2
+Ray Train workers (packed onto one node) with a checkpoint every 2 steps; at step 5 the rank-0
+worker stops (``LLAVA_TRAIN_KILL_WORKER_AT_STEP=5:0:hang``) and this script removes the node that
+hosts it, raylet and all, as a cloud provider does with a lost VM. Ray Train's ``FailureConfig``
+restarts the worker group on the remaining node from the step-4 checkpoint. It runs in its own
+process because a pytest process holds one Ray connection (the suite's local instance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+STEPS = 8
+KILL_AT = 5
+
+
+def remove_node_when_hung(cluster, marker: Path, removed: dict) -> None:
+    """Wait for the hung worker's marker, then remove the node whose raylet started that worker."""
+    import psutil
+
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    if not marker.exists():
+        return
+    pid = int(marker.read_text().rsplit("pid ", 1)[1].rstrip(")\n"))
+    raylet = psutil.Process(pid).ppid()
+    for node in cluster.worker_nodes:
+        if node.all_processes["raylet"][0].process.pid == raylet:
+            removed.update(node_id=node.node_id, worker_pid=pid, at=time.time())
+            cluster.remove_node(node, allow_graceful=False)
+            return
+
+
+def main(root: Path) -> dict:
+    import mlflow
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from jobs import compose, train
+    from llava_platform import tracking
+    from llava_platform.data.synthetic import write_synthetic_dataset
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+
+    files = write_synthetic_dataset(root / "data", train=32, eval=1, seed=0)
+    initial = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(root / "initial")])
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ[train.KILL_AT_STEP_ENV] = f"{KILL_AT}:0:hang"
+    removed: dict = {}
+    watcher = threading.Thread(target=remove_node_when_hung, daemon=True,
+                               args=(cluster, root / "out" / "stage1" / ".fault-fired", removed))
+    watcher.start()
+    started = time.time()
+    out = train.main([
+        "--recipe", "tiny_cpu_demo", "--stage", "1", "--model", str(initial), "--output", str(root / "out"),
+        f"stage1.data.train_files=[{files['stage1']}]", f"stage1.data.image_root={root / 'data'}",
+        "stage1.data.preprocessed=null", "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
+        f"stage1.max_steps={STEPS}", "checkpoint.every_n_steps=2", f"tracking.uri={uri}",
+        "tracking.system_metrics=false",
+    ])
+    run_id = json.loads((out["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
+    client = tracking.client_for(uri)
+    result = {
+        "removed": removed, "seconds": round(time.time() - started, 1),
+        "alive_nodes": sum(n["Alive"] for n in ray.nodes()),
+        "loss_steps": sorted(m.step for m in client.get_metric_history(run_id, "loss")),
+        "resumed_at_step": [m.value for m in client.get_metric_history(run_id, "resumed_at_step")],
+        "optimizer_steps": client.get_run(run_id).data.metrics.get("optimizer_steps"),
+        "mlflow_version": mlflow.__version__,
+    }
+    ray.shutdown()
+    cluster.shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]))), flush=True)
