@@ -110,39 +110,63 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class MlflowServer:
+    """A real ``mlflow server`` (sqlite backend, proxied artifact store) on 127.0.0.1, on a fixed port
+    and database, so that a test can stop it and start it again."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> str:
+        import os
+        import shutil
+        import subprocess
+        import time
+        import urllib.request
+
+        binary = shutil.which("mlflow", path=os.path.dirname(sys.executable))
+        with open(self.root / "server.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [binary, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                 "--artifacts-destination", str(self.root / "artifacts")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # a group: mlflow + its uvicorn
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return self.uri
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}") \
+                        from None
+                time.sleep(0.1)
+        raise RuntimeError(f"mlflow server did not answer on {self.uri}")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group; returns once nothing answers on the port."""
+        import os
+        import signal
+        import socket
+        import time
+
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=30)
+        for _ in range(300):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"mlflow server on {self.uri} still answers after SIGTERM")
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` (sqlite backend, proxied artifact store) on 127.0.0.1; yields its URI."""
-    import os
-    import shutil
-    import subprocess
-    import time
-    import urllib.request
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    binary = shutil.which("mlflow", path=os.path.dirname(sys.executable))
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - open for the server's lifetime
-    process = subprocess.Popen(
-        [binary, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}") from None
-            time.sleep(0.1)
-    else:
-        raise RuntimeError(f"mlflow server did not answer on {uri}")
-    yield uri
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    """A real ``mlflow server`` on 127.0.0.1 for the whole session; yields its URI."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server.start()
+    server.stop()
 
 
 def tiny_pipeline_overrides(root: Path, records: int = 24, eval_records: int = 8, steps: int = 2) -> list[str]:

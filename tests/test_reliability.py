@@ -1,5 +1,6 @@
-"""Faults injected for real: the tracking server goes away mid-run, records go bad, images vanish,
-checkpoints carry pickles. Each test is one row of the reliability table (``make chaos`` prints it)."""
+"""Faults injected for real: the tracking server goes away mid-run, S3 throttles uploads, records go
+bad and images vanish, a node is lost, a checkpoint carries a pickle. Each test is one row of the
+reliability table that pytest prints (``make chaos`` runs every fault test, the slow ones too)."""
 
 from __future__ import annotations
 
@@ -9,50 +10,14 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import MlflowServer, free_port
 from llava_platform import tracking
-
-
-class MlflowServer:
-    """An ``mlflow server`` on a fixed port and sqlite file, so that it can be stopped and started again."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("mlflow", path=os.path.dirname(sys.executable))
-        self.process = subprocess.Popen(
-            [binary, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # + its uvicorn child
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"mlflow server did not answer on {self.uri}")
-
-    def stop(self) -> None:
-        import signal
-        import socket
-
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(timeout=30)
-        for _ in range(300):  # until nothing answers on the port any more
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"mlflow server on {self.uri} still answers after SIGTERM")
 
 
 @pytest.mark.fault("training: the MLflow server stopped mid-run, then started again")
@@ -253,8 +218,6 @@ class FlakyS3Proxy:
 
 @pytest.mark.fault("storage: S3 throttles checkpoint uploads (503 SlowDown on the first writes)")
 def test_a_throttled_checkpoint_upload_is_retried_to_completion(s3_server, tmp_path, record_property):
-    import urllib.error  # noqa: F401 - used by the proxy
-
     import boto3
     import pyarrow.fs as pafs
 
