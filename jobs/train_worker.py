@@ -71,8 +71,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     interval = config["system_metrics_interval_s"]
     monitor = tracking.start_system_metrics(uri, run_id, interval) if rank == 0 and interval else None
     metrics_sender = None
-    if rank == 0:  # a restart replays the steps after its checkpoint: MLflow keeps their first record
-        logged = tracking.last_logged_step(uri, run_id, "loss") if checkpoint is not None else 0
+    if rank == 0:  # a restart replays the steps after its checkpoint (or all): MLflow keeps their first record
+        logged = tracking.last_logged_step(uri, run_id, "loss")
         metrics_sender = tracking.StepMetricSender(uri, run_id, skip_through_step=logged)
         if checkpoint is not None:
             tracking.log_metrics(uri, run_id, {"resumed_at_step": position["step"]}, step=position["step"])

@@ -133,7 +133,8 @@ class MlflowServer:
                  "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                  "--artifacts-destination", str(self.root / "artifacts")],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # a group: mlflow + its uvicorn
-        for _ in range(600):
+        deadline = time.monotonic() + 180  # a loaded 2-core machine can take a minute or more
+        while time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(f"{self.uri}/health", timeout=1)
                 return self.uri

@@ -6,7 +6,8 @@ A head without CPUs and two worker nodes of 2 CPUs each. Stage 1 of the tiny rec
 Ray Train workers (packed onto one node) with a checkpoint every 2 steps; at step 5 the rank-0
 worker stops (``LLAVA_TRAIN_KILL_WORKER_AT_STEP=5:0:hang``) and this script removes the node that
 hosts it, raylet and all, as a cloud provider does with a lost VM. Ray Train's ``FailureConfig``
-restarts the worker group on the remaining node from the step-4 checkpoint. It runs in its own
+restarts the worker group on the remaining node from the latest registered checkpoint (step 2 in
+the one run so far: the step-4 one was not yet registered when the node went). It runs in its own
 process because a pytest process holds one Ray connection (the suite's local instance).
 """
 

@@ -145,7 +145,9 @@ def test_losing_a_node_restarts_training_on_the_rest_with_one_continuous_history
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result["removed"], "no node was removed: the fault was not injected"
     assert result["alive_nodes"] == 2
-    assert result["resumed_at_step"] == [4.0], "training did not restart from the step-4 checkpoint"
+    # one restart, from a checkpoint taken before the fault (step 2 or 4: Ray Train registers a checkpoint
+    # once every rank's upload is done, and the step-4 one may not be when the node goes)
+    assert len(result["resumed_at_step"]) == 1 and result["resumed_at_step"][0] in (2.0, 4.0), result
     assert result["loss_steps"] == list(range(1, 9)), f"not one continuous history: {result['loss_steps']}"
     assert result["optimizer_steps"] == 8
     record_property("lost", 0)
