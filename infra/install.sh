@@ -6,17 +6,19 @@
 #   sh infra/install.sh .venv/bin/python test                                            # make
 #   sh infra/install.sh /opt/venv/bin/python server https://download.pytorch.org/whl/cu128  # image
 #
-# Torch goes in first, at the pin read from pyproject.toml (the one place pins live), from
-# TORCH_INDEX_URL when given (CPU or CUDA wheels), so that DeepSpeed's source build finds it.
+# Torch goes in first with pip, at the pin read from pyproject.toml (the one place pins live), from
+# TORCH_INDEX_URL when given (CPU or CUDA wheels), so that DeepSpeed's source build finds it. The
+# rest goes in with uv (pinned there too): it downloads and builds in parallel, ~10 s instead of
+# pip's ~3 minutes on 2 cores, and keeps the torch that is already installed.
 set -eu
 python=$1
 extras=$2
 torch_index=${3:-}
 cd "$(dirname "$0")/.."
-torch_pin=$(grep -oE '"torch==[^"]+"' pyproject.toml | tr -d '"')
+pin() { grep -oE "\"$1==[^\"]+\"" pyproject.toml | tr -d '"'; }
 pip="$python -m pip install --quiet --disable-pip-version-check"
-$pip "setuptools>=69" wheel
-$pip ${torch_index:+--index-url "$torch_index"} "$torch_pin"
+$pip "setuptools>=69" wheel "$(pin uv)"
+$pip ${torch_index:+--index-url "$torch_index"} "$(pin torch)"
 # --no-build-isolation: deepspeed is an sdist whose build needs torch; an isolated build
 # environment would download the newest CUDA torch instead of using the pinned one.
-$pip --no-build-isolation -e ".[$extras]"
+$python -m uv pip install --quiet --python "$python" --no-build-isolation -e ".[$extras]"

@@ -533,7 +533,7 @@ def test_makefile_and_dockerfile_install_with_the_same_script():
     assert re.search(r'^server = \["psycopg2-binary', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
 
 
-def test_install_script_puts_pinned_torch_first_then_the_project_without_build_isolation(tmp_path):
+def test_install_script_puts_pinned_torch_first_then_the_project_with_uv_without_build_isolation(tmp_path):
     log = tmp_path / "calls"
     python = tmp_path / "python"
     python.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
@@ -544,9 +544,9 @@ def test_install_script_puts_pinned_torch_first_then_the_project_without_build_i
         log.unlink(missing_ok=True)
         subprocess.run(["sh", str(INFRA / "install.sh"), str(python), extras, *([index] if index else [])], check=True)
         assert log.read_text().splitlines() == [
-            f"{common} setuptools>=69 wheel",
+            f"{common} setuptools>=69 wheel uv=={pyproject_pin('uv')}",
             f"{common} --index-url {index} {pin}" if index else f"{common} {pin}",
-            f"{common} --no-build-isolation -e .[{extras}]",
+            f"-m uv pip install --quiet --python {python} --no-build-isolation -e .[{extras}]",
         ]
 
 
