@@ -220,7 +220,7 @@ def streamed_rank_datasets(recipe: Recipe, stage: StageConfig, model: str, quara
                        cpus_per_actor=scaling.data_cpus_per_actor)[0] for part in parts], [p.count() for p in parts]
 
 
-def materialised_rank_datasets(stage: StageConfig, model: str, num_workers: int) -> tuple[list, dict]:
+def preprocessed_rank_datasets(stage: StageConfig, model: str, num_workers: int) -> tuple[list, dict]:
     """Each rank reads its own share of ``jobs.preprocess``'s Parquet files, in manifest order.
 
     With fewer files than workers the rows are split instead (that materialises them in the object store).
@@ -263,11 +263,14 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
     data, scaling, workers = stage.data, recipe.scaling, recipe.scaling.num_workers
     quarantine, manifest = None, None
     if data.preprocessed:
-        parts, manifest = materialised_rank_datasets(stage, model, workers)
+        parts, manifest = preprocessed_rank_datasets(stage, model, workers)
         records_per_rank = [part.count() for part in parts]  # Parquet metadata, nothing is read
     else:
         quarantine = QuarantineLog.remote()
         parts, records_per_rank = streamed_rank_datasets(recipe, stage, model, quarantine)
+    if data.materialize:
+        log(f"{name}: reading every worker's rows into the object store (data.materialize)")
+        parts = [part.materialize() for part in parts]
     datasets = {f"rank{rank}": part for rank, part in enumerate(parts)}
     steps_per_epoch = max(1, min(records_per_rank) * workers // stage.global_batch_size)  # the shortest rank ends it
     total_steps = min(stage.max_steps or 10**12, stage.epochs * steps_per_epoch)

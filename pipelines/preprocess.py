@@ -269,9 +269,9 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeniz
 def stage_fingerprint(data_settings: dict[str, Any], processor_path: str) -> str:
     """A short stable hash of what shapes the rows: the stage's data settings and the processor's files.
 
-    ``preprocessed`` (where the rows are stored) is not part of it.
+    ``preprocessed`` (where the rows are stored) and ``materialize`` (how training keeps them) are not part of it.
     """
-    shaping = {key: value for key, value in data_settings.items() if key != "preprocessed"}
+    shaping = {key: value for key, value in data_settings.items() if key not in ("preprocessed", "materialize")}
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
     folder = Path(processor_path)
     for name in PROCESSOR_FILES:

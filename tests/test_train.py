@@ -149,7 +149,8 @@ def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(ray_local, se
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="checkpoints")
     monkeypatch.setenv(train.KILL_AT_STEP_ENV, "3:1")  # SIGKILL rank 1 right after optimizer step 3
     killed = run(setup, "killed", "--stage", "1", f"tracking.uri={mlflow_server}",
-                 "checkpoint.storage_path=s3://checkpoints/runs", f"checkpoint.s3_endpoint_url={s3_server}")
+                 "checkpoint.storage_path=s3://checkpoints/runs", f"checkpoint.s3_endpoint_url={s3_server}",
+                 "stage1.data.materialize=true")  # the rows from the object store: the same as streamed ones
     assert (killed["stage1"] / ".fault-fired").exists(), "the fault was not injected"
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_objects_v2(
         Bucket="checkpoints", Prefix="runs/")["Contents"]]
