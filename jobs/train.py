@@ -43,7 +43,8 @@ from pipelines.sources import read_records
 RUNS_FILE = "mlflow_runs.json"
 """Written into ``--output``: the tracking URI, experiment and MLflow run ids (``parent``, ``stage1``, ``stage2``)."""
 KILL_AT_STEP_ENV = "LLAVA_TRAIN_KILL_WORKER_AT_STEP"
-"""Fault injection: ``<step>`` or ``<step>:<rank>`` SIGKILLs that worker once, to exercise auto-resume."""
+"""Fault injection: ``<step>`` or ``<step>:<rank>`` SIGKILLs that worker once, to exercise auto-resume
+(``fault_from_env``: also ``:hang`` and ``:checkpoint``)."""
 
 
 def log(message: str) -> None:
@@ -317,7 +318,8 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         train_loop_config=config,
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(
             storage_path=storage_path, storage_filesystem=storage,
             name=f"{recipe.name}-{name}" + (time.strftime("-resumed-%Y%m%d-%H%M%S") if resume_from else ""),
@@ -343,15 +345,18 @@ def checkpoint_storage(recipe: Recipe, output: Path):
 
 
 def fault_from_env(stage_dir: Path, workers: int) -> dict[str, Any] | None:
-    """``LLAVA_TRAIN_KILL_WORKER_AT_STEP=<step>[:<rank>[:hang]]`` -> the worker's fault-injection setting.
+    """``LLAVA_TRAIN_KILL_WORKER_AT_STEP=<step>[:<rank>[:hang|checkpoint]]`` -> the worker's fault-injection setting.
 
     ``hang`` stops the worker instead of killing it, until something outside kills it (a test
-    that removes the worker's node).
+    that removes the worker's node); ``checkpoint`` kills it halfway through writing its part of
+    that step's checkpoint (the step must be a checkpoint step).
     """
     value = os.environ.get(KILL_AT_STEP_ENV)
     if not value:
         return None
     step, rank, action = (value.split(":") + ["", ""])[:3]
+    if action not in ("", "kill", "hang", "checkpoint"):
+        raise ValueError(f"{KILL_AT_STEP_ENV}={value}: the action is kill (default), hang or checkpoint")
     return {"step": int(step), "rank": int(rank or workers - 1), "action": action or "kill",
             "marker": str(stage_dir / ".fault-fired")}
 

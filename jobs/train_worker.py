@@ -184,7 +184,8 @@ def report_checkpoint(engine, position: dict[str, Any], config: dict[str, Any], 
             (Path(directory) / POSITION_FILE).write_text(json.dumps(saved, indent=1))
         ray.train.report({"step": position["step"], "loss": metrics["loss"]},
                          checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"{config['stage']}-step{position['step']:08d}")
+                         checkpoint_dir_name=f"{config['stage']}-step{position['step']:08d}",
+                         checkpoint_upload_fn=interrupted_upload(config["fault"], position["step"], rank))
 
 
 def export_and_register(engine, processor, probe: dict | None, step: int, config: dict[str, Any], rank: int) -> None:
@@ -216,19 +217,53 @@ def export_and_register(engine, processor, probe: dict | None, step: int, config
 
 
 def inject_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
-    """Fault injection for tests: SIGKILL this worker once, at ``fault['step']`` on ``fault['rank']``
-    (``action: kill``), or stop it there until it is killed from outside (``action: hang``).
+    """Fault injection for tests: SIGKILL this worker once, right after optimizer step ``fault['step']``
+    on ``fault['rank']`` (``action: kill``), or stop it there until it is killed from outside (``action: hang``).
 
     A marker file makes it fire once, so the restarted worker group runs through. The kill is the
     same signal the kernel's OOM killer sends; nothing is cleaned up.
     """
-    if not fault or step != fault["step"] or rank != fault["rank"] or Path(fault["marker"]).exists():
+    if not fault_fires(fault, step, rank, ("kill", "hang")):
         return
-    Path(fault["marker"]).write_text(f"{fault['action']} rank {rank} at step {step} (pid {os.getpid()})\n")
-    log(rank, f"fault injection: {fault['action']} this worker (pid {os.getpid()}) at step {step}")
+    mark_fault(fault, rank, step, f"{fault['action']} rank {rank} at step {step}")
     if fault["action"] == "hang":
         time.sleep(600)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def interrupted_upload(fault: dict[str, Any] | None, step: int, rank: int):
+    """Fault injection (``action: checkpoint``): an upload function for ``ray.train.report`` that writes
+    half of this rank's checkpoint files into storage, then SIGKILLs the worker: a worker lost in the
+    middle of a checkpoint write, after the other ranks have written theirs. ``None`` when no fault fires.
+    """
+    if not fault_fires(fault, step, rank, ("checkpoint",)):
+        return None
+
+    def write_half_then_die(checkpoint: ray.train.Checkpoint, checkpoint_dir_name: str) -> None:
+        storage = ray.train.get_context().get_storage()
+        destination = f"{storage.experiment_fs_path}/{checkpoint_dir_name}"
+        files = sorted(path for path in Path(checkpoint.path).rglob("*") if path.is_file())
+        written = [str(path.relative_to(checkpoint.path)) for path in files[:len(files) // 2]]
+        for name in written:
+            storage.storage_filesystem.create_dir(str(Path(destination, name).parent), recursive=True)
+            with storage.storage_filesystem.open_output_stream(f"{destination}/{name}") as stream:
+                stream.write((Path(checkpoint.path) / name).read_bytes())
+        mark_fault(fault, rank, step, f"killed rank {rank} writing {checkpoint_dir_name}: "
+                                      f"{len(written)} of {len(files)} files written", written=written)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return write_half_then_die
+
+
+def fault_fires(fault: dict[str, Any] | None, step: int, rank: int, actions: tuple[str, ...]) -> bool:
+    return bool(fault) and fault["action"] in actions and step == fault["step"] and rank == fault["rank"] and \
+        not Path(fault["marker"]).exists()
+
+
+def mark_fault(fault: dict[str, Any], rank: int, step: int, what: str, **details: Any) -> None:
+    """The marker file (JSON) that makes a fault fire once and tells the test what was done."""
+    Path(fault["marker"]).write_text(json.dumps({"what": what, "pid": os.getpid(), "step": step, **details}))
+    log(rank, f"fault injection: {what} (pid {os.getpid()})")
 
 
 def log(rank: int, message: str) -> None:

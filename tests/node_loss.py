@@ -1,14 +1,21 @@
 """Node loss during training, on a simulated three-node cluster (``ray.cluster_utils.Cluster``).
 
-    python tests/node_loss.py <work dir>      # prints one JSON line; tests/test_reliability.py runs it
+    python tests/node_loss.py <work dir>                           # prints one JSON line
+    python tests/node_loss.py <work dir> --wait-for-replacement    # tests/test_reliability.py runs both
 
 A head without CPUs and two worker nodes of 2 CPUs each. Stage 1 of the tiny recipe trains on 2
-Ray Train workers (packed onto one node) with a checkpoint every 2 steps; at step 5 the rank-0
-worker stops (``LLAVA_TRAIN_KILL_WORKER_AT_STEP=5:0:hang``) and this script removes the node that
-hosts it, raylet and all, as a cloud provider does with a lost VM. Ray Train's ``FailureConfig``
-restarts the worker group on the remaining node from the latest registered checkpoint (step 2 in
-the one run so far: the step-4 one was not yet registered when the node went). It runs in its own
-process because a pytest process holds one Ray connection (the suite's local instance).
+Ray Train workers with a checkpoint every 2 steps; at step 5 the rank-0 worker stops
+(``LLAVA_TRAIN_KILL_WORKER_AT_STEP=5:0:hang``) and this script removes the node that hosts it,
+raylet and all, as a cloud provider does with a lost VM. Ray Train's ``FailureConfig`` restarts
+the worker group from the latest registered checkpoint (step 2 or 4: the step-4 one may not be
+registered yet when the node goes):
+
+- by default (``scaling.placement_strategy: PACK``: both workers on one node) on the remaining node;
+- with ``--wait-for-replacement`` (``STRICT_SPREAD``: one worker per node) the remaining node is not
+  enough, so the run waits; the script adds a replacement node after ``REPLACEMENT_AFTER_S`` seconds,
+  as an autoscaler would, and the run resumes there.
+
+It runs in its own process because a pytest process holds one Ray connection (the suite's local instance).
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 STEPS = 8
 KILL_AT = 5
+REPLACEMENT_AFTER_S = 20.0
+"""With --wait-for-replacement: seconds between removing the node and adding its replacement."""
 
 
-def remove_node_when_hung(cluster, marker: Path, removed: dict) -> None:
-    """Wait for the hung worker's marker, then remove the node whose raylet started that worker."""
+def remove_node_when_hung(cluster, marker: Path, removed: dict, replace: bool) -> None:
+    """Wait for the hung worker's marker, then remove the node whose raylet started that worker
+    (and with ``replace``, add a new node ``REPLACEMENT_AFTER_S`` seconds later)."""
     import psutil
 
     deadline = time.time() + 300
@@ -36,16 +46,20 @@ def remove_node_when_hung(cluster, marker: Path, removed: dict) -> None:
         time.sleep(0.2)
     if not marker.exists():
         return
-    pid = int(marker.read_text().rsplit("pid ", 1)[1].rstrip(")\n"))
+    pid = json.loads(marker.read_text())["pid"]
     raylet = psutil.Process(pid).ppid()
     for node in cluster.worker_nodes:
         if node.all_processes["raylet"][0].process.pid == raylet:
             removed.update(node_id=node.node_id, worker_pid=pid, at=time.time())
             cluster.remove_node(node, allow_graceful=False)
-            return
+            break
+    if replace and removed:
+        time.sleep(REPLACEMENT_AFTER_S)
+        removed["replacement_added_at"] = time.time()
+        cluster.add_node(num_cpus=2)
 
 
-def main(root: Path) -> dict:
+def main(root: Path, replace: bool) -> dict:
     import mlflow
     import ray
     from ray.cluster_utils import Cluster
@@ -66,7 +80,7 @@ def main(root: Path) -> dict:
     os.environ[train.KILL_AT_STEP_ENV] = f"{KILL_AT}:0:hang"
     removed: dict = {}
     watcher = threading.Thread(target=remove_node_when_hung, daemon=True,
-                               args=(cluster, root / "out" / "stage1" / ".fault-fired", removed))
+                               args=(cluster, root / "out" / "stage1" / ".fault-fired", removed, replace))
     watcher.start()
     started = time.time()
     out = train.main([
@@ -74,7 +88,7 @@ def main(root: Path) -> dict:
         f"stage1.data.train_files=[{files['stage1']}]", f"stage1.data.image_root={root / 'data'}",
         "stage1.data.preprocessed=null", "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
         f"stage1.max_steps={STEPS}", "checkpoint.every_n_steps=2", f"tracking.uri={uri}",
-        "tracking.system_metrics=false",
+        "tracking.system_metrics=false", f"scaling.placement_strategy={'STRICT_SPREAD' if replace else 'PACK'}",
     ])
     run_id = json.loads((out["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
     client = tracking.client_for(uri)
@@ -83,6 +97,7 @@ def main(root: Path) -> dict:
         "alive_nodes": sum(n["Alive"] for n in ray.nodes()),
         "loss_steps": sorted(m.step for m in client.get_metric_history(run_id, "loss")),
         "resumed_at_step": [m.value for m in client.get_metric_history(run_id, "resumed_at_step")],
+        "resumed_at": [m.timestamp / 1000 for m in client.get_metric_history(run_id, "resumed_at_step")],
         "optimizer_steps": client.get_run(run_id).data.metrics.get("optimizer_steps"),
         "mlflow_version": mlflow.__version__,
     }
@@ -92,4 +107,4 @@ def main(root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]))), flush=True)
+    print(json.dumps(main(Path(sys.argv[1]), replace="--wait-for-replacement" in sys.argv[2:])), flush=True)

@@ -164,6 +164,31 @@ def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(ray_local, se
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}: {resumed} vs {reference}"
 
 
+@pytest.mark.fault("storage: a worker killed halfway through writing its part of a checkpoint (S3)")
+def test_a_half_written_checkpoint_is_never_resumed_from(ray_local, setup, zero2, s3_server, monkeypatch,
+                                                         mlflow_server):
+    out, client, parent = zero2
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.create_bucket(Bucket="interrupted")
+    monkeypatch.setenv(train.KILL_AT_STEP_ENV, f"{STEPS}:1:checkpoint")  # rank 1, writing the step-4 checkpoint
+    interrupted = run(setup, "interrupted", "--stage", "1", f"tracking.uri={mlflow_server}",
+                      "checkpoint.storage_path=s3://interrupted/runs", f"checkpoint.s3_endpoint_url={s3_server}")
+    fault = json.loads((interrupted["stage1"] / ".fault-fired").read_text())
+    assert fault["what"].startswith(f"killed rank 1 writing stage1-step{STEPS:08d}") and fault["written"], fault
+    run_id = mlflow_runs(interrupted)["stage1"]
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_at_step")] == [STEPS - 2], \
+        "not resumed from the last complete checkpoint (step 2)"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, STEPS + 1))
+    reference = losses(client, stage_runs(client, parent)["stage1"].info.run_id)
+    for step, loss in losses(client, run_id).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), f"step {step}"
+    prefix = f"runs/{RECIPE}-stage1/stage1-step{STEPS:08d}/"
+    objects = s3.list_objects_v2(Bucket="interrupted", Prefix=prefix)["Contents"]
+    rewritten = {o["Key"].removeprefix(prefix) for o in objects}
+    for rank in (0, 1):  # the replayed step 4 wrote the whole checkpoint again
+        assert any(f"zero_pp_rank_{rank}_" in key for key in rewritten), sorted(rewritten)
+
+
 def test_manual_resume_replays_the_same_steps(ray_local, setup, zero2, mlflow_server):
     """--resume from stage 2's step-2 checkpoint: steps 3-4 again, to the same weights, in the same MLflow
     run (one record per step: MLflow keeps the first), and a new registered version."""

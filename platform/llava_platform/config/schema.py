@@ -184,6 +184,11 @@ class ScalingConfig(Section):
     data_cpus_per_actor: PositiveFloat = 1.0
     """Logical CPUs per Ray Data preprocessing actor and read task. Below 1 on a single small machine:
     Ray Train leaves Ray Data only the CPUs its workers do not reserve."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How the workers' placement group puts them on nodes, and so what a lost node means: with
+    ``PACK`` or ``SPREAD`` the restarted workers go wherever there is room (the run goes on, on the
+    remaining nodes); with ``STRICT_SPREAD`` (one worker per node) a lost node leaves too few
+    nodes, and the run waits, from its latest checkpoint, until a replacement node joins."""
 
 
 class TrackingConfig(Section):
