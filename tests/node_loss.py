@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -36,9 +37,9 @@ REPLACEMENT_AFTER_S = 20.0
 """With --wait-for-replacement: seconds between removing the node and adding its replacement."""
 
 
-def remove_node_when_hung(cluster, marker: Path, removed: dict, replace: bool) -> None:
+def remove_node_when_hung(cluster, marker: Path, removed: dict, replace: bool, replacements: list) -> None:
     """Wait for the hung worker's marker, then remove the node whose raylet started that worker
-    (and with ``replace``, add a new node ``REPLACEMENT_AFTER_S`` seconds later)."""
+    (and with ``replace``, start a new node ``REPLACEMENT_AFTER_S`` seconds later)."""
     import psutil
 
     deadline = time.time() + 300
@@ -56,7 +57,17 @@ def remove_node_when_hung(cluster, marker: Path, removed: dict, replace: bool) -
     if replace and removed:
         time.sleep(REPLACEMENT_AFTER_S)
         removed["replacement_added_at"] = time.time()
-        cluster.add_node(num_cpus=2)
+        replacements.append(start_replacement_node(cluster.address))
+
+
+def start_replacement_node(address: str) -> subprocess.Popen:
+    """A new node joining the cluster as a replacement VM's ``ray start`` would (its own process:
+    ``Cluster.add_node`` only works from the main thread, which is busy training)."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--address", address, "--num-cpus=2", "--block",
+         "--disable-usage-stats"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main(root: Path, replace: bool) -> dict:
@@ -79,8 +90,10 @@ def main(root: Path, replace: bool) -> dict:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ[train.KILL_AT_STEP_ENV] = f"{KILL_AT}:0:hang"
     removed: dict = {}
+    replacements: list[subprocess.Popen] = []
     watcher = threading.Thread(target=remove_node_when_hung, daemon=True,
-                               args=(cluster, root / "out" / "stage1" / ".fault-fired", removed, replace))
+                               args=(cluster, root / "out" / "stage1" / ".fault-fired", removed, replace,
+                                     replacements))
     watcher.start()
     started = time.time()
     out = train.main([
@@ -102,6 +115,9 @@ def main(root: Path, replace: bool) -> dict:
         "mlflow_version": mlflow.__version__,
     }
     ray.shutdown()
+    for node in replacements:
+        node.terminate()
+        node.wait(timeout=60)
     cluster.shutdown()
     return result
 
