@@ -45,6 +45,10 @@ LOG_EVERY = 10
 """Optimizer steps between MLflow metric uploads (every step is logged, in batches)."""
 READ_AHEAD_WINDOWS = 4
 """Grouping windows (32 micro-batches each) a worker reads ahead, across epoch boundaries (``EpochReader``)."""
+FAULT_UPLOAD_S = 5.0
+"""How long the interrupted upload (fault injection) takes before it dies: longer than Ray Train's controller
+takes to collect the ranks' earlier reports (it polls every 2 s), as a real upload would, so that the previous
+checkpoint is registered. A failure within that window after a report loses that checkpoint too (Known limits)."""
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -240,6 +244,7 @@ def interrupted_upload(fault: dict[str, Any] | None, step: int, rank: int):
         return None
 
     def write_half_then_die(checkpoint: ray.train.Checkpoint, checkpoint_dir_name: str) -> None:
+        time.sleep(FAULT_UPLOAD_S)
         storage = ray.train.get_context().get_storage()
         destination = f"{storage.experiment_fs_path}/{checkpoint_dir_name}"
         files = sorted(path for path in Path(checkpoint.path).rglob("*") if path.is_file())
