@@ -1,6 +1,7 @@
 """Benchmark: seconds per optimizer step of jobs.train (Ray Train, 1 worker) vs a bare DeepSpeed loop.
 
     python -m jobs.bench_train [--steps 30] [--out /tmp/bench-train]
+    python -m jobs.bench_train --dry-run     # set up and check the three loops, run nothing (the test suite's)
 
 One run, the same model, data and engine settings (``build_engine`` + ``train_step``) three ways:
 
@@ -12,6 +13,10 @@ One run, the same model, data and engine settings (``build_engine`` + ``train_st
 Ray runs are timed from their MLflow metrics (wall time between optimizer steps, logging and data
 wait included). Medians skip the first 3 steps (warm-up) and the last. Targets: ray / bare <= 1.15;
 data-wait fraction < 5%.
+
+The benchmark owns its inputs: every run writes its data, model, shards, checkpoints and MLflow store
+into a new ``<out>/run-<time>`` folder and overrides every recipe path it uses, so it runs the same
+on a fresh clone and after ``make demo`` (whose outputs it never reads).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import ray
 import torch
@@ -44,10 +50,30 @@ THREADS = 2
 
 
 def stage_overrides(files: dict, data_root: Path, steps: int, batch: int) -> list[str]:
+    """Stage 1 on the benchmark's own data, streamed (``loop_overrides`` adds the shards for the materialised loop)."""
     return [f"stage1.data.train_files=[{files['stage1']}]", f"stage1.data.image_root={data_root}",
-            f"stage1.global_batch_size={batch}", f"stage1.micro_batch_size={batch}", f"stage1.max_steps={steps}",
-            "scaling.num_workers=1", f"scaling.cpus_per_worker={THREADS}", "tracking.system_metrics=false",
-            "stage1.data.group_by_modality_length=false"]
+            "stage1.data.preprocessed=null", f"stage1.global_batch_size={batch}", f"stage1.micro_batch_size={batch}",
+            f"stage1.max_steps={steps}", "scaling.num_workers=1", f"scaling.cpus_per_worker={THREADS}",
+            "tracking.system_metrics=false", "stage1.data.group_by_modality_length=false"]
+
+
+def loop_overrides(overrides: list[str], shards: Path) -> dict[str, list[str]]:
+    """The recipe overrides of the two Ray loops."""
+    return {"ray-streamed": overrides, "ray-materialised": [*overrides, f"stage1.data.preprocessed={shards}"]}
+
+
+def dry_run(initial: Path, run_dir: Path, loops: dict[str, list[str]]) -> None:
+    """Resolve both Ray loops' recipes and run jobs.train's preflight on the streamed one (the materialised
+    one's shards are written by the run itself); exit 2 with the problems, as jobs.train would."""
+    for name, overrides in loops.items():
+        recipe = load_recipe("tiny_cpu_demo", overrides)
+        if recipe.stage1.data.preprocessed:
+            continue
+        args = SimpleNamespace(model=str(initial), output=run_dir / name, stage="1")
+        problems = train.preflight(recipe, ["stage1"], args, None)
+        if problems:
+            raise SystemExit(f"bench_train {name}: " + "; ".join(problems))
+    print(f"dry run: inputs in {run_dir}; loops {', '.join(['bare', *loops])} resolve and pass preflight")
 
 
 def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], steps: int) -> list[float]:
@@ -76,7 +102,7 @@ def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], ste
 
 def ray_seconds_per_step(initial: Path, out: Path, overrides: list[str], batch: int) -> tuple[list, list]:
     """jobs.train's own per-step metrics: seconds per step and data-wait fraction."""
-    tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
+    tracking_uri = f"sqlite:///{out.parent / 'mlflow.db'}"
     outputs = train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(out), "--stage", "1",
                           *overrides, f"tracking.uri={tracking_uri}"])
     run_id = json.loads((outputs["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
@@ -90,25 +116,31 @@ def steady(values: list[float]) -> list[float]:
     return values[3:-1]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-train"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-train"), help="a run-<time> folder goes here")
+    parser.add_argument("--dry-run", action="store_true", help="set up and check the loops, then exit")
+    args = parser.parse_args(argv)
+    run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")
     torch.set_num_threads(THREADS)
-    data = write_synthetic_dataset(args.out / "data", train=args.steps * args.batch, eval=1, seed=0)
-    initial = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(args.out / "initial"), *MODEL])
-    overrides = MODEL + stage_overrides(data, args.out / "data", args.steps, args.batch)
+    data = write_synthetic_dataset(run_dir / "data", train=args.steps * args.batch, eval=1, seed=0)
+    initial = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(run_dir / "initial"), *MODEL])
+    overrides = MODEL + stage_overrides(data, run_dir / "data", args.steps, args.batch)
+    shards = run_dir / "shards"
+    loops = loop_overrides(overrides, shards)
+    if args.dry_run:
+        dry_run(initial, run_dir, loops)
+        return
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(THREADS)}})
-    shards = args.out / "shards"
     preprocess_job.main(["--recipe", "tiny_cpu_demo", "--stage", "1", "--model", str(initial), "--output",
                          str(shards), *overrides])
 
     bare = bare_seconds_per_step(initial, shards, overrides, args.steps)
-    streamed, streamed_wait = ray_seconds_per_step(initial, args.out / "streamed", overrides, args.batch)
-    materialised, materialised_wait = ray_seconds_per_step(
-        initial, args.out / "materialised", [*overrides, f"stage1.data.preprocessed={shards}"], args.batch)
+    streamed, streamed_wait = ray_seconds_per_step(initial, run_dir / "streamed", loops["ray-streamed"], args.batch)
+    materialised, materialised_wait = ray_seconds_per_step(initial, run_dir / "materialised",
+                                                           loops["ray-materialised"], args.batch)
 
     base = statistics.median(steady(bare))
     print(f"\n{args.steps} optimizer steps of {args.batch} samples, {THREADS} torch threads, "

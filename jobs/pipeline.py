@@ -17,10 +17,11 @@ Each step is a job of its own, also runnable alone:
   5. score the stage-1 model and the registered stage-2 model on held-out questions  jobs.evaluate
      (Ray Data batch inference; scores land on each stage's MLflow run)
   6. deploy the registered model on Ray Serve, ask one image question over HTTP       jobs.deploy
-     (OpenAI-compatible API), print the answer, shut the endpoint down (unless --keep-serving)
+     (OpenAI-compatible API), print the answer, delete the application (unless --keep-serving)
 
 Everything a run writes goes to ``--output`` (default ``outputs/<recipe name>/run-<time>``, a new
-folder per run, so a rerun never meets the checkpoints of the previous one).
+folder per run, so a rerun never meets the checkpoints of the previous one), ending with
+``result.json`` (``RESULT_FILE``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ from llava_platform.evaluation import eval_fields, is_correct
 from llava_platform.train.checkpoint import PROJECTOR_FILE, export_with_projector
 from pipelines.preprocess import ManifestError, shard_files, stage_fingerprint
 from serve.app import default_config_path
+
+RESULT_FILE = "result.json"
+"""Written into ``--output`` at the end: scores per stage, the demo question and answer, the model URI,
+the MLflow tracking URI and run ids, seconds per step (what the summary prints, for scripts)."""
 
 
 def log(message: str) -> None:
@@ -92,20 +97,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         clock = _lap(timings, "evaluate", clock)
 
     demo = None
+    serve_config = yaml.safe_load(default_config_path().read_text())
     if not args.no_serve:
         log(f"6. deploying {model_uri} on Ray Serve")
-        url = deploy.deploy(yaml.safe_load(default_config_path().read_text()), model=model_uri,
-                            model_name=recipe.name, tracking_uri=tracking_uri, http_host="127.0.0.1",
-                            http_port=args.port)
+        url = deploy.deploy(serve_config, model=model_uri, model_name=recipe.name, tracking_uri=tracking_uri,
+                            http_host="127.0.0.1", http_port=args.port)
         if recipe.evaluation:
             demo = ask_demo_question(url, recipe.name, recipe.evaluation)
         clock = _lap(timings, "serve", clock)
 
     print_summary(recipe.name, scores, demo, tracking_uri, runs, registered, model_uri,
                   serving=None if args.no_serve else (args.port, args.keep_serving), timings=timings)
+    result = {"scores": scores, "demo": demo, "model_uri": model_uri, "tracking_uri": tracking_uri, "runs": runs,
+              "timings": timings}
+    (output / RESULT_FILE).write_text(json.dumps(result, indent=1))
     if not args.no_serve:
-        _serve_until_stopped(args.keep_serving)
-    return {"scores": scores, "demo": demo, "model_uri": model_uri, "runs": runs, "timings": timings}
+        _serve_until_stopped(serve_config["applications"][0]["name"], args.keep_serving)
+    return result
 
 
 def synthetic_dataset(settings: SyntheticDataConfig, seed: int) -> dict[str, Path]:
@@ -224,7 +232,9 @@ def print_summary(name: str, scores: dict[str, dict[str, float]], demo: dict[str
     print("\n".join(lines), flush=True)
 
 
-def _serve_until_stopped(keep_serving: bool) -> None:
+def _serve_until_stopped(application: str, keep_serving: bool) -> None:
+    """Keep the endpoint up until Ctrl-C (``--keep-serving``), then delete this job's application only:
+    on a shared cluster, other applications on Ray Serve keep running."""
     from ray import serve
 
     try:
@@ -233,7 +243,7 @@ def _serve_until_stopped(keep_serving: bool) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        serve.delete(application)
 
 
 def _lap(timings: dict[str, float], step: str, since: float) -> float:

@@ -44,7 +44,10 @@ RUNS_FILE = "mlflow_runs.json"
 """Written into ``--output``: the tracking URI, experiment and MLflow run ids (``parent``, ``stage1``, ``stage2``)."""
 KILL_AT_STEP_ENV = "LLAVA_TRAIN_KILL_WORKER_AT_STEP"
 """Fault injection: ``<step>`` or ``<step>:<rank>`` SIGKILLs that worker once, to exercise auto-resume
-(``fault_from_env``: also ``:hang`` and ``:checkpoint``)."""
+(``fault_from_env``: also ``:hang`` and ``:checkpoint``; several faults separated by commas)."""
+FAULT_MARKER = ".fault-{action}-step{step}-rank{rank}"
+"""The file (JSON, in the stage's output folder) a fault writes when it fires: it fires once, and tells
+the test what was done."""
 
 
 def log(message: str) -> None:
@@ -182,9 +185,11 @@ def stage_problems(recipe: Recipe, name: str, stage: StageConfig, args, *, first
 
 
 def gpu_problems(scaling: ScalingSection) -> list[str]:
+    if not (scaling.use_gpu and scaling.gpu_preflight):
+        return []
     gpus = ray.cluster_resources().get("GPU", 0)
     needed = scaling.num_workers * scaling.gpus_per_worker
-    if scaling.use_gpu and scaling.gpu_preflight and gpus < needed:
+    if gpus < needed:
         return [f"scaling.use_gpu: {scaling.num_workers} workers x {scaling.gpus_per_worker} GPU need {needed:g} "
                 f"GPUs; the Ray cluster has {gpus:g}. Use a CPU recipe (use_gpu: false, precision: fp32), or set "
                 "scaling.gpu_preflight: false if GPU nodes start on demand"]
@@ -291,7 +296,7 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         "stage": name, "output": str(stage_dir), "export": export, "register": export and name == "stage2",
         "projector": projector,
         "resume_from": resume_from and filesystem_for(resume_from, recipe.checkpoint.s3_endpoint_url),
-        "fault": fault_from_env(stage_dir, workers),
+        "faults": fault_from_env(stage_dir, workers),
         "engine": {
             "model_path": str(Path(model).resolve()) if "://" not in model else model,
             "tunable": list(stage.tunable), "lora": lora, "lr": stage.optim.lr,
@@ -344,21 +349,23 @@ def checkpoint_storage(recipe: Recipe, output: Path):
                           recipe.checkpoint.s3_endpoint_url)
 
 
-def fault_from_env(stage_dir: Path, workers: int) -> dict[str, Any] | None:
-    """``LLAVA_TRAIN_KILL_WORKER_AT_STEP=<step>[:<rank>[:hang|checkpoint]]`` -> the worker's fault-injection setting.
+def fault_from_env(stage_dir: Path, workers: int) -> list[dict[str, Any]]:
+    """``LLAVA_TRAIN_KILL_WORKER_AT_STEP=<step>[:<rank>[:kill|hang|checkpoint]][,...]`` -> the workers'
+    fault-injection settings, one per comma-separated fault (each fires once).
 
-    ``hang`` stops the worker instead of killing it, until something outside kills it (a test
-    that removes the worker's node); ``checkpoint`` kills it halfway through writing its part of
-    that step's checkpoint (the step must be a checkpoint step).
+    ``kill`` (default) SIGKILLs the worker right after that optimizer step; ``hang`` stops it there
+    until something outside kills it (a test that removes the worker's node); ``checkpoint`` kills it
+    halfway through writing its part of that step's checkpoint (the step must be a checkpoint step).
+    The rank defaults to the last one.
     """
-    value = os.environ.get(KILL_AT_STEP_ENV)
-    if not value:
-        return None
-    step, rank, action = (value.split(":") + ["", ""])[:3]
-    if action not in ("", "kill", "hang", "checkpoint"):
-        raise ValueError(f"{KILL_AT_STEP_ENV}={value}: the action is kill (default), hang or checkpoint")
-    return {"step": int(step), "rank": int(rank or workers - 1), "action": action or "kill",
-            "marker": str(stage_dir / ".fault-fired")}
+    faults = []
+    for spec in filter(None, os.environ.get(KILL_AT_STEP_ENV, "").split(",")):
+        step, rank, action = (spec.split(":") + ["", ""])[:3]
+        if action not in ("", "kill", "hang", "checkpoint"):
+            raise ValueError(f"{KILL_AT_STEP_ENV}={spec}: the action is kill (default), hang or checkpoint")
+        fault = {"step": int(step), "rank": int(rank or workers - 1), "action": action or "kill"}
+        faults.append({**fault, "marker": str(stage_dir / FAULT_MARKER.format(**fault))})
+    return faults
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             result = train_step(engine, step_batches)
             done_in_epoch += 1
             position = {**position, "step": position["step"] + 1, "epoch": epoch, "steps_in_epoch": done_in_epoch}
-            inject_fault(config["fault"], position["step"], rank)
+            inject_fault(config["faults"], position["step"], rank)
             samples, tokens, loss = summed_over_ranks([result.samples, result.tokens, result.loss], device)
             step_time, step_started = time.perf_counter() - step_started, time.perf_counter()
             metrics = {
@@ -189,7 +189,7 @@ def report_checkpoint(engine, position: dict[str, Any], config: dict[str, Any], 
         ray.train.report({"step": position["step"], "loss": metrics["loss"]},
                          checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"{config['stage']}-step{position['step']:08d}",
-                         checkpoint_upload_fn=interrupted_upload(config["fault"], position["step"], rank))
+                         checkpoint_upload_fn=interrupted_upload(config["faults"], position["step"], rank))
 
 
 def export_and_register(engine, processor, probe: dict | None, step: int, config: dict[str, Any], rank: int) -> None:
@@ -220,14 +220,15 @@ def export_and_register(engine, processor, probe: dict | None, step: int, config
         log(rank, f"exported {export}")
 
 
-def inject_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
+def inject_fault(faults: list[dict[str, Any]], step: int, rank: int) -> None:
     """Fault injection for tests: SIGKILL this worker once, right after optimizer step ``fault['step']``
     on ``fault['rank']`` (``action: kill``), or stop it there until it is killed from outside (``action: hang``).
 
-    A marker file makes it fire once, so the restarted worker group runs through. The kill is the
-    same signal the kernel's OOM killer sends; nothing is cleaned up.
+    A marker file makes each fault fire once, so the restarted worker group runs through. The kill is
+    the same signal the kernel's OOM killer sends; nothing is cleaned up.
     """
-    if not fault_fires(fault, step, rank, ("kill", "hang")):
+    fault = firing(faults, step, rank, ("kill", "hang"))
+    if fault is None:
         return
     mark_fault(fault, rank, step, f"{fault['action']} rank {rank} at step {step}")
     if fault["action"] == "hang":
@@ -235,12 +236,13 @@ def inject_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def interrupted_upload(fault: dict[str, Any] | None, step: int, rank: int):
+def interrupted_upload(faults: list[dict[str, Any]], step: int, rank: int):
     """Fault injection (``action: checkpoint``): an upload function for ``ray.train.report`` that writes
     half of this rank's checkpoint files into storage, then SIGKILLs the worker: a worker lost in the
     middle of a checkpoint write, after the other ranks have written theirs. ``None`` when no fault fires.
     """
-    if not fault_fires(fault, step, rank, ("checkpoint",)):
+    fault = firing(faults, step, rank, ("checkpoint",))
+    if fault is None:
         return None
 
     def write_half_then_die(checkpoint: ray.train.Checkpoint, checkpoint_dir_name: str) -> None:
@@ -260,14 +262,16 @@ def interrupted_upload(fault: dict[str, Any] | None, step: int, rank: int):
     return write_half_then_die
 
 
-def fault_fires(fault: dict[str, Any] | None, step: int, rank: int, actions: tuple[str, ...]) -> bool:
-    return bool(fault) and fault["action"] in actions and step == fault["step"] and rank == fault["rank"] and \
-        not Path(fault["marker"]).exists()
+def firing(faults: list[dict[str, Any]], step: int, rank: int, actions: tuple[str, ...]) -> dict[str, Any] | None:
+    """The fault that fires now for this rank (one of ``actions``, not fired before), if any."""
+    return next((fault for fault in faults if fault["action"] in actions and step == fault["step"]
+                 and rank == fault["rank"] and not Path(fault["marker"]).exists()), None)
 
 
 def mark_fault(fault: dict[str, Any], rank: int, step: int, what: str, **details: Any) -> None:
     """The marker file (JSON) that makes a fault fire once and tells the test what was done."""
-    Path(fault["marker"]).write_text(json.dumps({"what": what, "pid": os.getpid(), "step": step, **details}))
+    Path(fault["marker"]).write_text(json.dumps({"what": what, "pid": os.getpid(), "step": step, "at": time.time(),
+                                                **details}))
     log(rank, f"fault injection: {what} (pid {os.getpid()})")
 
 

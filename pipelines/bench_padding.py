@@ -7,6 +7,7 @@ padded token slots for each.
 
     python -m pipelines.bench_padding
     python -m pipelines.bench_padding --records 400 --batch-size 8 --window 512
+    python -m pipelines.bench_padding --dry-run     # write the inputs and build the checkpoint, no Ray
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from pipelines.sources import read_records
 PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=400, help="synthetic records per training split")
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch size")
     parser.add_argument("--window", type=int, default=512, help="rows grouped together (streaming window)")
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true", help="write the inputs and the checkpoint, then exit")
+    args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench_padding_"))
     files = write_synthetic_dataset(root / "data", train=args.records, eval=1, seed=0)
     text_only = root / "data" / "text.jsonl"  # LLaVA's mix has text-only conversations too
@@ -45,6 +47,9 @@ def main() -> None:
         str(save_tiny_vision_tower(root / "clip", image_size=336)), str(save_tiny_language_model(root / "llama")),
         arch="llava_next", projector="mlp2x_gelu", vision_feature_layer=-2, image_size=336, image_mode="anyres",
         template="vicuna_v1", pinpoints=PINPOINTS), checkpoint)
+    if args.dry_run:
+        print(f"dry run: {args.records} records per split and a checkpoint in {root}")
+        return
 
     ray.init(include_dashboard=False)
     records = read_records([str(files["stage1"]), str(files["stage2"]), str(text_only)])

@@ -12,6 +12,7 @@ pinpoints):
 
     python -m pipelines.bench_preprocess                    # 200 images, 2k vs 20k records
     python -m pipelines.bench_preprocess --images 200 --records 500   # quicker
+    python -m pipelines.bench_preprocess --dry-run          # 2 images, one pass of part 1 (the test suite's)
 """
 
 from __future__ import annotations
@@ -145,13 +146,16 @@ def pipeline_run(root: Path, images: list[Path], records: int, checkpoint: str) 
     return seconds, memory.peak, seen
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--records", type=int, default=2000, help="small pipeline run; the large one is 10x")
     parser.add_argument("--skip-pipeline", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true", help="2 images, one repeat, no Ray Data part")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.images, args.repeats, args.skip_pipeline = 2, 1, True
     root = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
     images = make_jpegs(root / "images", args.images)
     blobs = [p.read_bytes() for p in images]

@@ -1,6 +1,7 @@
 """Benchmark: requests/s and latency of the endpoint, batched vs one request at a time.
 
     python -m serve.bench_serve [--requests 96] [--max-tokens 16]
+    python -m serve.bench_serve --dry-run     # compose the model and build both deployments, serve nothing
 
 Starts a local Ray and Serve on 127.0.0.1 with the tiny CPU-demo model (composed here, nothing
 downloaded), deploys it twice — batched (``max_batch_size`` 32) and unbatched (``max_batch_size``
@@ -66,25 +67,35 @@ def drive(base_url: str, concurrency: int, requests: int, max_tokens: int, timeo
             "errors": sum(r < 0 for r in results), "done": len(results)}
 
 
-def main() -> None:
+def deployments(model: Path, batch_wait_s: float, max_tokens: int) -> dict:
+    """The batched and the unbatched application, bound to the same model."""
+    limits = {"max_tokens": max_tokens}
+    return {name: LlavaServer.options(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+            .bind(model=str(model), model_name="tiny", max_batch_size=batch, batch_wait_timeout_s=batch_wait_s,
+                  limits=limits)
+            for name, batch in (("batched", 32), ("unbatched", 1))}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=192, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--timeout-s", type=float, default=180, help="cap per concurrency level")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--batch-wait-s", type=float, default=0.05, help="batch_wait_timeout_s of the batched app")
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true", help="compose the model and build both apps, then exit")
+    args = parser.parse_args(argv)
 
     model = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(Path(tempfile.mkdtemp()) / "model")])
+    applications = deployments(model, args.batch_wait_s, args.max_tokens)
+    if args.dry_run:
+        print(f"dry run: {', '.join(applications)} applications of {model}")
+        return
     ray.init(num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    limits = {"max_tokens": args.max_tokens}
     results = {}
-    for name, batch in (("batched", 32), ("unbatched", 1)):
-        deployment = LlavaServer.options(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
-        serve.run(deployment.bind(model=str(model), model_name="tiny", max_batch_size=batch,
-                                  batch_wait_timeout_s=args.batch_wait_s, limits=limits),
-                  name=name, route_prefix=f"/{name}", blocking=False)
+    for name, application in applications.items():
+        serve.run(application, name=name, route_prefix=f"/{name}", blocking=False)
         base_url = f"http://127.0.0.1:{args.port}/{name}/v1"
         drive(base_url, 4, 8, args.max_tokens, 60)  # warm-up
         for concurrency in CONCURRENCY:

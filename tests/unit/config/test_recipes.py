@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
 from llava_platform.config import RecipeError, load_recipe, shipped_recipes
+from tests.helpers import REPO_ROOT
 
 EXPECTED_RECIPES = {"tiny_cpu_demo", "llava15_7b", "llava15_13b", "llava15_7b_lora", "llava_next_vicuna_7b"}
 

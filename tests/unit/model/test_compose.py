@@ -14,7 +14,6 @@ from transformers import (
 )
 from transformers.activations import LinearActivation
 
-from conftest import TILE, compose
 from llava_platform.data.conversation import IGNORE_INDEX, tokenize_conversation
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.templates import resolve_chat_template
@@ -25,6 +24,7 @@ from llava_platform.model.compose import (
     load_pretrained_llava,
     load_processor,
 )
+from tests.helpers.models import TILE, compose
 
 CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 CONVERSATION = [

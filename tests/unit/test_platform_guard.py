@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 def test_no_package_named_platform():

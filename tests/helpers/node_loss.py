@@ -1,7 +1,7 @@
 """Node loss during training, on a simulated three-node cluster (``ray.cluster_utils.Cluster``).
 
-    python tests/node_loss.py <work dir>                           # prints one JSON line
-    python tests/node_loss.py <work dir> --wait-for-replacement    # tests/test_reliability.py runs both
+    python -m tests.helpers.node_loss <work dir>                          # prints one JSON line
+    python -m tests.helpers.node_loss <work dir> --wait-for-replacement   # tests/chaos/ runs both
 
 A head without CPUs and two worker nodes of 2 CPUs each. Stage 1 of the tiny recipe trains on 2
 Ray Train workers with a checkpoint every 2 steps; at step 5 the rank-0 worker stops
@@ -15,7 +15,7 @@ registered yet when the node goes):
   enough, so the run waits; the script adds a replacement node after ``REPLACEMENT_AFTER_S`` seconds,
   as an autoscaler would, and the run resumes there.
 
-It runs in its own process because a pytest process holds one Ray connection (the suite's local instance).
+It runs in its own process because a pytest process holds one Ray connection (the suite's head node).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from tests.helpers import REPO_ROOT
 
 STEPS = 8
 KILL_AT = 5
@@ -91,9 +90,9 @@ def main(root: Path, replace: bool) -> dict:
     os.environ[train.KILL_AT_STEP_ENV] = f"{KILL_AT}:0:hang"
     removed: dict = {}
     replacements: list[subprocess.Popen] = []
+    marker = root / "out" / "stage1" / train.FAULT_MARKER.format(action="hang", step=KILL_AT, rank=0)
     watcher = threading.Thread(target=remove_node_when_hung, daemon=True,
-                               args=(cluster, root / "out" / "stage1" / ".fault-fired", removed, replace,
-                                     replacements))
+                               args=(cluster, marker, removed, replace, replacements))
     watcher.start()
     started = time.time()
     out = train.main([

@@ -21,7 +21,7 @@ BAD_RECORDS = {
 
 
 @pytest.fixture(scope="module")
-def evaluated(ray_local, saved_checkpoints, mlflow_server, tmp_path_factory):
+def evaluated(ray_cluster, saved_checkpoints, mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     files = write_synthetic_dataset(root / "data", train=1, eval=10, seed=5)
     good = [json.loads(line) for line in files["eval"].read_text().splitlines()]

@@ -1,23 +1,19 @@
-"""The Ray Data pipeline on a local Ray instance: sources, modes, quarantine, streaming, shards, S3."""
+"""The Ray Data pipeline on the session's Ray head node: sources, modes, quarantine, shards, S3, and records
+that go bad while it reads."""
 
-import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from transformers import AutoProcessor
 
 from llava_platform.data.grouping import padding_fraction, regroup
 from llava_platform.data.synthetic import write_synthetic_dataset
 from pipelines.preprocess import ManifestError, finish, preprocess, read_shards, write_shards
 from pipelines.sources import read_records
-
-MAX_LENGTH = 1024
-PIXEL_LIMIT = 300_000  # synthetic images pad to at most 532 x 532 = 283,024 pixels; huge.png has 800 x 500 = 400,000
+from tests.helpers.corpus import MAX_LENGTH, PIXEL_LIMIT, good_ids, write_bad_corpus
 
 
 def run(records, checkpoint, mode, **kwargs):
@@ -41,14 +37,8 @@ def dataset(tmp_path_factory):
     return root, write_synthetic_dataset(root, train=24, eval=4, seed=0)
 
 
-def good_ids(path: Path) -> set[str]:
-    text = path.read_text()
-    records = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()]
-    return {r["id"] for r in records}
-
-
 @pytest.mark.parametrize("arch, mode", [("llava", "pad"), ("llava_next", "anyres")])
-def test_local_sources_both_modes(ray_local, dataset, saved_checkpoints, arch, mode):
+def test_local_sources_both_modes(ray_cluster, dataset, saved_checkpoints, arch, mode):
     root, files = dataset
     records = read_records([str(files["stage1"]), str(files["stage2"])])  # a JSON array and JSON lines
     got, report, bad = run(records, saved_checkpoints[arch], mode, image_root=str(root))
@@ -68,62 +58,9 @@ def test_local_sources_both_modes(ray_local, dataset, saved_checkpoints, arch, m
         assert tiles.shape[0] == 1 and (row["input_ids"] == image_id).sum() == 16
 
 
-def write_bad_corpus(root: Path, files: dict) -> tuple[Path, dict[str, str]]:
-    """Good synthetic records plus one bad record per reason; returns (file, expected reason by id)."""
-    images = root / "images"
-    (images / "empty.png").write_bytes(b"")
-    (images / "garbage.jpg").write_bytes(b"this is not an image at all")
-    jpeg = io.BytesIO()
-    Image.effect_noise((200, 200), 40).convert("RGB").save(jpeg, format="JPEG")
-    (images / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 3])
-    Image.new("RGB", (800, 500), "red").save(images / "huge.png")
-
-    def record(rid, image="images/train_00000.jpg", turns=None):
-        turns = turns or [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red."}]
-        return json.dumps({"id": rid, "image": image, "conversations": turns})
-
-    expected = {
-        "bad-missing": "missing_image",
-        "bad-empty": "empty_image",
-        "bad-garbage": "undecodable_image",
-        "bad-truncated": "undecodable_image",
-        "bad-huge": "image_too_large",
-        "bad-no-conversations": "missing_field",
-        "bad-order": "wrong_role_order",
-        "bad-no-placeholder": "image_placeholder_mismatch",
-        "bad-two-placeholders": "image_placeholder_mismatch",
-        "bad-too-long": "too_long",
-        "bad-unknown-role": "unknown_role",
-    }
-    first_image = json.loads(files["stage2"].read_text().splitlines()[0])["image"]
-    lines = files["stage2"].read_text().splitlines()
-    bad_lines = [
-        record("bad-missing", "images/does_not_exist.jpg"),
-        record("bad-empty", "images/empty.png"),
-        record("bad-garbage", "images/garbage.jpg"),
-        record("bad-truncated", "images/truncated.jpg"),
-        record("bad-huge", "images/huge.png"),
-        json.dumps({"id": "bad-no-conversations", "image": first_image}),
-        record("bad-order", first_image, [{"from": "gpt", "value": "x"}, {"from": "human", "value": "<image>"}]),
-        record("bad-no-placeholder", first_image, [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "x"}]),
-        record("bad-two-placeholders", first_image,
-               [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]),
-        record("bad-too-long", first_image,
-               [{"from": "human", "value": "<image>\nWhy?"}, {"from": "gpt", "value": "because " * 2000}]),
-        record("bad-unknown-role", first_image,
-               [{"from": "robot", "value": "<image>\nWhy?"}, {"from": "gpt", "value": "x"}]),
-        "{this line is not json",
-        "[1, 2, 3]",
-    ]
-    text_only = json.dumps({"id": "text-only", "conversations": [
-        {"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "Yes."}]})
-    mixed = lines[:10] + bad_lines[:7] + lines[10:] + bad_lines[7:] + [text_only]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("\n".join(mixed) + "\n")
-    return corpus, expected
 
 
-def test_bad_records_are_quarantined_with_reasons_and_good_ones_kept(ray_local, dataset, saved_checkpoints, tmp_path):
+def test_bad_records_are_quarantined_with_reasons_and_good_ones_kept(ray_cluster, dataset, saved_checkpoints, tmp_path):
     root, files = dataset
     corpus, expected = write_bad_corpus(root, files)
     got, report, bad = run(read_records([str(corpus)]), saved_checkpoints["llava"], "pad", image_root=str(root))
@@ -142,7 +79,7 @@ def test_bad_records_are_quarantined_with_reasons_and_good_ones_kept(ray_local, 
     assert "quarantined" in report.table() and report.as_metrics()["data/quarantined/too_long"] == 1
 
 
-def test_truncate_policy_keeps_long_samples(ray_local, dataset, saved_checkpoints):
+def test_truncate_policy_keeps_long_samples(ray_cluster, dataset, saved_checkpoints):
     root, files = dataset
     long_record = {"id": "long", "image": json.loads(files["stage2"].read_text().splitlines()[0])["image"],
                    "conversations": [{"from": "human", "value": "<image>\nWhy?"},
@@ -154,7 +91,7 @@ def test_truncate_policy_keeps_long_samples(ray_local, dataset, saved_checkpoint
     assert report.kept == 1 and got["long"]["truncated"] and got["long"]["length"] == MAX_LENGTH
 
 
-def test_broken_json_array_is_reported_not_fatal(ray_local, dataset, saved_checkpoints, tmp_path):
+def test_broken_json_array_is_reported_not_fatal(ray_cluster, dataset, saved_checkpoints, tmp_path):
     root, files = dataset
     broken = tmp_path / "broken.json"
     broken.write_text(files["stage1"].read_text()[:-50])
@@ -164,7 +101,7 @@ def test_broken_json_array_is_reported_not_fatal(ray_local, dataset, saved_check
     assert [row["reason"] for row in bad] == ["malformed_json"] and "not a valid JSON array" in bad[0]["message"]
 
 
-def test_parquet_source_with_inline_images(ray_local, dataset, saved_checkpoints, tmp_path):
+def test_parquet_source_with_inline_images(ray_cluster, dataset, saved_checkpoints, tmp_path):
     root, files = dataset
     records = [json.loads(line) for line in files["stage2"].read_text().splitlines()[:6]]
     table = pa.table({
@@ -185,7 +122,7 @@ def test_parquet_source_with_inline_images(ray_local, dataset, saved_checkpoints
     assert (report.read, report.kept) == (9, 7)
 
 
-def test_s3_sources_and_images(ray_local, dataset, saved_checkpoints, s3_server):
+def test_s3_sources_and_images(ray_cluster, dataset, saved_checkpoints, s3_server):
     import boto3
 
     root, files = dataset
@@ -205,7 +142,7 @@ def test_s3_sources_and_images(ray_local, dataset, saved_checkpoints, s3_server)
     assert report.read == 49
 
 
-def test_materialised_shards_round_trip(ray_local, dataset, saved_checkpoints, tmp_path):
+def test_materialised_shards_round_trip(ray_cluster, dataset, saved_checkpoints, tmp_path):
     root, files = dataset
     corpus, _ = write_bad_corpus(root, files)
     rows, quarantine = preprocess(
@@ -230,48 +167,7 @@ def test_materialised_shards_round_trip(ray_local, dataset, saved_checkpoints, t
         read_shards(tmp_path)
 
 
-def test_rows_stream_into_ray_train_workers(ray_local, dataset, saved_checkpoints, tmp_path):
-    """Two TorchTrainer workers each read their shard of the stream and collate it to model inputs."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    root, files = dataset
-    rows, quarantine = preprocess(  # fractional CPUs: the two training workers hold the rest of the 2 cores
-        read_records([str(files["stage2"])], cpus_per_task=0.25), processor_path=str(saved_checkpoints["llava"]),
-        template="vicuna_v1", image_mode="pad", max_length=MAX_LENGTH, image_root=str(root), num_actors=1,
-        cpus_per_actor=0.25,
-    )
-    out = tmp_path / "seen"
-    out.mkdir()
-
-    def loop(config):
-        import ray.train
-
-        from llava_platform.data.collate import collate
-
-        seen = []
-        for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=4, batch_format="numpy"):
-            inputs = collate(batch["input_ids"], batch["labels"], list(batch["tiles"]),
-                             [tuple(s) for s in batch["image_size"]], pad_token_id=0, anyres=False,
-                             image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
-            assert inputs["pixel_values"].shape[1:] == (3, 56, 56) and inputs["pixel_values"].dtype.is_floating_point
-            seen += [str(i) for i in batch["id"]]
-        rank = ray.train.get_context().get_world_rank()
-        (Path(config["out"]) / f"rank{rank}.json").write_text(json.dumps(seen))
-
-    TorchTrainer(
-        loop, train_loop_config={"out": str(out)}, datasets={"train": rows},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(storage_path=str(tmp_path / "train"), name="stream"),
-    ).fit()
-    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert all(per_rank), "both workers must receive rows"
-    delivered = per_rank[0] + per_rank[1]
-    assert len(delivered) == len(set(delivered)) and set(delivered) == good_ids(files["stage2"])
-    assert finish(quarantine).kept == 24
-
-
-def test_length_grouping_cuts_padding(ray_local, dataset, saved_checkpoints):
+def test_length_grouping_cuts_padding(ray_cluster, dataset, saved_checkpoints):
     root, files = dataset
     rows, _ = preprocess(
         read_records([str(files["stage1"]), str(files["stage2"])]), processor_path=str(saved_checkpoints["llava"]),
@@ -284,3 +180,46 @@ def test_length_grouping_cuts_padding(ray_local, dataset, saved_checkpoints):
     assert sorted(ids) == sorted(i for w in windows for i in w["id"])  # every row exactly once
     assert all(len(set(batch["modality"])) == 1 for batch in grouped)
     assert padding_fraction(b["length"] for b in grouped) < padding_fraction(b["length"] for b in plain) / 2
+
+
+@pytest.mark.fault("data: 10% bad records of every kind + images deleted while read")
+def test_bad_records_and_vanishing_images_lose_nothing(ray_cluster, saved_checkpoints, tmp_path):
+    """~10% of the records bad in every way the pipeline knows; images deleted while the run reads them.
+
+    Every record ends up exactly once: delivered to training, or quarantined with its reason.
+    """
+    import ray
+
+    files = write_synthetic_dataset(tmp_path, train=120, eval=1, seed=1)
+    corpus, expected_bad = write_bad_corpus(tmp_path, files)
+    good = good_ids(files["stage2"]) | {"text-only"}
+    records = [json.loads(line) for line in files["stage2"].read_text().splitlines()]
+    vanishing = {r["id"]: tmp_path / r["image"] for r in records[-40:]}
+
+    rows, quarantine = preprocess(
+        read_records([str(corpus)]), processor_path=str(saved_checkpoints["llava"]), template="vicuna_v1",
+        image_mode="pad", max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT, num_actors=1,
+        image_root=str(tmp_path))
+    paths = list(vanishing.values())
+    for path in paths[:20]:  # listed, not yet read: the dataset is lazy until it is iterated
+        path.unlink()
+    delivered: list[str] = []
+    for batch in rows.iter_batches(batch_size=4, batch_format="numpy"):
+        if not delivered:  # the first batch reached training while the rest are being read
+            for path in paths[20:]:
+                path.unlink()
+        delivered.extend(batch["id"])
+    report = finish(quarantine)
+    bad = ray.get(quarantine.rows.remote())
+
+    quarantined = {row["id"]: row["reason"] for row in bad if row["id"]}
+    vanished = set(quarantined) & set(vanishing)
+    assert len(vanished) >= 20, "the images did not vanish before they were read: the fault was not injected"
+    assert all(quarantined[rid] == "missing_image" for rid in vanished)
+    assert {rid: quarantined[rid] for rid in expected_bad} == expected_bad
+    assert len(delivered) == len(set(delivered)), "a record reached training twice"
+    messages = {row["id"]: row["message"] for row in bad if row["id"]}
+    lost = {rid: messages.get(rid, "not quarantined") for rid in good - set(delivered) - vanished}
+    assert not lost and not set(delivered) & vanished, f"good records lost: {lost}"
+    assert report.read == len(delivered) + len(bad) and report.kept == len(delivered)
+    assert len(bad) == len(expected_bad) + 2 + len(vanished)  # plus the two malformed JSON lines

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
 from infra import render
 from llava_platform.config import load_recipe, shipped_recipes
+from tests.helpers import REPO_ROOT
 
 INFRA = REPO_ROOT / "infra"
 K8S = INFRA / "k8s"

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose
 from llava_platform.config import load_recipe
 from llava_platform.data.collate import collate
 from llava_platform.data.conversation import tokenize_conversation
@@ -23,6 +22,7 @@ from llava_platform.model.trainability import (
 )
 from llava_platform.train.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config, build_lr_scheduler
 from llava_platform.train.engine import init_distributed
+from tests.helpers.models import compose
 
 
 def config_for(stage, world_size, use_gpu=True):

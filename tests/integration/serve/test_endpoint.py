@@ -1,7 +1,10 @@
-"""The Ray Serve endpoint on a local Ray instance, called over real HTTP with the official openai client."""
+"""The Ray Serve endpoint on the session's head node, called over real HTTP with the official openai client.
+
+The applications here live under their own route prefixes beside whatever else the cluster serves
+(the end-to-end job deploys its own at ``/``), and each is deleted at the end, never Serve itself.
+"""
 
 import base64
-import io
 import json
 import threading
 import time
@@ -12,23 +15,21 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import free_port
 from jobs import deploy
 from serve.app import default_config_path
+from tests.helpers import requests as bodies
 
 KEY = "test-key"
 MODEL = "tiny"
 
 
 def data_url(size=(40, 30)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (30, 200, 30)).save(buffer, "PNG")
-    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+    return bodies.data_url(size, colour=(30, 200, 30))
 
 
-def config(name, route, **deployment):
+def config(name, route, port, **deployment):
+    """serve/config.yaml with a tiny deployment and small limits; the same HTTP options as every job's."""
     base = yaml.safe_load(default_config_path().read_text())
     app = base["applications"][0]
     app.update(name=name, route_prefix=route)
@@ -36,21 +37,24 @@ def config(name, route, **deployment):
                              "max_image_pixels": 512 * 512}
     app["deployments"] = [{"name": "LlavaServer", "max_ongoing_requests": 64,
                            "ray_actor_options": {"num_cpus": 0.25}, **deployment}]
-    base["http_options"] = {"host": "127.0.0.1", "port": PORT}
+    base["http_options"] = {**base["http_options"], "host": "127.0.0.1", "port": port}
     return base
 
 
-PORT = free_port()
+@pytest.fixture(scope="module")
+def serve_base(ray_cluster, serve_port) -> str:
+    """Ray Serve's address on the head node; applications add their route prefix."""
+    return f"http://127.0.0.1:{serve_port}"
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, saved_checkpoints):
+def server(serve_base, serve_port, saved_checkpoints):
     from ray import serve
 
-    url = deploy.deploy(config("llava", "/", num_replicas=1), model=str(saved_checkpoints["llava"]),
-                        model_name=MODEL, api_key=KEY)
-    yield url
-    serve.shutdown()
+    deploy.deploy(config("endpoint", "/endpoint", serve_port, num_replicas=1), model=str(saved_checkpoints["llava"]),
+                  model_name=MODEL, api_key=KEY)
+    yield f"{serve_base}/endpoint"
+    serve.delete("endpoint")
 
 
 def client(url, key=KEY, prefix=""):
@@ -160,30 +164,30 @@ def test_concurrent_requests_share_generate_calls(server):
     assert requests == 16 and calls < requests, f"{requests} requests took {calls} generate calls"
 
 
-def test_model_from_a_real_mlflow_server(server, saved_checkpoints, mlflow_server, tmp_path):
+def test_model_from_a_real_mlflow_server(server, serve_base, serve_port, saved_checkpoints, mlflow_server, tmp_path):
     from ray import serve
 
     from llava_platform import tracking
 
     run_id = tracking.start_run(mlflow_server, "serve", "export")
     version = tracking.register_export(mlflow_server, run_id, saved_checkpoints["llava_next"], "tiny-next")
-    app = config("from-mlflow", "/mlflow", num_replicas=1)["applications"][0]
+    app = config("from-mlflow", "/mlflow", serve_port, num_replicas=1)["applications"][0]
     args = {**app["args"], "model": f"models:/tiny-next/{version}", "model_name": MODEL, "api_key": KEY,
             "tracking_uri": mlflow_server, "cache_dir": str(tmp_path)}
     serve.run(deploy.LlavaServer.options(ray_actor_options={"num_cpus": 0.25}).bind(**args), name="from-mlflow",
               route_prefix="/mlflow", blocking=False)
-    answer = ask(server, prefix="/mlflow")
+    answer = ask(serve_base, prefix="/mlflow")
     assert answer.usage.prompt_tokens > ask(server).usage.prompt_tokens, "anyres should spend more image tokens"
     serve.delete("from-mlflow")
 
 
 @pytest.mark.fault("serve: sustained load, then none (autoscaling up to max, back to min)")
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, saved_checkpoints):
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, serve_base, serve_port, saved_checkpoints):
     from ray import serve
 
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                    "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}
-    app = config("scaling", "/scaling", autoscaling_config=autoscaling)["applications"][0]
+    app = config("scaling", "/scaling", serve_port, autoscaling_config=autoscaling)["applications"][0]
     args = {**app["args"], "model": str(saved_checkpoints["llava"]), "model_name": MODEL, "api_key": KEY,
             "max_batch_size": 1}
     serve.run(deploy.LlavaServer.options(ray_actor_options={"num_cpus": 0.25}, autoscaling_config=autoscaling,
@@ -199,7 +203,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, save
     def load() -> int:
         answered = 0
         while not stop.is_set():
-            answered += bool(ask(server, prefix="/scaling", max_tokens=32, image=False).choices)
+            answered += bool(ask(serve_base, prefix="/scaling", max_tokens=32, image=False).choices)
         return answered
 
     with ThreadPoolExecutor(6) as pool:
@@ -218,12 +222,12 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, save
 
 
 @pytest.mark.fault("serve: a replica killed under load at concurrency 32, malformed requests mixed in")
-def test_a_replica_killed_under_load_is_replaced_and_valid_requests_are_answered(server, saved_checkpoints,
-                                                                                 record_property):
+def test_a_replica_killed_under_load_is_replaced_and_valid_requests_are_answered(server, serve_base, serve_port,
+                                                                                 saved_checkpoints, record_property):
     import ray
     from ray import serve
 
-    app = config("failover", "/failover")["applications"][0]
+    app = config("failover", "/failover", serve_port)["applications"][0]
     args = {**app["args"], "model": str(saved_checkpoints["llava"]), "model_name": MODEL, "api_key": KEY}
     serve.run(deploy.LlavaServer.options(ray_actor_options={"num_cpus": 0.25}, num_replicas=2,
                                          max_ongoing_requests=32).bind(**args),
@@ -238,12 +242,12 @@ def test_a_replica_killed_under_load_is_replaced_and_valid_requests_are_answered
         time.sleep(0.5)
     victims = running()
     assert len(victims) == 2
-    retrying = openai.OpenAI(base_url=f"{server}/failover/v1", api_key=KEY, max_retries=3, timeout=60)
+    retrying = openai.OpenAI(base_url=f"{serve_base}/failover/v1", api_key=KEY, max_retries=3, timeout=60)
     malformed = {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!not-base64!!"}}]}]}
 
     def status_of(body: dict) -> int:
-        request = urllib.request.Request(f"{server}/failover/v1/chat/completions", data=json.dumps(body).encode(),
+        request = urllib.request.Request(f"{serve_base}/failover/v1/chat/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:

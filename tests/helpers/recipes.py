@@ -1,0 +1,41 @@
+"""Recipe overrides that run ``tiny_cpu_demo`` on a few records in tests (the demo's learning is the
+demo's job; the tests use the smallest sizes that still take every code path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RECIPE = "tiny_cpu_demo"
+REGISTERED_NAME = "tiny-cpu-demo"
+"""The recipe's name: its MLflow experiment, registered model and checkpoint folder prefix."""
+STEPS = 4
+"""Optimizer steps per stage; checkpoints every 2, so a fault at step 3 or 4 has one to resume from."""
+NEXT_MODEL = ["model.arch=llava_next", "model.image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]]",
+              "stage1.data.image_mode=anyres", "stage2.data.image_mode=anyres"]
+"""The tiny recipe as LLaVA-NeXT (anyres tiles, image newline), as the end-to-end job runs it."""
+
+
+def data_overrides(data: Path) -> list[str]:
+    """Both stages and the evaluation read the synthetic dataset in ``data``."""
+    return [f"stage1.data.train_files=[{data / 'stage1.json'}]", f"stage2.data.train_files=[{data / 'stage2.jsonl'}]",
+            f"stage1.data.image_root={data}", f"stage2.data.image_root={data}",
+            f"evaluation.data_files=[{data / 'eval.jsonl'}]", f"evaluation.image_root={data}"]
+
+
+def tiny_pipeline_overrides(root: Path, records: int = 24, eval_records: int = 8, steps: int = 2) -> list[str]:
+    """``tiny_cpu_demo``'s whole pipeline on a few records below ``root``: stage 1 streamed into the
+    workers, stage 2 from ``jobs.preprocess``'s Parquet shards."""
+    data = root / "data"
+    return [
+        f"synthetic.out_dir={data}", f"synthetic.train_records={records}", f"synthetic.eval_records={eval_records}",
+        *data_overrides(data), "stage1.data.preprocessed=null", f"stage2.data.preprocessed={root / 'shards2'}",
+        f"stage1.max_steps={steps}", f"stage2.max_steps={steps}", "stage1.global_batch_size=4",
+        "stage1.micro_batch_size=2", "stage2.global_batch_size=4", "stage2.micro_batch_size=2",
+        "stage1.optim.lr=0.01", "checkpoint.every_n_steps=2", "tracking.system_metrics_interval_s=1",
+    ]
+
+
+def zero3(*stages: str) -> list[str]:
+    """ZeRO-3 for ``stages``, with every weight of the tiny model sharded (no persistence threshold)."""
+    return [override for stage in stages for override in (
+        f"{stage}.deepspeed.zero_stage=3", f"{stage}.deepspeed.zero3_param_persistence_threshold=0")]

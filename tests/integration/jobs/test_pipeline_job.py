@@ -1,0 +1,160 @@
+"""The end-to-end job as users run it: ``ray job submit ... -- python -m jobs.pipeline`` on the tiny
+recipe as LLaVA-NeXT, against the session's head node and ``mlflow server`` (``pipeline_run``).
+
+Every assertion about that one run lives here: the jobs it chains, what reached MLflow, what stage 1
+and stage 2 trained, the export, the evaluation, the endpoint it served, and the secrets it never
+wrote down. Then ``jobs.deploy`` is submitted the same way and answers over HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+import mlflow
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from jobs.train_worker import EXPORT_CHECK_FILE
+from llava_platform import tracking
+from llava_platform.evaluation import is_correct
+from llava_platform.model.trainability import part_of
+from llava_platform.train.checkpoint import PROJECTOR_FILE
+from llava_platform.train.engine import CHECKPOINT_TAG
+from tests.helpers.pipeline_job import SECRET
+from tests.helpers.recipes import REGISTERED_NAME, STEPS
+
+
+def weights(path):
+    return AutoModelForImageTextToText.from_pretrained(path).state_dict()
+
+
+def losses(client, run_id) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+
+
+def assert_export_reproduces_engine(stage_dir):
+    """The exported folder, loaded by plain transformers, gives the trained engine's logits on a probe batch."""
+    check = torch.load(stage_dir / EXPORT_CHECK_FILE)
+    model = AutoModelForImageTextToText.from_pretrained(stage_dir / "export").eval()
+    with torch.no_grad():
+        logits = model(**check["batch"]).logits[:, -16:]
+    torch.testing.assert_close(logits, check["logits"], atol=1e-5, rtol=1e-4)
+
+
+def test_the_job_chains_every_step_and_prints_its_summary(pipeline_run):
+    log = pipeline_run.log
+    assert "succeeded" in log and "accuracy stage2" in log
+    for step in ("compose", "preprocess", "train", "evaluate", "serve"):
+        assert step in pipeline_run.result["timings"], f"no {step} step"
+    # the job composed the same starting checkpoint as this process: composition is seeded
+    ours, theirs = pipeline_run.job.initial, pipeline_run.job.output / "initial"
+    assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
+
+
+def test_mlflow_holds_the_runs_params_metrics_and_registered_model(pipeline_run, mlflow_server):
+    client, runs = tracking.client_for(mlflow_server), pipeline_run.runs
+    parent = client.get_run(runs["parent"])
+    assert parent.info.status == "FINISHED" and parent.data.params["model.arch"] == "llava_next"
+    assert parent.data.params["model.image_size"] == "56"
+    assert "recipe.yaml" in [a.path for a in client.list_artifacts(runs["parent"])]
+    for stage in ("stage1", "stage2"):
+        run = client.get_run(runs[stage])
+        assert run.data.tags[tracking.PARENT_TAG] == runs["parent"] and run.info.status == "FINISHED"
+        history = losses(client, runs[stage])
+        assert sorted(history) == list(range(1, STEPS + 1)), f"{stage}: not one record per step: {history}"
+        assert history[STEPS] < history[1], f"{stage} loss did not fall: {history}"
+        assert run.data.metrics["data/read"] == run.data.metrics["data/kept"] == 24
+    stage2 = client.get_run(runs["stage2"])
+    assert stage2.data.params["total_steps"] == str(STEPS)
+    assert stage2.data.params["tunable"] == "['projector', 'language_model']"
+    for name in ("grad_norm", "samples_per_s", "tokens_per_s", "data_wait_fraction", "lr/projector",
+                 "lr/language_model"):
+        assert client.get_metric_history(runs["stage2"], name), f"no {name} metric"
+    assert any(key.startswith("system/") for key in stage2.data.metrics), "no system metrics"
+    assert PROJECTOR_FILE in [a.path for a in client.list_artifacts(runs["stage1"])]
+
+    name, version = pipeline_run.result["model_uri"].removeprefix("models:/").split("/")
+    assert name == REGISTERED_NAME and client.get_model_version(name, version).run_id == runs["stage2"]
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    image = next((pipeline_run.job.data / "images").iterdir())
+    answers = model.predict([{"prompt": "What is in the image?", "image": str(image)}])
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_stage1_trains_only_the_projector(pipeline_run):
+    before = weights(pipeline_run.job.output / "initial")
+    state = torch.load(pipeline_run.checkpoint("stage1", STEPS) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]  # the full DeepSpeed checkpoint of the last step
+    frozen = [n for n in before if part_of(n) != "projector"]
+    assert frozen and all(torch.equal(state[n], before[n]) for n in frozen), "a frozen weight changed in stage 1"
+    projector = load_file(str(pipeline_run.train / "stage1" / PROJECTOR_FILE))
+    assert set(projector) == set(before) - set(frozen) and "model.image_newline" in projector
+    assert all(torch.equal(projector[n], state[n]) for n in projector)
+    assert all(not torch.equal(projector[n], before[n]) for n in projector), "stage 1 left a projector weight as is"
+
+
+def test_stage2_export_reloads_with_plain_transformers(pipeline_run):
+    before, after = weights(pipeline_run.job.output / "initial"), weights(pipeline_run.train / "stage2" / "export")
+    vision = [n for n in before if n.startswith("model.vision_tower.")]
+    assert vision and all(torch.equal(after[n], before[n]) for n in vision), "the frozen tower changed"
+    lm = [n for n in before if n.startswith("model.language_model.layers.")]
+    assert any(not torch.equal(after[n], before[n]) for n in lm), "stage 2 did not train the language model"
+    assert_export_reproduces_engine(pipeline_run.train / "stage2")
+
+
+def test_both_stages_are_scored_on_their_own_runs(pipeline_run, mlflow_server):
+    client, result = tracking.client_for(mlflow_server), pipeline_run.result
+    assert set(result["scores"]) == {"stage1", "stage2"}
+    for stage, scores in result["scores"].items():
+        assert scores["count/short"] + scores["count/mc"] == 8 and 0 <= scores["accuracy"] <= 1
+        metrics = client.get_run(pipeline_run.runs[stage]).data.metrics
+        assert metrics["eval/accuracy"] == pytest.approx(scores["accuracy"])
+
+
+def test_the_endpoint_answered_one_question_and_was_removed(pipeline_run):
+    demo = pipeline_run.result["demo"]
+    assert demo["question"].startswith("What colour is the")
+    assert isinstance(demo["answer"], str) and demo["correct"] == is_correct(demo["answer"], demo["gold"], "short")
+    assert "question" in pipeline_run.log and repr(demo["answer"]) in pipeline_run.log
+    with pytest.raises(OSError):  # the job deleted its application at the end (no --keep-serving)
+        urllib.request.urlopen(f"http://127.0.0.1:{pipeline_run.job.port}/healthz", timeout=5)
+
+
+def test_secrets_appear_in_no_mlflow_param_or_tag_and_no_output(pipeline_run, mlflow_server):
+    client = tracking.client_for(mlflow_server)
+    for run in ("parent", "stage1", "stage2"):
+        data = client.get_run(pipeline_run.runs[run]).data
+        assert not any(SECRET in str(v) for v in [*data.params.values(), *data.tags.values()])
+    assert SECRET not in pipeline_run.log
+
+
+def test_the_deploy_job_serves_the_registered_model(pipeline_run, ray_cluster, mlflow_server, tmp_path):
+    """``jobs.deploy`` returns once the deployment is accepted; the endpoint stays up after it."""
+    from ray import serve
+
+    port = pipeline_run.job.port
+    ray_cluster.submit("jobs.deploy", "--model", pipeline_run.result["model_uri"], "--model-name", "submitted",
+                       "--tracking-uri", mlflow_server, "--http-host", "127.0.0.1", "--http-port", str(port),
+                       log=tmp_path / "deploy.log").wait(timeout_s=300)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    deadline = time.monotonic() + 120  # the replica may still be loading
+    while True:
+        try:
+            reply = client.chat.completions.create(model="submitted", max_tokens=4, temperature=0,
+                                                   messages=[{"role": "user", "content": "Hello"}])
+            break
+        except (openai.APIConnectionError, openai.InternalServerError, openai.NotFoundError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+    assert reply.choices[0].message.content is not None and reply.usage.completion_tokens <= 4
+    serve.delete("llava")
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)

@@ -1,0 +1,251 @@
+"""jobs.train on 2 Ray Train workers: ZeRO-3 + LoRA from preprocessed shards, faults on S3, manual
+resume, and configurations refused before any worker starts.
+
+The runs are shared fixtures (a stage costs about a minute on 2 cores). The fault and resume runs
+use the end-to-end job's recipe, data and starting checkpoint (``pipeline_job``), so that its
+MLflow losses are their reference: the same data order and restored optimizer state must give the
+same losses, step for step (ZeRO-3 here, ZeRO-2 there: the same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from jobs import compose, train
+from jobs import preprocess as preprocess_job
+from jobs.train_worker import EXPORT_CHECK_FILE
+from llava_platform import tracking
+from llava_platform.config import load_recipe
+from llava_platform.data.synthetic import write_synthetic_dataset
+from llava_platform.train.checkpoint import PROJECTOR_FILE
+from llava_platform.train.engine import CHECKPOINT_TAG
+from pipelines.preprocess import read_shards, stage_fingerprint
+from tests.helpers.recipes import RECIPE, REGISTERED_NAME, STEPS, data_overrides, zero3
+
+
+def weights(path):
+    return AutoModelForImageTextToText.from_pretrained(path).state_dict()
+
+
+def mlflow_runs(output: Path) -> dict[str, str]:
+    """The run ids jobs.train wrote into its ``--output``: ``parent``, ``stage1``, ``stage2``."""
+    return json.loads((output / train.RUNS_FILE).read_text())["runs"]
+
+
+def losses(client, run_id) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+
+
+def assert_export_reproduces_engine(stage_dir):
+    check = torch.load(stage_dir / EXPORT_CHECK_FILE)
+    model = AutoModelForImageTextToText.from_pretrained(stage_dir / "export").eval()
+    with torch.no_grad():
+        logits = model(**check["batch"]).logits[:, -16:]
+    torch.testing.assert_close(logits, check["logits"], atol=1e-5, rtol=1e-4)
+
+
+# ZeRO-3 + LoRA: stage 1 from jobs.preprocess's Parquet shards, stage 2 with text-only rows, MLflow's local store
+
+@dataclass(frozen=True)
+class Zero3Lora:
+    root: Path
+    initial: Path
+    overrides: list[str]
+    out: dict[str, Path]
+    cwd: Path
+    stage1_runs: dict[str, str]
+    runs: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def zero3_lora(ray_cluster, tmp_path_factory) -> Zero3Lora:
+    """ZeRO-3 for both stages of tiny LLaVA, run one at a time (stage 2 gets stage 1's projector by path);
+    stage 1 from jobs.preprocess's Parquet shards; LoRA, gradient checkpointing and text-only rows in
+    stage 2; no tracking URI anywhere: MLflow's default local store in the working directory."""
+    root = tmp_path_factory.mktemp("zero3")
+    files = write_synthetic_dataset(root / "data", train=24, eval=1, seed=0)
+    initial = compose.main(["--recipe", RECIPE, "--output", str(root / "initial")])
+    overrides = [*data_overrides(root / "data"), "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
+                 "stage2.global_batch_size=4", "stage2.micro_batch_size=1", f"stage1.max_steps={STEPS}",
+                 f"stage2.max_steps={STEPS}", "stage1.optim.lr=0.01", "stage2.optim.lr=0.01",
+                 "checkpoint.every_n_steps=2", "tracking.system_metrics=false", "stage1.data.preprocessed=null",
+                 "stage2.data.preprocessed=null", *zero3("stage1", "stage2")]
+    shards = root / "stage1-shards"
+    manifest = preprocess_job.main(["--recipe", RECIPE, "--stage", "1", "--model", str(initial), "--output",
+                                    str(shards), *overrides])
+    assert manifest["counts"]["kept"] == 24, manifest
+    stage1 = load_recipe(RECIPE, [*overrides, f"stage1.data.preprocessed={shards}"]).stage1.data
+    assert read_shards(shards, recipe_hash=stage_fingerprint(stage1.model_dump(), str(initial))).count() == 24
+
+    mixed = root / "data" / "stage2_with_text.jsonl"
+    text_only = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                                                       {"from": "gpt", "value": str(2 * i)}]} for i in range(8)]
+    mixed.write_text(files["stage2"].read_text() + "".join(json.dumps(r) + "\n" for r in text_only))
+    cwd = root / "cwd"
+    cwd.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        common = ["--recipe", RECIPE, "--model", str(initial), "--output", str(root / "out"), *overrides]
+        out = train.main([*common, "--stage", "1", f"stage1.data.preprocessed={shards}"])
+        stage1_runs = mlflow_runs(root / "out")
+        out |= train.main([*common, "--stage", "2", "stage2.deepspeed.gradient_checkpointing=true",
+                           "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
+                           f"stage2.init_from={out['stage1'] / PROJECTOR_FILE}", f"stage2.data.train_files=[{mixed}]",
+                           "stage2.data.group_by_modality_length=true"])
+    return Zero3Lora(root, initial, overrides, out, cwd, stage1_runs, mlflow_runs(root / "out"))
+
+
+def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora):
+    stage2 = zero3_lora.out["stage2"]
+    assert (stage2 / "adapter" / "adapter_config.json").exists()
+    adapters = load_file(str(stage2 / "adapter" / "adapter_model.safetensors"))
+    assert adapters and all("lora_" in n for n in adapters)
+    saved = load_file(str(stage2 / "export" / "model.safetensors"))
+    assert not any("lora_" in n or "base_layer" in n for n in saved), "the export still holds adapter weights"
+    assert all(t.numel() > 0 for t in saved.values()), "ZeRO-3 placeholders were saved instead of weights"
+    before, after = weights(zero3_lora.initial), weights(stage2 / "export")
+    vision = [n for n in before if n.startswith("model.vision_tower.")]
+    assert vision and all(torch.equal(after[n], before[n]) for n in vision)
+    q_proj = [n for n in before if n.startswith("model.language_model.") and n.endswith("q_proj.weight")]
+    assert q_proj and all(not torch.equal(after[n], before[n]) for n in q_proj), "the LoRA update was not merged"
+    assert_export_reproduces_engine(stage2)
+
+
+def test_default_tracking_is_a_local_store_in_the_working_directory(zero3_lora):
+    client = tracking.client_for(f"sqlite:///{zero3_lora.cwd / 'mlflow.db'}")
+    runs = zero3_lora.runs
+    assert client.get_run(runs["parent"]).info.status == "FINISHED"
+    for run_id in (zero3_lora.stage1_runs["stage1"], runs["stage2"]):  # ZeRO-3 stage 1, then ZeRO-3 + LoRA stage 2
+        history = losses(client, run_id)
+        assert sorted(history) == list(range(1, STEPS + 1)) and history[STEPS] < history[1], history
+    stage1 = client.get_run(zero3_lora.stage1_runs["stage1"])
+    assert stage1.data.metrics["data/read"] == 24 and stage1.data.params["data.preprocessed"].endswith("stage1-shards")
+    versions = client.search_model_versions(f"name = '{REGISTERED_NAME}'")
+    assert [v.run_id for v in versions] == [runs["stage2"]], "a stage-1-only run was registered"
+
+
+def test_bad_configuration_fails_before_any_worker_starts(zero3_lora, capsys):
+    def run(*extra):
+        return train.main(["--recipe", RECIPE, "--model", str(zero3_lora.initial), *zero3_lora.overrides, *extra])
+
+    never = zero3_lora.root / "never"
+    checks = [
+        (["--stage", "all", "--output", str(zero3_lora.root / "out")], "already holds checkpoints of an earlier "
+         "stage1 run; continue it with --resume"),
+        (["--stage", "1", "stage1.data.train_files=[/missing.json]"], "stage1.data.train_files: /missing.json"),
+        (["--stage", "1", f"stage1.data.preprocessed={zero3_lora.root}"], "stage1.data.preprocessed:"),
+        (["--stage", "all", "scaling.use_gpu=true", "stage1.deepspeed.precision=bf16",
+          "stage2.deepspeed.precision=bf16"], "scaling.use_gpu"),
+        (["--stage", "2"], "stage2.init_from: 'stage1' but stage 1 does not run here"),
+        (["--stage", "2", "stage2.init_from=/nonexistent/projector.safetensors"], "stage2.init_from: /nonexistent"),
+    ]
+    for extra, expected in checks:
+        output = [] if "--output" in extra else ["--output", str(never)]
+        with pytest.raises(SystemExit) as exit_info:
+            run(*output, *extra)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err, extra
+    assert not (never / "stage1").exists()
+
+
+# Faults on S3: the end-to-end job's stage 1 again, under ZeRO-3, with two faults injected in one run
+
+@dataclass(frozen=True)
+class FaultRun:
+    stage_dir: Path
+    run_id: str
+    bucket: str
+
+    def marker(self, action: str, step: int, rank: int) -> dict:
+        path = self.stage_dir / train.FAULT_MARKER.format(action=action, step=step, rank=rank)
+        assert path.exists(), f"the {action} fault at step {step} was not injected"
+        return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def fault_run(pipeline_job, s3_server, mlflow_server, tmp_path_factory) -> FaultRun:
+    """Rank 1 is SIGKILLed right after step 3; then, replaying step 4, rank 1 dies halfway through writing
+    its part of the step-4 checkpoint. Checkpoints go to S3 (moto); rows come from the object store."""
+    root = tmp_path_factory.mktemp("faults")
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="checkpoints")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(train.KILL_AT_STEP_ENV, f"3:1,{STEPS}:1:checkpoint")
+        out = train.main(["--recipe", RECIPE, "--model", str(pipeline_job.initial), "--output", str(root),
+                          *pipeline_job.overrides, "--stage", "1", *zero3("stage1"), "stage1.data.materialize=true",
+                          "checkpoint.storage_path=s3://checkpoints/runs", f"checkpoint.s3_endpoint_url={s3_server}"])
+    return FaultRun(out["stage1"], mlflow_runs(root)["stage1"], "checkpoints")
+
+
+def resumes(client, run_id) -> list[tuple[float, float]]:
+    """``(step, unix time)`` of every restart that resumed from a checkpoint."""
+    return [(m.value, m.timestamp / 1000) for m in client.get_metric_history(run_id, "resumed_at_step")]
+
+
+def step4_checkpoint_files(s3_server, fault_run: FaultRun) -> set[str]:
+    prefix = f"runs/{REGISTERED_NAME}-stage1/stage1-step{STEPS:08d}/"
+    objects = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_objects_v2(
+        Bucket=fault_run.bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"].removeprefix(prefix) for o in objects}
+
+
+def test_the_faulted_run_ends_with_one_continuous_history_and_registers_nothing(fault_run, mlflow_server):
+    client = tracking.client_for(mlflow_server)
+    steps = sorted(m.step for m in client.get_metric_history(fault_run.run_id, "loss"))
+    assert steps == list(range(1, STEPS + 1)), f"not one record per step: {steps}"
+    assert client.get_run(fault_run.run_id).data.metrics["optimizer_steps"] == STEPS
+    assert not [v for v in client.search_model_versions(f"name = '{REGISTERED_NAME}'")
+                if v.run_id == fault_run.run_id], "a stage-1-only run was registered"
+
+
+@pytest.mark.fault("training: a worker SIGKILLed mid-run, checkpoints on S3 (moto)")
+def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(fault_run, pipeline_run, s3_server,
+                                                                  mlflow_server):
+    killed = fault_run.marker("kill", 3, 1)
+    assert killed["what"] == "kill rank 1 at step 3"
+    assert any(key.startswith(f"{CHECKPOINT_TAG}/") for key in step4_checkpoint_files(s3_server, fault_run))
+    client = tracking.client_for(mlflow_server)
+    resumed, reference = losses(client, fault_run.run_id), losses(client, pipeline_run.runs["stage1"])
+    assert sorted(resumed) == list(range(1, STEPS + 1)), "the resumed run did not end at the same step count"
+    for step in resumed:  # same data order and restored optimizer state: the same losses as the run without failure
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}: {resumed} vs {reference}"
+
+
+@pytest.mark.fault("storage: a worker killed halfway through writing its part of a checkpoint (S3)")
+def test_a_half_written_checkpoint_is_never_resumed_from(fault_run, pipeline_run, s3_server, mlflow_server):
+    interrupted = fault_run.marker("checkpoint", STEPS, 1)
+    assert interrupted["what"].startswith(f"killed rank 1 writing stage1-step{STEPS:08d}") and interrupted["written"]
+    client = tracking.client_for(mlflow_server)
+    after = [step for step, at in resumes(client, fault_run.run_id) if at > interrupted["at"]]
+    assert after == [STEPS - 2], f"not resumed from the last complete checkpoint (step 2): {after}"
+    reference = losses(client, pipeline_run.runs["stage1"])
+    for step, loss in losses(client, fault_run.run_id).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), f"step {step}"
+    rewritten = step4_checkpoint_files(s3_server, fault_run)
+    for rank in (0, 1):  # the replayed step 4 wrote the whole checkpoint again
+        assert any(f"zero_pp_rank_{rank}_" in key for key in rewritten), sorted(rewritten)
+
+
+def test_manual_resume_replays_the_same_steps(pipeline_run, mlflow_server, tmp_path):
+    """--resume from the end-to-end job's stage-2 step-2 checkpoint: steps 3-4 again, to the same weights,
+    in the same MLflow run (one record per step: MLflow keeps the first), and a new registered version."""
+    client, stage2_run = tracking.client_for(mlflow_server), pipeline_run.runs["stage2"]
+    resumed = train.main(["--recipe", RECIPE, "--model", str(pipeline_run.job.output / "initial"), "--output",
+                          str(tmp_path), *pipeline_run.job.overrides, "--stage", "2",
+                          "--resume", str(pipeline_run.checkpoint("stage2", 2))])
+    assert mlflow_runs(tmp_path)["stage2"] == stage2_run
+    assert sorted(m.step for m in client.get_metric_history(stage2_run, "loss")) == list(range(1, STEPS + 1))
+    assert [m.value for m in client.get_metric_history(stage2_run, "resumed_at_step")] == [2]
+    replayed, original = weights(resumed["stage2"] / "export"), weights(pipeline_run.train / "stage2" / "export")
+    for name, tensor in original.items():  # same data order, restored optimizer state: the same steps
+        torch.testing.assert_close(replayed[name], tensor, rtol=1e-5, atol=1e-6)
+    versions = client.search_model_versions(f"name = '{REGISTERED_NAME}'")
+    assert [v.run_id for v in versions].count(stage2_run) >= 2, "the resumed run registered no new version"
+    assert_export_reproduces_engine(resumed["stage2"])

@@ -1,0 +1,71 @@
+"""OpenAI request validation without Ray Serve: every refusal is a 400 that names the problem."""
+
+import base64
+
+import pytest
+
+from serve.openai_api import ApiError, Limits, parse_chat_request
+from tests.helpers.requests import bilevel_png, chat, data_url, image_part, text_part
+
+LIMITS = Limits(max_tokens=16, max_images=2, max_image_bytes=50_000, max_image_pixels=200 * 200)
+
+
+def test_valid_request_keeps_parts_and_decodes_images():
+    parsed = parse_chat_request(chat(text_part(), image_part(data_url()), max_tokens=8, stop="\n"), LIMITS)
+    assert parsed.conversation == [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                                 {"type": "image"}]}]
+    assert [im.size for im in parsed.images] == [(40, 30)] and parsed.max_tokens == 8 and parsed.stop == ["\n"]
+    assert parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, LIMITS).max_tokens == 16
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ([], "JSON object"),
+    ({"model": "m"}, "messages"),
+    ({"model": "m", "messages": []}, "at least one message"),
+    (chat(text_part(), role="robot"), "'robot' is not one of"),
+    (chat({"type": "audio"}), "a part must be"),
+    (chat(image_part("data:image/png;base64,@@@not-base64@@@")), "not valid base64"),
+    (chat(image_part("data:image/png;base64," + base64.b64encode(b"plain text").decode())), "not a decodable image"),
+    (chat(image_part(data_url(size=(300, 300)))), "pixels"),
+    (chat(image_part(data_url(size=(4, 100)))), "aspect ratio of 25.0:1"),
+    (chat(image_part("data:image/png;base64," + "A" * 80_000)), "byte limit"),
+    (chat(*[image_part(data_url())] * 3), "at most 2"),
+    (chat(text_part(), max_tokens=17), "cap of 16"),
+    (chat(image_part("https://example.com/cat.png")), "fetches no remote URLs"),
+    (chat(image_part("file:///etc/passwd")), "fetches no remote URLs"),
+    (chat(text_part(), temperature=5), "temperature"),
+    (chat(text_part(), seed=2**64), "seed"),
+    (chat(text_part("look: <image>")), "may not contain <image>"),
+    (chat(text_part("\ud800")), "not valid Unicode"),
+    (chat({"type": "image_url", "image_url": "data:image/png;base64,AAAA"}), "image_url.url is missing"),
+])
+def test_bad_requests_get_a_400_that_names_the_problem(body, expected):
+    with pytest.raises(ApiError) as error:
+        parse_chat_request(body, LIMITS)
+    assert error.value.status == 400 and expected in error.value.message
+    assert error.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_allow_listed_hosts_are_fetched_with_the_given_function():
+    fetched = []
+    limits = Limits(allowed_image_hosts=("images.internal",))
+    png = base64.b64decode(data_url().split(",")[1])
+    parsed = parse_chat_request(chat(image_part("https://images.internal/a.png")), limits,
+                                fetcher=lambda url, max_bytes: fetched.append(url) or png)
+    assert fetched == ["https://images.internal/a.png"] and len(parsed.images) == 1
+
+
+@pytest.mark.fault("security: a decompression bomb (40000 x 40000 px in a 200 kB PNG)")
+def test_an_image_bomb_is_refused_from_its_header_before_decoding():
+    import resource
+
+    png = bilevel_png(40_000, 40_000)  # 4.8 GB once decoded to RGB
+    assert len(png) < 1_000_000
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ApiError) as error:
+        parse_chat_request(chat(image_part(url)), Limits(max_tokens=16, max_images=2, max_image_bytes=2_000_000,
+                                                         max_image_pixels=200 * 200))
+    assert error.value.status == 400 and "pixels" in error.value.message
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert grown_kib < 200_000, f"the peak memory grew by {grown_kib} KiB: the image was decoded"
