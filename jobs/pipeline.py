@@ -185,9 +185,10 @@ def ask_demo_question(url: str, model_name: str, settings: EvaluationConfig) -> 
     if "://" in settings.data_files[0] or not settings.image_root or "://" in settings.image_root:
         log("the demo question needs a local evaluation file and image folder; skipped")
         return None
-    text = source.read_text()
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
-    record = next(r for r in records if r.get("image"))
+    record = first_image_record(source.read_text())
+    if record is None:
+        log(f"the demo question needs an image question in {source}; none is readable there; skipped")
+        return None
     question, gold, kind = eval_fields(record)
     image = Path(settings.image_root) / record["image"]
     mime = mimetypes.guess_type(image.name)[0] or "image/png"
@@ -201,6 +202,21 @@ def ask_demo_question(url: str, model_name: str, settings: EvaluationConfig) -> 
         answer = json.loads(response.read())["choices"][0]["message"]["content"]
     return {"image": str(image), "question": question, "answer": answer, "gold": gold,
             "correct": is_correct(answer, gold, kind)}
+
+
+def first_image_record(text: str) -> dict[str, Any] | None:
+    """The first record with an image in a JSON array or JSON-lines text; lines that are not JSON objects
+    are passed over (the evaluation quarantines them)."""
+    if text.lstrip().startswith("["):
+        candidates = json.loads(text)
+    else:
+        candidates = []
+        for line in text.splitlines():
+            try:
+                candidates.append(json.loads(line))
+            except ValueError:
+                continue
+    return next((r for r in candidates if isinstance(r, dict) and r.get("image")), None)
 
 
 def print_summary(name: str, scores: dict[str, dict[str, float]], demo: dict[str, Any] | None, tracking_uri: str,

@@ -205,20 +205,29 @@ def starting_projector(stage: StageConfig, stage1_run: str | None, output: Path)
     return stage.init_from
 
 
-def streamed_rank_datasets(recipe: Recipe, stage: StageConfig, model: str, quarantine) -> tuple[list, list[int]]:
-    """One preprocessing pipeline per rank over its slice of the (seeded-shuffled) raw records.
+def rank_record_parts(recipe: Recipe, stage: StageConfig) -> list[ray.data.Dataset]:
+    """The stage's raw records, shuffled with the recipe seed, split into one equal part per rank.
 
-    Raw records are small (paths and text), so they are materialised and split here; images are
-    read and tiled later, streaming, by each rank's own pipeline, in a fixed order, so a restarted
-    rank sees the same rows again. ``equal=True`` drops at most ``num_workers - 1`` records so that
-    every rank gets the same count.
+    Raw records are small (paths and text), so they are materialised and split here; the split is a
+    pure function of the files and the seed, so a restarted rank gets the same records again.
+    ``equal=True`` drops at most ``num_workers - 1`` records so that every rank gets the same count.
+    """
+    data, scaling = stage.data, recipe.scaling
+    records = read_records(data.train_files, data.s3_endpoint_url, cpus_per_task=scaling.data_cpus_per_actor)
+    return records.random_shuffle(seed=recipe.seed).split(scaling.num_workers, equal=True)
+
+
+def streamed_rank_datasets(recipe: Recipe, stage: StageConfig, model: str, quarantine) -> tuple[list, list[int]]:
+    """One preprocessing pipeline per rank over its part of the records (``rank_record_parts``).
+
+    Images are read and tiled later, streaming, by each rank's own pipeline, in a fixed order, so a
+    restarted rank sees the same rows again.
 
     Returns:
         The per-rank datasets and each rank's number of records.
     """
     data, scaling = stage.data, recipe.scaling
-    records = read_records(data.train_files, data.s3_endpoint_url, cpus_per_task=scaling.data_cpus_per_actor)
-    parts = records.random_shuffle(seed=recipe.seed).split(scaling.num_workers, equal=True)
+    parts = rank_record_parts(recipe, stage)
     return [preprocess(part, processor_path=model, template=data.template, image_mode=data.image_mode,
                        max_length=data.model_max_length, truncation=data.truncation,
                        max_image_pixels=data.max_image_pixels, image_root=data.image_root,

@@ -72,3 +72,21 @@ def write_bad_corpus(root: Path, files: dict) -> tuple[Path, dict[str, str]]:
     corpus = root / "corpus.jsonl"
     corpus.write_text("\n".join(mixed) + "\n")
     return corpus, expected
+
+
+EVAL_BAD_RECORDS = {
+    "malformed_json": "{not json",
+    "bad_eval_record": json.dumps({"id": "no-gold", "conversations": [{"from": "human", "value": "<image>\nHi?"}]}),
+    "missing_image": json.dumps({"id": "gone", "image": "images/nope.png", "answer": "Red.",
+                                 "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}]}),
+}
+"""Evaluation records the evaluation must quarantine, by reason (plus one of an unknown ``type``)."""
+
+
+def write_eval_with_bad_rows(eval_file: Path) -> Path:
+    """``eval_file``'s records followed by ``EVAL_BAD_RECORDS`` and a record of ``type: essay``, next to it."""
+    good = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    odd_type = {**good[0], "id": "odd-type", "type": "essay"}
+    mixed = eval_file.with_name("eval_with_bad_rows.jsonl")
+    mixed.write_text(eval_file.read_text() + "\n".join([*EVAL_BAD_RECORDS.values(), json.dumps(odd_type)]) + "\n")
+    return mixed

@@ -1,4 +1,4 @@
-"""The end-to-end job the integration tests share: what was submitted, and what it left behind."""
+"""The end-to-end job the integration tests share: its recipe, and what it left behind."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from functools import cached_property
 from pathlib import Path
 
 from jobs.pipeline import RESULT_FILE
-from tests.helpers.ray_head import SubmittedJob
 
 SECRET = "s3cr3t-f0r-the-leak-check"
 SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN")
@@ -16,16 +15,14 @@ SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN"
 
 
 @dataclass(frozen=True)
-class PipelineJob:
-    """The end-to-end job, submitted and running; its recipe, data and starting checkpoint."""
+class PipelineRecipe:
+    """The end-to-end job's recipe, data and starting checkpoint."""
 
     root: Path
     overrides: tuple[str, ...]
     """The recipe overrides the job runs with (``tiny_cpu_demo`` + these)."""
     initial: Path
     """This process's ``jobs.compose`` of the same recipe: the job composes the same weights (seeded)."""
-    job: SubmittedJob
-    port: int
 
     @property
     def output(self) -> Path:
@@ -40,7 +37,9 @@ class PipelineJob:
 class PipelineRun:
     """The end-to-end job, finished: its output (the ``ray job submit`` log) and ``result.json``."""
 
-    job: PipelineJob
+    job: PipelineRecipe
+    port: int
+    """Ray Serve's HTTP port, where the job served its endpoint."""
     log: str
 
     @cached_property

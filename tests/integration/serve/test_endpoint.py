@@ -5,12 +5,14 @@ The applications here live under their own route prefixes beside whatever else t
 """
 
 import base64
+import itertools
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import openai
 import pytest
@@ -181,8 +183,27 @@ def test_model_from_a_real_mlflow_server(server, serve_base, serve_port, saved_c
     serve.delete("from-mlflow")
 
 
-@pytest.mark.fault("serve: sustained load, then none (autoscaling up to max, back to min)")
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, serve_base, serve_port, saved_checkpoints):
+@dataclass
+class LoadScenario:
+    """What one autoscaling application did under load, a replica killed mid-load, and once idle."""
+
+    peak: int = 1
+    """The most RUNNING replicas seen under load (autoscaling bounds 1 to 2)."""
+    victim: str = ""
+    replaced_at: float | None = None
+    """When two replicas were running again, the killed one not among them (load still on)."""
+    outcomes: list[str] = field(default_factory=list)
+    """Per request: ``ok``, ``malformed-4xx``, or what went wrong."""
+    idle_replicas: int = 0
+    """RUNNING replicas once the load had stopped and the downscale delay passed."""
+
+
+@pytest.fixture(scope="module")
+def load_scenario(server, serve_base, serve_port, saved_checkpoints) -> LoadScenario:
+    """An autoscaling application (1 to 2 replicas) under 32 concurrent clients, a quarter of their requests
+    malformed: once the second replica is up, one of the two is killed while the load goes on; when it
+    has been replaced, the load stops and the application should shrink back to one replica."""
+    import ray
     from ray import serve
 
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
@@ -191,63 +212,22 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, serv
     args = {**app["args"], "model": str(saved_checkpoints["llava"]), "model_name": MODEL, "api_key": KEY,
             "max_batch_size": 1}
     serve.run(deploy.LlavaServer.options(ray_actor_options={"num_cpus": 0.25}, autoscaling_config=autoscaling,
-                                         max_ongoing_requests=8).bind(**args),
-              name="scaling", route_prefix="/scaling", blocking=False)
-
-    def replicas() -> int:
-        status = serve.status().applications["scaling"].deployments["LlavaServer"]
-        return status.replica_states.get("RUNNING", 0)
-
-    stop, peak, deadline = threading.Event(), 1, time.time() + 90
-
-    def load() -> int:
-        answered = 0
-        while not stop.is_set():
-            answered += bool(ask(serve_base, prefix="/scaling", max_tokens=32, image=False).choices)
-        return answered
-
-    with ThreadPoolExecutor(6) as pool:
-        workers = [pool.submit(load) for _ in range(6)]
-        while time.time() < deadline and peak < 2:
-            peak = max(peak, replicas())
-            time.sleep(0.25)
-        stop.set()
-        assert all(w.result() > 0 for w in workers)
-    assert peak == 2, "no second replica under load"
-    deadline = time.time() + 60
-    while time.time() < deadline and replicas() != 1:
-        time.sleep(0.5)
-    assert replicas() == 1, "the extra replica was not removed when idle"
-    serve.delete("scaling")
-
-
-@pytest.mark.fault("serve: a replica killed under load at concurrency 32, malformed requests mixed in")
-def test_a_replica_killed_under_load_is_replaced_and_valid_requests_are_answered(server, serve_base, serve_port,
-                                                                                 saved_checkpoints, record_property):
-    import ray
-    from ray import serve
-
-    app = config("failover", "/failover", serve_port)["applications"][0]
-    args = {**app["args"], "model": str(saved_checkpoints["llava"]), "model_name": MODEL, "api_key": KEY}
-    serve.run(deploy.LlavaServer.options(ray_actor_options={"num_cpus": 0.25}, num_replicas=2,
                                          max_ongoing_requests=32).bind(**args),
-              name="failover", route_prefix="/failover", blocking=False)
+              name="scaling", route_prefix="/scaling", blocking=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and serve.status().applications["scaling"].status != "RUNNING":
+        time.sleep(0.5)
 
     def running() -> list[str]:
         return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith("SERVE_REPLICA::failover#")]
+                if a["name"].startswith("SERVE_REPLICA::scaling#")]
 
-    deadline = time.time() + 120
-    while time.time() < deadline and serve.status().applications["failover"].status != "RUNNING":
-        time.sleep(0.5)
-    victims = running()
-    assert len(victims) == 2
-    retrying = openai.OpenAI(base_url=f"{serve_base}/failover/v1", api_key=KEY, max_retries=3, timeout=60)
+    retrying = openai.OpenAI(base_url=f"{serve_base}/scaling/v1", api_key=KEY, max_retries=3, timeout=60)
     malformed = {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!not-base64!!"}}]}]}
 
     def status_of(body: dict) -> int:
-        request = urllib.request.Request(f"{serve_base}/failover/v1/chat/completions", data=json.dumps(body).encode(),
+        request = urllib.request.Request(f"{serve_base}/scaling/v1/chat/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
@@ -272,19 +252,62 @@ def test_a_replica_killed_under_load_is_replaced_and_valid_requests_are_answered
         except openai.APIError as error:
             return f"failed-{type(error).__name__}"
 
+    scenario, stop = LoadScenario(), threading.Event()
+
+    numbers = itertools.count()  # one sequence for all clients: every fourth request is malformed
+
+    def client() -> None:
+        while not stop.is_set():
+            scenario.outcomes.append(one(next(numbers)))  # list.append is atomic
+
     with ThreadPoolExecutor(32) as pool:
-        futures = [pool.submit(one, i) for i in range(320)]
-        time.sleep(3)  # the load is on: kill one replica mid-flight
-        ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
-        outcomes = [f.result() for f in futures]
-    valid = [o for o in outcomes if not o.startswith("malformed")]
-    failed_share = sum(o != "ok" for o in valid) / len(valid)
-    record_property("injected", 1)
-    record_property("lost", sum(o != "ok" for o in valid))
-    assert all(o == "malformed-4xx" for o in outcomes if o.startswith("malformed")), outcomes
-    assert failed_share < 0.01, f"{failed_share:.1%} of valid requests failed"
-    deadline = time.time() + 120
-    while time.time() < deadline and (len(running()) != 2 or victims[0] in running()):
+        clients = [pool.submit(client) for _ in range(32)]
+        deadline = time.time() + 90
+        while time.time() < deadline and scenario.peak < 2:  # the load is on: the autoscaler adds a replica
+            scenario.peak = max(scenario.peak, len(running()))
+            time.sleep(0.25)
+        if scenario.peak == 2:
+            scenario.victim = running()[0]
+            ray.kill(ray.get_actor(scenario.victim, namespace="serve"), no_restart=True)
+            deadline = time.time() + 120
+            while time.time() < deadline and scenario.replaced_at is None:
+                replicas = running()
+                if len(replicas) == 2 and scenario.victim not in replicas:
+                    scenario.replaced_at = time.time()
+                time.sleep(0.5)
+            while time.time() < deadline and len(scenario.outcomes) < 320:  # at least 320 requests in all
+                time.sleep(0.5)
+            time.sleep(2)  # requests keep flowing to the new replica
+        stop.set()
+        for c in clients:
+            c.result()
+
+    def replicas_running() -> int:
+        return serve.status().applications["scaling"].deployments["LlavaServer"].replica_states.get("RUNNING", 0)
+
+    deadline = time.time() + 60
+    while time.time() < deadline and replicas_running() != 1:
         time.sleep(0.5)
-    assert len(running()) == 2 and victims[0] not in running(), "the killed replica was not replaced"
-    serve.delete("failover")
+    scenario.idle_replicas = replicas_running()
+    serve.delete("scaling")
+    return scenario
+
+
+@pytest.mark.fault("serve: sustained load, then none (autoscaling up to max, back to min)")
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(load_scenario):
+    assert load_scenario.peak == 2, "no second replica under load"
+    assert load_scenario.outcomes.count("ok") > 0
+    assert load_scenario.idle_replicas == 1, "the extra replica was not removed when idle"
+
+
+@pytest.mark.fault("serve: a replica killed under load at concurrency 32, malformed requests mixed in")
+def test_a_replica_killed_under_load_is_replaced_and_valid_requests_are_answered(load_scenario, record_property):
+    assert load_scenario.victim, "no replica was killed: the fault was not injected"
+    outcomes = load_scenario.outcomes
+    valid = [o for o in outcomes if not o.startswith("malformed")]
+    record_property("lost", sum(o != "ok" for o in valid))
+    assert len(outcomes) >= 320, f"only {len(outcomes)} requests under load"
+    assert all(o == "malformed-4xx" for o in outcomes if o.startswith("malformed")), outcomes
+    failed_share = sum(o != "ok" for o in valid) / len(valid)
+    assert failed_share < 0.01, f"{failed_share:.1%} of valid requests failed"
+    assert load_scenario.replaced_at is not None, "the killed replica was not replaced"

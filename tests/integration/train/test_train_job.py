@@ -2,7 +2,7 @@
 resume, and configurations refused before any worker starts.
 
 The runs are shared fixtures (a stage costs about a minute on 2 cores). The fault and resume runs
-use the end-to-end job's recipe, data and starting checkpoint (``pipeline_job``), so that its
+use the end-to-end job's recipe, data and starting checkpoint (``pipeline_recipe``), so that its
 MLflow losses are their reference: the same data order and restored optimizer state must give the
 same losses, step for step (ZeRO-3 here, ZeRO-2 there: the same numbers).
 """
@@ -25,7 +25,8 @@ from jobs.train_worker import EXPORT_CHECK_FILE
 from llava_platform import tracking
 from llava_platform.config import load_recipe
 from llava_platform.data.synthetic import write_synthetic_dataset
-from llava_platform.train.checkpoint import PROJECTOR_FILE
+from llava_platform.model.trainability import part_of
+from llava_platform.train.checkpoint import PROJECTOR_FILE, save_projector
 from llava_platform.train.engine import CHECKPOINT_TAG
 from pipelines.preprocess import read_shards, stage_fingerprint
 from tests.helpers.recipes import RECIPE, REGISTERED_NAME, STEPS, data_overrides, zero3
@@ -52,7 +53,7 @@ def assert_export_reproduces_engine(stage_dir):
     torch.testing.assert_close(logits, check["logits"], atol=1e-5, rtol=1e-4)
 
 
-# ZeRO-3 + LoRA: stage 1 from jobs.preprocess's Parquet shards, stage 2 with text-only rows, MLflow's local store
+# ZeRO-3 + LoRA stage 2 from jobs.preprocess's Parquet shards (text-only rows among them), MLflow's local store
 
 @dataclass(frozen=True)
 class Zero3Lora:
@@ -61,47 +62,44 @@ class Zero3Lora:
     overrides: list[str]
     out: dict[str, Path]
     cwd: Path
-    stage1_runs: dict[str, str]
     runs: dict[str, str]
 
 
 @pytest.fixture(scope="module")
 def zero3_lora(ray_cluster, tmp_path_factory) -> Zero3Lora:
-    """ZeRO-3 for both stages of tiny LLaVA, run one at a time (stage 2 gets stage 1's projector by path);
-    stage 1 from jobs.preprocess's Parquet shards; LoRA, gradient checkpointing and text-only rows in
-    stage 2; no tracking URI anywhere: MLflow's default local store in the working directory."""
+    """Stage 2 of tiny LLaVA under ZeRO-3 on 2 workers with LoRA adapters, gradient checkpointing and
+    modality grouping, from a stage-1 projector given by path; its rows (8 of them text-only) from
+    jobs.preprocess's Parquet shards; no tracking URI anywhere: MLflow's default local store in the
+    working directory."""
     root = tmp_path_factory.mktemp("zero3")
     files = write_synthetic_dataset(root / "data", train=24, eval=1, seed=0)
     initial = compose.main(["--recipe", RECIPE, "--output", str(root / "initial")])
-    overrides = [*data_overrides(root / "data"), "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
-                 "stage2.global_batch_size=4", "stage2.micro_batch_size=1", f"stage1.max_steps={STEPS}",
-                 f"stage2.max_steps={STEPS}", "stage1.optim.lr=0.01", "stage2.optim.lr=0.01",
-                 "checkpoint.every_n_steps=2", "tracking.system_metrics=false", "stage1.data.preprocessed=null",
-                 "stage2.data.preprocessed=null", *zero3("stage1", "stage2")]
-    shards = root / "stage1-shards"
-    manifest = preprocess_job.main(["--recipe", RECIPE, "--stage", "1", "--model", str(initial), "--output",
-                                    str(shards), *overrides])
-    assert manifest["counts"]["kept"] == 24, manifest
-    stage1 = load_recipe(RECIPE, [*overrides, f"stage1.data.preprocessed={shards}"]).stage1.data
-    assert read_shards(shards, recipe_hash=stage_fingerprint(stage1.model_dump(), str(initial))).count() == 24
-
+    projector = save_projector(weights(initial), root / "aligned")  # what a stage-1 run leaves behind
     mixed = root / "data" / "stage2_with_text.jsonl"
     text_only = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
                                                        {"from": "gpt", "value": str(2 * i)}]} for i in range(8)]
     mixed.write_text(files["stage2"].read_text() + "".join(json.dumps(r) + "\n" for r in text_only))
+    shards = root / "stage2-shards"
+    overrides = [*data_overrides(root / "data"), f"stage2.data.train_files=[{mixed}]",
+                 f"stage2.data.preprocessed={shards}", "stage2.global_batch_size=4", "stage2.micro_batch_size=1",
+                 f"stage2.max_steps={STEPS}", "stage2.optim.lr=0.01", "checkpoint.every_n_steps=2",
+                 "tracking.system_metrics=false", *zero3("stage2"), "stage2.deepspeed.gradient_checkpointing=true",
+                 "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
+                 f"stage2.init_from={projector}", "stage2.data.group_by_modality_length=true"]
+    manifest = preprocess_job.main(["--recipe", RECIPE, "--stage", "2", "--model", str(initial), "--output",
+                                    str(shards), *overrides])
+    assert manifest["counts"]["kept"] == 24 + 8, manifest
+    stage2 = load_recipe(RECIPE, overrides).stage2.data
+    assert read_shards(shards, recipe_hash=stage_fingerprint(stage2.model_dump(), str(initial))).count() == 32
+
     cwd = root / "cwd"
     cwd.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        common = ["--recipe", RECIPE, "--model", str(initial), "--output", str(root / "out"), *overrides]
-        out = train.main([*common, "--stage", "1", f"stage1.data.preprocessed={shards}"])
-        stage1_runs = mlflow_runs(root / "out")
-        out |= train.main([*common, "--stage", "2", "stage2.deepspeed.gradient_checkpointing=true",
-                           "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
-                           f"stage2.init_from={out['stage1'] / PROJECTOR_FILE}", f"stage2.data.train_files=[{mixed}]",
-                           "stage2.data.group_by_modality_length=true"])
-    return Zero3Lora(root, initial, overrides, out, cwd, stage1_runs, mlflow_runs(root / "out"))
+        out = train.main(["--recipe", RECIPE, "--model", str(initial), "--output", str(root / "out"), *overrides,
+                          "--stage", "2"])
+    return Zero3Lora(root, initial, overrides, out, cwd, mlflow_runs(root / "out"))
 
 
 def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora):
@@ -124,13 +122,13 @@ def test_default_tracking_is_a_local_store_in_the_working_directory(zero3_lora):
     client = tracking.client_for(f"sqlite:///{zero3_lora.cwd / 'mlflow.db'}")
     runs = zero3_lora.runs
     assert client.get_run(runs["parent"]).info.status == "FINISHED"
-    for run_id in (zero3_lora.stage1_runs["stage1"], runs["stage2"]):  # ZeRO-3 stage 1, then ZeRO-3 + LoRA stage 2
-        history = losses(client, run_id)
-        assert sorted(history) == list(range(1, STEPS + 1)) and history[STEPS] < history[1], history
-    stage1 = client.get_run(zero3_lora.stage1_runs["stage1"])
-    assert stage1.data.metrics["data/read"] == 24 and stage1.data.params["data.preprocessed"].endswith("stage1-shards")
+    history = losses(client, runs["stage2"])
+    assert sorted(history) == list(range(1, STEPS + 1)) and history[STEPS] < history[1], history
+    stage2 = client.get_run(runs["stage2"])
+    assert stage2.data.metrics["data/read"] == 32 and stage2.data.params["data.preprocessed"].endswith("stage2-shards")
+    assert stage2.data.params["lora.r"] == "4" and stage2.data.params["deepspeed.zero_stage"] == "3"
     versions = client.search_model_versions(f"name = '{REGISTERED_NAME}'")
-    assert [v.run_id for v in versions] == [runs["stage2"]], "a stage-1-only run was registered"
+    assert [v.run_id for v in versions] == [runs["stage2"]]
 
 
 def test_bad_configuration_fails_before_any_worker_starts(zero3_lora, capsys):
@@ -139,13 +137,13 @@ def test_bad_configuration_fails_before_any_worker_starts(zero3_lora, capsys):
 
     never = zero3_lora.root / "never"
     checks = [
-        (["--stage", "all", "--output", str(zero3_lora.root / "out")], "already holds checkpoints of an earlier "
-         "stage1 run; continue it with --resume"),
+        (["--stage", "2", "--output", str(zero3_lora.root / "out")], "already holds checkpoints of an earlier "
+         "stage2 run; continue it with --resume"),
         (["--stage", "1", "stage1.data.train_files=[/missing.json]"], "stage1.data.train_files: /missing.json"),
         (["--stage", "1", f"stage1.data.preprocessed={zero3_lora.root}"], "stage1.data.preprocessed:"),
         (["--stage", "all", "scaling.use_gpu=true", "stage1.deepspeed.precision=bf16",
           "stage2.deepspeed.precision=bf16"], "scaling.use_gpu"),
-        (["--stage", "2"], "stage2.init_from: 'stage1' but stage 1 does not run here"),
+        (["--stage", "2", "stage2.init_from=stage1"], "stage2.init_from: 'stage1' but stage 1 does not run here"),
         (["--stage", "2", "stage2.init_from=/nonexistent/projector.safetensors"], "stage2.init_from: /nonexistent"),
     ]
     for extra, expected in checks:
@@ -156,13 +154,14 @@ def test_bad_configuration_fails_before_any_worker_starts(zero3_lora, capsys):
     assert not (never / "stage1").exists()
 
 
-# Faults on S3: the end-to-end job's stage 1 again, under ZeRO-3, with two faults injected in one run
+# Faults on S3: the end-to-end job's stage 1 again (ZeRO-2 here, ZeRO-3 there), two faults in one run
 
 @dataclass(frozen=True)
 class FaultRun:
     stage_dir: Path
     run_id: str
     bucket: str
+    initial: Path
 
     def marker(self, action: str, step: int, rank: int) -> dict:
         path = self.stage_dir / train.FAULT_MARKER.format(action=action, step=step, rank=rank)
@@ -171,17 +170,18 @@ class FaultRun:
 
 
 @pytest.fixture(scope="session")
-def fault_run(pipeline_job, s3_server, mlflow_server, tmp_path_factory) -> FaultRun:
+def fault_run(ray_cluster, pipeline_recipe, s3_server, mlflow_server, tmp_path_factory) -> FaultRun:
     """Rank 1 is SIGKILLed right after step 3; then, replaying step 4, rank 1 dies halfway through writing
     its part of the step-4 checkpoint. Checkpoints go to S3 (moto); rows come from the object store."""
     root = tmp_path_factory.mktemp("faults")
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="checkpoints")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(train.KILL_AT_STEP_ENV, f"3:1,{STEPS}:1:checkpoint")
-        out = train.main(["--recipe", RECIPE, "--model", str(pipeline_job.initial), "--output", str(root),
-                          *pipeline_job.overrides, "--stage", "1", *zero3("stage1"), "stage1.data.materialize=true",
+        out = train.main(["--recipe", RECIPE, "--model", str(pipeline_recipe.initial), "--output", str(root),
+                          *pipeline_recipe.overrides, "--stage", "1", "stage1.deepspeed.zero_stage=2",
+                          "stage1.data.materialize=true",
                           "checkpoint.storage_path=s3://checkpoints/runs", f"checkpoint.s3_endpoint_url={s3_server}"])
-    return FaultRun(out["stage1"], mlflow_runs(root)["stage1"], "checkpoints")
+    return FaultRun(out["stage1"], mlflow_runs(root)["stage1"], "checkpoints", pipeline_recipe.initial)
 
 
 def resumes(client, run_id) -> list[tuple[float, float]]:
@@ -194,6 +194,23 @@ def step4_checkpoint_files(s3_server, fault_run: FaultRun) -> set[str]:
     objects = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_objects_v2(
         Bucket=fault_run.bucket, Prefix=prefix).get("Contents", [])
     return {o["Key"].removeprefix(prefix) for o in objects}
+
+
+def test_stage1_trains_only_the_projector(fault_run, s3_server):
+    """The last checkpoint of the (faulted, resumed) stage-1 run holds the whole module under ZeRO-2: every
+    weight but the projector's is bit for bit the starting checkpoint's."""
+    before = weights(fault_run.initial)
+    key = f"runs/{REGISTERED_NAME}-stage1/stage1-step{STEPS:08d}/{CHECKPOINT_TAG}/mp_rank_00_model_states.pt"
+    target = fault_run.stage_dir / "model_states.pt"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").download_file(fault_run.bucket, key,
+                                                                                     str(target))
+    state = torch.load(target, weights_only=False)["module"]
+    frozen = [n for n in before if part_of(n) != "projector"]
+    assert frozen and all(torch.equal(state[n], before[n]) for n in frozen), "a frozen weight changed in stage 1"
+    projector = load_file(str(fault_run.stage_dir / PROJECTOR_FILE))
+    assert set(projector) == set(before) - set(frozen) and "model.image_newline" in projector
+    assert all(torch.equal(projector[n], state[n]) for n in projector)
+    assert all(not torch.equal(projector[n], before[n]) for n in projector), "stage 1 left a projector weight as is"
 
 
 def test_the_faulted_run_ends_with_one_continuous_history_and_registers_nothing(fault_run, mlflow_server):
