@@ -91,10 +91,19 @@ class RayHead:
         return SubmittedJob(command, log, process)
 
     def stop(self) -> None:
+        """Kill this head's processes (those naming its temp folder: GCS, raylet, dashboard, ...) and their
+        descendants (the workers, which renamed themselves ``ray::...``)."""
+        doomed: dict[int, psutil.Process] = {}
         for process in psutil.process_iter(["cmdline"]):
             try:
                 if any(self.temp_dir in part for part in process.info["cmdline"] or []):
-                    process.kill()
+                    doomed.update({p.pid: p for p in [process, *process.children(recursive=True)]})
             except psutil.Error:
                 pass
+        for process in doomed.values():
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(doomed.values()), timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
