@@ -21,4 +21,8 @@ $pip "setuptools>=69" wheel "$(pin uv)"
 $pip ${torch_index:+--index-url "$torch_index"} "$(pin torch)"
 # --no-build-isolation: deepspeed is an sdist whose build needs torch; an isolated build
 # environment would download the newest CUDA torch instead of using the pinned one.
-$python -m uv pip install --quiet --python "$python" --no-build-isolation -e ".[$extras]"
+# --compile-bytecode: every Ray worker is a fresh Python process that imports torch, transformers,
+# DeepSpeed, Ray Data and MLflow; without .pyc files (uv writes none by default, and where
+# PYTHONDONTWRITEBYTECODE is set nothing ever writes them) each one compiles those from source
+# again: 12 s instead of 7 s to import a training worker's modules on 2 cores.
+$python -m uv pip install --quiet --python "$python" --no-build-isolation --compile-bytecode -e ".[$extras]"

@@ -534,6 +534,7 @@ def test_makefile_and_dockerfile_install_with_the_same_script():
 
 
 def test_install_script_puts_pinned_torch_first_then_the_project_with_uv_without_build_isolation(tmp_path):
+    """... and compiles the installed packages' bytecode (every Ray worker process imports them afresh)."""
     log = tmp_path / "calls"
     python = tmp_path / "python"
     python.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
@@ -546,7 +547,7 @@ def test_install_script_puts_pinned_torch_first_then_the_project_with_uv_without
         assert log.read_text().splitlines() == [
             f"{common} setuptools>=69 wheel uv=={pyproject_pin('uv')}",
             f"{common} --index-url {index} {pin}" if index else f"{common} {pin}",
-            f"-m uv pip install --quiet --python {python} --no-build-isolation -e .[{extras}]",
+            f"-m uv pip install --quiet --python {python} --no-build-isolation --compile-bytecode -e .[{extras}]",
         ]
 
 
