@@ -30,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import ray
+import ray.data
 import torch
 
 from jobs import compose, train
@@ -133,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         dry_run(initial, run_dir, loops)
         return
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(THREADS)}})
+    # The figures are this script's output: workers' logs and progress bars stay in Ray's log folder.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(THREADS)}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
     preprocess_job.main(["--recipe", "tiny_cpu_demo", "--stage", "1", "--model", str(initial), "--output",
                          str(shards), *overrides])
 

@@ -19,8 +19,11 @@ def test_training_benchmark_owns_its_inputs_and_passes_preflight(tmp_path, capsy
     assert (run_dir / "data" / "stage1.json").is_file() and (run_dir / "initial" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("bench, expected", [(bench_preprocess, "ours / transformers"), (bench_padding, "dry run"),
-                                             (bench_serve, "batched, unbatched applications")])
-def test_benchmark_dry_runs(bench, expected, capsys):
-    bench.main(["--dry-run"])
+@pytest.mark.parametrize("bench, argv, expected", [
+    (bench_preprocess, [], "ours / transformers"),
+    (bench_padding, ["--records", "8"], "dry run: 8 records per split"),
+    (bench_serve, [], "batched, unbatched applications"),
+])
+def test_benchmark_dry_runs(bench, argv, expected, capsys):
+    bench.main([*argv, "--dry-run"])
     assert expected in capsys.readouterr().out

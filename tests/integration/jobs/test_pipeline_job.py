@@ -20,9 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText
 
-from jobs.train_worker import EXPORT_CHECK_FILE
 from llava_platform import tracking
 from llava_platform.evaluation import eval_fields, is_correct
 from llava_platform.inference import answer_questions
@@ -33,23 +31,7 @@ from llava_platform.train.engine import CHECKPOINT_TAG
 from tests.helpers.corpus import EVAL_BAD_RECORDS
 from tests.helpers.pipeline_job import SECRET
 from tests.helpers.recipes import REGISTERED_NAME, STEPS
-
-
-def weights(path):
-    return AutoModelForImageTextToText.from_pretrained(path).state_dict()
-
-
-def losses(client, run_id) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
-
-
-def assert_export_reproduces_engine(stage_dir):
-    """The exported folder, loaded by plain transformers, gives the trained engine's logits on a probe batch."""
-    check = torch.load(stage_dir / EXPORT_CHECK_FILE)
-    model = AutoModelForImageTextToText.from_pretrained(stage_dir / "export").eval()
-    with torch.no_grad():
-        logits = model(**check["batch"]).logits[:, -16:]
-    torch.testing.assert_close(logits, check["logits"], atol=1e-5, rtol=1e-4)
+from tests.helpers.training import assert_export_reproduces_engine, losses, weights
 
 
 def test_the_job_chains_every_step_and_prints_its_summary(pipeline_run):

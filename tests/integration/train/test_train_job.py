@@ -17,20 +17,15 @@ import boto3
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText
 
 from jobs import compose, train
-from jobs.train_worker import EXPORT_CHECK_FILE
 from llava_platform import tracking
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.model.trainability import part_of
 from llava_platform.train.checkpoint import PROJECTOR_FILE, save_projector
 from llava_platform.train.engine import CHECKPOINT_TAG
 from tests.helpers.recipes import RECIPE, REGISTERED_NAME, STEPS, data_overrides, zero3
-
-
-def weights(path):
-    return AutoModelForImageTextToText.from_pretrained(path).state_dict()
+from tests.helpers.training import assert_export_reproduces_engine, losses, weights
 
 
 def mlflow_runs(output: Path) -> dict[str, str]:
@@ -38,16 +33,8 @@ def mlflow_runs(output: Path) -> dict[str, str]:
     return json.loads((output / train.RUNS_FILE).read_text())["runs"]
 
 
-def losses(client, run_id) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
 
 
-def assert_export_reproduces_engine(stage_dir):
-    check = torch.load(stage_dir / EXPORT_CHECK_FILE)
-    model = AutoModelForImageTextToText.from_pretrained(stage_dir / "export").eval()
-    with torch.no_grad():
-        logits = model(**check["batch"]).logits[:, -16:]
-    torch.testing.assert_close(logits, check["logits"], atol=1e-5, rtol=1e-4)
 
 
 # ZeRO-3 + LoRA stage 2, text-only rows among the image ones, MLflow's default local store
