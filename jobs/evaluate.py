@@ -29,6 +29,7 @@ import ray
 from llava_platform import tracking
 from llava_platform.evaluation import summarize
 from llava_platform.model.sources import CheckpointSourceError, source_run_id
+from llava_platform.storage import is_remote
 from pipelines.evaluate import predict
 from pipelines.preprocess import finish
 from pipelines.sources import read_records
@@ -106,15 +107,15 @@ def evaluate(*, model: str, data: list[str], output: Path, tracking_uri: str, im
 
 def preflight(model: str, data: list[str], image_root: str | None, tracking_uri: str) -> list[str]:
     """Everything that can be checked before Ray starts, each problem naming its option."""
-    problems = [f"--data: {path} does not exist" for path in data if "://" not in path and not Path(path).exists()]
-    if image_root and "://" not in image_root and not Path(image_root).is_dir():
+    problems = [f"--data: {path} does not exist" for path in data if not is_remote(path) and not Path(path).exists()]
+    if image_root and not is_remote(image_root) and not Path(image_root).is_dir():
         problems.append(f"--image-root: {image_root} is not a folder")
     if model.startswith("models:/"):
         try:
             source_run_id(model, tracking_uri)
         except CheckpointSourceError as error:
             problems.append(f"--model: {error}")
-    elif "://" not in model and not model.startswith("runs:/") and not (Path(model) / "config.json").is_file():
+    elif not is_remote(model) and not (Path(model) / "config.json").is_file():
         problems.append(f"--model: {model} is not a Hugging Face checkpoint folder (no config.json)")
     return problems
 

@@ -38,11 +38,12 @@ from typing import Any
 import yaml
 
 from jobs import compose, deploy, evaluate, preprocess, train
-from llava_platform import tracking
+from llava_platform import registry
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
 from llava_platform.config.schema import EvaluationConfig, SyntheticDataConfig
 from llava_platform.data.synthetic import existing_dataset, write_synthetic_dataset
 from llava_platform.evaluation import eval_fields, is_correct
+from llava_platform.storage import is_remote
 from llava_platform.train.checkpoint import PROJECTOR_FILE, export_with_projector
 from pipelines.preprocess import ManifestError, shard_files, stage_fingerprint
 from serve.app import default_config_path
@@ -153,7 +154,7 @@ def trained_model_uri(tracking_uri: str, runs: dict[str, str], stage_outputs: di
                       output: Path) -> tuple[str, tuple[str, str] | None]:
     """The model to evaluate and serve: stage 2's registered version (``models:/name/N``), or for a
     stage-1-only recipe the starting checkpoint with the aligned projector."""
-    registered = tracking.registered_version(tracking_uri, runs["stage2"]) if "stage2" in runs else None
+    registered = registry.registered_version(tracking_uri, runs["stage2"]) if "stage2" in runs else None
     if registered:
         return f"models:/{registered[0]}/{registered[1]}", registered
     return str(export_with_projector(initial, stage_outputs["stage1"] / PROJECTOR_FILE, output / "stage1-model")), None
@@ -182,7 +183,7 @@ def evaluate_stages(settings: EvaluationConfig, tracking_uri: str, runs: dict[st
 def ask_demo_question(url: str, model_name: str, settings: EvaluationConfig) -> dict[str, Any] | None:
     """Send the first held-out image question to the endpoint (OpenAI chat completions, base64 image)."""
     source = Path(settings.data_files[0])
-    if "://" in settings.data_files[0] or not settings.image_root or "://" in settings.image_root:
+    if is_remote(settings.data_files[0]) or not settings.image_root or is_remote(settings.image_root):
         log("the demo question needs a local evaluation file and image folder; skipped")
         return None
     record = first_image_record(source.read_text())

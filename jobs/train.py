@@ -33,7 +33,7 @@ from llava_platform import tracking
 from llava_platform.config import recipe_argument_parser, recipe_from_args
 from llava_platform.config.schema import Recipe, StageConfig
 from llava_platform.config.schema import ScalingConfig as ScalingSection
-from llava_platform.storage import filesystem_for
+from llava_platform.storage import filesystem_for, is_remote
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_config import build_deepspeed_config
 from pipelines.preprocess import ManifestError, finish, preprocess, shard_files, stage_fingerprint
@@ -138,7 +138,7 @@ def preflight(recipe: Recipe, names: list[str], args, resume: dict | None) -> li
     problems = []
     if not args.model or not args.output:
         return ["--model and --output are required"]
-    if "://" not in args.model and not Path(args.model).is_dir():
+    if not is_remote(args.model) and not Path(args.model).is_dir():
         problems.append(f"--model: {args.model} is not a folder; create it with `python -m jobs.compose`")
     if resume is not None and not names:
         problems.append(f"--resume: the checkpoint is from {resume['stage']}, which --stage {args.stage} does not run")
@@ -159,7 +159,7 @@ def stage_problems(recipe: Recipe, name: str, stage: StageConfig, args, *, first
     """A stage's inputs exist, and no earlier run's checkpoints would be silently mixed in."""
     problems = []
     for path in stage.data.train_files:
-        if "://" not in path and not Path(path).exists():
+        if not is_remote(path) and not Path(path).exists():
             problems.append(f"{name}.data.train_files: {path} does not exist")
     if stage.data.preprocessed:
         try:
@@ -171,7 +171,7 @@ def stage_problems(recipe: Recipe, name: str, stage: StageConfig, args, *, first
         example = f"{args.output}/stage1/{PROJECTOR_FILE} or runs:/<stage1 run>/{PROJECTOR_FILE}"
         problems.append(f"{name}.init_from: 'stage1' but stage 1 does not run here; give its projector, e.g. "
                         f"{name}.init_from={example}")
-    elif init_from and init_from != "stage1" and "://" not in init_from and not Path(init_from).exists():
+    elif init_from and init_from != "stage1" and not is_remote(init_from) and not Path(init_from).exists():
         problems.append(f"{name}.init_from: {init_from} does not exist; point it at a stage-1 {PROJECTOR_FILE}")
     filesystem, root = checkpoint_storage(recipe, args.output)
     run_dir = f"{root}/{recipe.name}-{name}"
@@ -200,7 +200,7 @@ def starting_projector(stage: StageConfig, stage1_run: str | None, output: Path)
     """Stage 2 picks up stage 1's projector through MLflow (reachable from every node), or a given path."""
     if stage.init_from == "stage1":
         return f"runs:/{stage1_run}/{PROJECTOR_FILE}" if stage1_run else str(output / "stage1" / PROJECTOR_FILE)
-    if stage.init_from and "://" not in stage.init_from:
+    if stage.init_from and not is_remote(stage.init_from):
         return str(Path(stage.init_from).resolve())
     return stage.init_from
 
@@ -307,7 +307,7 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         "resume_from": resume_from and filesystem_for(resume_from, recipe.checkpoint.s3_endpoint_url),
         "faults": fault_from_env(stage_dir, workers),
         "engine": {
-            "model_path": str(Path(model).resolve()) if "://" not in model else model,
+            "model_path": model if is_remote(model) else str(Path(model).resolve()),
             "tunable": list(stage.tunable), "lora": lora, "lr": stage.optim.lr,
             "projector_lr": stage.optim.projector_lr, "vision_tower_lr": stage.optim.vision_tower_lr,
             "weight_decay": stage.optim.weight_decay, "scheduler": stage.optim.scheduler,

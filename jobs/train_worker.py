@@ -22,7 +22,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from llava_platform import tracking
+from llava_platform import registry, tracking
 from llava_platform.data.collate import collate
 from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
@@ -214,7 +214,7 @@ def export_and_register(engine, processor, probe: dict | None, step: int, config
     if probe is not None:
         torch.save({"batch": {k: v.cpu() for k, v in probe.items()}, "logits": logits}, out / EXPORT_CHECK_FILE)
     if config["register"]:
-        version = tracking.register_export(uri, run_id, export, config["registered_model"])
+        version = registry.register_export(uri, run_id, export, config["registered_model"])
         log(rank, f"exported {export}, registered as {config['registered_model']} version {version}")
     else:
         log(rank, f"exported {export}")

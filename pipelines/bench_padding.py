@@ -22,7 +22,7 @@ import ray
 from llava_platform.data.grouping import padding_fraction, regroup
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.model.compose import compose_llava, save_llava
-from llava_platform.testing.tiny import save_tiny_language_model, save_tiny_vision_tower
+from llava_platform.model.tiny import save_tiny_language_model, save_tiny_vision_tower
 from pipelines.preprocess import finish, preprocess
 from pipelines.sources import read_records
 

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from llava_platform.model.compose import compose_llava, save_llava
-    from llava_platform.testing.tiny import save_tiny_language_model, save_tiny_vision_tower
+    from llava_platform.model.tiny import save_tiny_language_model, save_tiny_vision_tower
 
     ray.init(include_dashboard=False)
     checkpoint = str(root / "checkpoint")

@@ -1,4 +1,4 @@
-"""Paths that are local folders or ``s3://`` URIs, read through pyarrow's filesystems.
+"""Paths that are local folders or ``s3://`` URIs, read through pyarrow's filesystems; which URIs are remote.
 
 Shared by the data pipeline, training (checkpoint storage) and serving (checkpoint downloads).
 
@@ -18,6 +18,24 @@ import pyarrow.fs as pafs
 S3_MAX_ATTEMPTS = 10
 """Attempts per S3 request (throttling, 5xx, dropped connections), with the AWS SDK's backoff; pyarrow's
 default of 3 gives up on a checkpoint upload during a short throttling burst."""
+
+
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+"""URI schemes that MLflow resolves (``mlflow.artifacts.download_artifacts``; see ``registry.py``)."""
+
+
+def is_mlflow_uri(uri: str | None) -> bool:
+    """Whether ``uri`` names an MLflow artifact or registered model (``models:/``, ``runs:/``, ...)."""
+    return bool(uri) and uri.startswith(MLFLOW_SCHEMES)
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names something other than a local path (``s3://``, ``gs://``, ``runs:/``, ...).
+
+    The one test of local vs remote: local paths are checked on the driver before any work starts;
+    remote ones are left to the filesystem or MLflow that reads them.
+    """
+    return "://" in uri or is_mlflow_uri(uri)
 
 
 def filesystem_for(uri: str, s3_endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:

@@ -1,32 +1,22 @@
-"""MLflow tracking: where runs go, what a training run records, and how an export enters the Model Registry.
+"""MLflow tracking: where runs go and what a training run records (the Model Registry: ``registry.py``).
 
 Every call names its tracking URI and run id explicitly (``MlflowClient``): the driver opens the
 runs, Ray Train workers log into them, and a restarted worker group keeps logging into the same
-runs. Only ``register_export`` uses MLflow's process-global state (tracking and registry URI, active
-run), because ``log_model`` needs it; it runs on the rank-0 worker at the very end of stage 2.
-
-The ``mlflow.transformers`` flavour does not handle image-text-to-text models, so an export is
-registered as a small ``mlflow.pyfunc`` model whose artifact is the Hugging Face folder itself:
-``models:/<name>/<version>`` resolves to a directory that plain transformers loads.
+runs.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 DEFAULT_TRACKING_DB = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
-EXPORT_ARTIFACT = "export"
-CHECKPOINT_ARTIFACT = "checkpoint"
-"""The registered pyfunc model's artifact that holds the Hugging Face folder."""
 MAX_BATCH = 100
 """MLflow accepts at most this many params (and 1000 metrics) per ``log_batch`` call."""
 
@@ -235,55 +225,3 @@ def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.
                                    resume_logging=True)
     monitor.start()
     return monitor
-
-
-class LlavaCheckpoint(mlflow.pyfunc.PythonModel):
-    """A registered LLaVA export: the artifact ``checkpoint`` is the Hugging Face folder.
-
-    ``predict`` takes rows ``{"prompt": str, "image": path or None}`` and returns the generated
-    answers, so a registry version can be smoke-tested with ``mlflow.pyfunc.load_model``. Serving
-    loads the folder itself (``checkpoint_path``) with transformers.
-    """
-
-    def load_context(self, context) -> None:
-        from llava_platform.model.compose import load_pretrained_llava
-
-        self.checkpoint_path = context.artifacts[CHECKPOINT_ARTIFACT]
-        self.model, self.processor = load_pretrained_llava(self.checkpoint_path)
-        self.model.eval()
-
-    def predict(self, context, model_input, params=None) -> list[str]:
-        from PIL import Image
-
-        from llava_platform.inference import answer_questions
-
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        items = [(Image.open(row["image"]).convert("RGB") if row.get("image") else None, row["prompt"]) for row in rows]
-        return answer_questions(self.model, self.processor, items,
-                                max_new_tokens=int((params or {}).get("max_new_tokens", 32)))
-
-
-def register_export(tracking_uri: str, run_id: str, export_dir: str | Path, model_name: str) -> str:
-    """Log ``export_dir`` as the run's pyfunc model and register it; return the new registry version.
-
-    The folder is uploaded once, inside the logged model (``<run>/export``); ``models:/<name>/<version>``
-    then resolves to it.
-    """
-    requirements = [f"{package}=={version(package)}" for package in ("torch", "transformers", "pillow")]
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=EXPORT_ARTIFACT, python_model=LlavaCheckpoint(), artifacts={CHECKPOINT_ARTIFACT: str(export_dir)},
-            registered_model_name=model_name, pip_requirements=requirements,
-        )
-    return str(info.registered_model_version)
-
-
-def registered_version(tracking_uri: str, run_id: str) -> tuple[str, str] | None:
-    """(registered model name, version) that ``register_export`` created from ``run_id``; the newest if several."""
-    versions = client_for(tracking_uri).search_model_versions(f"run_id = '{run_id}'")
-    if not versions:
-        return None
-    newest = max(versions, key=lambda v: int(v.version))
-    return newest.name, str(newest.version)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llava_platform.model.compose import save_llava
-from llava_platform.testing.tiny import save_tiny_language_model, save_tiny_vision_tower
+from llava_platform.model.tiny import save_tiny_language_model, save_tiny_vision_tower
 from tests.helpers.models import MODEL_ARCHS, TILE, compose
 from tests.helpers.ray_head import RayHead
 from tests.helpers.servers import S3_TEST_ENV, MlflowServer, MotoServer

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
+from llava_platform.train.deepspeed_config import DeepSpeedConfigError, gradient_accumulation_steps
+
 Arch = Literal["llava", "llava_next"]
 """``llava``: LlavaForConditionalGeneration (LLaVA-1.5). ``llava_next``: LlavaNextForConditionalGeneration."""
 Projector = Literal["linear", "mlp2x_gelu"]
@@ -22,6 +24,13 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant"]
 TruncationPolicy = Literal["drop", "truncate"]
 VisionFamily = Literal["clip", "siglip"]
+IMAGE_MODES: dict[str, tuple[str, ...]] = {"llava": ("square", "pad"), "llava_next": ("anyres",)}
+"""The image modes each arch serves: LLaVA-1.5 tiles one square image, LLaVA-NeXT tiles anyres grids."""
+
+
+def image_modes_for(arch: str) -> tuple[str, ...]:
+    """The image modes ``arch`` can train and serve (the one arch <-> mode rule; ``()`` for unknown archs)."""
+    return IMAGE_MODES.get(arch, ())
 
 
 class Section(BaseModel):
@@ -42,7 +51,7 @@ class TinyTowers(Section):
     """ViT patch size in pixels; ``model.image_size`` must be a multiple of it."""
     vision_position_scale: PositiveFloat = 1.0
     """Scale of the vision tower's random position embeddings; 10-15 makes patch features say where
-    they are, as a pretrained tower's do (see ``testing/tiny.py``)."""
+    they are, as a pretrained tower's do (see ``model/tiny.py``)."""
     text_hidden_size: PositiveInt = 32
     text_layers: PositiveInt = 2
     text_heads: PositiveInt = 2
@@ -166,8 +175,12 @@ class StageConfig(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
     def gradient_accumulation_steps(self, num_workers: int) -> int:
-        """Micro-batches per optimizer step so that the global batch holds at any worker count."""
-        return self.global_batch_size // (self.micro_batch_size * num_workers)
+        """Micro-batches per optimizer step so that the global batch holds at any worker count.
+
+        Raises:
+            DeepSpeedConfigError: the global batch does not divide (``validate`` reports it by key first).
+        """
+        return gradient_accumulation_steps(self.global_batch_size, self.micro_batch_size, num_workers)
 
 
 class ScalingConfig(Section):
@@ -325,7 +338,7 @@ def _stage_problems(
     name: str, stage: StageConfig, model: ModelConfig, scaling: ScalingConfig, has_stage1: bool
 ) -> list[str]:
     found = []
-    allowed_modes = ("anyres",) if model.arch == "llava_next" else ("square", "pad")
+    allowed_modes = image_modes_for(model.arch)
     if stage.data.image_mode not in allowed_modes:
         found.append(
             f"{name}.data.image_mode: {stage.data.image_mode!r} does not fit model.arch {model.arch!r}; "
@@ -336,8 +349,10 @@ def _stage_problems(
             f"{name}.deepspeed.precision: {stage.deepspeed.precision} needs GPUs (scaling.use_gpu: true); "
             "use fp32 on CPU"
         )
-    per_step = stage.micro_batch_size * scaling.num_workers
-    if stage.global_batch_size % per_step:
+    try:
+        stage.gradient_accumulation_steps(scaling.num_workers)
+    except DeepSpeedConfigError:
+        per_step = stage.micro_batch_size * scaling.num_workers
         found.append(
             f"{name}.global_batch_size: {stage.global_batch_size} is not divisible by micro_batch_size "
             f"{stage.micro_batch_size} x scaling.num_workers {scaling.num_workers} = {per_step}"

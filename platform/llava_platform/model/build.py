@@ -20,7 +20,7 @@ from llava_platform.model.compose import (
     compose_llava,
     load_pretrained_llava,
 )
-from llava_platform.testing.tiny import save_tiny_language_model, save_tiny_vision_tower
+from llava_platform.model.tiny import save_tiny_language_model, save_tiny_vision_tower
 
 
 def materialize_tiny_towers(model: ModelConfig, out_dir: str | Path) -> tuple[str, str]:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from llava_platform.tracking import CHECKPOINT_ARTIFACT
-
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+from llava_platform.registry import CHECKPOINT_ARTIFACT
+from llava_platform.storage import filesystem_for, is_mlflow_uri, is_remote
 
 
 class CheckpointSourceError(ValueError):
@@ -33,7 +32,7 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path, *, tracking_uri: str | N
     Raises:
         CheckpointSourceError: the source does not exist or holds no ``config.json``.
     """
-    if not uri.startswith((*MLFLOW_SCHEMES, "s3://")):
+    if not is_remote(uri):
         return _checked(Path(uri), uri)
     target = Path(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +42,7 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path, *, tracking_uri: str | N
 
 
 def _download(uri: str, target: Path, tracking_uri: str | None, s3_endpoint_url: str | None) -> Path:
-    if uri.startswith(MLFLOW_SCHEMES):
+    if is_mlflow_uri(uri):
         import mlflow.artifacts
 
         try:
@@ -102,7 +101,7 @@ def source_run_id(uri: str, tracking_uri: str | None) -> str | None:
 
 
 def _pyfunc_checkpoint(folder: Path) -> Path | None:
-    """The Hugging Face folder inside a model registered by ``llava_platform.tracking.register_export``."""
+    """The Hugging Face folder inside a model registered by ``llava_platform.registry.register_export``."""
     import yaml
 
     if not (folder / "MLmodel").is_file():
@@ -114,8 +113,6 @@ def _pyfunc_checkpoint(folder: Path) -> Path | None:
 
 def _download_s3(uri: str, target: Path, s3_endpoint_url: str | None) -> Path:
     import pyarrow.fs as pafs
-
-    from llava_platform.storage import filesystem_for
 
     filesystem, prefix = filesystem_for(uri, s3_endpoint_url)
     files = [info for info in filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True))

@@ -1,1 +1,1 @@
-"""Training building blocks: DeepSpeed configuration from a recipe stage (more arrive with Ray Train)."""
+"""Training building blocks, Ray-free: DeepSpeed config, engine (build, step, save/load state), checkpoints, plans."""

@@ -15,6 +15,21 @@ class DeepSpeedConfigError(ValueError):
     """Settings that DeepSpeed cannot run."""
 
 
+def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches each worker runs per optimizer step, so that the global batch holds at any worker count.
+
+    Raises:
+        DeepSpeedConfigError: the global batch is not a multiple of ``micro_batch_size * world_size``.
+    """
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise DeepSpeedConfigError(
+            f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} x "
+            f"{world_size} workers = {per_step}"
+        )
+    return global_batch_size // per_step
+
+
 def build_deepspeed_config(
     *,
     global_batch_size: int,
@@ -47,12 +62,7 @@ def build_deepspeed_config(
     Raises:
         DeepSpeedConfigError: a batch that does not divide, a ZeRO stage outside 0-3, half precision on CPU.
     """
-    per_step = micro_batch_size * world_size
-    if global_batch_size % per_step:
-        raise DeepSpeedConfigError(
-            f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} x "
-            f"{world_size} workers = {per_step}"
-        )
+    accumulation = gradient_accumulation_steps(global_batch_size, micro_batch_size, world_size)
     if zero_stage not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
     if precision != "fp32" and not use_gpu:
@@ -66,7 +76,7 @@ def build_deepspeed_config(
     return {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": global_batch_size // per_step,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},

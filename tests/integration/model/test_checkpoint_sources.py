@@ -35,11 +35,11 @@ def test_checkpoint_sources(saved_checkpoints, tmp_path, s3_server):
 
 
 def test_registered_model_resolves_to_the_checkpoint_folder(saved_checkpoints, tmp_path):
-    from llava_platform import tracking
+    from llava_platform import registry, tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run(uri, "serve-test", "export")
-    version = tracking.register_export(uri, run_id, saved_checkpoints["llava"], "tiny-llava")
+    version = registry.register_export(uri, run_id, saved_checkpoints["llava"], "tiny-llava")
     tracking.client_for(uri).set_registered_model_alias("tiny-llava", "champion", version)
     for source in (f"models:/tiny-llava/{version}", "models:/tiny-llava@champion"):
         folder = resolve_checkpoint(source, tmp_path / "cache", tracking_uri=uri)

@@ -169,10 +169,10 @@ def test_concurrent_requests_share_generate_calls(server):
 def test_model_from_a_real_mlflow_server(server, serve_base, serve_port, saved_checkpoints, mlflow_server, tmp_path):
     from ray import serve
 
-    from llava_platform import tracking
+    from llava_platform import registry, tracking
 
     run_id = tracking.start_run(mlflow_server, "serve", "export")
-    version = tracking.register_export(mlflow_server, run_id, saved_checkpoints["llava_next"], "tiny-next")
+    version = registry.register_export(mlflow_server, run_id, saved_checkpoints["llava_next"], "tiny-next")
     app = config("from-mlflow", "/mlflow", serve_port, num_replicas=1)["applications"][0]
     args = {**app["args"], "model": f"models:/tiny-next/{version}", "model_name": MODEL, "api_key": KEY,
             "tracking_uri": mlflow_server, "cache_dir": str(tmp_path)}

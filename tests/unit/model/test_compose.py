@@ -212,7 +212,7 @@ def test_composition_errors(towers):
 @pytest.mark.parametrize("family, tied", [("mistral", False), ("qwen2", True)])
 def test_compose_with_other_language_models(towers, tmp_path, family, tied):
     """Mistral, and Qwen2 with tied input/output embeddings (small Qwen models tie them)."""
-    from llava_platform.testing.tiny import save_tiny_language_model
+    from llava_platform.model.tiny import save_tiny_language_model
 
     language = save_tiny_language_model(tmp_path / family, family=family, tie_word_embeddings=tied)
     model, processor = compose_llava(

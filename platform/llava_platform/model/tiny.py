@@ -1,9 +1,11 @@
-"""Tiny random-weight towers saved in the same layout as their hub counterparts.
+"""Tiny random-weight towers saved in the same layout as their hub counterparts: the ``model.tiny`` source.
 
-Tests and the CPU demo compose LLaVA models from these through the very code path that loads
-``openai/clip-vit-large-patch14-336`` and ``lmsys/vicuna-7b-v1.5``: a full CLIP (or SigLIP) model
-directory with its image processor, and a Llama causal LM directory with a fast tokenizer.
-Nothing is downloaded; weights are a pure function of the sizes and the seed.
+A model source like ``model.pretrained`` or ``model.vision_tower`` + ``model.language_model``
+(``model/build.py`` picks it from the recipe). Tests, benchmarks and the CPU demo compose LLaVA
+models from these through the very code path that loads ``openai/clip-vit-large-patch14-336`` and
+``lmsys/vicuna-7b-v1.5``: a full CLIP (or SigLIP) model directory with its image processor, and a
+Llama causal LM directory with a fast tokenizer. Nothing is downloaded; weights are a pure function
+of the sizes and the seed.
 """
 
 from __future__ import annotations
