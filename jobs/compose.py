@@ -13,31 +13,35 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llava_platform.config import recipe_argument_parser, recipe_from_args, recipe_to_yaml
+from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args, recipe_to_yaml
 from llava_platform.model.build import build_model
 from llava_platform.model.compose import save_llava
 
 
-def main(argv: list[str] | None = None) -> Path | None:
+def main(argv: list[str] | None = None) -> Path:
     parser = recipe_argument_parser(__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, help="directory to save the composed checkpoint to")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
     if args.output is None:
         parser.error("--output is required")
+    return run(recipe, args.output)
 
+
+def run(recipe: Recipe, output: Path) -> Path:
+    """Compose the recipe's model, save it (with the resolved recipe) to ``output``; returns ``output``."""
     final_stage = list(recipe.stages().values())[-1]
     model, processor = build_model(
         recipe.model,
         image_mode=final_stage.data.image_mode,
         template=final_stage.data.template,
-        work_dir=args.output.parent / f"{args.output.name}_towers",
+        work_dir=output.parent / f"{output.name}_towers",
     )
-    save_llava(model, processor, args.output)
-    (args.output / "llava_platform_recipe.yaml").write_text(recipe_to_yaml(recipe))
+    save_llava(model, processor, output)
+    (output / "llava_platform_recipe.yaml").write_text(recipe_to_yaml(recipe))
     params = sum(p.numel() for p in model.parameters())
-    print(f"saved {type(model).__name__} ({params:,} parameters) to {args.output}", file=sys.stderr)
-    return args.output
+    print(f"saved {type(model).__name__} ({params:,} parameters) to {output}", file=sys.stderr)
+    return output
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ starts Serve with its ``http_options``; for several applications use ``serve dep
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,23 @@ from ray import serve
 from serve.app import LlavaServer, default_config_path
 
 
-def deploy(config: dict[str, Any], *, model: str | None = None, model_name: str | None = None,
-           api_key: str | None = None, tracking_uri: str | None = None, http_host: str | None = None,
-           http_port: int | None = None) -> str:
-    """Start Serve with the config's HTTP options and run its first application; return the base URL.
+@dataclass(frozen=True)
+class Deployment:
+    """A running application: where clients reach it and its name (``serve.delete(name)`` removes it)."""
 
-    The keyword arguments replace the config's values where given.
+    url: str
+    """Base URL; the API is under ``<url>/v1``."""
+    application: str
+
+
+def run(config: dict[str, Any], *, model: str | None = None, model_name: str | None = None,
+        api_key: str | None = None, tracking_uri: str | None = None, http_host: str | None = None,
+        http_port: int | None = None) -> Deployment:
+    """Start Serve with the config's HTTP options and run its first application.
+
+    Args:
+        config: a Ray Serve config (``serve/config.yaml``'s format).
+        model, model_name, api_key, tracking_uri, http_host, http_port: replace the config's values where given.
     """
     http = dict(config.get("http_options", {}))
     http.update({k: v for k, v in {"host": http_host, "port": http_port}.items() if v is not None})
@@ -38,13 +50,14 @@ def deploy(config: dict[str, Any], *, model: str | None = None, model_name: str 
                                    "tracking_uri": tracking_uri}.items() if v})
     deployment = next(iter(application.get("deployments", [])), {})
     options = {k: v for k, v in deployment.items() if k != "name"}
+    name = application.get("name", "llava")
     serve.start(http_options=http)
-    serve.run(LlavaServer.options(**options).bind(**args), name=application.get("name", "llava"),
+    serve.run(LlavaServer.options(**options).bind(**args), name=name,
               route_prefix=application.get("route_prefix", "/"), blocking=False)
-    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    return Deployment(url=f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}", application=name)
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None) -> Deployment:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="checkpoint: a folder, s3://..., models:/<name>/<version>, runs:/<id>/<path>")
     parser.add_argument("--model-name", help="the name clients send as `model` (default: the config's)")
@@ -56,10 +69,10 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     ray.init(address="auto", ignore_reinit_error=True)
-    url = deploy(config, model=args.model, model_name=args.model_name, api_key=args.api_key,
-                 tracking_uri=args.tracking_uri, http_host=args.http_host, http_port=args.http_port)
-    print(f"serving on {url}/v1/chat/completions", flush=True)
-    return url
+    deployment = run(config, model=args.model, model_name=args.model_name, api_key=args.api_key,
+                     tracking_uri=args.tracking_uri, http_host=args.http_host, http_port=args.http_port)
+    print(f"serving on {deployment.url}/v1/chat/completions", flush=True)
+    return deployment
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from llava_platform.model.sources import CheckpointSourceError, source_run_id
 from llava_platform.storage import is_remote
 from pipelines.evaluate import predict
 from pipelines.preprocess import finish
+from pipelines.quarantine import PreprocessReport
 from pipelines.sources import read_records
 
 METRIC_PREFIX = "eval"
@@ -42,7 +44,7 @@ def log(message: str) -> None:
     print(f"[evaluate] {message}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> EvaluationResult:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="folder, s3://..., models:/<name>/<version>, runs:/<id>/<path>")
     parser.add_argument("--data", required=True, nargs="+", help="LLaVA-format eval files (JSON, JSONL, Parquet)")
@@ -58,27 +60,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--experiment", default="evaluation", help="experiment of a new run")
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// paths")
     args = parser.parse_args(argv)
-    return evaluate(
-        model=args.model, data=args.data, image_root=args.image_root, output=args.output, replicas=args.replicas,
-        batch_size=args.batch_size, cpus_per_replica=args.cpus_per_replica,
-        gpus_per_replica=args.gpus_per_replica, max_new_tokens=args.max_new_tokens,
-        tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri), run_id=args.run_id,
-        experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url, exit_with=parser.exit,
-    )
+    try:
+        return run(
+            model=args.model, data=args.data, image_root=args.image_root, output=args.output,
+            replicas=args.replicas, batch_size=args.batch_size, cpus_per_replica=args.cpus_per_replica,
+            gpus_per_replica=args.gpus_per_replica, max_new_tokens=args.max_new_tokens,
+            tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri), run_id=args.run_id,
+            experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url,
+        )
+    except PreflightError as error:
+        parser.exit(2, str(error))
 
 
-def evaluate(*, model: str, data: list[str], output: Path, tracking_uri: str, image_root: str | None = None,
-             replicas: int = 1, batch_size: int = 16, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
-             max_new_tokens: int = 16, run_id: str | None = None, experiment: str = "evaluation",
-             s3_endpoint_url: str | None = None, exit_with=None) -> dict[str, Any]:
-    """Answer, score, write and log; returns ``scores``, ``run_id``, ``predictions`` (path) and ``report``.
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What an evaluation produced."""
 
-    ``exit_with(status, message)`` reports problems found before any work starts (default: raise
-    ``SystemExit``).
+    scores: dict[str, float]
+    """``accuracy``, ``accuracy/short``, ``accuracy/mc``, ``count/short``, ``count/mc``."""
+    run_id: str
+    """The MLflow run the ``eval/*`` metrics and files went to."""
+    predictions: Path
+    report: PreprocessReport
+    """Records read, kept (scored) and quarantined."""
+
+
+class PreflightError(ValueError):
+    """Problems found before any work starts, each naming its option (``problems``)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("jobs.evaluate cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+        self.problems = problems
+
+
+def run(*, model: str, data: list[str], output: Path, tracking_uri: str, image_root: str | None = None,
+        replicas: int = 1, batch_size: int = 16, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
+        max_new_tokens: int = 16, run_id: str | None = None, experiment: str = "evaluation",
+        s3_endpoint_url: str | None = None) -> EvaluationResult:
+    """Answer, score, write and log.
+
+    Raises:
+        PreflightError: a missing file or folder, or a model URI that does not resolve.
     """
     problems = preflight(model, data, image_root, tracking_uri)
     if problems:
-        (exit_with or _exit)(2, "jobs.evaluate cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+        raise PreflightError(problems)
     run_id = source_run_id(model, tracking_uri) or run_id or tracking.start_run(tracking_uri, experiment, "evaluate")
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
@@ -102,7 +128,7 @@ def evaluate(*, model: str, data: list[str], output: Path, tracking_uri: str, im
         tracking.log_artifact(tracking_uri, run_id, path, artifact_path="evaluation")
     print(score_table(scores), flush=True)
     log(f"MLflow run {run_id}: {len(metrics)} eval/* metrics, predictions under artifacts/evaluation")
-    return {"scores": scores, "run_id": run_id, "predictions": files[0], "report": report}
+    return EvaluationResult(scores=scores, run_id=run_id, predictions=files[0], report=report)
 
 
 def preflight(model: str, data: list[str], image_root: str | None, tracking_uri: str) -> list[str]:
@@ -132,11 +158,6 @@ def score_table(scores: dict[str, float]) -> str:
     for name, value in scores.items():
         lines.append(f"  {name:<18}{value:>8.1%}" if name.startswith("accuracy") else f"  {name:<18}{int(value):>8}")
     return "\n".join(lines)
-
-
-def _exit(status: int, message: str) -> None:
-    print(message, file=sys.stderr, end="")
-    raise SystemExit(status)
 
 
 if __name__ == "__main__":

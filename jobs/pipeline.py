@@ -5,7 +5,8 @@
     ray job submit --working-dir . -- python -m jobs.pipeline --recipe llava15_7b --output /mnt/shared/run1 \\
         --no-serve tracking.uri=http://mlflow:5000 checkpoint.storage_path=s3://bucket/ckpt
 
-Each step is a job of its own, also runnable alone:
+Each step is a job of its own, also runnable alone; this job calls their ``run`` functions and
+passes each one's typed result on to the next:
   1. write the synthetic dataset (recipes with a ``synthetic`` section; reused   jobs.synthetic_data
      when the folder already holds it)
   2. compose the starting checkpoint from the towers                               jobs.compose
@@ -32,20 +33,20 @@ import mimetypes
 import sys
 import time
 import urllib.request
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jobs import compose, deploy, evaluate, preprocess, train
+from jobs import compose, deploy, evaluate, preprocess, synthetic_data, train
 from llava_platform import registry
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
-from llava_platform.config.schema import EvaluationConfig, SyntheticDataConfig
-from llava_platform.data.synthetic import existing_dataset, write_synthetic_dataset
+from llava_platform.config.schema import EvaluationConfig
 from llava_platform.evaluation import eval_fields, is_correct
 from llava_platform.storage import is_remote
 from llava_platform.train.checkpoint import PROJECTOR_FILE, export_with_projector
-from pipelines.preprocess import ManifestError, shard_files, stage_fingerprint
+from pipelines.shards import ManifestError, StageShards
 from serve.app import default_config_path
 
 RESULT_FILE = "result.json"
@@ -57,7 +58,7 @@ def log(message: str) -> None:
     print(f"[pipeline] {message}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> PipelineResult:
     parser = recipe_argument_parser(__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, help="where the run writes (default: outputs/<recipe name>/run-<time>)")
     parser.add_argument("--no-serve", action="store_true", help="stop after the evaluation (no Ray Serve step)")
@@ -65,71 +66,87 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint (on 127.0.0.1)")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
-    output = args.output or Path("outputs") / recipe.name / time.strftime("run-%Y%m%d-%H%M%S")
-    recipe_args = ["--recipe", args.recipe, *args.overrides]
+    try:
+        return run(recipe, output=args.output, serve=not args.no_serve, keep_serving=args.keep_serving,
+                   port=args.port)
+    except (train.PreflightError, evaluate.PreflightError, ManifestError) as error:
+        parser.exit(2, f"{error}\n")
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What the whole run produced (also written to ``<output>/result.json``)."""
+
+    scores: dict[str, dict[str, float]]
+    """Evaluation scores per stage (``evaluate.EvaluationResult.scores``)."""
+    demo: dict[str, Any] | None
+    """The demo question sent to the endpoint, its answer, the gold answer, and whether it is correct."""
+    model_uri: str
+    """The trained model: ``models:/<name>/<version>``, or a folder for stage-1-only recipes."""
+    tracking_uri: str
+    runs: dict[str, str]
+    """MLflow ids: ``experiment``, ``parent``, ``stage1``, ``stage2``."""
+    timings: dict[str, float]
+    """Seconds per step."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run(recipe: Recipe, *, output: Path | None = None, serve: bool = True, keep_serving: bool = False,
+        port: int = 8000) -> PipelineResult:
+    """Every step on ``recipe``, each job's ``run`` fed by the results of the ones before."""
+    output = output or Path("outputs") / recipe.name / time.strftime("run-%Y%m%d-%H%M%S")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
     log(f"writing everything to {output}")
     if recipe.synthetic:
-        synthetic_dataset(recipe.synthetic, recipe.seed)
+        settings = recipe.synthetic
+        log(f"1. synthetic dataset -> {settings.out_dir}")
+        synthetic_data.run(settings.out_dir, train=settings.train_records, eval=settings.eval_records,
+                           captions=settings.caption_records, seed=recipe.seed)
         clock = _lap(timings, "synthetic data", clock)
 
     log(f"2. composing {recipe.model.arch} from its towers")
-    initial = compose.main([*recipe_args, "--output", str(output / "initial")])
+    initial = str(compose.run(recipe, output / "initial"))
     clock = _lap(timings, "compose", clock)
 
-    if preprocess_stages(recipe, recipe_args, str(initial)):
+    if preprocess_stages(recipe, initial):
         clock = _lap(timings, "preprocess", clock)
 
     log(f"4. training {', '.join(recipe.stages())} with Ray Train + DeepSpeed")
-    stage_outputs = train.main([*recipe_args, "--model", str(initial), "--output", str(output / "train"),
-                                "--stage", "all"])
-    mlflow_runs = json.loads((output / "train" / train.RUNS_FILE).read_text())
-    tracking_uri, runs = mlflow_runs["tracking_uri"], mlflow_runs["runs"]
-    model_uri, registered = trained_model_uri(tracking_uri, runs, stage_outputs, str(initial), output)
+    trained = train.run(recipe, model=initial, output=output / "train", stage="all")
+    tracking_uri, runs = trained.tracking_uri, trained.runs
+    model_uri, registered = trained_model_uri(trained, initial, output)
     clock = _lap(timings, "train", clock)
 
     scores: dict[str, dict[str, float]] = {}
     if recipe.evaluation:
         log("5. evaluating on the held-out questions with Ray Data")
-        scores = evaluate_stages(recipe.evaluation, tracking_uri, runs, stage_outputs, str(initial), model_uri,
-                                 output)
+        scores = evaluate_stages(recipe.evaluation, trained, initial, model_uri, output)
         clock = _lap(timings, "evaluate", clock)
 
-    demo = None
-    serve_config = yaml.safe_load(default_config_path().read_text())
-    if not args.no_serve:
+    demo, deployment = None, None
+    if serve:
         log(f"6. deploying {model_uri} on Ray Serve")
-        url = deploy.deploy(serve_config, model=model_uri, model_name=recipe.name, tracking_uri=tracking_uri,
-                            http_host="127.0.0.1", http_port=args.port)
+        deployment = deploy.run(yaml.safe_load(default_config_path().read_text()), model=model_uri,
+                                model_name=recipe.name, tracking_uri=tracking_uri, http_host="127.0.0.1",
+                                http_port=port)
         if recipe.evaluation:
-            demo = ask_demo_question(url, recipe.name, recipe.evaluation)
+            demo = ask_demo_question(deployment.url, recipe.name, recipe.evaluation)
         clock = _lap(timings, "serve", clock)
 
-    print_summary(recipe.name, scores, demo, tracking_uri, runs, registered, model_uri,
-                  serving=None if args.no_serve else (args.port, args.keep_serving), timings=timings)
-    result = {"scores": scores, "demo": demo, "model_uri": model_uri, "tracking_uri": tracking_uri, "runs": runs,
-              "timings": timings}
-    (output / RESULT_FILE).write_text(json.dumps(result, indent=1))
-    if not args.no_serve:
-        _serve_until_stopped(serve_config["applications"][0]["name"], args.keep_serving)
+    result = PipelineResult(scores=scores, demo=demo, model_uri=model_uri, tracking_uri=tracking_uri, runs=runs,
+                            timings=timings)
+    print_summary(recipe.name, result, registered, serving=(port, keep_serving) if serve else None)
+    (output / RESULT_FILE).write_text(json.dumps(result.as_dict(), indent=1))
+    if deployment is not None:
+        _serve_until_stopped(deployment.application, keep_serving)
     return result
 
 
-def synthetic_dataset(settings: SyntheticDataConfig, seed: int) -> dict[str, Path]:
-    """Write the recipe's synthetic dataset, or reuse the folder when an earlier run wrote the same one."""
-    sizes = dict(train=settings.train_records, eval=settings.eval_records, captions=settings.caption_records)
-    files = existing_dataset(settings.out_dir, seed=seed, **sizes)
-    if files:
-        log(f"1. synthetic dataset: reusing {settings.out_dir} (same sizes and seed)")
-        return files
-    log(f"1. synthetic dataset -> {settings.out_dir} ({settings.train_records} questions, "
-        f"{settings.caption_records or settings.train_records} captions, {settings.eval_records} held out)")
-    return write_synthetic_dataset(settings.out_dir, seed=seed, **sizes)
-
-
-def preprocess_stages(recipe: Recipe, recipe_args: list[str], initial: str) -> bool:
+def preprocess_stages(recipe: Recipe, initial: str) -> bool:
     """Run ``jobs.preprocess`` for every stage whose ``data.preprocessed`` folder lacks matching shards.
 
     A folder whose manifest matches the stage's settings and ``initial``'s processor is reused; one
@@ -139,44 +156,47 @@ def preprocess_stages(recipe: Recipe, recipe_args: list[str], initial: str) -> b
     for name, stage in stages.items():
         folder = stage.data.preprocessed
         try:
-            shard_files(folder, recipe_hash=stage_fingerprint(stage.data.model_dump(), initial))
+            StageShards.of(stage.data, initial).files()
             log(f"3. {name}: reusing the Parquet shards in {folder}")
             continue
         except ManifestError:
             pass
         log(f"3. {name}: preprocessing {', '.join(stage.data.train_files)} with Ray Data -> {folder}")
-        preprocess.main([*recipe_args, "--stage", name.removeprefix("stage"), "--model", initial,
-                         "--output", folder, "--overwrite"])
+        preprocess.run(recipe, stage=name, model=initial, output=folder, overwrite=True)
     return bool(stages)
 
 
-def trained_model_uri(tracking_uri: str, runs: dict[str, str], stage_outputs: dict[str, Path], initial: str,
-                      output: Path) -> tuple[str, tuple[str, str] | None]:
+def trained_model_uri(trained: train.TrainResult, initial: str, output: Path) -> tuple[str, tuple[str, str] | None]:
     """The model to evaluate and serve: stage 2's registered version (``models:/name/N``), or for a
     stage-1-only recipe the starting checkpoint with the aligned projector."""
-    registered = registry.registered_version(tracking_uri, runs["stage2"]) if "stage2" in runs else None
+    runs = trained.runs
+    registered = registry.registered_version(trained.tracking_uri, runs["stage2"]) if "stage2" in runs else None
     if registered:
         return f"models:/{registered[0]}/{registered[1]}", registered
-    return str(export_with_projector(initial, stage_outputs["stage1"] / PROJECTOR_FILE, output / "stage1-model")), None
+    return str(stage1_model(trained, initial, output)), None
 
 
-def evaluate_stages(settings: EvaluationConfig, tracking_uri: str, runs: dict[str, str],
-                    stage_outputs: dict[str, Path], initial: str, model_uri: str,
+def stage1_model(trained: train.TrainResult, initial: str, output: Path) -> Path:
+    """The starting checkpoint with stage 1's aligned projector, as a model folder of its own."""
+    return export_with_projector(initial, trained.stage_dirs["stage1"] / PROJECTOR_FILE, output / "stage1-model")
+
+
+def evaluate_stages(settings: EvaluationConfig, trained: train.TrainResult, initial: str, model_uri: str,
                     output: Path) -> dict[str, dict[str, float]]:
     """Scores of the final model and, with ``score_stage1``, of the stage-1 model, each on its stage's run."""
-    common = dict(data=settings.data_files, image_root=settings.image_root, tracking_uri=tracking_uri,
+    common = dict(data=settings.data_files, image_root=settings.image_root, tracking_uri=trained.tracking_uri,
                   replicas=settings.num_replicas, batch_size=settings.batch_size,
                   cpus_per_replica=settings.cpus_per_replica, gpus_per_replica=settings.gpus_per_replica,
                   max_new_tokens=settings.max_new_tokens)
+    stage_dirs, runs = trained.stage_dirs, trained.runs
     scores = {}
-    if settings.score_stage1 and {"stage1", "stage2"} <= set(stage_outputs):
-        stage1_model = export_with_projector(initial, stage_outputs["stage1"] / PROJECTOR_FILE,
-                                             output / "stage1-model")
-        scores["stage1"] = evaluate.evaluate(model=str(stage1_model), output=output / "eval" / "stage1",
-                                             run_id=runs["stage1"], **common)["scores"]
-    final = "stage2" if "stage2" in stage_outputs else "stage1"
-    scores[final] = evaluate.evaluate(model=model_uri, output=output / "eval" / final, run_id=runs.get(final),
-                                      **common)["scores"]
+    if settings.score_stage1 and {"stage1", "stage2"} <= set(stage_dirs):
+        scores["stage1"] = evaluate.run(model=str(stage1_model(trained, initial, output)),
+                                        output=output / "eval" / "stage1",
+                                        run_id=runs["stage1"], **common).scores
+    final = "stage2" if "stage2" in stage_dirs else "stage1"
+    scores[final] = evaluate.run(model=model_uri, output=output / "eval" / final, run_id=runs.get(final),
+                                 **common).scores
     return scores
 
 
@@ -220,9 +240,10 @@ def first_image_record(text: str) -> dict[str, Any] | None:
     return next((r for r in candidates if isinstance(r, dict) and r.get("image")), None)
 
 
-def print_summary(name: str, scores: dict[str, dict[str, float]], demo: dict[str, Any] | None, tracking_uri: str,
-                  runs: dict[str, str], registered: tuple[str, str] | None, model_uri: str,
-                  serving: tuple[int, bool] | None, timings: dict[str, float]) -> None:
+def print_summary(name: str, result: PipelineResult, registered: tuple[str, str] | None,
+                  serving: tuple[int, bool] | None) -> None:
+    scores, demo, runs, timings = result.scores, result.demo, result.runs, result.timings
+    model_uri, tracking_uri = result.model_uri, result.tracking_uri
     lines = [f"\n== {name}: done in {sum(timings.values()):.0f} s "
              f"({', '.join(f'{step} {seconds:.0f} s' for step, seconds in timings.items())})"]
     for stage, values in scores.items():

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import ray
 
-from llava_platform.config import recipe_argument_parser, recipe_from_args
-from pipelines.preprocess import ManifestError, preprocess, stage_fingerprint, write_shards
+from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
+from pipelines.preprocess import preprocess
+from pipelines.shards import ManifestError, StageShards
 from pipelines.sources import read_records
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def main(argv: list[str] | None = None) -> dict:
     parser = recipe_argument_parser(__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=["1", "2"], default="2", help="whose data section to preprocess")
     parser.add_argument("--model", help="checkpoint directory whose processor tiles and tokenises")
@@ -28,26 +29,28 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --output")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
-    stage = recipe.stages().get(f"stage{args.stage}")
-    if stage is None:
+    if f"stage{args.stage}" not in recipe.stages():
         parser.exit(2, f"recipe {recipe.name} has no stage{args.stage} section\n")
     if not args.model or not args.output:
         parser.error("--model and --output are required")
-
-    ray.init(ignore_reinit_error=True)
-    data = stage.data
-    records = read_records(data.train_files, data.s3_endpoint_url)
-    rows, quarantine = preprocess(
-        records, processor_path=args.model, template=data.template, image_mode=data.image_mode,
-        max_length=data.model_max_length, truncation=data.truncation, max_image_pixels=data.max_image_pixels,
-        image_root=data.image_root, s3_endpoint_url=data.s3_endpoint_url,
-    )
     try:
-        manifest = write_shards(rows, quarantine, args.output, overwrite=args.overwrite,
-                                recipe_hash=stage_fingerprint(data.model_dump(), args.model))
+        return run(recipe, stage=f"stage{args.stage}", model=args.model, output=args.output, overwrite=args.overwrite)
     except ManifestError as error:
         parser.exit(2, f"--output: {error}\n")
-    print(f"wrote {len(manifest['shards'])} shard(s) and manifest.json to {args.output}")
+
+
+def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite: bool = False) -> dict:
+    """Preprocess ``stage``'s data with ``model``'s processor into ``output``; returns the manifest.
+
+    Raises:
+        ManifestError: ``output`` holds shards of an earlier run and ``overwrite`` is false.
+    """
+    ray.init(ignore_reinit_error=True)
+    data = recipe.stages()[stage].data
+    records = read_records(data.train_files, data.s3_endpoint_url)
+    rows, quarantine = preprocess(records, processor_path=model, spec=data.row_spec())
+    manifest = StageShards.of(data, model, folder=output).write(rows, quarantine, overwrite=overwrite)
+    print(f"wrote {len(manifest['shards'])} shard(s) and manifest.json to {output}")
     return manifest
 
 

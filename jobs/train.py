@@ -18,16 +18,17 @@ Checkpoints (full DeepSpeed state + data position) go to ``checkpoint.storage_pa
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pyarrow.fs as pafs
 import ray
 import yaml
 
+from jobs.faults import Faults
 from jobs.train_worker import POSITION_FILE, train_loop_per_worker
 from llava_platform import tracking
 from llava_platform.config import recipe_argument_parser, recipe_from_args
@@ -36,25 +37,41 @@ from llava_platform.config.schema import ScalingConfig as ScalingSection
 from llava_platform.storage import filesystem_for, is_remote
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_config import build_deepspeed_config
-from pipelines.preprocess import ManifestError, finish, preprocess, shard_files, stage_fingerprint
+from llava_platform.train.plan import EngineSpec, LoopSpec, LoraSpec, ResumePoint, StagePlan, TrackingSpec
+from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport, QuarantineLog
+from pipelines.shards import ManifestError, StageShards
 from pipelines.sources import read_records
 
 RUNS_FILE = "mlflow_runs.json"
-"""Written into ``--output``: the tracking URI, experiment and MLflow run ids (``parent``, ``stage1``, ``stage2``)."""
-KILL_AT_STEP_ENV = "LLAVA_TRAIN_KILL_WORKER_AT_STEP"
-"""Fault injection: ``<step>`` or ``<step>:<rank>`` SIGKILLs that worker once, to exercise auto-resume
-(``fault_from_env``: also ``:hang`` and ``:checkpoint``; several faults separated by commas)."""
-FAULT_MARKER = ".fault-{action}-step{step}-rank{rank}"
-"""The file (JSON, in the stage's output folder) a fault writes when it fires: it fires once, and tells
-the test what was done."""
+"""Written into ``--output`` for users and scripts: the tracking URI, experiment and MLflow run ids
+(``parent``, ``stage1``, ``stage2``); ``run`` returns the same in its ``TrainResult``."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced."""
+
+    stage_dirs: dict[str, Path]
+    """Output folder per stage that ran (``projector.safetensors``, ``export/`` for the last)."""
+    tracking_uri: str
+    runs: dict[str, str]
+    """MLflow ids: ``experiment`` (its name), ``parent``, and one run per stage."""
+
+
+class PreflightError(ValueError):
+    """Problems found before any worker starts, all at once (``problems``)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("jobs.train cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+        self.problems = problems
 
 
 def log(message: str) -> None:
     print(f"[train] {message}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Path]:
+def main(argv: list[str] | None = None) -> TrainResult:
     parser = recipe_argument_parser(__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=["1", "2", "all"], default="all")
     parser.add_argument("--model", help="the composed starting checkpoint (jobs.compose output)")
@@ -62,33 +79,52 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--resume", help="a checkpoint folder (local or s3://) to continue from")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     recipe = recipe_from_args(parser, args)
-    resume = read_position(args.resume, recipe.checkpoint.s3_endpoint_url) if args.resume else None
-    names = ["stage1", "stage2"] if args.stage == "all" else [f"stage{args.stage}"]
-    if resume is not None:  # earlier stages are done; their outputs are already in --output
-        names = names[names.index(resume["stage"]):] if resume["stage"] in names else []
+    if not args.model or not args.output:
+        parser.exit(2, "jobs.train cannot start:\n  --model and --output are required\n")
+    try:
+        return run(recipe, model=args.model, output=args.output, stage=args.stage, resume=args.resume)
+    except PreflightError as error:
+        parser.exit(2, str(error))
+
+
+def run(recipe: Recipe, *, model: str, output: Path, stage: str = "all", resume: str | None = None) -> TrainResult:
+    """Train the recipe's stages (``stage``: ``1``, ``2`` or ``all``) from ``model`` into ``output``.
+
+    Args:
+        model: the composed starting checkpoint (``jobs.compose``).
+        resume: a checkpoint folder (local or ``s3://``) to continue from; earlier stages are taken as done.
+
+    Raises:
+        PreflightError: what would fail later on a worker, found before any worker starts.
+    """
+    output = Path(output)
+    point = read_resume_point(resume, recipe.checkpoint.s3_endpoint_url) if resume else None
+    names = ["stage1", "stage2"] if stage == "all" else [f"stage{stage}"]
+    if point is not None:  # earlier stages are done; their outputs are already in output
+        names = names[names.index(point.position.stage):] if point.position.stage in names else []
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
-    problems = preflight(recipe, names, args, resume)
+    problems = preflight(recipe, names, model=model, output=output, stage=stage, resume=point, resume_from=resume)
     if problems:
-        parser.exit(2, "jobs.train cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+        raise PreflightError(problems)
 
     uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
-    runs = open_parent_run(uri, recipe, args.output, resume)
-    outputs: dict[str, Path] = {}
+    runs = open_parent_run(uri, recipe, output, point)
+    stage_dirs: dict[str, Path] = {}
     for name in names:
-        stage = recipe.stages()[name]
-        resuming = resume is not None and resume["stage"] == name
+        stage_config = recipe.stages()[name]
+        resuming = point is not None and point.position.stage == name
         if resuming:
-            runs[name] = resume["mlflow_run_id"]
+            runs[name] = point.mlflow_run_id
             tracking.reopen_run(uri, runs[name])
         else:
             runs[name] = tracking.start_run(uri, runs["experiment"], name, parent_run_id=runs["parent"])
-        write_runs_file(args.output, uri, runs)
+        write_runs_file(output, uri, runs)
         try:
-            outputs[name] = run_stage(
-                recipe, name, stage, model=args.model, output=args.output, tracking_uri=uri, runs=runs,
-                projector=None if resuming else starting_projector(stage, runs.get("stage1"), args.output),
-                export=name == names[-1], resume_from=args.resume if resuming else None,
+            stage_dirs[name] = run_stage(
+                recipe, name, stage_config, model=model, output=output, tracking_uri=uri, runs=runs,
+                projector=None if resuming else starting_projector(stage_config, runs.get("stage1"), output),
+                export=name == names[-1], resume_from=resume if resuming else None,
             )
         except BaseException:
             tracking.end_run(uri, runs[name], failed=True)
@@ -96,10 +132,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
             raise
         tracking.end_run(uri, runs[name])
     tracking.end_run(uri, runs["parent"])
-    return outputs
+    return TrainResult(stage_dirs=stage_dirs, tracking_uri=uri, runs=dict(runs))
 
 
-def open_parent_run(tracking_uri: str, recipe: Recipe, output: Path, resume: dict | None) -> dict[str, str]:
+def open_parent_run(tracking_uri: str, recipe: Recipe, output: Path, resume: ResumePoint | None) -> dict[str, str]:
     """The pipeline's parent run (new, or the resumed checkpoint's); returns the run-id map for ``RUNS_FILE``.
 
     A new parent run gets the resolved recipe as params and as ``recipe.yaml``.
@@ -107,9 +143,9 @@ def open_parent_run(tracking_uri: str, recipe: Recipe, output: Path, resume: dic
     experiment = recipe.tracking.experiment or recipe.name
     output.mkdir(parents=True, exist_ok=True)
     if resume is not None:
-        tracking.reopen_run(tracking_uri, resume["mlflow_parent_run_id"])
+        tracking.reopen_run(tracking_uri, resume.mlflow_parent_run_id)
         earlier = json.loads((output / RUNS_FILE).read_text())["runs"] if (output / RUNS_FILE).exists() else {}
-        return {**earlier, "experiment": experiment, "parent": resume["mlflow_parent_run_id"]}
+        return {**earlier, "experiment": experiment, "parent": resume.mlflow_parent_run_id}
     resolved = recipe.model_dump(mode="json")
     parent = tracking.start_run(tracking_uri, experiment, recipe.name, params=tracking.flatten(resolved))
     (output / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -122,40 +158,41 @@ def write_runs_file(output: Path, tracking_uri: str, runs: dict[str, str]) -> No
     (output / RUNS_FILE).write_text(json.dumps({"tracking_uri": tracking_uri, "runs": runs}, indent=1))
 
 
-def read_position(checkpoint: str, s3_endpoint_url: str | None) -> dict[str, Any]:
+def read_resume_point(checkpoint: str, s3_endpoint_url: str | None) -> ResumePoint:
     """The ``position.json`` that rank 0 wrote into a checkpoint (local path or ``s3://``)."""
     filesystem, path = filesystem_for(checkpoint, s3_endpoint_url)
     try:
         with filesystem.open_input_stream(f"{path.rstrip('/')}/{POSITION_FILE}") as stream:
-            return json.loads(stream.read())
+            return ResumePoint.from_dict(json.loads(stream.read()))
     except (FileNotFoundError, OSError) as error:
         raise SystemExit(f"--resume {checkpoint}: no {POSITION_FILE} there ({error}); pass a checkpoint folder "
                          "written by jobs.train, e.g. <storage>/<recipe>-stage2/stage2-step00000400") from error
 
 
-def preflight(recipe: Recipe, names: list[str], args, resume: dict | None) -> list[str]:
+def preflight(recipe: Recipe, names: list[str], *, model: str, output: Path, stage: str = "all",
+              resume: ResumePoint | None = None, resume_from: str | None = None) -> list[str]:
     """Everything that would fail later on a worker, checked before any worker starts (all at once)."""
     problems = []
-    if not args.model or not args.output:
-        return ["--model and --output are required"]
-    if not is_remote(args.model) and not Path(args.model).is_dir():
-        problems.append(f"--model: {args.model} is not a folder; create it with `python -m jobs.compose`")
+    if not is_remote(model) and not Path(model).is_dir():
+        problems.append(f"--model: {model} is not a folder; create it with `python -m jobs.compose`")
     if resume is not None and not names:
-        problems.append(f"--resume: the checkpoint is from {resume['stage']}, which --stage {args.stage} does not run")
-    if resume is not None and resume.get("world_size") != recipe.scaling.num_workers:
-        problems.append(f"scaling.num_workers: {recipe.scaling.num_workers}, but --resume {args.resume} was "
-                        f"written by {resume.get('world_size')} workers (ZeRO state is sharded per worker)")
+        problems.append(f"--resume: the checkpoint is from {resume.position.stage}, which --stage {stage} does not run")
+    if resume is not None and resume.world_size != recipe.scaling.num_workers:
+        problems.append(f"scaling.num_workers: {recipe.scaling.num_workers}, but --resume {resume_from} was "
+                        f"written by {resume.world_size} workers (ZeRO state is sharded per worker)")
     for name in names:
-        stage = recipe.stages().get(name)
-        if stage is None:
+        stage_config = recipe.stages().get(name)
+        if stage_config is None:
             problems.append(f"{name}: the recipe has no such section")
             continue
-        resuming = resume is not None and resume["stage"] == name
-        problems += stage_problems(recipe, name, stage, args, first=name == names[0], resuming=resuming)
+        resuming = resume is not None and resume.position.stage == name
+        problems += stage_problems(recipe, name, stage_config, model=model, output=output, first=name == names[0],
+                                   resuming=resuming)
     return problems + gpu_problems(recipe.scaling)
 
 
-def stage_problems(recipe: Recipe, name: str, stage: StageConfig, args, *, first: bool, resuming: bool) -> list[str]:
+def stage_problems(recipe: Recipe, name: str, stage: StageConfig, *, model: str, output: Path, first: bool,
+                   resuming: bool) -> list[str]:
     """A stage's inputs exist, and no earlier run's checkpoints would be silently mixed in."""
     problems = []
     for path in stage.data.train_files:
@@ -163,17 +200,17 @@ def stage_problems(recipe: Recipe, name: str, stage: StageConfig, args, *, first
             problems.append(f"{name}.data.train_files: {path} does not exist")
     if stage.data.preprocessed:
         try:
-            shard_files(stage.data.preprocessed, recipe_hash=stage_fingerprint(stage.data.model_dump(), args.model))
+            StageShards.of(stage.data, model).files()
         except (ManifestError, OSError) as error:
             problems.append(f"{name}.data.preprocessed: {error}")
     init_from = stage.init_from
     if init_from == "stage1" and first and not resuming:
-        example = f"{args.output}/stage1/{PROJECTOR_FILE} or runs:/<stage1 run>/{PROJECTOR_FILE}"
+        example = f"{output}/stage1/{PROJECTOR_FILE} or runs:/<stage1 run>/{PROJECTOR_FILE}"
         problems.append(f"{name}.init_from: 'stage1' but stage 1 does not run here; give its projector, e.g. "
                         f"{name}.init_from={example}")
     elif init_from and init_from != "stage1" and not is_remote(init_from) and not Path(init_from).exists():
         problems.append(f"{name}.init_from: {init_from} does not exist; point it at a stage-1 {PROJECTOR_FILE}")
-    filesystem, root = checkpoint_storage(recipe, args.output)
+    filesystem, root = checkpoint_storage(recipe, output)
     run_dir = f"{root}/{recipe.name}-{name}"
     if not resuming and filesystem.get_file_info(run_dir).type != pafs.FileType.NotFound:
         saved = sorted(info.base_name for info in filesystem.get_file_info(pafs.FileSelector(run_dir))
@@ -226,13 +263,11 @@ def streamed_rank_datasets(recipe: Recipe, stage: StageConfig, model: str, quara
     Returns:
         The per-rank datasets and each rank's number of records.
     """
-    data, scaling = stage.data, recipe.scaling
     parts = rank_record_parts(recipe, stage)
-    return [preprocess(part, processor_path=model, template=data.template, image_mode=data.image_mode,
-                       max_length=data.model_max_length, truncation=data.truncation,
-                       max_image_pixels=data.max_image_pixels, image_root=data.image_root,
-                       s3_endpoint_url=data.s3_endpoint_url, quarantine=quarantine,
-                       cpus_per_actor=scaling.data_cpus_per_actor)[0] for part in parts], [p.count() for p in parts]
+    spec = stage.data.row_spec()
+    return [preprocess(part, processor_path=model, spec=spec, quarantine=quarantine,
+                       cpus_per_actor=recipe.scaling.data_cpus_per_actor)[0] for part in parts], \
+        [part.count() for part in parts]
 
 
 def preprocessed_rank_datasets(stage: StageConfig, model: str, num_workers: int) -> tuple[list, dict]:
@@ -243,22 +278,56 @@ def preprocessed_rank_datasets(stage: StageConfig, model: str, num_workers: int)
     Returns:
         The per-rank datasets and the manifest (counts of read, kept and quarantined records).
     """
-    files, manifest = shard_files(stage.data.preprocessed,
-                                  recipe_hash=stage_fingerprint(stage.data.model_dump(), model))
+    files, manifest = StageShards.of(stage.data, model).files()
     if len(files) >= num_workers:
         return [ray.data.read_parquet(files[rank::num_workers]) for rank in range(num_workers)], manifest
     return ray.data.read_parquet(files).split(num_workers, equal=True), manifest
 
 
-def deepspeed_config_for(stage: StageConfig, scaling: ScalingSection) -> dict[str, Any]:
-    """The stage's DeepSpeed config for the recipe's worker count."""
-    return build_deepspeed_config(
-        global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size,
-        world_size=scaling.num_workers, zero_stage=stage.deepspeed.zero_stage, precision=stage.deepspeed.precision,
-        offload_optimizer=stage.deepspeed.offload_optimizer, max_grad_norm=stage.optim.max_grad_norm,
-        weight_decay=stage.optim.weight_decay, lr=stage.optim.lr, use_gpu=scaling.use_gpu,
-        param_persistence_threshold=stage.deepspeed.zero3_param_persistence_threshold,
+def engine_spec(recipe: Recipe, stage: StageConfig, model: str, total_steps: int) -> EngineSpec:
+    """The stage's engine: model, what trains, optimiser, schedule, and DeepSpeed for the recipe's worker count."""
+    scaling, deepspeed = recipe.scaling, stage.deepspeed
+    optim, lora = stage.optim, stage.lora
+    return EngineSpec(
+        model_path=model if is_remote(model) else str(Path(model).resolve()),
+        tunable=tuple(stage.tunable),
+        lora=LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules))
+        if lora else None,
+        lr=optim.lr, projector_lr=optim.projector_lr, vision_tower_lr=optim.vision_tower_lr,
+        weight_decay=optim.weight_decay, scheduler=optim.scheduler, warmup_ratio=optim.warmup_ratio,
+        total_steps=total_steps, zero_stage=deepspeed.zero_stage,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps(scaling.num_workers),
+        deepspeed_config=build_deepspeed_config(
+            global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size,
+            world_size=scaling.num_workers, zero_stage=deepspeed.zero_stage, precision=deepspeed.precision,
+            offload_optimizer=deepspeed.offload_optimizer, max_grad_norm=optim.max_grad_norm,
+            weight_decay=optim.weight_decay, lr=optim.lr, use_gpu=scaling.use_gpu,
+            param_persistence_threshold=deepspeed.zero3_param_persistence_threshold,
+        ),
+        gradient_checkpointing=deepspeed.gradient_checkpointing,
     )
+
+
+def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, projector: str | None, output: Path,
+               export: bool, total_steps: int, tracking_uri: str, runs: dict[str, str],
+               resume_from: str | None) -> StagePlan:
+    """Resolve one stage for the workers: every setting they read, and every derived value, computed here."""
+    scaling = recipe.scaling
+    engine = engine_spec(recipe, stage, model, total_steps)
+    loop = LoopSpec(epochs=stage.epochs, micro_batch_size=stage.micro_batch_size,
+                    group_window=32 * stage.micro_batch_size,
+                    group_by_modality_length=stage.data.group_by_modality_length, seed=recipe.seed,
+                    anyres=stage.data.image_mode == "anyres", checkpoint_every=recipe.checkpoint.every_n_steps)
+    settings = recipe.tracking
+    track = TrackingSpec(
+        uri=tracking_uri, run_id=runs[name], parent_run_id=runs["parent"],
+        system_metrics_interval_s=settings.system_metrics_interval_s if settings.system_metrics else None,
+        registered_model=(settings.registered_model or recipe.name) if export and name == "stage2" else None,
+    )
+    return StagePlan(stage=name, output=str((output / name).resolve()), engine=engine, loop=loop, tracking=track,
+                     projector=projector, export=export, resume_from=resume_from,
+                     storage_endpoint_url=recipe.checkpoint.s3_endpoint_url,
+                     backend="nccl" if scaling.use_gpu else "gloo")
 
 
 def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, projector: str | None, output: Path,
@@ -289,10 +358,11 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
     datasets = {f"rank{rank}": part for rank, part in enumerate(parts)}
     steps_per_epoch = max(1, min(records_per_rank) * workers // stage.global_batch_size)  # the shortest rank ends it
     total_steps = min(stage.max_steps or 10**12, stage.epochs * steps_per_epoch)
-    deepspeed = deepspeed_config_for(stage, scaling)
-    stage_dir = (output / name).resolve()
+    plan = stage_plan(recipe, name, stage, model=model, projector=projector, output=output, export=export,
+                      total_steps=total_steps, tracking_uri=tracking_uri, runs=runs, resume_from=resume_from)
+    stage_dir = Path(plan.output)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    derived = {"total_steps": total_steps, "gradient_accumulation_steps": deepspeed["gradient_accumulation_steps"],
+    derived = {"total_steps": total_steps, "gradient_accumulation_steps": plan.engine.gradient_accumulation_steps,
                "world_size": workers, "records": sum(records_per_rank)}
     run_id = runs[name]
     if resume_from is None:
@@ -300,36 +370,12 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
                                                    **{k: str(v) for k, v in derived.items()}})
     log(f"{name}: {sum(records_per_rank)} records ({records_per_rank[0]} per worker), {derived}, "
         f"ZeRO-{stage.deepspeed.zero_stage}")
-    lora = stage.lora.model_dump() if stage.lora else None
-    config = {
-        "stage": name, "output": str(stage_dir), "export": export, "register": export and name == "stage2",
-        "projector": projector,
-        "resume_from": resume_from and filesystem_for(resume_from, recipe.checkpoint.s3_endpoint_url),
-        "faults": fault_from_env(stage_dir, workers),
-        "engine": {
-            "model_path": model if is_remote(model) else str(Path(model).resolve()),
-            "tunable": list(stage.tunable), "lora": lora, "lr": stage.optim.lr,
-            "projector_lr": stage.optim.projector_lr, "vision_tower_lr": stage.optim.vision_tower_lr,
-            "weight_decay": stage.optim.weight_decay, "scheduler": stage.optim.scheduler,
-            "warmup_ratio": stage.optim.warmup_ratio, "total_steps": total_steps, "deepspeed_config": deepspeed,
-            "gradient_checkpointing": stage.deepspeed.gradient_checkpointing,
-        },
-        "zero_stage": stage.deepspeed.zero_stage, "epochs": stage.epochs, "seed": recipe.seed,
-        "micro_batch": stage.micro_batch_size, "group_window": 32 * stage.micro_batch_size,
-        "group_by_length": data.group_by_modality_length, "anyres": data.image_mode == "anyres",
-        "backend": "nccl" if scaling.use_gpu else "gloo", "checkpoint_every": recipe.checkpoint.every_n_steps,
-        "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "mlflow_parent_run_id": runs["parent"],
-        "system_metrics_interval_s": recipe.tracking.system_metrics_interval_s if recipe.tracking.system_metrics
-        else None,
-        "registered_model": recipe.tracking.registered_model or recipe.name,
-    }
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same micro-batches, in the same order, after a restart
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     storage, storage_path = checkpoint_storage(recipe, output)
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
+        partial(train_loop_per_worker, plan, Faults.from_env(stage_dir, workers)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
@@ -356,25 +402,6 @@ def checkpoint_storage(recipe: Recipe, output: Path):
     """``(filesystem, path)`` of the checkpoint storage: ``checkpoint.storage_path`` or ``<output>/checkpoints``."""
     return filesystem_for(recipe.checkpoint.storage_path or str(output / "checkpoints"),
                           recipe.checkpoint.s3_endpoint_url)
-
-
-def fault_from_env(stage_dir: Path, workers: int) -> list[dict[str, Any]]:
-    """``LLAVA_TRAIN_KILL_WORKER_AT_STEP=<step>[:<rank>[:kill|hang|checkpoint]][,...]`` -> the workers'
-    fault-injection settings, one per comma-separated fault (each fires once).
-
-    ``kill`` (default) SIGKILLs the worker right after that optimizer step; ``hang`` stops it there
-    until something outside kills it (a test that removes the worker's node); ``checkpoint`` kills it
-    halfway through writing its part of that step's checkpoint (the step must be a checkpoint step).
-    The rank defaults to the last one.
-    """
-    faults = []
-    for spec in filter(None, os.environ.get(KILL_AT_STEP_ENV, "").split(",")):
-        step, rank, action = (spec.split(":") + ["", ""])[:3]
-        if action not in ("", "kill", "hang", "checkpoint"):
-            raise ValueError(f"{KILL_AT_STEP_ENV}={spec}: the action is kill (default), hang or checkpoint")
-        fault = {"step": int(step), "rank": int(rank or workers - 1), "action": action or "kill"}
-        faults.append({**fault, "marker": str(stage_dir / FAULT_MARKER.format(**fault))})
-    return faults
 
 
 if __name__ == "__main__":

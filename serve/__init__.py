@@ -1,4 +1,5 @@
 """Ray Serve application: the OpenAI-compatible endpoint over exported checkpoints.
 
-Not implemented yet: see the README's status table.
+``app`` is the deployment (FastAPI routes, auth, autoscaling), ``openai_api`` parses and answers
+requests, ``generation`` batches them into ``generate`` calls. See serve/README.md.
 """

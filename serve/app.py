@@ -5,8 +5,10 @@
 
 Routes: ``POST /v1/chat/completions`` (text and ``image_url`` parts, ``stream: true`` as server-sent
 events), ``GET /v1/models``, ``GET /healthz``, ``GET /v1/stats``. Non-streaming requests are queued
-by ``@serve.batch`` and answered together; streaming ones generate on their own. Every request
-the server refuses gets OpenAI's error JSON with a 4xx status, and the replica keeps serving.
+by ``@serve.batch`` and answered together; streaming ones generate on their own. The ``/v1`` routes
+take the API key through one FastAPI dependency (``require_api_key``). Every request the server
+refuses raises ``ApiError``, which an exception handler turns into OpenAI's error JSON with its 4xx
+status (anything unexpected: a 500 in the same shape), and the replica keeps serving.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type on the
 routes that Ray Serve's ingress wraps. The ingress serialises the class when it is decorated, so
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
@@ -54,13 +56,44 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
         raise ApiError(400, f"the body is not valid JSON: {error}") from error
 
 
+@api.exception_handler(ApiError)
+def _refused(request: Request, error: ApiError) -> JSONResponse:
+    """A request the server refuses: OpenAI's error JSON with the error's 4xx status."""
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+@api.exception_handler(Exception)
 def _server_error(request: Request, error: Exception) -> JSONResponse:
     """Anything unexpected still answers in OpenAI's error shape (and the replica keeps serving)."""
     return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}", type="server_error").body(),
                         status_code=500)
 
 
-api.add_exception_handler(Exception, _server_error)
+def _replica() -> Any:
+    """The ``LlavaServer`` answering this request (what Ray Serve injects as the routes' ``self``)."""
+    return serve.get_replica_context().servable_object
+
+
+async def count_request() -> None:
+    """FastAPI dependency: count the request in ``/v1/stats`` (before auth, so refused ones count too)."""
+    _replica().requests += 1  # async: runs on the event loop, so concurrent requests never race here
+
+
+async def require_api_key(request: Request) -> None:
+    """FastAPI dependency of the routes that need a key: ``Authorization: Bearer <key>`` must match.
+
+    The key is the replica's (the config's ``api_key``, else ``LLAVA_SERVE_API_KEY``); with none set,
+    every request passes.
+
+    Raises:
+        ApiError: 401 ``invalid_api_key``, answered by the ``ApiError`` handler above.
+    """
+    key = _replica().api_key
+    if not key:
+        return
+    header = request.headers.get("authorization", "")
+    if not hmac.compare_digest(header.encode(), f"Bearer {key}".encode()):
+        raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
 
 
 def serving_dtype(name: str, device: str) -> torch.dtype:
@@ -101,18 +134,13 @@ class LlavaServer:
     async def generate_batch(self, items: list[Prepared]) -> list[Completion | Exception]:
         return await asyncio.to_thread(self.generator.generate, items)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", dependencies=[Depends(count_request), Depends(require_api_key)])
     async def chat_completions(self, request: Request):
-        self.requests += 1
-        try:
-            self._authorize(request)
-            body = await _json_body(request, self.max_body_bytes)
-            if isinstance(body, dict) and "model" in body and body["model"] != self.model_name:
-                raise ApiError(404, f"model {body['model']!r} is not served here; GET /v1/models lists "
-                                    f"{self.model_name!r}", param="model", code="model_not_found")
-            prepared = await asyncio.to_thread(self._prepare, body)  # image decoding stays off the event loop
-        except ApiError as error:
-            return JSONResponse(error.body(), status_code=error.status)
+        body = await _json_body(request, self.max_body_bytes)
+        if isinstance(body, dict) and "model" in body and body["model"] != self.model_name:
+            raise ApiError(404, f"model {body['model']!r} is not served here; GET /v1/models lists "
+                                f"{self.model_name!r}", param="model", code="model_not_found")
+        prepared = await asyncio.to_thread(self._prepare, body)  # image decoding stays off the event loop
         if prepared.request.stream:
             return StreamingResponse(self._events(prepared), media_type="text/event-stream")
         answer = await self.generate_batch(prepared)
@@ -159,12 +187,8 @@ class LlavaServer:
         yield _event(chat_chunk(chunk_id, self.model_name, {}, finish_reason=finish, usage=usage))
         yield "data: [DONE]\n\n"
 
-    @api.get("/v1/models")
-    async def models(self, request: Request):
-        try:
-            self._authorize(request)
-        except ApiError as error:
-            return JSONResponse(error.body(), status_code=error.status)
+    @api.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "llava-platform"}]}
 
@@ -172,22 +196,10 @@ class LlavaServer:
     async def healthz(self):
         return {"status": "ok", "model": self.model_name}
 
-    @api.get("/v1/stats")
-    async def stats(self, request: Request):
+    @api.get("/v1/stats", dependencies=[Depends(require_api_key)])
+    async def stats(self):
         """Requests received and ``model.generate`` calls made by this replica (batching shows as fewer calls)."""
-        try:
-            self._authorize(request)
-        except ApiError as error:
-            return JSONResponse(error.body(), status_code=error.status)
         return {"requests": self.requests, "generate_calls": self.generator.generate_calls}
-
-    def _authorize(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        if not hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                           code="invalid_api_key")
 
     def check_health(self) -> None:
         """Ray Serve's health probe: a replica whose model is gone gets replaced."""

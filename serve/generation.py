@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from jinja2 import TemplateError
 
-from llava_platform.inference import encode_chat, merge_inputs
+from llava_platform.inference import encode_chat, end_token_ids, merge_inputs
 from llava_platform.model.compose import load_pretrained_llava
 from serve.openai_api import ApiError, ParsedChat
 
@@ -99,18 +99,32 @@ class Generator:
         request = group[0].request
         inputs = merge_inputs([item.inputs for item in group], self.tokenizer.pad_token_id)
         max_new = max(item.request.max_tokens for item in group)
-        sampling = _sampling_kwargs(request)
-        with self._lock, torch.no_grad():
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-            output = self.model.generate(**{k: v.to(self.device) for k, v in inputs.items()}, max_new_tokens=max_new,
-                                         pad_token_id=self.tokenizer.pad_token_id, **sampling)
-            self.generate_calls += 1
+        output = self._generate(inputs, request, max_new_tokens=max_new)
         new_tokens = output[:, inputs["input_ids"].shape[1]:].cpu()
         return [self._completion(item, tokens) for item, tokens in zip(group, new_tokens, strict=True)]
 
+    def _generate(self, inputs: dict[str, torch.Tensor], request: ParsedChat, **options) -> torch.Tensor:
+        """One ``model.generate`` under the replica's lock, seeded first when the request gives a seed.
+
+        Args:
+            inputs: model inputs on the CPU (``input_ids`` (B, L), ...); moved to the model's device here.
+            request: its seed and sampling settings (temperature, top_p) apply to the whole call.
+            **options: passed on to ``generate`` (``max_new_tokens``, ``streamer``, ``stopping_criteria``).
+
+        Returns:
+            The prompt and the generated tokens, (B, L + new), on the model's device.
+        """
+        with self._lock, torch.no_grad():
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            output = self.model.generate(**{k: v.to(self.device) for k, v in inputs.items()},
+                                         pad_token_id=self.tokenizer.pad_token_id, **_sampling_kwargs(request),
+                                         **options)
+            self.generate_calls += 1
+        return output
+
     def _completion(self, item: Prepared, tokens: torch.Tensor) -> Completion:
-        ends = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.pad_token_id}
+        ends = end_token_ids(self.model.generation_config) | {self.tokenizer.pad_token_id}
         kept = []
         for token in tokens.tolist()[: item.request.max_tokens]:
             if token in ends:
@@ -128,7 +142,8 @@ class Generator:
         """Yield the answer's text pieces as they are generated (one request, outside the batches).
 
         Setting ``cancel`` (client gone, stop string seen) ends the generation at the next token, so
-        the replica's lock is not held for tokens nobody reads. ``streamed_tokens`` is the count so far.
+        the replica's lock is not held for tokens nobody reads. When it ends,
+        ``item.generated`` holds the token count and finish reason.
         """
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -141,15 +156,9 @@ class Generator:
 
         def run() -> None:
             try:
-                with self._lock, torch.no_grad():
-                    if request.seed is not None:
-                        torch.manual_seed(request.seed)
-                    output = self.model.generate(
-                        **{k: v.to(self.device) for k, v in item.inputs.items()}, streamer=streamer,
-                        max_new_tokens=request.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                        stopping_criteria=StoppingCriteriaList([Cancelled()]), **_sampling_kwargs(request))
-                    self.generate_calls += 1
-                    item.generated = self._completion(item, output[0, item.prompt_tokens:].cpu())
+                output = self._generate(item.inputs, request, max_new_tokens=request.max_tokens, streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([Cancelled()]))
+                item.generated = self._completion(item, output[0, item.prompt_tokens:].cpu())
             except Exception as error:  # noqa: BLE001 - handed to the reader below
                 failure.append(error)
                 streamer.end()
@@ -177,9 +186,3 @@ def _sampling_kwargs(request: ParsedChat) -> dict:
     if request.temperature < GREEDY_BELOW:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
-
-
-def _as_list(value) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]

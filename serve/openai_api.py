@@ -75,7 +75,8 @@ class ParsedChat:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = None
+    """Seeds ``torch`` before sampling; ``ChatRequest`` has checked its range."""
     stream: bool = False
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from llava_platform.data.collate import pad_tile_stacks
+
 
 def encode_chat(processor, conversation: list[dict[str, Any]],
                 images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
@@ -57,14 +59,30 @@ def merge_inputs(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) ->
     merged = {"input_ids": ids, "attention_mask": mask}
     pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
     if pixels:
-        if pixels[0].ndim == 5:  # LLaVA-NeXT: (images, tiles, 3, T, T), tiles differ per image
-            tiles = max(p.shape[1] for p in pixels)
-            pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
-        merged["pixel_values"] = torch.cat(pixels)
+        if pixels[0].ndim == 5:  # LLaVA-NeXT: (images, tiles, 3, T, T), tile counts differ per request
+            merged["pixel_values"] = pad_tile_stacks([image for p in pixels for image in p])
+        else:
+            merged["pixel_values"] = torch.cat(pixels)
     sizes = [item["image_sizes"] for item in items if "image_sizes" in item]
     if sizes:
         merged["image_sizes"] = torch.cat(sizes)
     return merged
+
+
+def end_token_ids(generation_config) -> set[int]:
+    """The token ids that end an answer: a checkpoint's ``generation_config.eos_token_id`` as a set.
+
+    Args:
+        generation_config: a ``transformers.GenerationConfig``; its ``eos_token_id`` may be one id, a
+            list or tuple of ids, or ``None``.
+
+    Returns:
+        The ids; empty when ``eos_token_id`` is ``None``.
+    """
+    ids = generation_config.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, list | tuple) else {ids}
 
 
 def answer_questions(model, processor, items: Sequence[tuple[Image.Image | None, str]], *,

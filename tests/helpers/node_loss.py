@@ -74,7 +74,7 @@ def main(root: Path, replace: bool) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs import compose, train
+    from jobs import compose, faults, train
     from llava_platform import tracking
     from llava_platform.data.synthetic import write_synthetic_dataset
 
@@ -87,10 +87,10 @@ def main(root: Path, replace: bool) -> dict:
     files = write_synthetic_dataset(root / "data", train=32, eval=1, seed=0)
     initial = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(root / "initial")])
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ[train.KILL_AT_STEP_ENV] = f"{KILL_AT}:0:hang"
+    os.environ[faults.KILL_AT_STEP_ENV] = f"{KILL_AT}:0:hang"
     removed: dict = {}
     replacements: list[subprocess.Popen] = []
-    marker = root / "out" / "stage1" / train.FAULT_MARKER.format(action="hang", step=KILL_AT, rank=0)
+    marker = root / "out" / "stage1" / faults.FAULT_MARKER.format(action="hang", step=KILL_AT, rank=0)
     watcher = threading.Thread(target=remove_node_when_hung, daemon=True,
                                args=(cluster, marker, removed, replace, replacements))
     watcher.start()
@@ -102,7 +102,7 @@ def main(root: Path, replace: bool) -> dict:
         f"stage1.max_steps={STEPS}", "checkpoint.every_n_steps=2", f"tracking.uri={uri}",
         "tracking.system_metrics=false", f"scaling.placement_strategy={'STRICT_SPREAD' if replace else 'PACK'}",
     ])
-    run_id = json.loads((out["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
+    run_id = json.loads((out.stage_dirs["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
     client = tracking.client_for(uri)
     result = {
         "removed": removed, "seconds": round(time.time() - started, 1),

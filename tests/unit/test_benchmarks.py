@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import bench_train
-from pipelines import bench_padding, bench_preprocess
-from serve import bench_serve
+from jobs.benchmarks import padding as bench_padding
+from jobs.benchmarks import preprocess as bench_preprocess
+from jobs.benchmarks import serve as bench_serve
+from jobs.benchmarks import train as bench_train
 
 
 def test_training_benchmark_owns_its_inputs_and_passes_preflight(tmp_path, capsys):

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
+from llava_platform.data.rows import RowSpec
 from llava_platform.train.deepspeed_config import DeepSpeedConfigError, gradient_accumulation_steps
 
 Arch = Literal["llava", "llava_next"]
@@ -123,6 +124,12 @@ class DataConfig(Section):
     that later epochs replay them instead of reading (and preprocessing) again. For stages whose
     rows fit in the object store and that run several epochs: every epoch boundary otherwise
     restarts the reading, which costs seconds of CPU while training waits or shares the cores."""
+
+    def row_spec(self) -> RowSpec:
+        """The settings that shape a training row, for the pipeline and the row builder."""
+        return RowSpec(template=self.template, image_mode=self.image_mode, max_length=self.model_max_length,
+                       truncation=self.truncation, max_image_pixels=self.max_image_pixels,
+                       image_root=self.image_root, s3_endpoint_url=self.s3_endpoint_url)
 
 
 class OptimConfig(Section):

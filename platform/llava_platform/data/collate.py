@@ -24,6 +24,26 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> torch.T
     return out
 
 
+def pad_tile_stacks(stacks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image LLaVA-NeXT tile stacks into one tensor, zero-padding each to the most tiles.
+
+    The layout transformers' LLaVA-NeXT processor builds for a batch; both the training collate and
+    the serving batcher (``inference.merge_inputs``) pad this way.
+
+    Args:
+        stacks: one tensor of shape (tiles_i, 3, T, T) per image, at least one; tile counts may differ.
+
+    Returns:
+        Tensor of shape (images, max_tiles, 3, T, T) with the first stack's dtype and device; the tiles
+        past an image's own count are zeros.
+    """
+    most = max(stack.shape[0] for stack in stacks)
+    out = stacks[0].new_zeros((len(stacks), most, *stacks[0].shape[1:]))
+    for i, stack in enumerate(stacks):
+        out[i, : stack.shape[0]] = stack
+    return out
+
+
 def collate(
     input_ids: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
@@ -64,10 +84,7 @@ def collate(
     if not image_tiles:
         return batch
     if anyres:
-        most = max(t.shape[0] for t in image_tiles)
-        stacked = torch.zeros((len(image_tiles), most, *image_tiles[0].shape[1:]), dtype=torch.uint8)
-        for i, t in enumerate(image_tiles):
-            stacked[i, : t.shape[0]] = t
+        stacked = pad_tile_stacks(image_tiles)
         batch["image_sizes"] = torch.tensor([tuple(image_sizes[i]) for i in with_image], device=device)
     else:
         stacked = torch.cat(image_tiles)

@@ -19,6 +19,7 @@ from llava_platform.data.conversation import MissingFieldError, tokenize_convers
 from llava_platform.data.errors import SampleError
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.images import decode_image
+from llava_platform.data.rows import RowSpec
 from llava_platform.data.templates import IMAGE_PLACEHOLDER, resolve_chat_template
 
 
@@ -79,18 +80,16 @@ class RowBuilder:
     max_image_pixels: int
 
     @classmethod
-    def from_processor(
-        cls, processor, *, template: str, image_mode: str, max_length: int, truncation: str, max_image_pixels: int
-    ) -> RowBuilder:
-        """Tiling settings and tokenizer from the checkpoint's processor; the stage's template."""
+    def from_processor(cls, processor, spec: RowSpec) -> RowBuilder:
+        """Tiling settings and tokenizer from the checkpoint's processor; template and limits from ``spec``."""
         return cls(
             tokenizer=processor.tokenizer,
-            chat_template=resolve_chat_template(template, processor.chat_template),
+            chat_template=resolve_chat_template(spec.template, processor.chat_template),
             settings=ImageSettings.from_processor(processor),
-            image_mode=image_mode,
-            max_length=max_length,
-            truncation=truncation,
-            max_image_pixels=max_image_pixels,
+            image_mode=spec.image_mode,
+            max_length=spec.max_length,
+            truncation=spec.truncation,
+            max_image_pixels=spec.max_image_pixels,
         )
 
     def build(self, record: dict[str, Any], image_bytes: bytes | None) -> dict[str, Any]:

@@ -40,7 +40,9 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.utils import logging as hf_logging
 
+from llava_platform.config.schema import image_modes_for
 from llava_platform.data.templates import IMAGE_PLACEHOLDER, end_of_turn_token, resolve_chat_template
+from llava_platform.inference import end_token_ids
 
 LlavaModel = LlavaForConditionalGeneration | LlavaNextForConditionalGeneration
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -163,15 +165,14 @@ def apply_recipe_settings(model: LlavaModel, processor: ProcessorMixin, *, templ
     checkpoint's processor and generation config never disagree with the training data.
     """
     arch = model.config.model_type
-    allowed = ("anyres",) if arch == "llava_next" else ("square", "pad")
+    allowed = image_modes_for(arch)
     if image_mode not in allowed:
         raise ModelCompositionError(f"arch {arch} serves {' or '.join(allowed)} images, not {image_mode!r}")
     if arch == "llava":
         processor.image_processor.do_pad = image_mode == "pad"
     tokenizer = processor.tokenizer
     processor.chat_template = resolve_chat_template(template, processor.chat_template or tokenizer.chat_template)
-    stop = model.generation_config.eos_token_id
-    stop = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
+    stop = end_token_ids(model.generation_config)
     stop.add(tokenizer.eos_token_id)
     end_of_turn = end_of_turn_token(template, tokenizer)
     if end_of_turn is not None:

@@ -8,6 +8,7 @@ zero-size placeholders (the reference code's ``size mismatch torch.Size([0])``).
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from llava_platform.model.compose import load_pretrained_llava, save_llava
 from llava_platform.model.trainability import apply_lora, part_of
+from llava_platform.train.plan import LoraSpec
 
 PROJECTOR_FILE = "projector.safetensors"
 EXPORT_DIR = "export"
@@ -73,7 +75,7 @@ def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
 
 
 def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | Path, *, model_path: str,
-                 lora: dict | None, module: torch.nn.Module) -> Path:
+                 lora: LoraSpec | None, module: torch.nn.Module) -> Path:
     """Write ``out_dir/export``: a Hugging Face checkpoint that plain transformers loads.
 
     Args:
@@ -93,7 +95,7 @@ def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | 
         module.save_pretrained(export, state_dict=state_dict)
     else:
         base, _ = load_pretrained_llava(model_path, dtype=next(iter(state_dict.values())).dtype)
-        adapted = apply_lora(base, **lora)
+        adapted = apply_lora(base, **asdict(lora))
         adapted.load_state_dict(state_dict, strict=True)
         adapted.save_pretrained(Path(out_dir) / ADAPTER_DIR)
         adapted.merge_and_unload().save_pretrained(export)

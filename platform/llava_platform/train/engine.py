@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from llava_platform.model.compose import load_pretrained_llava
 from llava_platform.model.trainability import apply_lora, parameter_groups, set_trainable
 from llava_platform.train.checkpoint import load_projector
 from llava_platform.train.deepspeed_config import build_lr_scheduler
+from llava_platform.train.plan import EngineSpec, TrainingPosition
 
 CHECKPOINT_TAG = "state"
 """DeepSpeed's tag (sub-folder) inside every periodic checkpoint directory."""
@@ -59,50 +60,34 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def build_engine(
-    *,
-    model_path: str,
-    projector_path: str | None,
-    tunable: Sequence[str],
-    lora: dict[str, Any] | None,
-    lr: float,
-    projector_lr: float | None,
-    vision_tower_lr: float | None,
-    weight_decay: float,
-    scheduler: str,
-    warmup_ratio: float,
-    total_steps: int,
-    deepspeed_config: dict[str, Any],
-    gradient_checkpointing: bool,
-):
+def build_engine(spec: EngineSpec, projector_path: str | None = None):
     """Load the starting checkpoint, choose what trains, and wrap it in a DeepSpeed engine.
 
     Args:
-        model_path: the composed (``jobs.compose``) or pretrained LLaVA checkpoint.
+        spec: the model, what trains (``tunable``, ``lora``), learning rates, schedule and the DeepSpeed
+            config (``build_deepspeed_config``; the optimizer and ZeRO settings come from it).
         projector_path: a stage-1 ``projector.safetensors`` to load on top, or ``None``.
-        tunable: parts that train (``projector``, ``language_model``, ``vision_tower``).
-        lora: ``{r, alpha, dropout, target_modules}`` to train adapters on the language model instead.
-        deepspeed_config: from ``build_deepspeed_config``; the optimizer and ZeRO settings come from it.
 
     Returns:
         ``(engine, processor)``; ``engine.module`` is the transformers model (or its peft wrapper).
     """
     import deepspeed
 
-    dtype = torch.bfloat16 if deepspeed_config["bf16"]["enabled"] else torch.float32
-    model, processor = load_pretrained_llava(model_path, dtype=dtype)
+    dtype = torch.bfloat16 if spec.deepspeed_config["bf16"]["enabled"] else torch.float32
+    model, processor = load_pretrained_llava(spec.model_path, dtype=dtype)
     if projector_path:
         load_projector(model, projector_path)
-    set_trainable(model, tunable)
-    if gradient_checkpointing:
+    set_trainable(model, spec.tunable)
+    if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
-    if lora is not None:
-        model = apply_lora(model, **lora, fully_trained=[part for part in tunable if part != "language_model"])
-    groups = parameter_groups(model.named_parameters(), lr=lr, projector_lr=projector_lr,
-                              vision_tower_lr=vision_tower_lr, weight_decay=weight_decay)
-    schedule = build_lr_scheduler(scheduler, warmup_ratio=warmup_ratio, total_steps=total_steps)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config,
+    if spec.lora is not None:
+        model = apply_lora(model, **asdict(spec.lora),
+                           fully_trained=[part for part in spec.tunable if part != "language_model"])
+    groups = parameter_groups(model.named_parameters(), lr=spec.lr, projector_lr=spec.projector_lr,
+                              vision_tower_lr=spec.vision_tower_lr, weight_decay=spec.weight_decay)
+    schedule = build_lr_scheduler(spec.scheduler, warmup_ratio=spec.warmup_ratio, total_steps=spec.total_steps)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=spec.deepspeed_config,
                                       lr_scheduler=schedule)
     return engine, processor
 
@@ -166,16 +151,15 @@ def _blank_image_features(model, device: torch.device, dtype: torch.dtype) -> to
     return sum(f.sum() for f in features) if isinstance(features, list | tuple) else features.sum()
 
 
-def save_training_state(engine, directory: str | Path, position: dict[str, Any]) -> None:
+def save_training_state(engine, directory: str | Path, position: TrainingPosition) -> None:
     """Write the full DeepSpeed state (weights, optimizer, scheduler), ``position`` and this rank's RNG state.
 
     Every rank calls it (collective). The random state makes dropout (e.g. LoRA's) replay exactly.
 
     Args:
-        position: where the run is (``step``, ``epoch``, ``steps_in_epoch``, ...), returned by
-            ``load_training_state``.
+        position: where the run is, returned by ``load_training_state``.
     """
-    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"position": position})
+    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"position": position.as_dict()})
     torch.save(_rng_state(), Path(directory) / CHECKPOINT_TAG / f"rng_rank{engine.global_rank}.pt")
 
 
@@ -184,7 +168,7 @@ def _rng_state() -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def load_training_state(engine, directory: str | Path) -> dict[str, Any]:
+def load_training_state(engine, directory: str | Path) -> TrainingPosition:
     """Restore what ``save_training_state`` wrote into a freshly built engine; return the saved position.
 
     Raises:
@@ -207,4 +191,4 @@ def load_training_state(engine, directory: str | Path) -> dict[str, Any]:
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-    return client_state["position"]
+    return TrainingPosition.from_dict(client_state["position"])

@@ -13,9 +13,11 @@ import ray
 from transformers import AutoProcessor
 
 from llava_platform.data.grouping import padding_fraction, regroup
+from llava_platform.data.rows import RowSpec
 from llava_platform.data.synthetic import write_synthetic_dataset
-from pipelines.preprocess import ManifestError, finish, preprocess, read_shards, write_shards
+from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport
+from pipelines.shards import ManifestError, read_shards, write_shards
 from pipelines.sources import read_records
 from tests.helpers.corpus import MAX_LENGTH, PIXEL_LIMIT, good_ids, write_bad_corpus
 
@@ -34,10 +36,9 @@ class Run:
 
 def run(records, checkpoint, mode, **kwargs) -> Run:
     """Preprocess and consume everything, checking that no row arrives twice."""
-    rows, quarantine = preprocess(
-        records, processor_path=str(checkpoint), template="vicuna_v1", image_mode=mode, max_length=MAX_LENGTH,
-        max_image_pixels=PIXEL_LIMIT, num_actors=1, **kwargs,
-    )
+    spec = RowSpec(template="vicuna_v1", image_mode=mode, max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT,
+                   **kwargs)
+    rows, quarantine = preprocess(records, processor_path=str(checkpoint), spec=spec, num_actors=1)
     got = {}
     for batch in rows.iter_batches(batch_size=16, batch_format="numpy"):
         for i, row_id in enumerate(batch["id"]):
@@ -201,11 +202,10 @@ def test_anyres_rows_materialise_as_shards_and_round_trip(ray_cluster, dataset, 
     root, files = dataset
     corpus, _ = write_bad_corpus(root, files)
     checkpoint = saved_checkpoints["llava_next"]
-    rows, quarantine = preprocess(
-        read_records([str(files["stage1"]), str(corpus)]), processor_path=str(checkpoint), template="vicuna_v1",
-        image_mode="anyres", max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT, image_root=str(root),
-        num_actors=1,
-    )
+    spec = RowSpec(template="vicuna_v1", image_mode="anyres", max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT,
+                   image_root=str(root))
+    rows, quarantine = preprocess(read_records([str(files["stage1"]), str(corpus)]), processor_path=str(checkpoint),
+                                  spec=spec, num_actors=1)
     manifest = write_shards(rows, quarantine, tmp_path / "out", recipe_hash="recipe-a")
     assert manifest["counts"]["kept"] == 24 + 25 and sum(manifest["counts"]["quarantined"].values()) == 13
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -237,10 +237,10 @@ def test_bad_records_and_vanishing_images_lose_nothing(ray_cluster, saved_checkp
     records = [json.loads(line) for line in files["stage2"].read_text().splitlines()]
     vanishing = {r["id"]: tmp_path / r["image"] for r in records[-40:]}
 
-    rows, quarantine = preprocess(
-        read_records([str(corpus)]), processor_path=str(saved_checkpoints["llava"]), template="vicuna_v1",
-        image_mode="pad", max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT, num_actors=1,
-        image_root=str(tmp_path))
+    spec = RowSpec(template="vicuna_v1", image_mode="pad", max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT,
+                   image_root=str(tmp_path))
+    rows, quarantine = preprocess(read_records([str(corpus)]), processor_path=str(saved_checkpoints["llava"]),
+                                  spec=spec, num_actors=1)
     paths = list(vanishing.values())
     for path in paths[:20]:  # listed, not yet read: the dataset is lazy until it is iterated
         path.unlink()

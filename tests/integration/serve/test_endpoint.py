@@ -53,8 +53,8 @@ def serve_base(ray_cluster, serve_port) -> str:
 def server(serve_base, serve_port, saved_checkpoints):
     from ray import serve
 
-    deploy.deploy(config("endpoint", "/endpoint", serve_port, num_replicas=1), model=str(saved_checkpoints["llava"]),
-                  model_name=MODEL, api_key=KEY)
+    deploy.run(config("endpoint", "/endpoint", serve_port, num_replicas=1), model=str(saved_checkpoints["llava"]),
+               model_name=MODEL, api_key=KEY)
     yield f"{serve_base}/endpoint"
     serve.delete("endpoint")
 

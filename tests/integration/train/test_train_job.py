@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs import compose, train
+from jobs import compose, faults, train
 from llava_platform import tracking
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.model.trainability import part_of
@@ -83,7 +83,7 @@ def zero3_lora(ray_cluster, tmp_path_factory) -> Zero3Lora:
 
 
 def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora):
-    stage2 = zero3_lora.out["stage2"]
+    stage2 = zero3_lora.out.stage_dirs["stage2"]
     assert (stage2 / "adapter" / "adapter_config.json").exists()
     adapters = load_file(str(stage2 / "adapter" / "adapter_model.safetensors"))
     assert adapters and all("lora_" in n for n in adapters)
@@ -144,7 +144,7 @@ class FaultRun:
     initial: Path
 
     def marker(self, action: str, step: int, rank: int) -> dict:
-        path = self.stage_dir / train.FAULT_MARKER.format(action=action, step=step, rank=rank)
+        path = self.stage_dir / faults.FAULT_MARKER.format(action=action, step=step, rank=rank)
         assert path.exists(), f"the {action} fault at step {step} was not injected"
         return json.loads(path.read_text())
 
@@ -156,12 +156,12 @@ def fault_run(ray_cluster, pipeline_recipe, s3_server, mlflow_server, tmp_path_f
     root = tmp_path_factory.mktemp("faults")
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="checkpoints")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(train.KILL_AT_STEP_ENV, f"3:1,{STEPS}:1:checkpoint")
+        patch.setenv(faults.KILL_AT_STEP_ENV, f"3:1,{STEPS}:1:checkpoint")
         out = train.main(["--recipe", RECIPE, "--model", str(pipeline_recipe.initial), "--output", str(root),
                           *pipeline_recipe.overrides, "--stage", "1", "stage1.deepspeed.zero_stage=2",
                           "stage1.data.materialize=true",
                           "checkpoint.storage_path=s3://checkpoints/runs", f"checkpoint.s3_endpoint_url={s3_server}"])
-    return FaultRun(out["stage1"], mlflow_runs(root)["stage1"], "checkpoints", pipeline_recipe.initial)
+    return FaultRun(out.stage_dirs["stage1"], mlflow_runs(root)["stage1"], "checkpoints", pipeline_recipe.initial)
 
 
 def resumes(client, run_id) -> list[tuple[float, float]]:
@@ -240,9 +240,10 @@ def test_manual_resume_replays_the_same_steps(pipeline_run, mlflow_server, tmp_p
     assert mlflow_runs(tmp_path)["stage2"] == stage2_run
     assert sorted(m.step for m in client.get_metric_history(stage2_run, "loss")) == list(range(1, STEPS + 1))
     assert [m.value for m in client.get_metric_history(stage2_run, "resumed_at_step")] == [2]
-    replayed, original = weights(resumed["stage2"] / "export"), weights(pipeline_run.train / "stage2" / "export")
+    replayed = weights(resumed.stage_dirs["stage2"] / "export")
+    original = weights(pipeline_run.train / "stage2" / "export")
     for name, tensor in original.items():  # same data order, restored optimizer state: the same steps
         torch.testing.assert_close(replayed[name], tensor, rtol=1e-5, atol=1e-6)
     versions = client.search_model_versions(f"name = '{REGISTERED_NAME}'")
     assert [v.run_id for v in versions].count(stage2_run) >= 2, "the resumed run registered no new version"
-    assert_export_reproduces_engine(resumed["stage2"])
+    assert_export_reproduces_engine(resumed.stage_dirs["stage2"])

@@ -4,7 +4,7 @@ import base64
 
 import pytest
 
-from serve.openai_api import ApiError, Limits, parse_chat_request
+from serve.openai_api import ApiError, Limits, ParsedChat, parse_chat_request
 from tests.helpers.requests import bilevel_png, chat, data_url, image_part, text_part
 
 LIMITS = Limits(max_tokens=16, max_images=2, max_image_bytes=50_000, max_image_pixels=200 * 200)
@@ -44,6 +44,13 @@ def test_bad_requests_get_a_400_that_names_the_problem(body, expected):
         parse_chat_request(body, LIMITS)
     assert error.value.status == 400 and expected in error.value.message
     assert error.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_request_without_a_seed_has_none():
+    """``ParsedChat`` is a plain dataclass: its seed defaults to ``None``, not to a pydantic ``FieldInfo``."""
+    assert ParsedChat(conversation=[]).seed is None
+    assert parse_chat_request(chat(text_part()), LIMITS).seed is None
+    assert parse_chat_request(chat(text_part(), seed=7), LIMITS).seed == 7
 
 
 def test_allow_listed_hosts_are_fetched_with_the_given_function():

@@ -1,7 +1,7 @@
 """Benchmark: seconds per optimizer step of jobs.train (Ray Train, 1 worker) vs a bare DeepSpeed loop.
 
-    python -m jobs.bench_train [--steps 30] [--out /tmp/bench-train]
-    python -m jobs.bench_train --dry-run     # set up and check the three loops, run nothing (the test suite's)
+    python -m jobs.benchmarks.train [--steps 30] [--out /tmp/bench-train]
+    python -m jobs.benchmarks.train --dry-run     # set up and check the three loops, run nothing (the test suite's)
 
 One run, the same model, data and engine settings (``build_engine`` + ``train_step``) three ways:
 
@@ -22,19 +22,16 @@ on a fresh clone and after ``make demo`` (whose outputs it never reads).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import ray
 import ray.data
 import torch
 
-from jobs import compose, train
-from jobs import preprocess as preprocess_job
+from jobs import compose, preprocess, train
 from jobs.train_worker import collate_rows
 from llava_platform import tracking
 from llava_platform.config import load_recipe
@@ -42,7 +39,7 @@ from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.train.engine import build_engine, init_distributed, train_step
-from pipelines.preprocess import read_shards
+from pipelines.shards import read_shards
 
 MODEL = ["model.tiny.text_hidden_size=256", "model.tiny.text_layers=4", "model.tiny.text_heads=4",
          "model.tiny.vision_hidden_size=64", "model.image_size=112"]
@@ -70,8 +67,7 @@ def dry_run(initial: Path, run_dir: Path, loops: dict[str, list[str]]) -> None:
         recipe = load_recipe("tiny_cpu_demo", overrides)
         if recipe.stage1.data.preprocessed:
             continue
-        args = SimpleNamespace(model=str(initial), output=run_dir / name, stage="1")
-        problems = train.preflight(recipe, ["stage1"], args, None)
+        problems = train.preflight(recipe, ["stage1"], model=str(initial), output=run_dir / name, stage="1")
         if problems:
             raise SystemExit(f"bench_train {name}: " + "; ".join(problems))
     print(f"dry run: inputs in {run_dir}; loops {', '.join(['bare', *loops])} resolve and pass preflight")
@@ -83,11 +79,7 @@ def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], ste
     stage = recipe.stage1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     init_distributed("gloo")
-    config = train.deepspeed_config_for(stage, recipe.scaling)
-    engine, processor = build_engine(
-        model_path=str(initial), projector_path=None, tunable=stage.tunable, lora=None, lr=stage.optim.lr,
-        projector_lr=None, vision_tower_lr=None, weight_decay=0.0, scheduler="cosine", warmup_ratio=0.03,
-        total_steps=steps, deepspeed_config=config, gradient_checkpointing=False)
+    engine, processor = build_engine(train.engine_spec(recipe, stage, str(initial), total_steps=steps))
     settings = ImageSettings.from_processor(processor)
     windows = read_shards(shards).iter_batches(batch_size=32 * stage.micro_batch_size, batch_format="numpy")
     micro_batches = list(regroup(windows, stage.micro_batch_size, group=False))[:steps]
@@ -104,9 +96,8 @@ def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], ste
 def ray_seconds_per_step(initial: Path, out: Path, overrides: list[str], batch: int) -> tuple[list, list]:
     """jobs.train's own per-step metrics: seconds per step and data-wait fraction."""
     tracking_uri = f"sqlite:///{out.parent / 'mlflow.db'}"
-    outputs = train.main(["--recipe", "tiny_cpu_demo", "--model", str(initial), "--output", str(out), "--stage", "1",
-                          *overrides, f"tracking.uri={tracking_uri}"])
-    run_id = json.loads((outputs["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
+    recipe = load_recipe("tiny_cpu_demo", [*overrides, f"tracking.uri={tracking_uri}"])
+    run_id = train.run(recipe, model=str(initial), output=out, stage="1").runs["stage1"]
     client = tracking.client_for(tracking_uri)
     rate = sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)
     wait = sorted(client.get_metric_history(run_id, "data_wait_fraction"), key=lambda m: m.step)
@@ -127,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")
     torch.set_num_threads(THREADS)
     data = write_synthetic_dataset(run_dir / "data", train=args.steps * args.batch, eval=1, seed=0)
-    initial = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(run_dir / "initial"), *MODEL])
+    initial = compose.run(load_recipe("tiny_cpu_demo", MODEL), run_dir / "initial")
     overrides = MODEL + stage_overrides(data, run_dir / "data", args.steps, args.batch)
     shards = run_dir / "shards"
     loops = loop_overrides(overrides, shards)
@@ -138,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(THREADS)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
-    preprocess_job.main(["--recipe", "tiny_cpu_demo", "--stage", "1", "--model", str(initial), "--output",
-                         str(shards), *overrides])
+    preprocess.run(load_recipe("tiny_cpu_demo", overrides), stage="stage1", model=str(initial), output=shards)
 
     bare = bare_seconds_per_step(initial, shards, overrides, args.steps)
     streamed, streamed_wait = ray_seconds_per_step(initial, run_dir / "streamed", loops["ray-streamed"], args.batch)

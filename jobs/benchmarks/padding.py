@@ -5,9 +5,9 @@ vary with the aspect ratio, plus a share of text-only records), then cuts the ro
 micro-batches in arrival order and grouped by modality and length, and prints the share of
 padded token slots for each.
 
-    python -m pipelines.bench_padding
-    python -m pipelines.bench_padding --records 400 --batch-size 8 --window 512
-    python -m pipelines.bench_padding --dry-run     # write the inputs and build the checkpoint, no Ray
+    python -m jobs.benchmarks.padding
+    python -m jobs.benchmarks.padding --records 400 --batch-size 8 --window 512
+    python -m jobs.benchmarks.padding --dry-run     # write the inputs and build the checkpoint, no Ray
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import ray
 
 from llava_platform.data.grouping import padding_fraction, regroup
+from llava_platform.data.rows import RowSpec
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.model.compose import compose_llava, save_llava
 from llava_platform.model.tiny import save_tiny_language_model, save_tiny_vision_tower
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ray.init(include_dashboard=False)
     records = read_records([str(files["stage1"]), str(files["stage2"]), str(text_only)])
-    rows, quarantine = preprocess(records, processor_path=checkpoint, template="vicuna_v1", image_mode="anyres",
-                                  max_length=4096, image_root=str(root / "data"))
+    spec = RowSpec(template="vicuna_v1", image_mode="anyres", max_length=4096, image_root=str(root / "data"))
+    rows, quarantine = preprocess(records, processor_path=checkpoint, spec=spec)
     windows = list(rows.select_columns(["length", "modality"]).iter_batches(
         batch_size=args.window, batch_format="numpy"))
     finish(quarantine)

@@ -10,9 +10,9 @@ pinpoints):
   3. the Ray Data pipeline on 2k and 10x as many records: wall time and peak resident memory of the
      driver plus all Ray workers (streaming: time grows with the data, memory does not)
 
-    python -m pipelines.bench_preprocess                    # 200 images, 2k vs 20k records
-    python -m pipelines.bench_preprocess --images 200 --records 500   # quicker
-    python -m pipelines.bench_preprocess --dry-run          # 2 images, one pass of part 1 (the test suite's)
+    python -m jobs.benchmarks.preprocess                    # 200 images, 2k vs 20k records
+    python -m jobs.benchmarks.preprocess --images 200 --records 500   # quicker
+    python -m jobs.benchmarks.preprocess --dry-run          # 2 images, one pass of part 1 (the test suite's)
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ class PeakMemory:
 def pipeline_run(root: Path, images: list[Path], records: int, checkpoint: str) -> tuple[float, int, int]:
     import ray
 
+    from llava_platform.data.rows import RowSpec
     from pipelines.preprocess import preprocess
     from pipelines.sources import read_records
 
@@ -134,8 +135,9 @@ def pipeline_run(root: Path, images: list[Path], records: int, checkpoint: str) 
             f.write(json.dumps({"id": str(i), "image": images[i % len(images)].name, "conversations": [
                 {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A gradient."}]})
                     + "\n")
-    rows, _ = preprocess(read_records([str(data)]), processor_path=checkpoint, template="plain", image_mode="anyres",
-                         max_length=4096, image_root=str(images[0].parent), num_actors=(1, 2), batch_size=8)
+    spec = RowSpec(template="plain", image_mode="anyres", max_length=4096, image_root=str(images[0].parent))
+    rows, _ = preprocess(read_records([str(data)]), processor_path=checkpoint, spec=spec, num_actors=(1, 2),
+                         batch_size=8)
     seen = 0
     with PeakMemory() as memory:
         started = time.perf_counter()

@@ -1,7 +1,7 @@
 """Benchmark: requests/s and latency of the endpoint, batched vs one request at a time.
 
-    python -m serve.bench_serve [--requests 96] [--max-tokens 16]
-    python -m serve.bench_serve --dry-run     # compose the model and build both deployments, serve nothing
+    python -m jobs.benchmarks.serve [--requests 192] [--max-tokens 16]
+    python -m jobs.benchmarks.serve --dry-run     # compose the model and build both deployments, serve nothing
 
 Starts a local Ray and Serve on 127.0.0.1 with the tiny CPU-demo model (composed here, nothing
 downloaded), deploys it twice — batched (``max_batch_size`` 32) and unbatched (``max_batch_size``
@@ -28,6 +28,7 @@ from PIL import Image
 from ray import serve
 
 from jobs import compose
+from llava_platform.config import load_recipe
 from serve.app import LlavaServer
 
 CONCURRENCY = (1, 8, 32)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="compose the model and build both apps, then exit")
     args = parser.parse_args(argv)
 
-    model = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(Path(tempfile.mkdtemp()) / "model")])
+    model = compose.run(load_recipe("tiny_cpu_demo"), Path(tempfile.mkdtemp()) / "model")
     applications = deployments(model, args.batch_wait_s, args.max_tokens)
     if args.dry_run:
         print(f"dry run: {', '.join(applications)} applications of {model}")

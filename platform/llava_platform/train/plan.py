@@ -1,0 +1,151 @@
+"""Typed plans that cross from the driver to the training workers: what a worker runs, resolved once.
+
+``jobs.train`` resolves a recipe stage into a ``StagePlan`` on the driver (every derived value, such
+as gradient accumulation and total steps, computed there) and hands it to each Ray Train worker;
+nothing below the driver reads a recipe key by name. ``TrainingPosition`` is where a run is, saved
+in every checkpoint and read back by a resumed run. All are frozen dataclasses: picklable, printable,
+and the same on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Adapters on the language model (``model.trainability.apply_lora``'s arguments)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What ``train.engine.build_engine`` builds: the model, what trains, the optimiser and DeepSpeed."""
+
+    model_path: str
+    """The composed or pretrained LLaVA checkpoint (a local folder or a remote URI)."""
+    tunable: tuple[str, ...]
+    """Parts that train: ``projector``, ``language_model``, ``vision_tower``."""
+    lora: LoraSpec | None
+    lr: float
+    projector_lr: float | None
+    vision_tower_lr: float | None
+    weight_decay: float
+    scheduler: str
+    warmup_ratio: float
+    total_steps: int
+    """Optimizer steps of the stage (the schedule's length)."""
+    zero_stage: int
+    gradient_accumulation_steps: int
+    """Micro-batches per optimizer step on each worker (``deepspeed_config.gradient_accumulation_steps``)."""
+    deepspeed_config: dict[str, Any]
+    """DeepSpeed's own JSON config (``build_deepspeed_config``), passed to ``deepspeed.initialize`` as is."""
+    gradient_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """How a worker walks through its rows."""
+
+    epochs: int
+    micro_batch_size: int
+    group_window: int
+    """Rows read at a time and regrouped into micro-batches (``data.grouping.regroup``)."""
+    group_by_modality_length: bool
+    seed: int
+    """The recipe seed; epoch ``e`` regroups with ``seed + e``."""
+    anyres: bool
+    """Rows carry LLaVA-NeXT tile stacks (``image_mode: anyres``)."""
+    checkpoint_every: int
+    """Optimizer steps between checkpoints (the last step is always checkpointed)."""
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    """Where a stage's metrics, artifacts and export go in MLflow."""
+
+    uri: str
+    run_id: str
+    parent_run_id: str
+    system_metrics_interval_s: float | None
+    """Seconds between system-metric samples on rank 0; ``None``: none."""
+    registered_model: str | None
+    """Register the export under this name; ``None``: do not register."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Everything a Ray Train worker needs for one stage."""
+
+    stage: str
+    """``stage1`` or ``stage2``."""
+    output: str
+    """The stage's output folder (projector, export, fault markers)."""
+    engine: EngineSpec
+    loop: LoopSpec
+    tracking: TrackingSpec
+    projector: str | None
+    """A projector to start from (a path or a ``runs:/`` URI), or ``None``."""
+    export: bool
+    """Write a Hugging Face export at the end (the last stage of the run)."""
+    resume_from: str | None
+    """A checkpoint to start from (local or ``s3://``) when Ray Train has none of its own."""
+    storage_endpoint_url: str | None
+    """S3-compatible endpoint for ``resume_from`` (``checkpoint.s3_endpoint_url``)."""
+    backend: str
+    """``gloo`` on CPU, ``nccl`` on GPUs."""
+
+
+@dataclass(frozen=True)
+class TrainingPosition:
+    """Where a stage's run is: saved in every checkpoint, so a restart skips exactly what it covers."""
+
+    stage: str
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    steps_in_epoch: int = 0
+    """Optimizer steps done in ``epoch``."""
+
+    def after_step(self, epoch: int) -> TrainingPosition:
+        """The position one optimizer step further, in ``epoch``."""
+        return replace(self, step=self.step + 1, epoch=epoch, steps_in_epoch=self.steps_in_epoch + 1)
+
+    def next_epoch(self, epoch: int) -> TrainingPosition:
+        """The position at the start of the epoch after ``epoch``."""
+        return replace(self, epoch=epoch + 1, steps_in_epoch=0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainingPosition:
+        """From ``as_dict`` output (extra keys, such as a ``position.json``'s run ids, are ignored)."""
+        return cls(stage=values["stage"], step=int(values["step"]), epoch=int(values["epoch"]),
+                   steps_in_epoch=int(values["steps_in_epoch"]))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint's ``position.json``: its position, the MLflow runs it logs into, and who wrote it."""
+
+    position: TrainingPosition
+    mlflow_run_id: str
+    mlflow_parent_run_id: str
+    world_size: int | None
+    """Workers of the run that wrote it (ZeRO state is sharded per worker)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flat JSON layout of ``position.json``."""
+        return {**self.position.as_dict(), "mlflow_run_id": self.mlflow_run_id,
+                "mlflow_parent_run_id": self.mlflow_parent_run_id, "world_size": self.world_size}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ResumePoint:
+        return cls(position=TrainingPosition.from_dict(values), mlflow_run_id=values["mlflow_run_id"],
+                   mlflow_parent_run_id=values["mlflow_parent_run_id"], world_size=values.get("world_size"))

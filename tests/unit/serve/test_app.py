@@ -1,0 +1,85 @@
+"""The HTTP layer without Ray Serve: the API key, the request count and OpenAI's error JSON on each route.
+
+The routes are called as plain ASGI with a stand-in replica (what Ray Serve would inject as ``self``);
+no model is loaded.
+"""
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+from ray import serve
+
+from serve.app import api
+
+KEY = "secret"
+
+
+@pytest.fixture
+def replica(monkeypatch):
+    """The replica the routes and their dependencies see, with key ``KEY``."""
+
+    def prepare(body):
+        raise RuntimeError("the model is on fire")
+
+    server = SimpleNamespace(api_key=KEY, requests=0, model_name="tiny", max_body_bytes=1_000,
+                             generator=SimpleNamespace(generate_calls=0), _prepare=prepare)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=server))
+    return server
+
+
+def call(method: str, path: str, body: bytes = b"", key: str | None = KEY) -> tuple[int, dict]:
+    """One HTTP request through the FastAPI app: the status and the decoded JSON body."""
+    headers = [(b"content-type", b"application/json")] + ([(b"authorization", f"Bearer {key}".encode())]
+                                                           if key is not None else [])
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    incoming, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    try:
+        asyncio.run(api(scope, receive, send))
+    except RuntimeError:  # Starlette re-raises what it answered with a 500, for the server's log
+        pass
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def refusal(message: str, code: str | None = None, param: str | None = None, type="invalid_request_error"):
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+WRONG_KEY = refusal("missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/models"), ("GET", "/v1/stats"),
+                                              ("POST", "/v1/chat/completions")])
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_routes_refuse_a_missing_or_wrong_key(replica, method, path, key):
+    assert call(method, path, b"{}", key=key) == (401, WRONG_KEY)
+
+
+def test_the_right_key_or_none_configured_passes(replica):
+    status, models = call("GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
+    replica.api_key = None
+    assert call("GET", "/v1/stats", key=None) == (200, {"requests": 0, "generate_calls": 0})
+    assert call("GET", "/healthz", key=None) == (200, {"status": "ok", "model": "tiny"})
+
+
+def test_chat_refusals_are_openai_errors_and_count_as_requests(replica):
+    assert call("POST", "/v1/chat/completions", b"{not json")[0] == 400
+    assert call("POST", "/v1/chat/completions", b"x" * 1_001) == (
+        413, refusal("the body is 1,001 bytes; this server takes at most 1,000"))
+    assert call("POST", "/v1/chat/completions", b'{"model": "gpt-4o"}') == (404, refusal(
+        "model 'gpt-4o' is not served here; GET /v1/models lists 'tiny'", code="model_not_found", param="model"))
+    assert call("POST", "/v1/chat/completions", b"{}", key="wrong")[0] == 401
+    assert call("POST", "/v1/chat/completions", b'{"model": "tiny"}') == (
+        500, refusal("internal error: RuntimeError", type="server_error"))
+    assert replica.requests == 5, "every chat request counts in /v1/stats, refused ones too"
