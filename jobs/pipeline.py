@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from jobs import compose, deploy, evaluate, preprocess, synthetic_data, train
-from llava_platform import registry
+from llava_platform import registry, tracking
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
 from llava_platform.config.schema import EvaluationConfig
 from llava_platform.evaluation import eval_fields, is_correct
@@ -259,7 +259,7 @@ def print_summary(name: str, result: PipelineResult, registered: tuple[str, str]
     lines.append(f"{'model':<18}{model_uri}" + (f"  (registered {registered[0]} version {registered[1]})"
                                                 if registered else ""))
     ui = (f"mlflow ui --backend-store-uri {tracking_uri}   then open http://127.0.0.1:5000"
-          if tracking_uri.startswith("sqlite:") else f"open {tracking_uri}")
+          if tracking.local_store_path(tracking_uri) else f"open {tracking_uri}")
     lines.append(f"{'MLflow UI':<18}{ui}")
     if serving:
         port, keep = serving

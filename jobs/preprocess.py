@@ -11,17 +11,33 @@ stream the same pipeline straight into its workers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
 from pipelines.preprocess import preprocess
+from pipelines.quarantine import PreprocessReport
 from pipelines.shards import ManifestError, StageShards
 from pipelines.sources import read_records
 
 
-def main(argv: list[str] | None = None) -> dict:
+@dataclass(frozen=True)
+class PreprocessResult:
+    """What a preprocessing run wrote (``manifest.json`` holds the same)."""
+
+    output: Path
+    """The folder: ``shards/``, ``manifest.json``, ``quarantine.jsonl``."""
+    shards: tuple[str, ...]
+    """Parquet file names under ``shards/``, in manifest order."""
+    report: PreprocessReport
+    """Records read, kept and quarantined (by reason)."""
+    fingerprint: str
+    """What shaped the rows (``StageShards.fingerprint_of``); training checks it."""
+
+
+def main(argv: list[str] | None = None) -> PreprocessResult:
     parser = recipe_argument_parser(__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=["1", "2"], default="2", help="whose data section to preprocess")
     parser.add_argument("--model", help="checkpoint directory whose processor tiles and tokenises")
@@ -39,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.exit(2, f"--output: {error}\n")
 
 
-def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite: bool = False) -> dict:
-    """Preprocess ``stage``'s data with ``model``'s processor into ``output``; returns the manifest.
+def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite: bool = False) -> PreprocessResult:
+    """Preprocess ``stage``'s data with ``model``'s processor into ``output``.
 
     Raises:
         ManifestError: ``output`` holds shards of an earlier run and ``overwrite`` is false.
@@ -49,9 +65,11 @@ def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite
     data = recipe.stages()[stage].data
     records = read_records(data.train_files, data.s3_endpoint_url)
     rows, quarantine = preprocess(records, processor_path=model, spec=data.row_spec())
-    manifest = StageShards.of(data, model, folder=output).write(rows, quarantine, overwrite=overwrite)
+    shards = StageShards.of(data, model, folder=output)
+    manifest = shards.write(rows, quarantine, overwrite=overwrite)
     print(f"wrote {len(manifest['shards'])} shard(s) and manifest.json to {output}")
-    return manifest
+    return PreprocessResult(output=Path(output), shards=tuple(manifest["shards"]),
+                            report=PreprocessReport(**manifest["counts"]), fingerprint=shards.fingerprint)
 
 
 if __name__ == "__main__":

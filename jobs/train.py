@@ -251,7 +251,15 @@ def rank_record_parts(recipe: Recipe, stage: StageConfig) -> list[ray.data.Datas
     """
     data, scaling = stage.data, recipe.scaling
     records = read_records(data.train_files, data.s3_endpoint_url, cpus_per_task=scaling.data_cpus_per_actor)
-    return records.random_shuffle(seed=recipe.seed).split(scaling.num_workers, equal=True)
+    return in_order(records).random_shuffle(seed=recipe.seed).split(scaling.num_workers, equal=True)
+
+
+def in_order(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    """``dataset`` set to keep its blocks in order whenever it is executed (``materialize``, ``split``, a
+    shuffle's input): Ray Data otherwise hands a multi-file read's blocks on as they finish, so the rows'
+    order, and with it every step's micro-batch, would change from run to run."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset
 
 
 def streamed_rank_datasets(recipe: Recipe, stage: StageConfig, model: str, quarantine) -> tuple[list, list[int]]:
@@ -280,8 +288,8 @@ def preprocessed_rank_datasets(stage: StageConfig, model: str, num_workers: int)
     """
     files, manifest = StageShards.of(stage.data, model).files()
     if len(files) >= num_workers:
-        return [ray.data.read_parquet(files[rank::num_workers]) for rank in range(num_workers)], manifest
-    return ray.data.read_parquet(files).split(num_workers, equal=True), manifest
+        return [in_order(ray.data.read_parquet(files[rank::num_workers])) for rank in range(num_workers)], manifest
+    return in_order(ray.data.read_parquet(files)).split(num_workers, equal=True), manifest
 
 
 def engine_spec(recipe: Recipe, stage: StageConfig, model: str, total_steps: int) -> EngineSpec:
@@ -295,7 +303,7 @@ def engine_spec(recipe: Recipe, stage: StageConfig, model: str, total_steps: int
         if lora else None,
         lr=optim.lr, projector_lr=optim.projector_lr, vision_tower_lr=optim.vision_tower_lr,
         weight_decay=optim.weight_decay, scheduler=optim.scheduler, warmup_ratio=optim.warmup_ratio,
-        total_steps=total_steps, zero_stage=deepspeed.zero_stage,
+        total_steps=total_steps, zero_stage=deepspeed.zero_stage, precision=deepspeed.precision,
         gradient_accumulation_steps=stage.gradient_accumulation_steps(scaling.num_workers),
         deepspeed_config=build_deepspeed_config(
             global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size,
@@ -354,7 +362,7 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         parts, records_per_rank = streamed_rank_datasets(recipe, stage, model, quarantine)
     if data.materialize:
         log(f"{name}: reading every worker's rows into the object store (data.materialize)")
-        parts = [part.materialize() for part in parts]
+        parts = [in_order(part).materialize() for part in parts]
     datasets = {f"rank{rank}": part for rank, part in enumerate(parts)}
     steps_per_epoch = max(1, min(records_per_rank) * workers // stage.global_batch_size)  # the shortest rank ends it
     total_steps = min(stage.max_steps or 10**12, stage.epochs * steps_per_epoch)

@@ -36,12 +36,16 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return uri or f"sqlite:///{Path.cwd() / DEFAULT_TRACKING_DB}"
 
 
+def local_store_path(tracking_uri: str) -> Path | None:
+    """The database file of a local ``sqlite:///`` tracking store (no server); ``None`` for a server URI."""
+    return Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
+
+
 def local_artifact_location(tracking_uri: str) -> str | None:
     """For a ``sqlite:///`` store, artifacts go next to the database (``<dir>/mlartifacts``), not into the
     working directory of whichever process created the experiment; servers choose their own."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    database = local_store_path(tracking_uri)
+    return (database.parent / "mlartifacts").as_uri() if database else None
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

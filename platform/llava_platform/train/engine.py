@@ -73,7 +73,7 @@ def build_engine(spec: EngineSpec, projector_path: str | None = None):
     """
     import deepspeed
 
-    dtype = torch.bfloat16 if spec.deepspeed_config["bf16"]["enabled"] else torch.float32
+    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
     model, processor = load_pretrained_llava(spec.model_path, dtype=dtype)
     if projector_path:
         load_projector(model, projector_path)

@@ -41,6 +41,8 @@ class EngineSpec:
     total_steps: int
     """Optimizer steps of the stage (the schedule's length)."""
     zero_stage: int
+    precision: str
+    """``fp32``, ``bf16`` or ``fp16``; bf16 loads the weights in bfloat16, the others in float32."""
     gradient_accumulation_steps: int
     """Micro-batches per optimizer step on each worker (``deepspeed_config.gradient_accumulation_steps``)."""
     deepspeed_config: dict[str, Any]
