@@ -40,7 +40,5 @@ def test_a_multi_file_read_materialises_in_file_order(ray_cluster, tmp_path):
     for index in range(8):
         files.append(str(tmp_path / f"part-{index}.parquet"))
         pq.write_table(pa.table({"id": [f"{index}-{row}" for row in range(64)]}), files[-1])
-    expected = [f"{index}-{row}" for index in range(8) for row in range(64)]
-    for _ in range(2):
-        rows = in_order(ray.data.read_parquet(files)).materialize()
-        assert [row["id"] for row in rows.iter_rows()] == expected
+    rows = in_order(ray.data.read_parquet(files)).materialize()
+    assert [row["id"] for row in rows.iter_rows()] == [f"{index}-{row}" for index in range(8) for row in range(64)]
