@@ -159,14 +159,19 @@ def write_runs_file(output: Path, tracking_uri: str, runs: dict[str, str]) -> No
 
 
 def read_resume_point(checkpoint: str, s3_endpoint_url: str | None) -> ResumePoint:
-    """The ``position.json`` that rank 0 wrote into a checkpoint (local path or ``s3://``)."""
+    """The ``position.json`` that rank 0 wrote into a checkpoint (local path or ``s3://``).
+
+    Raises:
+        PreflightError: no such file there.
+    """
     filesystem, path = filesystem_for(checkpoint, s3_endpoint_url)
     try:
         with filesystem.open_input_stream(f"{path.rstrip('/')}/{POSITION_FILE}") as stream:
             return ResumePoint.from_dict(json.loads(stream.read()))
     except (FileNotFoundError, OSError) as error:
-        raise SystemExit(f"--resume {checkpoint}: no {POSITION_FILE} there ({error}); pass a checkpoint folder "
-                         "written by jobs.train, e.g. <storage>/<recipe>-stage2/stage2-step00000400") from error
+        raise PreflightError([f"--resume {checkpoint}: no {POSITION_FILE} there ({error}); pass a checkpoint "
+                              "folder written by jobs.train, e.g. <storage>/<recipe>-stage2/stage2-step00000400"]
+                             ) from error
 
 
 def preflight(recipe: Recipe, names: list[str], *, model: str, output: Path, stage: str = "all",

@@ -3,6 +3,7 @@
 ``train_loop_per_worker`` reads top to bottom; ``jobs.train`` resolves its ``StagePlan`` from the recipe
 on the driver. Fault injection (a test facility, off by default) reaches the loop only through the
 two hooks of ``jobs.faults.Faults``.
+
 Rank ``r`` reads the dataset ``rank<r>``: its own slice of the records, preprocessed in a fixed order,
 so that a restarted worker group replays exactly the same micro-batches and can skip the ones a
 checkpoint already covers.
@@ -49,7 +50,6 @@ READ_AHEAD_WINDOWS = 4
 """Grouping windows (32 micro-batches each) a worker reads ahead, across epoch boundaries (``EpochReader``)."""
 
 
-
 def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
     """One Ray Train worker's stage (``jobs.train`` binds both arguments: ``partial(train_loop_per_worker, ...)``)."""
     init_distributed(plan.backend)  # joins Ray Train's process group
@@ -62,8 +62,9 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
         engine, processor = build_engine(spec, resolve_projector(plan.projector, track.uri, download))
     position = TrainingPosition(plan.stage)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and plan.resume_from:
-        checkpoint = ray.train.Checkpoint(*reversed(filesystem_for(plan.resume_from, plan.storage_endpoint_url)))
+    if checkpoint is None and plan.resume_from:  # --resume: Ray Train has no checkpoint of this run yet
+        filesystem, path = filesystem_for(plan.resume_from, plan.storage_endpoint_url)
+        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             position = load_training_state(engine, directory)

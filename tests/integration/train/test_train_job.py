@@ -125,6 +125,7 @@ def test_bad_configuration_fails_before_any_worker_starts(zero3_lora, capsys):
           "stage2.deepspeed.precision=bf16"], "scaling.use_gpu"),
         (["--stage", "2", "stage2.init_from=stage1"], "stage2.init_from: 'stage1' but stage 1 does not run here"),
         (["--stage", "2", "stage2.init_from=/nonexistent/projector.safetensors"], "stage2.init_from: /nonexistent"),
+        (["--stage", "2", "--resume", str(never / "no-checkpoint")], "no-checkpoint: no position.json there"),
     ]
     for extra, expected in checks:
         output = [] if "--output" in extra else ["--output", str(never)]
