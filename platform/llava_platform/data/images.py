@@ -7,6 +7,7 @@ pipeline can quarantine and count them and the server can answer 4xx.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 
@@ -67,7 +68,12 @@ def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float | None = 
             # Pillow's own bomb check warns or raises on a global limit; ours is explicit below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, *_CORRUPT) as err:
+    except Image.DecompressionBombError as err:  # Pillow's own limit fired first, from the header
+        raise ImageTooLargeError(
+            f"image is {_claimed_pixels(err)} pixels, above the limit of {min(max_pixels, _pillow_limit())}; "
+            "Pillow refused it as a decompression bomb before decoding"
+        ) from err
+    except (UnidentifiedImageError, *_CORRUPT) as err:
         raise UndecodableImageError(f"not a decodable image: {err}") from err
     width, height = image.size
     if width * height > max_pixels:
@@ -88,6 +94,17 @@ def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float | None = 
         return to_rgb(image)
     except _CORRUPT as err:
         raise UndecodableImageError(f"truncated or corrupt image: {err}") from err
+
+
+def _claimed_pixels(error: Image.DecompressionBombError) -> str:
+    """The pixel count in Pillow's message ("Image size (N pixels) exceeds limit of ..."), as text."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return found.group(1) if found else "more"
+
+
+def _pillow_limit() -> int:
+    """Pillow raises ``DecompressionBombError`` above twice ``Image.MAX_IMAGE_PIXELS`` (it only warns below)."""
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 2**63
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

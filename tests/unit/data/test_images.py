@@ -14,6 +14,7 @@ from llava_platform.data.images import (
     UndecodableImageError,
     decode_image,
 )
+from tests.helpers.requests import bilevel_png
 
 LIMIT = 10_000_000
 
@@ -93,6 +94,13 @@ def test_pixel_limit_checked_before_decoding():
     with pytest.raises(ImageTooLargeError, match="5000x4000 = 20000000 pixels, above the limit of 1000000"):
         decode_image(truncated_body, 1_000_000)
     assert decode_image(data, 20_000_000).size == (5000, 4000)
+
+
+def test_a_bomb_that_pillow_refuses_first_is_too_large_with_its_size():
+    """40000 x 40000 px is over Pillow's own bomb limit, which fires inside ``Image.open``: image_too_large."""
+    with pytest.raises(ImageTooLargeError, match="image is 1600000000 pixels, above the limit of 1000000") as err:
+        decode_image(bilevel_png(40_000, 40_000), 1_000_000)
+    assert err.value.reason == "image_too_large"
 
 
 def test_aspect_ratio_limit_checked_before_decoding():
