@@ -13,6 +13,8 @@ starts Serve with its ``http_options``; for several applications use ``serve dep
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import ray
 import yaml
 from ray import serve
 
-from serve.app import LlavaServer, default_config_path
+from serve.app import API_KEY_ENV, LlavaServer, default_config_path, exposure_warning
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ def run(config: dict[str, Any], *, model: str | None = None, model_name: str | N
     deployment = next(iter(application.get("deployments", [])), {})
     options = {k: v for k, v in deployment.items() if k != "name"}
     name = application.get("name", "llava")
+    warning = exposure_warning(http.get("host"), args.get("api_key") or os.environ.get(API_KEY_ENV))
+    if warning:
+        print(f"[deploy] WARNING: {warning}", file=sys.stderr, flush=True)
     serve.start(http_options=http)
     serve.run(LlavaServer.options(**options).bind(**args), name=name,
               route_prefix=application.get("route_prefix", "/"), blocking=False)

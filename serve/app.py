@@ -96,6 +96,26 @@ async def require_api_key(request: Request) -> None:
         raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
 
 
+def exposure_warning(host: str | None, api_key: str | None) -> str | None:
+    """A warning when the endpoint listens beyond this machine with no API key (``None`` when it does not).
+
+    Args:
+        host: the address Serve's HTTP proxy binds (``http_options.host``).
+        api_key: the key the replicas require (the config's ``api_key``, else ``LLAVA_SERVE_API_KEY``).
+    """
+    import ipaddress
+
+    if api_key or not host or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may resolve to any interface
+    return (f"the endpoint listens on {host} with no API key: anyone who can reach this address can use the model; "
+            f"set {API_KEY_ENV} (or args.api_key in the Serve config), or bind 127.0.0.1")
+
+
 def serving_dtype(name: str, device: str) -> torch.dtype:
     """``auto``: bfloat16 on a GPU that supports it (what training used there), float32 elsewhere."""
     if name == "auto":

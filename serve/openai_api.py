@@ -31,10 +31,17 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class ChatRequest(BaseModel):
-    """``POST /v1/chat/completions``: the fields we honour; other OpenAI fields are accepted and ignored."""
+NOT_IMPLEMENTED = ("tools", "tool_choice", "functions", "function_call", "top_logprobs", "logit_bias", "modalities",
+                   "audio", "prediction", "reasoning_effort", "web_search_options")
+"""OpenAI request fields this server does not implement: a request that sets one gets a 400 naming it."""
 
-    model_config = ConfigDict(extra="allow")
+
+class ChatRequest(BaseModel):
+    """``POST /v1/chat/completions``: every field we honour, and the few we accept because they cannot change
+    the answer (``user``, ``metadata``, ...). Any other field is a 400 that names it (``parse_chat_request``):
+    nothing a client asks for is silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     messages: list[dict[str, Any]]
@@ -46,6 +53,22 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
+    """One choice per request (``n > 1`` is refused)."""
+    logprobs: bool = Field(False, le=False)
+    """Log-probabilities are not returned: ``true`` is refused."""
+    response_format: dict[str, Any] | None = None
+    """Only ``{"type": "text"}`` (the default); JSON modes are refused."""
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    """OpenAI's penalties are not implemented: only 0 (their default) is accepted."""
+    stream_options: dict[str, Any] | None = None
+    """Streams always end with a ``usage`` chunk, as ``{"include_usage": true}`` asks."""
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    """Accepted and without effect: who asks, how the client files the call, and (without ``tools``) nothing."""
 
 
 @dataclass(frozen=True)
@@ -96,12 +119,22 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
 
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    for name in NOT_IMPLEMENTED:
+        if body.get(name) is not None:
+            raise ApiError(400, f"{name}: not implemented by this server (a LLaVA model answering in text); remove "
+                                "the field", param=name, code="unsupported_parameter")
     try:
         request = ChatRequest.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise ApiError(400, f"{param}: not a field this server knows (serve/README.md lists them)",
+                           param=param, code="unknown_parameter") from error
         raise ApiError(400, f"{param}: {first['msg']}", param=param) from error
+    if request.response_format not in (None, {"type": "text"}):
+        raise ApiError(400, f"response_format: only {{'type': 'text'}} is supported, not {request.response_format}",
+                       param="response_format", code="unsupported_parameter")
     if not request.messages:
         raise ApiError(400, "messages must hold at least one message", param="messages")
     max_tokens = request.max_completion_tokens or request.max_tokens or limits.max_tokens

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from ray import serve
 
-from serve.app import api
+from serve.app import api, exposure_warning
 
 KEY = "secret"
 
@@ -83,3 +83,14 @@ def test_chat_refusals_are_openai_errors_and_count_as_requests(replica):
     assert call("POST", "/v1/chat/completions", b'{"model": "tiny"}') == (
         500, refusal("internal error: RuntimeError", type="server_error"))
     assert replica.requests == 5, "every chat request counts in /v1/stats, refused ones too"
+
+
+@pytest.mark.parametrize(("host", "key", "warned"), [
+    ("0.0.0.0", None, True), ("10.1.2.3", "", True), ("llava.internal", None, True),
+    ("0.0.0.0", "secret", False), ("127.0.0.1", None, False), ("::1", None, False), ("localhost", None, False),
+])
+def test_listening_beyond_this_machine_without_a_key_is_warned_about(host, key, warned):
+    warning = exposure_warning(host, key)
+    assert (warning is not None) == warned
+    if warned:
+        assert host in warning and "LLAVA_SERVE_API_KEY" in warning

@@ -38,12 +38,27 @@ def test_valid_request_keeps_parts_and_decodes_images():
     (chat(text_part("look: <image>")), "may not contain <image>"),
     (chat(text_part("\ud800")), "not valid Unicode"),
     (chat({"type": "image_url", "image_url": "data:image/png;base64,AAAA"}), "image_url.url is missing"),
+    (chat(text_part(), tools=[{"type": "function", "function": {"name": "f"}}]), "tools: not implemented"),
+    (chat(text_part(), tool_choice="auto"), "tool_choice: not implemented"),
+    (chat(text_part(), response_format={"type": "json_object"}), "response_format: only {'type': 'text'}"),
+    (chat(text_part(), logprobs=True), "logprobs"),
+    (chat(text_part(), top_logprobs=2), "top_logprobs: not implemented"),
+    (chat(text_part(), n=2), "n: "),
+    (chat(text_part(), frequency_penalty=0.5), "frequency_penalty"),
+    (chat(text_part(), best_of=3), "best_of: not a field this server knows"),
 ])
 def test_bad_requests_get_a_400_that_names_the_problem(body, expected):
     with pytest.raises(ApiError) as error:
         parse_chat_request(body, LIMITS)
     assert error.value.status == 400 and expected in error.value.message
     assert error.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_fields_that_cannot_change_the_answer_are_accepted():
+    parsed = parse_chat_request(chat(text_part(), user="u-1", metadata={"k": "v"}, store=False, n=1, logprobs=False,
+                                     response_format={"type": "text"}, stream_options={"include_usage": True},
+                                     frequency_penalty=0, presence_penalty=0.0), LIMITS)
+    assert parsed.conversation[0]["content"] == [{"type": "text", "text": "What is this?"}]
 
 
 def test_a_request_without_a_seed_has_none():
