@@ -32,6 +32,7 @@ def tiny_pipeline_overrides(root: Path, records: int = 24, eval_records: int = 8
         f"stage1.max_steps={steps}", f"stage2.max_steps={steps}", "stage1.global_batch_size=4",
         "stage1.micro_batch_size=2", "stage2.global_batch_size=4", "stage2.micro_batch_size=2",
         "stage1.optim.lr=0.01", "checkpoint.every_n_steps=2", "tracking.system_metrics_interval_s=1",
+        "stage2.tunable=[projector,language_model]",  # the frozen tower is one of the job's checks
     ]
 
 
