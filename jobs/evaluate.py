@@ -27,6 +27,7 @@ from typing import Any
 
 import ray
 
+from jobs.console import quiet_ray_data
 from llava_platform import tracking
 from llava_platform.evaluation import summarize
 from llava_platform.model.sources import CheckpointSourceError, source_run_id
@@ -108,6 +109,7 @@ def run(*, model: str, data: list[str], output: Path, tracking_uri: str, image_r
     run_id = source_run_id(model, tracking_uri) or run_id or tracking.start_run(tracking_uri, experiment, "evaluate")
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
+    quiet_ray_data()
     log(f"{model}: {', '.join(data)} on {replicas} replica(s) ({'GPU' if gpus_per_replica else 'CPU'})")
     predictions, quarantine = predict(
         read_records(data, s3_endpoint_url, cpus_per_task=min(1.0, cpus_per_replica)), model=model,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ray
 
+from jobs.console import quiet_ray_data
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
 from pipelines.preprocess import preprocess
 from pipelines.quarantine import PreprocessReport
@@ -62,6 +63,7 @@ def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite
         ManifestError: ``output`` holds shards of an earlier run and ``overwrite`` is false.
     """
     ray.init(ignore_reinit_error=True)
+    quiet_ray_data()
     data = recipe.stages()[stage].data
     records = read_records(data.train_files, data.s3_endpoint_url)
     rows, quarantine = preprocess(records, processor_path=model, spec=data.row_spec())

@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 import ray
 import yaml
 
+from jobs.console import quiet_ray_data
 from jobs.faults import Faults
 from jobs.train_worker import POSITION_FILE, train_loop_per_worker
 from llava_platform import tracking
@@ -104,6 +105,7 @@ def run(recipe: Recipe, *, model: str, output: Path, stage: str = "all", resume:
         names = names[names.index(point.position.stage):] if point.position.stage in names else []
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
+    quiet_ray_data()
     problems = preflight(recipe, names, model=model, output=output, stage=stage, resume=point, resume_from=resume)
     if problems:
         raise PreflightError(problems)

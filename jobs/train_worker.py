@@ -17,11 +17,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
 
+from jobs.console import duration, quiet_ray_data
 from jobs.faults import Faults
 from llava_platform import registry, tracking
 from llava_platform.data.collate import collate
@@ -46,6 +46,8 @@ EXPORT_CHECK_FILE = "export_check.pt"
 """One probe micro-batch and the trained engine's logits on it, to check that the export reproduces them."""
 LOG_EVERY = 10
 """Optimizer steps between MLflow metric uploads (every step is logged, in batches)."""
+PROGRESS_EVERY_S = 15.0
+"""Seconds between rank 0's progress lines (and one at every checkpoint and at the end)."""
 READ_AHEAD_WINDOWS = 4
 """Grouping windows (32 micro-batches each) a worker reads ahead, across epoch boundaries (``EpochReader``)."""
 
@@ -53,8 +55,7 @@ READ_AHEAD_WINDOWS = 4
 def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
     """One Ray Train worker's stage (``jobs.train`` binds both arguments: ``partial(train_loop_per_worker, ...)``)."""
     init_distributed(plan.backend)  # joins Ray Train's process group
-    # Progress is this loop's step log (and MLflow); per-rank Ray Data bars would interleave on the driver.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()  # progress is rank 0's line (and MLflow); per-rank Ray Data bars would interleave
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     loop, track, spec = plan.loop, plan.tracking, plan.engine
@@ -87,7 +88,8 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
                          first_epoch=position.epoch, epochs=loop.epochs, depth=READ_AHEAD_WINDOWS)
     probe = None
 
-    checkpointed_step = position.step
+    checkpointed_step, first_step = position.step, position.step
+    started = printed = time.perf_counter()
     for epoch in range(position.epoch, loop.epochs):
         # position.steps_in_epoch is 0 unless resuming inside this epoch
         raw = micro_batch_rows(reader.items(epoch), loop, epoch, skip=position.steps_in_epoch * accumulation)
@@ -113,9 +115,12 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
             }
             pending[position.step] = metrics
             checkpointed = position.step % loop.checkpoint_every == 0 or position.step == total_steps
+            if rank == 0 and (checkpointed or time.perf_counter() - printed >= PROGRESS_EVERY_S):
+                elapsed = time.perf_counter() - started
+                log(rank, progress_line(position.step, total_steps, metrics, elapsed / (position.step - first_step)))
+                printed = time.perf_counter()
             if checkpointed or len(pending) >= LOG_EVERY:
                 if rank == 0:
-                    log(rank, f"step {position.step}/{total_steps} loss {metrics['loss']:.4f}")
                     metrics_sender.send(pending)
                     if checkpointed:
                         metrics_sender.flush()  # the checkpointed steps are in MLflow before the checkpoint
@@ -135,6 +140,12 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
     export_and_register(engine, processor, probe, position.step, plan, rank)
     if monitor is not None:
         monitor.finish()
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float], seconds_per_step: float) -> str:
+    """``step 1200/6000 (20%) loss 0.1358, 171 samples/s, 8 min 12 s left``: rank 0's progress line."""
+    return (f"step {step}/{total} ({step / total:.0%}) loss {metrics['loss']:.4f}, "
+            f"{metrics['samples_per_s']:.0f} samples/s, {duration((total - step) * seconds_per_step)} left")
 
 
 def resolve_projector(projector: str | None, tracking_uri: str, download_dir: str) -> str | None:

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import ray
-import ray.data
 import torch
 
 from jobs import compose, preprocess, train
+from jobs.console import quiet_ray_data
 from jobs.train_worker import collate_rows
 from llava_platform import tracking
 from llava_platform.config import load_recipe
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     # The figures are this script's output: workers' logs and progress bars stay in Ray's log folder.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(THREADS)}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()
     preprocess.run(load_recipe("tiny_cpu_demo", overrides), stage="stage1", model=str(initial), output=shards)
 
     bare = bare_seconds_per_step(initial, shards, overrides, args.steps)

@@ -37,6 +37,10 @@ from tests.helpers.training import assert_export_reproduces_engine, losses, weig
 def test_the_job_chains_every_step_and_prints_its_summary(pipeline_run):
     log = pipeline_run.log
     assert "succeeded" in log and "accuracy stage2" in log
+    # rank 0's progress lines, and none of Ray Data's own bars or execution logs (jobs.console)
+    assert f"step {STEPS}/{STEPS} (100%) loss" in log and "samples/s, 0 s left" in log
+    for noise in ("Running Dataset", "Total Progress", "Starting execution of Dataset", "execution finished in"):
+        assert noise not in log, f"Ray Data's own output reached the job log: {noise!r}"
     for step in ("compose", "preprocess", "train", "evaluate", "serve"):
         assert step in pipeline_run.result["timings"], f"no {step} step"
     # the job composed the same starting checkpoint as this process: composition is seeded

@@ -1,0 +1,38 @@
+"""What the jobs print: their own lines, one per meaningful event, and a progress line for long work.
+
+Ray Data's per-operator progress bars and execution logs are off in jobs (they come from every
+process that runs a dataset, and bury the lines a person wants); ``LLAVA_RAY_PROGRESS=1`` turns them
+back on for debugging a pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray.data
+
+RAY_PROGRESS_ENV = "LLAVA_RAY_PROGRESS"
+"""Set to ``1`` to see Ray Data's own progress bars and execution logs again."""
+
+
+def quiet_ray_data() -> None:
+    """Turn Ray Data's bars and execution logs off in this process and in the datasets it creates from now on
+    (their coordinators copy this process's ``DataContext``), unless ``LLAVA_RAY_PROGRESS=1``."""
+    if os.environ.get(RAY_PROGRESS_ENV) == "1":
+        return
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def duration(seconds: float) -> str:
+    """``75`` -> ``1 min 15 s``; ``3700`` -> ``1 h 1 min``: how long, for a person."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
