@@ -2,6 +2,7 @@
 #   make demo   - install, then run the main job (jobs.pipeline) on the tiny CPU recipe
 #   make test   - install, then run the test suite
 #   make chaos  - install, then run every fault-injection test (the slow ones too) and print the table
+#   make browser - Debian's chromium for the chat page's browser test, when missing (make test runs it)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 # Set TORCH_INDEX_URL to a CUDA wheel index for GPU machines; the default takes the index's build.
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test chaos install lint clean
+.PHONY: demo test chaos install browser lint clean
 
 install: $(STAMP)
 
@@ -23,11 +24,19 @@ $(STAMP): pyproject.toml Makefile infra/install.sh
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --recipe tiny_cpu_demo $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-chaos: $(STAMP)
+chaos: $(STAMP) browser
 	$(PY) -m pytest -m fault --chaos $(PYTEST_ARGS)
+
+# The browser tests drive the system Chromium through Playwright's Python client (no browser download).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium (for the chat page's browser test)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends chromium >/dev/null; }
 
 lint: $(STAMP)
 	$(PY) -m ruff check platform jobs pipelines serve tests

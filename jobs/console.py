@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import ray.data
 
@@ -36,3 +40,32 @@ def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+PROGRESS_EVERY_S = 15.0
+"""How often long work prints its progress line (training on rank 0, preprocessing on the driver)."""
+
+
+@contextmanager
+def every(seconds: float, line: Callable[[float], str | None], prefix: str) -> Iterator[None]:
+    """Print ``[prefix] line(elapsed_s)`` from a driver thread every ``seconds`` while the block runs
+    (``None``: nothing this time). A failing ``line`` ends the ticking, never the work it reports on."""
+    stop, started = threading.Event(), time.perf_counter()
+
+    def tick() -> None:
+        while not stop.wait(seconds):
+            try:
+                text = line(time.perf_counter() - started)
+            except Exception as error:  # noqa: BLE001 - progress is best effort
+                print(f"[{prefix}] progress unavailable: {error}", flush=True)
+                return
+            if text:
+                print(f"[{prefix}] {text}", flush=True)
+
+    thread = threading.Thread(target=tick, name=f"{prefix}-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -265,6 +265,8 @@ def print_summary(name: str, result: PipelineResult, registered: tuple[str, str]
         port, keep = serving
         lines.append(f"{'endpoint':<18}http://127.0.0.1:{port}/v1/chat/completions  "
                      + ("(running; Ctrl-C stops it)" if keep else "(stopped; --keep-serving keeps it up)"))
+        if keep:
+            lines.append(f"{'chat page':<18}http://127.0.0.1:{port}/   (open it in a browser: upload an image, ask)")
         lines.append(f"{'':<18}curl http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' "
                      f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
     print("\n".join(lines), flush=True)

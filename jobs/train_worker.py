@@ -21,7 +21,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from jobs.console import duration, quiet_ray_data
+from jobs.console import PROGRESS_EVERY_S, duration, quiet_ray_data
 from jobs.faults import Faults
 from llava_platform import registry, tracking
 from llava_platform.data.collate import collate
@@ -46,8 +46,6 @@ EXPORT_CHECK_FILE = "export_check.pt"
 """One probe micro-batch and the trained engine's logits on it, to check that the export reproduces them."""
 LOG_EVERY = 10
 """Optimizer steps between MLflow metric uploads (every step is logged, in batches)."""
-PROGRESS_EVERY_S = 15.0
-"""Seconds between rank 0's progress lines (and one at every checkpoint and at the end)."""
 READ_AHEAD_WINDOWS = 4
 """Grouping windows (32 micro-batches each) a worker reads ahead, across epoch boundaries (``EpochReader``)."""
 

@@ -100,3 +100,16 @@ def read_records(
         )
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
+
+
+def count_records(files: Sequence[str], s3_endpoint_url: str | None = None, cpus_per_task: float = 1.0) -> int:
+    """How many raw rows ``read_records(files)`` yields, for progress lines: Parquet files from their
+    footers (no image bytes read), JSON files by splitting them on the cluster (a pass over their text)."""
+    json_files = [f for f in files if not f.endswith(".parquet")]
+    total = 0
+    for path in (f for f in files if f.endswith(".parquet")):
+        filesystem, inner = filesystem_for(path, s3_endpoint_url)
+        total += pq.ParquetFile(filesystem.open_input_file(inner)).metadata.num_rows
+    if json_files:
+        total += read_records(json_files, s3_endpoint_url, cpus_per_task).count()
+    return total

@@ -3,9 +3,10 @@
     serve run serve/config.yaml                       # the config's args name the model
     python -m jobs.deploy --model models:/tiny-cpu-demo/1 --config serve/config.yaml
 
-Routes: ``POST /v1/chat/completions`` (text and ``image_url`` parts, ``stream: true`` as server-sent
-events), ``GET /v1/models``, ``GET /healthz``, ``GET /v1/stats``. Non-streaming requests are queued
-by ``@serve.batch`` and answered together; streaming ones generate on their own. The ``/v1`` routes
+Routes: ``GET /`` (the chat page, ``serve/chat.html``), ``POST /v1/chat/completions`` (text and
+``image_url`` parts, ``stream: true`` as server-sent events), ``GET /v1/models``, ``GET /healthz``,
+``GET /v1/stats``. Non-streaming requests are queued by ``@serve.batch`` and answered together;
+streaming ones generate on their own. The ``/v1`` routes
 take the API key through one FastAPI dependency (``require_api_key``). Every request the server
 refuses raises ``ApiError``, which an exception handler turns into OpenAI's error JSON with its 4xx
 status (anything unexpected: a 500 in the same shape), and the replica keeps serving.
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
 from llava_platform.model.sources import resolve_checkpoint
@@ -38,6 +39,9 @@ from serve.generation import Completion, Generator, Prepared
 from serve.openai_api import ApiError, Limits, chat_chunk, chat_completion, completion_id, parse_chat_request
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+CHAT_PAGE = Path(__file__).with_name("chat.html")
+"""The page ``GET /`` serves: a static client of this API (no key needed to load it; its requests send one)."""
 
 API_KEY_ENV = "LLAVA_SERVE_API_KEY"
 """The bearer token clients must send; the config's ``api_key`` takes precedence. Unset: no auth."""
@@ -145,6 +149,7 @@ class LlavaServer:
         self.limits = Limits(**{k: tuple(v) if isinstance(v, list) else v for k, v in (limits or {}).items()})
         self.api_key = api_key or os.environ.get(API_KEY_ENV)
         self.requests = 0
+        self.chat_page = CHAT_PAGE.read_text()
         # a request holds at most max_images base64 images plus text: refuse bigger bodies unread
         self.max_body_bytes = self.limits.max_images * self.limits.max_image_bytes * 4 // 3 + 1_000_000
         self.generate_batch.set_max_batch_size(max_batch_size)
@@ -211,6 +216,10 @@ class LlavaServer:
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "llava-platform"}]}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def chat_page(self):
+        return HTMLResponse(self.chat_page)
 
     @api.get("/healthz")
     async def healthz(self):

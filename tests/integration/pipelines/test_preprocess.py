@@ -18,7 +18,7 @@ from llava_platform.data.synthetic import write_synthetic_dataset
 from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport
 from pipelines.shards import ManifestError, read_shards, write_shards
-from pipelines.sources import read_records
+from pipelines.sources import count_records, read_records
 from tests.helpers.corpus import MAX_LENGTH, PIXEL_LIMIT, good_ids, write_bad_corpus
 
 
@@ -151,6 +151,14 @@ def test_bad_records_are_quarantined_with_reasons_and_good_ones_kept(mixed_sourc
                                   "image_placeholder_mismatch": 2, "too_long": 1, "unknown_role": 1,
                                   "malformed_json": 2 + 1}
     assert "quarantined" in report.table() and report.as_metrics()["data/quarantined/too_long"] == 1
+
+
+def test_the_progress_total_counts_what_preprocessing_reads(mixed_sources):
+    """``count_records`` (the total of ``jobs.preprocess``'s progress line): Parquet rows from the footer,
+    JSON records split as the reader splits them (a broken array is one record)."""
+    files = [str(mixed_sources.corpus), str(mixed_sources.broken), str(mixed_sources.parquet)]
+    assert count_records(files) == mixed_sources.run.report.read
+    assert count_records([str(mixed_sources.parquet)]) == len(mixed_sources.parquet_records) + 3
 
 
 def test_broken_json_array_is_reported_not_fatal(mixed_sources):

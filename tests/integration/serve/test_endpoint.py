@@ -2,6 +2,7 @@
 
 The applications here live under their own route prefixes beside whatever else the cluster serves
 (the end-to-end job deploys its own at ``/``), and each is deleted at the end, never Serve itself.
+The ``server`` application (``conftest.py``) is shared with the chat page's browser test.
 """
 
 import base64
@@ -16,59 +17,9 @@ from dataclasses import dataclass, field
 
 import openai
 import pytest
-import yaml
 
 from jobs import deploy
-from serve.app import default_config_path
-from tests.helpers import requests as bodies
-
-KEY = "test-key"
-MODEL = "tiny"
-
-
-def data_url(size=(40, 30)) -> str:
-    return bodies.data_url(size, colour=(30, 200, 30))
-
-
-def config(name, route, port, **deployment):
-    """serve/config.yaml with a tiny deployment and small limits; the same HTTP options as every job's."""
-    base = yaml.safe_load(default_config_path().read_text())
-    app = base["applications"][0]
-    app.update(name=name, route_prefix=route)
-    app["args"]["limits"] = {"max_tokens": 32, "max_images": 2, "max_image_bytes": 200_000,
-                             "max_image_pixels": 512 * 512}
-    app["deployments"] = [{"name": "LlavaServer", "max_ongoing_requests": 64,
-                           "ray_actor_options": {"num_cpus": 0.25}, **deployment}]
-    base["http_options"] = {**base["http_options"], "host": "127.0.0.1", "port": port}
-    return base
-
-
-@pytest.fixture(scope="module")
-def serve_base(ray_cluster, serve_port) -> str:
-    """Ray Serve's address on the head node; applications add their route prefix."""
-    return f"http://127.0.0.1:{serve_port}"
-
-
-@pytest.fixture(scope="module")
-def server(serve_base, serve_port, saved_checkpoints):
-    from ray import serve
-
-    deploy.run(config("endpoint", "/endpoint", serve_port, num_replicas=1), model=str(saved_checkpoints["llava"]),
-               model_name=MODEL, api_key=KEY)
-    yield f"{serve_base}/endpoint"
-    serve.delete("endpoint")
-
-
-def client(url, key=KEY, prefix=""):
-    return openai.OpenAI(base_url=f"{url}{prefix}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def ask(url, text="What colour is it?", image=True, prefix="", **options):
-    content = [{"type": "text", "text": text}] + ([{"type": "image_url", "image_url": {"url": data_url()}}]
-                                                  if image else [])
-    return client(url, prefix=prefix).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": content}], **{"max_tokens": 6, "temperature": 0,
-                                                                          **options})
+from tests.helpers.endpoint import KEY, MODEL, ask, client, config, data_url
 
 
 def post(url, body, key=KEY, raw=False):

@@ -1,0 +1,41 @@
+"""The serving tests' endpoint: its Serve config, API key and model name, and openai-client helpers."""
+
+from __future__ import annotations
+
+import openai
+import yaml
+
+from serve.app import default_config_path
+from tests.helpers import requests as bodies
+
+KEY = "test-key"
+MODEL = "tiny"
+
+
+def data_url(size=(40, 30)) -> str:
+    return bodies.data_url(size, colour=(30, 200, 30))
+
+
+def config(name, route, port, **deployment):
+    """serve/config.yaml with a tiny deployment and small limits; the same HTTP options as every job's."""
+    base = yaml.safe_load(default_config_path().read_text())
+    app = base["applications"][0]
+    app.update(name=name, route_prefix=route)
+    app["args"]["limits"] = {"max_tokens": 32, "max_images": 2, "max_image_bytes": 200_000,
+                             "max_image_pixels": 512 * 512}
+    app["deployments"] = [{"name": "LlavaServer", "max_ongoing_requests": 64,
+                           "ray_actor_options": {"num_cpus": 0.25}, **deployment}]
+    base["http_options"] = {**base["http_options"], "host": "127.0.0.1", "port": port}
+    return base
+
+
+def client(url, key=KEY, prefix=""):
+    return openai.OpenAI(base_url=f"{url}{prefix}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def ask(url, text="What colour is it?", image=True, prefix="", **options):
+    content = [{"type": "text", "text": text}] + ([{"type": "image_url", "image_url": {"url": data_url()}}]
+                                                  if image else [])
+    return client(url, prefix=prefix).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], **{"max_tokens": 6, "temperature": 0,
+                                                                          **options})
