@@ -2,6 +2,7 @@
 #   make demo   - install, then run the main job (jobs.pipeline) on the tiny CPU recipe
 #   make test   - install, then run the test suite
 #   make chaos  - install, then run every fault-injection test (the slow ones too) and print the table
+#   make walkthrough - README "After the demo", every command as written, on a fresh clone (~8 min)
 #   make browser - Debian's chromium for the chat page's browser test, when missing (make test runs it)
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 # Set TORCH_INDEX_URL to a CUDA wheel index for GPU machines; the default takes the index's build.
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test chaos install browser lint clean
+.PHONY: demo test chaos walkthrough install browser lint clean
 
 install: $(STAMP)
 
@@ -29,6 +30,9 @@ test: $(STAMP) browser
 
 chaos: $(STAMP) browser
 	$(PY) -m pytest -m fault --chaos $(PYTEST_ARGS)
+
+walkthrough: $(STAMP)
+	$(PY) -m pytest tests/walkthrough $(PYTEST_ARGS)
 
 # The browser tests drive the system Chromium through Playwright's Python client (no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -22,7 +22,9 @@ passes each one's typed result on to the next:
 
 Everything a run writes goes to ``--output`` (default ``outputs/<recipe name>/run-<time>``, a new
 folder per run, so a rerun never meets the checkpoints of the previous one), ending with
-``result.json`` (``RESULT_FILE``).
+``result.json`` (``RESULT_FILE``). A run in the default place that finishes moves the link
+``outputs/<recipe name>/latest`` (``LATEST_LINK``) to its folder: ``serve/config.yaml`` serves
+``outputs/tiny-cpu-demo/latest/train/stage2/export``, the model the last ``make demo`` trained.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
+import os
 import sys
 import time
 import urllib.request
@@ -49,6 +52,8 @@ from llava_platform.train.checkpoint import PROJECTOR_FILE, export_with_projecto
 from pipelines.shards import ManifestError, StageShards
 from serve.app import default_config_path
 
+LATEST_LINK = "latest"
+"""``outputs/<recipe name>/latest``: a relative link to the last run in the default place that finished."""
 RESULT_FILE = "result.json"
 """Written into ``--output`` at the end: scores per stage, the demo question and answer, the model URI,
 the MLflow tracking URI and run ids, seconds per step (what the summary prints, for scripts)."""
@@ -96,6 +101,7 @@ class PipelineResult:
 def run(recipe: Recipe, *, output: Path | None = None, serve: bool = True, keep_serving: bool = False,
         port: int = 8000) -> PipelineResult:
     """Every step on ``recipe``, each job's ``run`` fed by the results of the ones before."""
+    default_place = output is None
     output = output or Path("outputs") / recipe.name / time.strftime("run-%Y%m%d-%H%M%S")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -141,9 +147,22 @@ def run(recipe: Recipe, *, output: Path | None = None, serve: bool = True, keep_
                             timings=timings)
     print_summary(recipe.name, result, registered, serving=(port, keep_serving) if serve else None)
     (output / RESULT_FILE).write_text(json.dumps(result.as_dict(), indent=1))
+    if default_place:
+        point_latest_at(output)
     if deployment is not None:
         _serve_until_stopped(deployment.application, keep_serving)
     return result
+
+
+def point_latest_at(run_folder: Path) -> Path:
+    """Make ``<run_folder's parent>/latest`` a relative link to ``run_folder``, replaced atomically (a reader
+    never finds it missing); returns the link."""
+    link = run_folder.parent / LATEST_LINK
+    staged = run_folder.parent / f".{LATEST_LINK}.{os.getpid()}"
+    staged.unlink(missing_ok=True)
+    staged.symlink_to(run_folder.name, target_is_directory=True)
+    os.replace(staged, link)
+    return link
 
 
 def preprocess_stages(recipe: Recipe, initial: str) -> bool:

@@ -33,3 +33,18 @@ def test_a_kept_endpoint_prints_its_chat_page(capsys):
     out = summary(capsys, keep=True)
     assert "(running; Ctrl-C stops it)" in out
     assert "chat page         http://127.0.0.1:8123/   (open it in a browser" in out
+
+
+def test_latest_points_at_the_last_finished_run_and_moves_atomically(tmp_path):
+    from jobs.pipeline import point_latest_at
+
+    first, second = tmp_path / "run-1", tmp_path / "run-2"
+    for run in (first, second):
+        (run / "train").mkdir(parents=True)
+        (run / "train" / "marker").write_text(run.name)
+    link = point_latest_at(first)
+    assert link == tmp_path / "latest" and (link / "train" / "marker").read_text() == "run-1"
+    point_latest_at(second)
+    assert (tmp_path / "latest" / "train" / "marker").read_text() == "run-2"
+    assert (tmp_path / "latest").readlink().as_posix() == "run-2", "relative: the outputs folder can move"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run-1", "run-2"], "no staged link left"
