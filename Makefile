@@ -2,7 +2,7 @@
 #   make demo   - install, then run the main job (jobs.pipeline) on the tiny CPU recipe
 #   make test   - install, then run the test suite
 #   make chaos  - install, then run every fault-injection test (the slow ones too) and print the table
-#   make walkthrough - README "After the demo", every command as written, on a fresh clone (~8 min)
+#   make walkthrough - README "After the demo", every command as written, on a fresh clone (~6 min)
 #   make browser - Debian's chromium for the chat page's browser test, when missing (make test runs it)
 PYTHON ?= python3
 VENV := .venv

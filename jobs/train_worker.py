@@ -12,6 +12,7 @@ checkpoint already covers.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -227,4 +228,7 @@ def export_and_register(engine, processor, probe: dict | None, step: int, plan: 
 
 
 def log(rank: int, message: str) -> None:
-    print(f"[train rank {rank}] {message}", flush=True)
+    """One line on the worker's real stdout, which Ray forwards to the driver once. (Ray Train patches
+    ``print`` into its logger and, when another library has wrapped ``sys.stdout`` as MLflow does, also
+    tees it to that stream: a plain ``print`` reached the console twice.)"""
+    print(f"[train rank {rank}] {message}", file=sys.__stdout__, flush=True)

@@ -1,7 +1,7 @@
 """Every command of README "After the demo", as written and in README order, on a fresh clone and a fresh
 home folder: ``make demo`` (shortened: the recipe overrides below), ``serve run serve/config.yaml`` and a
 curl call, then the cluster block (``ray start``, an ``mlflow server``, two ``ray job submit``, an openai
-call, ``ray stop``). ``make walkthrough`` runs it (about 8 minutes; not part of ``make test``, and alone:
+call, ``ray stop``). ``make walkthrough`` runs it (about 6 minutes; not part of ``make test``, and alone:
 the README's ``ray stop`` stops every Ray instance on the machine).
 
 The only change to the README's commands: the lines that run the pipeline (``make demo``, ``python -m
@@ -119,7 +119,7 @@ def ask(image: Path, question: str) -> str:
 
 
 def test_the_readme_commands_work_in_readme_order(clone):
-    serve_block, curl_block, cluster_block = readme_blocks()
+    serve_block, curl_block, cluster_block = readme_blocks(clone.repo / "README.md")
     assert serve_block.strip() == ".venv/bin/serve run serve/config.yaml"
 
     # 1. the demo, as `make demo` runs it (shortened)

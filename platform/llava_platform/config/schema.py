@@ -19,7 +19,7 @@ Arch = Literal["llava", "llava_next"]
 """``llava``: LlavaForConditionalGeneration (LLaVA-1.5). ``llava_next``: LlavaNextForConditionalGeneration."""
 Projector = Literal["linear", "mlp2x_gelu"]
 ImageMode = Literal["square", "pad", "anyres"]
-Template = Literal["plain", "vicuna_v1", "llama3", "mistral", "chatml", "tokenizer"]
+Template = Literal["plain", "vicuna_v1", "llama3", "mistral", "chatml", "qwen_1_5", "chatml_direct", "tokenizer"]
 TunablePart = Literal["projector", "language_model", "vision_tower"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant"]

@@ -32,6 +32,30 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
+QWEN_SYSTEM = "You are a helpful assistant."
+"""LLaVA-NeXT's ``conv_qwen`` system message (its ``qwen_1_5`` version)."""
+CHATML_DIRECT_SYSTEM = "Answer the questions."
+"""LLaVA-NeXT's ``conv_chatml_direct`` system message (the NeXT-34B recipe)."""
+
+
+def _chatml(default_system: str | None) -> str:
+    """ChatML turns (``<|im_start|>role\n...<|im_end|>\n``); with ``default_system``, a system turn
+    with that text opens every conversation that does not bring its own."""
+    opening = ("" if default_system is None else
+               "{%- if messages[0]['role'] != 'system' -%}"
+               "{{ '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}{%- endif -%}")
+    return _CONTENT + opening + (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- generation -%}{{ content(message) }}{{ '<|im_end|>' }}{%- endgeneration -%}"
+        "{%- else -%}{{ content(message) }}{{ '<|im_end|>' }}{%- endif -%}"
+        "{{ '\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
 CHAT_TEMPLATES: dict[str, str] = {
     # Stage-1 captioning (LLaVA's `plain`): the image tokens, then the caption and a newline. Like
     # LLaVA, it takes exactly one question (whose text it drops) and one caption.
@@ -88,17 +112,12 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{%- endif -%}"
         "{%- endfor -%}"
     ),
-    # ChatML (Qwen).
-    "chatml": _CONTENT + (
-        "{%- for message in messages -%}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-        "{%- if message['role'] == 'assistant' -%}"
-        "{%- generation -%}{{ content(message) }}{{ '<|im_end|>' }}{%- endgeneration -%}"
-        "{%- else -%}{{ content(message) }}{{ '<|im_end|>' }}{%- endif -%}"
-        "{{ '\\n' }}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-    ),
+    # ChatML as written by the message list (no system turn unless the conversation has one).
+    "chatml": _chatml(None),
+    # LLaVA-NeXT's `qwen_1_5` (Qwen1.5-Chat LMs: NeXT-72B/110B): ChatML with Qwen's default system turn.
+    "qwen_1_5": _chatml(QWEN_SYSTEM),
+    # LLaVA-NeXT's `chatml_direct` (Nous-Hermes-2-Yi-34B: NeXT-34B): ChatML with a terse default system turn.
+    "chatml_direct": _chatml(CHATML_DIRECT_SYSTEM),
 }
 
 
@@ -108,7 +127,8 @@ class TemplateError(ValueError):
 
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-END_OF_TURN = {"plain": None, "vicuna_v1": "eos", "mistral": "eos", "llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+END_OF_TURN = {"plain": None, "vicuna_v1": "eos", "mistral": "eos", "llama3": "<|eot_id|>", "chatml": "<|im_end|>",
+               "qwen_1_5": "<|im_end|>", "chatml_direct": "<|im_end|>"}
 """The token that ends an answer in each template (``eos``: the tokenizer's own EOS token)."""
 
 

@@ -39,6 +39,7 @@ def test_the_job_chains_every_step_and_prints_its_summary(pipeline_run):
     assert "succeeded" in log and "accuracy stage2" in log
     # rank 0's progress lines, and none of Ray Data's own bars or execution logs (jobs.console)
     assert f"step {STEPS}/{STEPS} (100%) loss" in log and "samples/s, 0 s left" in log
+    assert log.count(f"step {STEPS}/{STEPS} (100%) loss") == 2, "each stage's last progress line, once"
     # the preprocessing driver's opening line counts what it then reads (its manifest's count)
     manifest = json.loads((pipeline_run.job.root / "shards2" / "manifest.json").read_text())
     assert f"[preprocess] stage2: {manifest['counts']['read']:,} records in 1 file(s)" in log

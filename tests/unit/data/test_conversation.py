@@ -24,7 +24,8 @@ TWO_TURNS = [
     {"from": "human", "value": "And the circle?"},
     {"from": "gpt", "value": "blue"},
 ]
-END_OF_TURN = {"vicuna_v1": "</s>", "mistral": "</s>", "llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+END_OF_TURN = {"vicuna_v1": "</s>", "mistral": "</s>", "llama3": "<|eot_id|>", "chatml": "<|im_end|>",
+               "qwen_1_5": "<|im_end|>", "chatml_direct": "<|im_end|>"}
 
 
 def tokenize(tokenizer, conversation, template="vicuna_v1", tokens_per_image=(4,), **kwargs):
@@ -48,7 +49,7 @@ def labelled_runs(tokenizer, sample):
     return runs
 
 
-@pytest.mark.parametrize("template", ["vicuna_v1", "llama3", "mistral", "chatml"])
+@pytest.mark.parametrize("template", ["vicuna_v1", "llama3", "mistral", "chatml", "qwen_1_5", "chatml_direct"])
 def test_only_answers_and_their_end_of_turn_are_labelled(tokenizer, template):
     sample = tokenize(tokenizer, TWO_TURNS, template)
     runs = [run.strip() for run in labelled_runs(tokenizer, sample)]
@@ -232,3 +233,16 @@ def test_zero_width_offsets_inside_an_answer_are_labelled():
     text = "Q: A: a b"
     offsets = [(0, 2), (3, 5), (6, 7), (7, 7), (8, 9)]  # (7, 7): a trimmed whitespace token
     assert label_tokens(text, [(6, 9)], offsets) == [False, False, True, True, True]
+
+
+@pytest.mark.parametrize(("template", "system"), [("qwen_1_5", "You are a helpful assistant."),
+                                                  ("chatml_direct", "Answer the questions."), ("chatml", None)])
+def test_chatml_variants_open_with_their_default_system_turn_unless_given_one(tokenizer, template, system):
+    """LLaVA-NeXT's ``qwen_1_5`` (NeXT-72B/110B) and ``chatml_direct`` (NeXT-34B) are ChatML with a system turn."""
+    text = tokenizer.decode(tokenize(tokenizer, TWO_TURNS, template).input_ids)
+    user = "<|im_start|>user\n<image><image><image><image>\nWhat colour is the square?<|im_end|>\n"
+    assert text.startswith((f"<|im_start|>system\n{system}<|im_end|>\n" if system else "") + user)
+    given = tokenizer.decode(tokenize(tokenizer, [{"from": "system", "value": "Be brief."}, *TWO_TURNS],
+                                      template).input_ids)
+    assert given.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user")
+    assert (system or "no default") not in given
