@@ -320,6 +320,7 @@ def engine_spec(recipe: Recipe, stage: StageConfig, model: str, total_steps: int
             param_persistence_threshold=deepspeed.zero3_param_persistence_threshold,
         ),
         gradient_checkpointing=deepspeed.gradient_checkpointing,
+        attn_implementation=recipe.model.attn_implementation, tf32=deepspeed.tf32,
     )
 
 

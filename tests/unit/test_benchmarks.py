@@ -11,6 +11,7 @@ from jobs.benchmarks import padding as bench_padding
 from jobs.benchmarks import preprocess as bench_preprocess
 from jobs.benchmarks import serve as bench_serve
 from jobs.benchmarks import train as bench_train
+from jobs.benchmarks import zero3_load as bench_zero3_load
 
 
 def test_training_benchmark_owns_its_inputs_and_passes_preflight(tmp_path, capsys):
@@ -24,6 +25,7 @@ def test_training_benchmark_owns_its_inputs_and_passes_preflight(tmp_path, capsy
     (bench_preprocess, [], "ours / transformers"),
     (bench_padding, ["--records", "8"], "dry run: 8 records per split"),
     (bench_serve, [], "batched, unbatched applications"),
+    (bench_zero3_load, [], "~0.52B parameters"),
 ])
 def test_benchmark_dry_runs(bench, argv, expected, capsys):
     bench.main([*argv, "--dry-run"])

@@ -140,13 +140,17 @@ def recipe_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """Resolve ``--recipe`` + overrides once.
 
     On mistakes, print them all and exit with status 2; with ``--dry-run``, print the resolved
-    recipe and exit with status 0 (like ``--help``), before any cluster resource is claimed.
+    recipe and each stage's estimated memory per GPU (``llava_platform.train.memory``), and exit
+    with status 0 (like ``--help``), before any cluster resource is claimed.
     """
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as err:
         parser.exit(2, f"{err}\n")
     if args.dry_run:
+        from llava_platform.train.memory import plan_recipe
+
         print(recipe_to_yaml(recipe))
+        print(plan_recipe(recipe))
         parser.exit(0)
     return recipe

@@ -25,6 +25,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant"]
 TruncationPolicy = Literal["drop", "truncate"]
 VisionFamily = Literal["clip", "siglip"]
+AttentionImplementation = Literal["eager", "sdpa", "flash_attention_2"]
 IMAGE_MODES: dict[str, tuple[str, ...]] = {"llava": ("square", "pad"), "llava_next": ("anyres",)}
 """The image modes each arch serves: LLaVA-1.5 tiles one square image, LLaVA-NeXT tiles anyres grids."""
 
@@ -83,6 +84,9 @@ class ModelConfig(Section):
     """Tile size in pixels: the vision tower's input resolution."""
     image_grid_pinpoints: list[tuple[PositiveInt, PositiveInt]] | None = None
     """``anyres`` candidate resolutions as (height, width); multiples of ``image_size``."""
+    attn_implementation: AttentionImplementation = "sdpa"
+    """transformers' attention kernel for training and serving: ``sdpa`` (PyTorch's, everywhere),
+    ``flash_attention_2`` (GPUs with the ``flash-attn`` package installed), ``eager``."""
 
 
 class LoraConfig(Section):
@@ -156,6 +160,8 @@ class DeepSpeedConfig(Section):
     precision: Precision = "bf16"
     """``bf16`` on GPUs; ``fp32`` on CPU."""
     gradient_checkpointing: bool = False
+    tf32: bool = False
+    """Let float32 matmuls and convolutions use TF32 tensor cores (Ampere and newer GPUs; no effect on CPU)."""
     zero3_param_persistence_threshold: int = Field(100_000, ge=0)
     """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's default);
     0 shards everything."""
@@ -198,6 +204,9 @@ class ScalingConfig(Section):
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: float = Field(1.0, ge=0.0)
     """GPUs per worker when ``use_gpu`` (usually 1)."""
+    gpu_memory_gb: PositiveFloat | None = None
+    """Memory of each GPU (e.g. 80 for A100/H100 80 GB): ``--dry-run`` checks each stage's estimated
+    per-GPU memory against it (``llava_platform.train.memory``)."""
     gpu_preflight: bool = True
     """With ``use_gpu``, fail before any worker starts if the cluster has no GPUs. Turn off on an
     autoscaling cluster whose GPU nodes only start on demand."""

@@ -266,11 +266,15 @@ def build_processor(
     return LlavaNextProcessor(image_processor=image_processor, **processor_kwargs)
 
 
-def load_pretrained_llava(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[LlavaModel, ProcessorMixin]:
+def load_pretrained_llava(name_or_path: str, dtype: torch.dtype = torch.float32,
+                          attn_implementation: str | None = None) -> tuple[LlavaModel, ProcessorMixin]:
     """Load an existing LLaVA / LLaVA-NeXT checkpoint in Hugging Face (llava-hf) format.
 
     The model class comes from the checkpoint's own ``config.json`` (``model_type``), never from
-    its folder name.
+    its folder name. ``attn_implementation`` (``sdpa``, ``flash_attention_2``, ``eager``) picks
+    transformers' attention kernel; ``None`` keeps transformers' default. Under ZeRO-3 (a live
+    ``transformers.integrations.HfDeepSpeedConfig``), transformers builds the model partitioned
+    (``deepspeed.zero.Init``) and loads the weights shard by shard: no rank holds the whole model.
     """
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type not in MODEL_CLASSES:
@@ -279,7 +283,9 @@ def load_pretrained_llava(name_or_path: str, dtype: torch.dtype = torch.float32)
             f"supported: {', '.join(MODEL_CLASSES)}"
         )
     refuse_pickled_weights(name_or_path)
-    model = MODEL_CLASSES[config.model_type].from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = MODEL_CLASSES[config.model_type].from_pretrained(name_or_path, dtype=dtype, use_safetensors=True,
+                                                             **options)
     return model, load_processor(name_or_path)
 
 

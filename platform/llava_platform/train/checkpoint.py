@@ -42,15 +42,19 @@ def save_projector(state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> 
     return path
 
 
+def projector_file(path: str | Path) -> Path:
+    """The projector file: ``path`` itself, or ``PROJECTOR_FILE`` inside a stage folder."""
+    path = Path(path)
+    return path / PROJECTOR_FILE if path.is_dir() else path
+
+
 def load_projector(model: torch.nn.Module, path: str | Path) -> list[str]:
     """Load a saved projector into ``model``; return the names loaded.
 
     Raises:
         ValueError: the file holds tensors the model lacks, or shapes that differ.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / PROJECTOR_FILE
+    path = projector_file(path)
     tensors = load_file(str(path))
     own = model.state_dict()
     wrong = [f"{n}: {tuple(t.shape)} vs model {tuple(own[n].shape) if n in own else 'missing'}"

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from llava_platform.model.compose import load_pretrained_llava
+from llava_platform.model.compose import load_pretrained_llava, load_processor
 from llava_platform.model.trainability import apply_lora, parameter_groups, set_trainable
-from llava_platform.train.checkpoint import load_projector
+from llava_platform.train.checkpoint import load_projector, projector_file
 from llava_platform.train.deepspeed_config import build_lr_scheduler
+from llava_platform.train.partitioned import fill_partitions, load_partitioned
 from llava_platform.train.plan import EngineSpec, TrainingPosition
 
 CHECKPOINT_TAG = "state"
@@ -63,6 +65,9 @@ def init_distributed(backend: str) -> None:
 def build_engine(spec: EngineSpec, projector_path: str | None = None):
     """Load the starting checkpoint, choose what trains, and wrap it in a DeepSpeed engine.
 
+    Under ZeRO-3 the model is built partitioned and each rank reads only its own slices of the
+    checkpoint (``train.partitioned``); below ZeRO-3 every rank loads it whole.
+
     Args:
         spec: the model, what trains (``tunable``, ``lora``), learning rates, schedule and the DeepSpeed
             config (``build_deepspeed_config``; the optimizer and ZeRO settings come from it).
@@ -74,9 +79,21 @@ def build_engine(spec: EngineSpec, projector_path: str | None = None):
     import deepspeed
 
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
-    model, processor = load_pretrained_llava(spec.model_path, dtype=dtype)
-    if projector_path:
-        load_projector(model, projector_path)
+    if spec.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    keep_alive = None
+    if spec.zero_stage == 3:  # partitioned from the start: no rank ever holds the whole model
+        model, keep_alive = load_partitioned(spec.model_path, spec.deepspeed_config, dtype=dtype,
+                                             attn_implementation=spec.attn_implementation)
+        processor = load_processor(spec.model_path)
+        if projector_path:
+            fill_partitions(model, load_file(str(projector_file(projector_path))), strict=False)
+    else:
+        model, processor = load_pretrained_llava(spec.model_path, dtype=dtype,
+                                                 attn_implementation=spec.attn_implementation)
+        if projector_path:
+            load_projector(model, projector_path)
     set_trainable(model, spec.tunable)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -89,6 +106,7 @@ def build_engine(spec: EngineSpec, projector_path: str | None = None):
     schedule = build_lr_scheduler(spec.scheduler, warmup_ratio=spec.warmup_ratio, total_steps=spec.total_steps)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=spec.deepspeed_config,
                                       lr_scheduler=schedule)
+    del keep_alive  # transformers' ZeRO-3 switch (HfDeepSpeedConfig): needed until the engine exists
     return engine, processor
 
 
@@ -96,24 +114,38 @@ def forward(engine, batch: dict[str, torch.Tensor]):
     """The engine's forward pass on a collated micro-batch; the vision tower runs even without images.
 
     Every rank must run the same modules in the same order: under ZeRO-3 each module's weights are
-    gathered collectively as it runs (after a start-of-forward collective on the whole model), and
+    gathered collectively as it runs (after a start-of-forward collective on the whole model), the
+    first step's module order is recorded and compared across ranks, and later steps prefetch by it;
     under ZeRO-2 every trainable weight's gradient is reduced across ranks. So a text-only
-    micro-batch takes the order transformers' forward uses with images, inside the engine's forward:
-    a pre-hook (after DeepSpeed's own) embeds the tokens, runs the tower and projector on a blank
-    tile and adds those features times zero (the values stay exact), then the model continues from
-    ``inputs_embeds``.
+    micro-batch takes the order transformers' forward uses with images: a pre-hook on the inner
+    ``LlavaModel`` / ``LlavaNextModel`` (the module whose forward embeds the tokens and runs the
+    tower and projector; after DeepSpeed's own hook, which gathers that module's own weights such as
+    NeXT's ``image_newline``) embeds the tokens, runs the tower and projector on a blank image and
+    adds those features times zero (the values stay exact), then the model continues from
+    ``inputs_embeds``. A hook on the outer model would run them before the inner modules are
+    entered: another order, and the ranks' gathers and gradient reduce-scatters go out of step.
     """
     if "pixel_values" in batch:
         return engine(**batch)
-    handle = engine.module.register_forward_pre_hook(_embed_with_blank_image, with_kwargs=True)
+    handle = _multimodal_model(engine.module).register_forward_pre_hook(_embed_with_blank_image, with_kwargs=True)
     try:
         return engine(**batch)
     finally:
         handle.remove()
 
 
+def _multimodal_model(module):
+    """The ``LlavaModel`` / ``LlavaNextModel`` inside the transformers model or its peft wrapper."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return base.model
+
+
 def _embed_with_blank_image(model, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    embeds = model.get_input_embeddings()(kwargs.pop("input_ids"))
+    if "input_ids" in kwargs:  # LLaVA's outer model passes them by name, LLaVA-NeXT's by position
+        input_ids = kwargs.pop("input_ids")
+    else:
+        input_ids, args = args[0], (None, *args[1:])
+    embeds = model.get_input_embeddings()(input_ids)
     kwargs["inputs_embeds"] = embeds + 0.0 * _blank_image_features(model, embeds.device, embeds.dtype)
     return args, kwargs
 
@@ -139,11 +171,15 @@ def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]]) -> Step
 
 
 def _blank_image_features(model, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The sum of the projected features of one blank tile (a scalar that depends on tower and projector)."""
+    """The sum of the projected features of one blank image (a scalar that depends on tower and projector;
+    for LLaVA-NeXT, one tile-sized image: its overview and grid tiles, packed with ``image_newline``)."""
     config = model.config
     size = config.vision_config.image_size
     if config.model_type == "llava_next":
-        pixels = torch.zeros(1, 1, 3, size, size, device=device, dtype=dtype)
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        tiles = image_size_to_num_patches((size, size), config.image_grid_pinpoints, size)  # what the model slices
+        pixels = torch.zeros(1, tiles, 3, size, size, device=device, dtype=dtype)
         features = model.get_image_features(pixels, image_sizes=torch.tensor([[size, size]], device=device))
     else:
         features = model.get_image_features(torch.zeros(1, 3, size, size, device=device, dtype=dtype))

@@ -48,6 +48,10 @@ class EngineSpec:
     deepspeed_config: dict[str, Any]
     """DeepSpeed's own JSON config (``build_deepspeed_config``), passed to ``deepspeed.initialize`` as is."""
     gradient_checkpointing: bool
+    attn_implementation: str = "sdpa"
+    """transformers' attention kernel (``model.attn_implementation``)."""
+    tf32: bool = False
+    """Allow TF32 matmuls on CUDA (``deepspeed.tf32``)."""
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,8 @@ def zero3_lora(ray_cluster, tmp_path_factory) -> Zero3Lora:
     """Stage 2 of tiny LLaVA under ZeRO-3 on 2 workers with LoRA adapters, gradient checkpointing and
     modality grouping, from a stage-1 projector given by path; 8 of its 32 rows text-only, streamed
     into the workers; no tracking URI anywhere: MLflow's default local store in the working directory.
-
-    (The same run from ``jobs.preprocess`` shards hangs in a ZeRO-3 reduce-scatter when, at one step,
-    one rank's micro-batch has images and the other's does not: README "Known limits".)
+    The engine is built partitioned (``train.partitioned``). Ranks with and without images at the same
+    step: ``test_zero3_mixed_batches.py``.
     """
     root = tmp_path_factory.mktemp("zero3")
     files = write_synthetic_dataset(root / "data", train=24, eval=1, seed=0)

@@ -9,7 +9,9 @@ import yaml
 from llava_platform.config import RecipeError, load_recipe, shipped_recipes
 from tests.helpers import REPO_ROOT
 
-EXPECTED_RECIPES = {"tiny_cpu_demo", "llava15_7b", "llava15_13b", "llava15_7b_lora", "llava_next_vicuna_7b"}
+EXPECTED_RECIPES = {"tiny_cpu_demo", "llava15_7b", "llava15_13b", "llava15_7b_lora", "llava_next_vicuna_7b",
+                    "llava_next_mistral_7b", "llava_next_vicuna_13b", "llava_next_34b", "llama3_llava_next_8b",
+                    "llava_next_72b", "llava_next_110b"}
 
 
 def test_expected_recipes_ship():
@@ -51,6 +53,45 @@ def test_llava_next_recipe():
     assert recipe.model.image_grid_pinpoints == [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
     assert "vision_tower" in recipe.stage2.tunable and recipe.stage2.optim.vision_tower_lr == 2e-6
     assert recipe.stage2.data.image_mode == "anyres"
+
+
+def test_llava_next_72b_is_its_model_cards_training_script():
+    """The seed model card's script (lmms-lab/llava-next-72b): every value it sets that a recipe holds."""
+    recipe = load_recipe("llava_next_72b")
+    model, s1, s2 = recipe.model, recipe.stage1, recipe.stage2
+    assert (model.arch, model.language_model, model.vision_tower) == (
+        "llava_next", "Qwen/Qwen1.5-72B-Chat", "openai/clip-vit-large-patch14-336")
+    assert (model.projector, model.vision_feature_layer, model.image_size) == ("mlp2x_gelu", -2, 336)
+    assert model.image_grid_pinpoints == [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+    assert (s1.data.template, s1.tunable, s1.data.train_files) == (
+        "plain", ["projector"], ["data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"])  # blip558k
+    assert (s2.data.template, s2.data.image_mode, s2.data.model_max_length) == ("qwen_1_5", "anyres", 32768)
+    assert sorted(s2.tunable) == ["language_model", "projector", "vision_tower"] and s2.init_from == "stage1"
+    optim = s2.optim
+    assert (optim.lr, optim.vision_tower_lr, optim.weight_decay, optim.warmup_ratio, optim.scheduler) == (
+        1e-5, 2e-6, 0.0, 0.03, "cosine")
+    assert (s2.epochs, s2.max_steps, s2.data.group_by_modality_length) == (1, None, True)
+    ds = s2.deepspeed
+    assert (ds.zero_stage, ds.precision, ds.tf32, ds.gradient_checkpointing) == (3, "bf16", True, True)
+    # per-device batch 1 x accumulation 2 on 8 x 8 GPUs
+    assert (recipe.scaling.num_workers, recipe.scaling.use_gpu, s2.micro_batch_size) == (64, True, 1)
+    assert s2.gradient_accumulation_steps(recipe.scaling.num_workers) == 2 and s2.global_batch_size == 128
+    assert s1.deepspeed.zero_stage == 3, "145 GB of bf16 weights: stage 1 must shard the frozen LM too"
+
+
+@pytest.mark.parametrize(("name", "language_model", "template"), [
+    ("llava_next_mistral_7b", "mistralai/Mistral-7B-Instruct-v0.2", "mistral"),
+    ("llava_next_vicuna_13b", "lmsys/vicuna-13b-v1.5", "vicuna_v1"),
+    ("llava_next_34b", "NousResearch/Nous-Hermes-2-Yi-34B", "chatml_direct"),
+    ("llama3_llava_next_8b", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
+    ("llava_next_110b", "Qwen/Qwen1.5-110B-Chat", "qwen_1_5"),
+])
+def test_llava_next_family_recipes(name, language_model, template):
+    recipe = load_recipe(name)
+    assert (recipe.model.arch, recipe.model.language_model, recipe.stage2.data.template) == (
+        "llava_next", language_model, template)
+    assert recipe.stage2.optim.vision_tower_lr == 2e-6 and recipe.stage2.deepspeed.zero_stage == 3
+    assert recipe.scaling.gpu_memory_gb == 80 and recipe.stage2.deepspeed.tf32
 
 
 def test_overrides_are_typed_and_nested():

@@ -1,0 +1,382 @@
+"""Per-GPU memory of a training stage, before launch: will the recipe fit, and if not, what change fits.
+
+    plan = plan_stage(recipe, recipe.stage2)          # what `--dry-run` prints per stage
+    print(plan.table())
+
+The model states (weights, gradients, optimizer states) follow DeepSpeed's own estimators
+(``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``: 2 + 18/N
+bytes per trainable parameter under ZeRO-2 in bf16, 18/N + the largest layer under ZeRO-3), extended
+to what DeepSpeed's functions assume away: frozen parts (weights only), LoRA, fp32 training and
+optimizer offload. Activations are an approximation (per layer and token: ~16 hidden + 6
+intermediate values, plus the logits in float32 for the loss); only the model-state part is
+checked against real ranks (``tests/integration/train/test_memory_plan.py``, within 20 %).
+
+Model shapes come from a local ``config.json``, the recipe's ``tiny`` towers, or ``KNOWN_SHAPES``
+(the published configs of the models the shipped recipes name), so a dry run needs no download.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llava_platform.data.geometry import anyres_tile_count, image_token_count
+
+if TYPE_CHECKING:
+    from llava_platform.config.schema import Recipe, StageConfig
+
+GB = 1024**3
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's default ``reduce_bucket_size`` (our configs keep it): the gradient bucket's elements."""
+USABLE_FRACTION = 0.9
+"""Share of a GPU's memory a stage may plan for: the rest is the CUDA context, NCCL buffers and
+allocator fragmentation."""
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """The numbers of a transformer stack that its memory depends on (a Hugging Face config's)."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); ``None``: as many as ``heads``."""
+    vocab: int = 0
+    """Token embedding rows (0 for a vision tower); the LM head is counted as a second matrix of the same size."""
+    tokens_per_tile: int = 0
+    """Vision towers: patch tokens (+ CLS) per image tile."""
+    patch_size: int = 0
+    """Vision towers: ViT patch size in pixels."""
+    gated_mlp: bool = True
+    """SwiGLU MLPs (Llama, Qwen, Mistral: three matrices) or plain two-matrix MLPs (CLIP, SigLIP)."""
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden * (self.kv_heads or self.heads) // self.heads
+
+    @property
+    def layer_params(self) -> int:
+        """One block's weights (norms and biases left out: under 0.1 %)."""
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim
+        return attention + (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + 2 * self.vocab * self.hidden
+
+    @property
+    def largest_layer_params(self) -> int:
+        """The biggest single parameter a ZeRO-3 rank gathers whole (an embedding, else a block)."""
+        return max(self.vocab * self.hidden, self.layer_params)
+
+
+def _clip_l_336() -> TransformerShape:
+    return TransformerShape(hidden=1024, layers=24, intermediate=4096, heads=16, tokens_per_tile=577,
+                            patch_size=14, gated_mlp=False)
+
+
+KNOWN_SHAPES: dict[str, TransformerShape] = {
+    # vision towers
+    "openai/clip-vit-large-patch14-336": _clip_l_336(),
+    # language models, as their published config.json files give them
+    "lmsys/vicuna-7b-v1.5": TransformerShape(4096, 32, 11008, 32, 32, 32000),
+    "lmsys/vicuna-13b-v1.5": TransformerShape(5120, 40, 13824, 40, 40, 32000),
+    "mistralai/Mistral-7B-Instruct-v0.2": TransformerShape(4096, 32, 14336, 32, 8, 32000),
+    "meta-llama/Meta-Llama-3-8B-Instruct": TransformerShape(4096, 32, 14336, 32, 8, 128256),
+    "NousResearch/Nous-Hermes-2-Yi-34B": TransformerShape(7168, 60, 20480, 56, 8, 64000),
+    "Qwen/Qwen1.5-72B-Chat": TransformerShape(8192, 80, 24576, 64, 64, 152064),
+    "Qwen/Qwen1.5-110B-Chat": TransformerShape(8192, 80, 49152, 64, 8, 152064),
+}
+"""Shapes of the models the shipped recipes name (hub ids), so that a dry run needs no download."""
+
+
+def shape_from_config(config: dict, *, image_size: int | None = None) -> TransformerShape:
+    """A ``TransformerShape`` from a Hugging Face ``config.json`` (a text or vision config)."""
+    patch = config.get("patch_size")
+    tokens = 0
+    if patch:
+        size = image_size or config.get("image_size", 336)
+        tokens = (size // patch) ** 2 + (1 if config.get("model_type", "").startswith("clip") else 0)
+    return TransformerShape(
+        hidden=config["hidden_size"], layers=config["num_hidden_layers"], intermediate=config["intermediate_size"],
+        heads=config["num_attention_heads"], kv_heads=config.get("num_key_value_heads"),
+        vocab=0 if patch else config.get("vocab_size", 0), tokens_per_tile=tokens, patch_size=patch or 0,
+        gated_mlp=not patch)
+
+
+class UnknownShapeError(LookupError):
+    """A model whose shape is neither local nor in ``KNOWN_SHAPES``."""
+
+
+def shape_of(name_or_path: str, *, vision: bool, image_size: int | None = None) -> TransformerShape:
+    """The shape of a hub id or a local model folder (a LLaVA checkpoint: its text or vision part).
+
+    Raises:
+        UnknownShapeError: no local ``config.json`` and not in ``KNOWN_SHAPES``.
+    """
+    config_file = Path(name_or_path) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        part = config.get("vision_config" if vision else "text_config", config)
+        if vision and "vision_config" not in config and "vision_config" in part:
+            part = part["vision_config"]
+        return shape_from_config(part, image_size=image_size)
+    if name_or_path in KNOWN_SHAPES:
+        return KNOWN_SHAPES[name_or_path]
+    raise UnknownShapeError(f"{name_or_path}: no local config.json and not in llava_platform.train.memory.KNOWN_SHAPES")
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    """What a stage's per-GPU memory depends on (all plain numbers: the planner is pure)."""
+
+    lm: TransformerShape
+    tower: TransformerShape
+    projector_params: int
+    tunable: tuple[str, ...]
+    lora_rank: int | None
+    lora_targets: tuple[str, ...]
+    zero_stage: int
+    offload_optimizer: bool
+    precision: str
+    world_size: int
+    micro_batch_size: int
+    max_length: int
+    tiles_per_sample: int
+    gradient_checkpointing: bool
+    overlap_comm: bool = True
+    """DeepSpeed's ``overlap_comm`` (on GPUs): ZeRO-2 then reduces through two bucket buffers."""
+    image_tokens: int = 0
+    """Tokens of the largest image in the sequence (``data.geometry.image_token_count``): a shorter
+    ``model_max_length`` than this plus some text would drop every sample with such an image."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU (one rank), by kind."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    buffers: int
+    """DeepSpeed's gradient bucket buffers (which its estimators leave out)."""
+    activations: int
+    trainable_params: int
+    total_params: int
+
+    @property
+    def model_states(self) -> int:
+        """Weights, gradients and optimizer states: what DeepSpeed's estimators count."""
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def engine(self) -> int:
+        """Everything the DeepSpeed engine holds: the model states and its buffers."""
+        return self.model_states + self.buffers
+
+    @property
+    def total(self) -> int:
+        return self.engine + self.activations
+
+
+def lora_params(lm: TransformerShape, rank: int, targets: tuple[str, ...]) -> int:
+    """LoRA adapter parameters: ``rank x (in + out)`` per targeted matrix per block."""
+    shapes = {"q_proj": (lm.hidden, lm.hidden), "o_proj": (lm.hidden, lm.hidden), "k_proj": (lm.hidden, lm.kv_dim),
+              "v_proj": (lm.hidden, lm.kv_dim), "gate_proj": (lm.hidden, lm.intermediate),
+              "up_proj": (lm.hidden, lm.intermediate), "down_proj": (lm.intermediate, lm.hidden)}
+    return lm.layers * sum(rank * sum(shapes[name]) for name in targets if name in shapes)
+
+
+def estimate(setup: StageSetup) -> MemoryEstimate:
+    """Per-GPU bytes of one stage (see the module docstring for the rules and where they come from)."""
+    n, wb = setup.world_size, (4 if setup.precision == "fp32" else 2)
+    total = setup.lm.params + setup.tower.params + setup.projector_params
+    trainable = setup.projector_params if "projector" in setup.tunable else 0
+    trainable += setup.tower.params if "vision_tower" in setup.tunable else 0
+    adapters = 0
+    if "language_model" in setup.tunable:
+        if setup.lora_rank:
+            adapters = lora_params(setup.lm, setup.lora_rank, setup.lora_targets)
+            trainable += adapters
+        else:
+            trainable += setup.lm.params
+    total += adapters
+    # DeepSpeed's estimators, per trainable parameter: 16 bytes of fp32 state (master weights 4, Adam's
+    # two moments 8, fp32 gradients 4), partitioned from ZeRO-1 on; 16-bit gradients whole at ZeRO-0/1,
+    # partitioned at ZeRO-2 (2 P + 18 P / N in all), reduced straight into the fp32 partition at
+    # ZeRO-3 (4 x the largest layer + 18 P / N). The 16-bit weights of every parameter, trainable or
+    # not: whole below ZeRO-3. Offloading the optimizer moves gradients and states to CPU memory.
+    optimizer = 16 * trainable // (n if setup.zero_stage >= 1 else 1)
+    if setup.zero_stage == 3:
+        weights, gradients = wb * total // n + 4 * setup.lm.largest_layer_params, 0
+    else:
+        weights, gradients = wb * total, wb * trainable // (n if setup.zero_stage == 2 else 1)
+    if setup.offload_optimizer:
+        gradients, optimizer = 0, 0
+    # Gradient buckets: ZeRO-3 copies gradients into one flat bucket of reduce_bucket_size elements before
+    # reduce-scattering them; ZeRO-2 with overlap_comm alternates two. Touched only as far as gradients fill them.
+    bucket = wb * min(REDUCE_BUCKET_ELEMENTS, trainable)
+    buffers = bucket if setup.zero_stage == 3 else 2 * bucket if setup.zero_stage == 2 and setup.overlap_comm else 0
+    return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer, buffers=buffers,
+                          activations=activation_bytes(setup), trainable_params=trainable, total_params=total)
+
+
+def activation_bytes(setup: StageSetup) -> int:
+    """Activations of one micro-batch in the LM and the tower, plus the logits and their float32 loss copy.
+
+    Per block and token about ``16 h + 6 i`` values (attention inputs and outputs, norms, the MLP's
+    gate/up/product) without gradient checkpointing; with it, each block keeps only its input and one
+    block is recomputed at a time. Attention scores are not kept (SDPA / flash attention).
+    """
+    wb = 4 if setup.precision == "fp32" else 2
+
+    def stack(shape: TransformerShape, tokens: int) -> int:
+        per_block = tokens * (16 * shape.hidden + 6 * shape.intermediate) * wb
+        if setup.gradient_checkpointing:
+            return shape.layers * tokens * shape.hidden * wb + per_block
+        return shape.layers * per_block
+
+    text_tokens = setup.micro_batch_size * setup.max_length
+    vision_tokens = setup.micro_batch_size * setup.tiles_per_sample * setup.tower.tokens_per_tile
+    logits = text_tokens * setup.lm.vocab * (wb + 8)  # the logits, their float32 copy for the loss, its gradient
+    return stack(setup.lm, text_tokens) + stack(setup.tower, vision_tokens) + logits
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage's estimate against the GPU's memory, and the cheapest change that fits when it does not."""
+
+    stage: str
+    setup: StageSetup
+    estimate: MemoryEstimate
+    gpu_memory_gb: float | None
+    fix: tuple[str, MemoryEstimate] | None = None
+    """The first change (cheapest first) that fits, and its estimate; ``None`` when none is needed or none fits."""
+
+    @property
+    def fits(self) -> bool | None:
+        if self.gpu_memory_gb is None:
+            return None
+        return self.estimate.total <= self.gpu_memory_gb * GB * USABLE_FRACTION
+
+    def table(self) -> str:
+        e, s = self.estimate, self.setup
+        lines = [f"{self.stage}: ~{e.total / GB:.1f} GB per GPU ({e.total_params / 1e9:.2f}B parameters, "
+                 f"{e.trainable_params / 1e9:.2f}B trainable; ZeRO-{s.zero_stage}"
+                 f"{' + optimizer offload' if s.offload_optimizer else ''}, {s.world_size} GPUs, {s.precision}, "
+                 f"micro-batch {s.micro_batch_size} x {s.max_length} tokens"
+                 f"{', gradient checkpointing' if s.gradient_checkpointing else ''})"]
+        for name, value in (("weights", e.weights), ("gradients", e.gradients), ("optimizer states", e.optimizer),
+                            ("ZeRO buffers", e.buffers), ("activations", e.activations)):
+            lines.append(f"  {name:<17}{value / GB:9.1f} GB")
+        if self.gpu_memory_gb is None:
+            lines.append("  verdict          no scaling.gpu_memory_gb in the recipe: nothing to check against")
+        elif self.fits:
+            lines.append(f"  verdict          fits in {self.gpu_memory_gb:g} GB "
+                         f"({USABLE_FRACTION:.0%} usable: {self.gpu_memory_gb * USABLE_FRACTION:.0f} GB)")
+        else:
+            lines.append(f"  verdict          does NOT fit in {self.gpu_memory_gb:g} GB "
+                         f"({USABLE_FRACTION:.0%} usable: {self.gpu_memory_gb * USABLE_FRACTION:.0f} GB)")
+            lines.append(f"  cheapest fix     {self.fix[0]} (~{self.fix[1].total / GB:.1f} GB)" if self.fix else
+                         "  cheapest fix     none of: gradient checkpointing, ZeRO-3, smaller micro-batch, "
+                         "optimizer offload; more GPUs or a shorter model_max_length")
+        return "\n".join(lines)
+
+
+TEXT_ALLOWANCE = 1024
+"""Text tokens beside the largest image that a shorter ``model_max_length`` must still leave room for."""
+
+
+def candidate_fixes(setup: StageSetup) -> list[tuple[str, StageSetup]]:
+    """Changes that cut memory, cheapest (in training speed) first; each keeps the global batch."""
+    fixes = []
+    if not setup.gradient_checkpointing:
+        fixes.append(("deepspeed.gradient_checkpointing=true", replace(setup, gradient_checkpointing=True)))
+    if setup.zero_stage < 3:
+        fixes.append(("deepspeed.zero_stage=3", replace(setup, zero_stage=3)))
+    micro = setup.micro_batch_size
+    while micro > 1:
+        micro //= 2
+        fixes.append((f"micro_batch_size={micro} (more accumulation)", replace(setup, micro_batch_size=micro)))
+    if not setup.offload_optimizer:
+        fixes.append(("deepspeed.offload_optimizer=true", replace(setup, offload_optimizer=True)))
+    length = setup.max_length
+    while length // 2 >= setup.image_tokens + TEXT_ALLOWANCE:  # the data decides: longer samples are dropped
+        length //= 2
+        fixes.append((f"data.model_max_length={length} (samples longer than that are dropped or truncated)",
+                      replace(setup, max_length=length)))
+    # everything together, as a last resort
+    fixes.append(("gradient checkpointing + ZeRO-3 + micro_batch_size=1 + optimizer offload",
+                  replace(setup, gradient_checkpointing=True, zero_stage=3, micro_batch_size=1,
+                          offload_optimizer=True)))
+    return fixes
+
+
+def plan(stage: str, setup: StageSetup, gpu_memory_gb: float | None) -> StagePlan:
+    """The estimate, the verdict, and (when it does not fit) the first candidate fix that fits."""
+    result = StagePlan(stage, setup, estimate(setup), gpu_memory_gb)
+    if result.fits is not False:
+        return result
+    for name, changed in candidate_fixes(setup):
+        candidate = estimate(changed)
+        if candidate.total <= gpu_memory_gb * GB * USABLE_FRACTION:
+            return replace(result, fix=(name, candidate))
+    return result
+
+
+def recipe_shapes(recipe: Recipe) -> tuple[TransformerShape, TransformerShape]:
+    """(language model, vision tower) shapes of the recipe's model: tiny towers, a local or known checkpoint.
+
+    Raises:
+        UnknownShapeError: a model that is neither local nor in ``KNOWN_SHAPES``.
+    """
+    model = recipe.model
+    if model.tiny is not None:
+        tiny = model.tiny
+        tokens = (model.image_size // tiny.patch_size) ** 2 + (1 if tiny.vision_family == "clip" else 0)
+        return (TransformerShape(tiny.text_hidden_size, tiny.text_layers, 2 * tiny.text_hidden_size, tiny.text_heads,
+                                 vocab=tiny.text_vocab_size),
+                TransformerShape(tiny.vision_hidden_size, tiny.vision_layers, 2 * tiny.vision_hidden_size,
+                                 tiny.vision_heads, tokens_per_tile=tokens, patch_size=tiny.patch_size,
+                                 gated_mlp=False))
+    if model.pretrained:
+        return (shape_of(model.pretrained, vision=False),
+                shape_of(model.pretrained, vision=True, image_size=model.image_size))
+    return shape_of(model.language_model, vision=False), shape_of(model.vision_tower, vision=True,
+                                                                    image_size=model.image_size)
+
+
+def stage_setup(recipe: Recipe, stage: StageConfig) -> StageSetup:
+    """The numbers ``estimate`` needs, from the recipe (shapes as ``recipe_shapes``)."""
+    lm, tower = recipe_shapes(recipe)
+    model, ds = recipe.model, stage.deepspeed
+    projector = tower.hidden * lm.hidden + (lm.hidden * lm.hidden if model.projector == "mlp2x_gelu" else 0)
+    anyres = stage.data.image_mode == "anyres" and bool(model.image_grid_pinpoints)
+    pinpoints = [tuple(p) for p in model.image_grid_pinpoints or [(model.image_size, model.image_size)]]
+    tiles = max(anyres_tile_count(p, pinpoints, model.image_size) for p in pinpoints) if anyres else 1
+    image_tokens = max(image_token_count(p, anyres=anyres, tile_size=model.image_size, patch_size=tower.patch_size,
+                                         pinpoints=pinpoints) for p in pinpoints) if tower.patch_size else 0
+    return StageSetup(lm=lm, tower=tower, projector_params=projector, tunable=tuple(stage.tunable),
+                      lora_rank=stage.lora.r if stage.lora else None,
+                      lora_targets=tuple(stage.lora.target_modules) if stage.lora else (),
+                      zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer, precision=ds.precision,
+                      world_size=recipe.scaling.num_workers, micro_batch_size=stage.micro_batch_size,
+                      max_length=stage.data.model_max_length, tiles_per_sample=tiles,
+                      gradient_checkpointing=ds.gradient_checkpointing, overlap_comm=recipe.scaling.use_gpu,
+                      image_tokens=image_tokens)
+
+
+def plan_recipe(recipe: Recipe) -> str:
+    """What ``--dry-run`` prints after the recipe: each stage's per-GPU estimate and verdict."""
+    try:
+        plans = [plan(name, stage_setup(recipe, stage), recipe.scaling.gpu_memory_gb)
+                 for name, stage in recipe.stages().items()]
+    except UnknownShapeError as error:
+        return f"# memory estimate: unavailable ({error})"
+    unit = "GPU" if recipe.scaling.use_gpu else "worker"
+    header = f"# memory per {unit} (llava_platform.train.memory; model states after DeepSpeed's estimators)"
+    return "\n".join([header, *(f"# {line}" for p in plans for line in p.table().splitlines())])

@@ -1,0 +1,86 @@
+"""The ZeRO-3 hang that was: one rank's micro-batch with an image, the other's text-only.
+
+Two real ranks (gloo, no Ray) train stage 2 under ZeRO-3 with LoRA and gradient checkpointing,
+every weight sharded, on schedules that mix image and text-only micro-batches across ranks
+(``II,IT,TI``: step 0 records ZeRO-3's module trace with images on both ranks, later steps give one
+rank text only). The text-only path used to run the tower and projector from a hook on the outer
+model, before the inner modules: another module order, so the ranks' parameter gathers and gradient
+reduce-scatters went out of step (LLaVA-NeXT failed at once on ``image_newline``). Each rank must
+finish every step with ZeRO-3's recorded trace intact.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from jobs import compose
+from jobs.benchmarks.ranks import spawn_ranks
+from llava_platform.config import load_recipe
+from tests.helpers.recipes import NEXT_MODEL
+
+RECIPE = "tiny_cpu_demo"
+STAGE = ["stage2.global_batch_size=2", "stage2.micro_batch_size=1", "stage2.optim.lr=0.01",
+         "stage2.deepspeed.zero_stage=3", "stage2.deepspeed.zero3_param_persistence_threshold=0",
+         "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
+         "stage2.deepspeed.gradient_checkpointing=true", "stage2.data.group_by_modality_length=false"]
+HANG_AFTER_S = 120
+
+
+def micro_batch(processor, recipe, image: bool, seed: int) -> dict[str, torch.Tensor]:
+    from PIL import Image
+
+    from llava_platform.data.collate import collate
+    from llava_platform.data.conversation import tokenize_conversation
+    from llava_platform.data.image_settings import ImageSettings
+    from llava_platform.data.templates import resolve_chat_template
+
+    data = recipe.stage2.data
+    settings = ImageSettings.from_processor(processor)
+    if image:
+        picture = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 70, 3), dtype=np.uint8))
+        turns = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
+        tiles, size, tokens = settings.tile(picture, data.image_mode), (40, 70), [
+            settings.token_count((40, 70), data.image_mode)]
+    else:
+        turns = [{"from": "human", "value": f"What is {seed} plus {seed}?"}, {"from": "gpt", "value": str(2 * seed)}]
+        tiles, size, tokens = None, None, []
+    sample = tokenize_conversation(turns, processor.tokenizer, resolve_chat_template(data.template,
+                                                                                     processor.chat_template),
+                                   tokens_per_image=tokens, image_token="<image>", max_length=256)
+    return collate([sample.input_ids], [sample.labels], [tiles], [size], pad_token_id=processor.tokenizer.pad_token_id,
+                   anyres=data.image_mode == "anyres", image_mean=settings.image_mean, image_std=settings.image_std)
+
+
+def train_schedule(rank: int, world_size: int, overrides: list[str], model: str, schedule: str) -> list[tuple]:
+    """Rank function: one optimizer step per schedule entry (``I``: an image row on that rank, ``T``: text)."""
+    from jobs.train import engine_spec
+    from llava_platform.train.engine import build_engine, train_step
+
+    faulthandler.dump_traceback_later(HANG_AFTER_S, exit=True)  # a hang fails the test with every stack
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    recipe = load_recipe(RECIPE, overrides)
+    engine, processor = build_engine(engine_spec(recipe, recipe.stage2, model, total_steps=4))
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    steps = []
+    for step, kinds in enumerate(schedule.split(",")):
+        result = train_step(engine, [micro_batch(processor, recipe, kinds[rank] == "I", 2 * step + rank)])
+        steps.append((kinds[rank], result.loss, coordinator.is_complete_trace()))
+    faulthandler.cancel_dump_traceback_later()
+    return steps
+
+
+@pytest.mark.parametrize(("arch", "schedule"), [("llava", "II,IT,TI"), ("llava_next", "IT,TI")])
+def test_ranks_with_and_without_images_stay_in_step_under_zero3(arch, schedule, tmp_path):
+    overrides = [*STAGE, *(NEXT_MODEL if arch == "llava_next" else [])]
+    model = str(compose.run(load_recipe(RECIPE, overrides), tmp_path / "initial"))
+    ranks = spawn_ranks(train_schedule, 2, overrides, model, schedule, timeout_s=HANG_AFTER_S + 120)
+    for rank, steps in enumerate(ranks):
+        assert [kind for kind, _, _ in steps] == [kinds[rank] for kinds in schedule.split(",")]
+        assert all(math.isfinite(loss) for _, loss, _ in steps)
+        assert all(complete for _, _, complete in steps[1:]), f"rank {rank}: ZeRO-3's module trace was dropped"
