@@ -3,6 +3,7 @@
 #   make test   - install, then run the test suite
 #   make chaos  - install, then run every fault-injection test (the slow ones too) and print the table
 #   make walkthrough - README "After the demo", every command as written, on a fresh clone (~6 min)
+#   make gpu-smoke - on a GPU machine: stage 1 + 2 of a ~0.5B model on one GPU, samples/s, tokens/s, MFU
 #   make browser - Debian's chromium for the chat page's browser test, when missing (make test runs it)
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.installed
 # Set TORCH_INDEX_URL to a CUDA wheel index for GPU machines; the default takes the index's build.
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test chaos walkthrough install browser lint clean
+.PHONY: demo test chaos walkthrough gpu-smoke install browser lint clean
 
 install: $(STAMP)
 
@@ -33,6 +34,10 @@ chaos: $(STAMP) browser
 
 walkthrough: $(STAMP)
 	$(PY) -m pytest tests/walkthrough $(PYTEST_ARGS)
+
+# Install with TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ on a GPU machine; CI never runs this.
+gpu-smoke: $(STAMP)
+	$(PY) -m jobs.benchmarks.gpu_smoke $(ARGS)
 
 # The browser tests drive the system Chromium through Playwright's Python client (no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

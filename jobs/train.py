@@ -333,7 +333,8 @@ def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, pro
     loop = LoopSpec(epochs=stage.epochs, micro_batch_size=stage.micro_batch_size,
                     group_window=32 * stage.micro_batch_size,
                     group_by_modality_length=stage.data.group_by_modality_length, seed=recipe.seed,
-                    anyres=stage.data.image_mode == "anyres", checkpoint_every=recipe.checkpoint.every_n_steps)
+                    anyres=stage.data.image_mode == "anyres", checkpoint_every=recipe.checkpoint.every_n_steps,
+                    async_upload=recipe.checkpoint.upload == "async")
     settings = recipe.tracking
     track = TrackingSpec(
         uri=tracking_uri, run_id=runs[name], parent_run_id=runs["parent"],

@@ -125,7 +125,9 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
                         metrics_sender.flush()  # the checkpointed steps are in MLflow before the checkpoint
                 pending = {}
             if checkpointed:
-                report_checkpoint(engine, position, plan, faults, metrics, rank)
+                stall = report_checkpoint(engine, position, plan, faults, metrics, rank)
+                if rank == 0:
+                    metrics_sender.send({position.step: {"checkpoint_stall_s": stall}})
                 checkpointed_step = position.step
         position = position.next_epoch(epoch)
     reader.close()
@@ -186,18 +188,23 @@ def summed_over_ranks(values: list[float], device) -> list[float]:
 
 
 def report_checkpoint(engine, position: TrainingPosition, plan: StagePlan, faults: Faults, metrics: dict,
-                      rank: int) -> None:
-    """Every rank saves its DeepSpeed shard into a folder of the same name; Ray Train merges them in storage."""
-    with tempfile.TemporaryDirectory(prefix="llava-ckpt-") as directory:
-        save_training_state(engine, directory, position)
-        if rank == 0:
-            saved = ResumePoint(position, mlflow_run_id=plan.tracking.run_id,
-                                mlflow_parent_run_id=plan.tracking.parent_run_id, world_size=dist.get_world_size())
-            (Path(directory) / POSITION_FILE).write_text(json.dumps(saved.as_dict(), indent=1))
-        ray.train.report({"step": position.step, "loss": metrics["loss"]},
-                         checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"{plan.stage}-step{position.step:08d}",
-                         checkpoint_upload_fn=faults.upload(position.step, rank))
+                      rank: int) -> float:
+    """Every rank saves its DeepSpeed shard into a local folder of the same name; Ray Train uploads and merges
+    them in storage, in the background with ``async_upload`` (it deletes the folder when done). Returns how
+    long training stood still for it (``checkpoint_stall_s`` in MLflow)."""
+    started = time.perf_counter()
+    directory = tempfile.mkdtemp(prefix="llava-ckpt-")  # not a context manager: an async upload outlives the call
+    save_training_state(engine, directory, position)
+    if rank == 0:
+        saved = ResumePoint(position, mlflow_run_id=plan.tracking.run_id,
+                            mlflow_parent_run_id=plan.tracking.parent_run_id, world_size=dist.get_world_size())
+        (Path(directory) / POSITION_FILE).write_text(json.dumps(saved.as_dict(), indent=1))
+    mode = ray.train.CheckpointUploadMode.ASYNC if plan.loop.async_upload else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report({"step": position.step, "loss": metrics["loss"]},
+                     checkpoint=ray.train.Checkpoint.from_directory(directory),
+                     checkpoint_dir_name=f"{plan.stage}-step{position.step:08d}", checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=faults.upload(position.step, rank))
+    return time.perf_counter() - started
 
 
 def export_and_register(engine, processor, probe: dict | None, step: int, plan: StagePlan, rank: int) -> None:

@@ -1,19 +1,23 @@
-"""A loopback HTTP proxy in front of moto that throttles writes (fault injection for S3 uploads)."""
+"""A loopback HTTP proxy in front of moto that throttles writes or delays every request (fault injection
+for S3 uploads; a slow object store for the checkpoint-upload benchmark)."""
 
 from __future__ import annotations
 
 import http.server
 import threading
+import time
 import urllib.error
 import urllib.request
 
 
 class FlakyS3Proxy:
     """A loopback HTTP proxy in front of the S3 server that answers the first ``failures`` writes with
-    503 SlowDown (what S3 sends when it throttles), then forwards everything."""
+    503 SlowDown (what S3 sends when it throttles), then forwards everything, each request after
+    ``delay_s`` (a distant or busy object store)."""
 
-    def __init__(self, upstream: str, failures: int):
+    def __init__(self, upstream: str, failures: int = 0, delay_s: float = 0.0):
         self.upstream, self.failures, self.injected, self.forwarded_writes = upstream, failures, 0, 0
+        self.delay_s = delay_s
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -31,6 +35,7 @@ class FlakyS3Proxy:
 
             def _forward(self):
                 body = self._read_body()
+                time.sleep(proxy.delay_s)
                 if self.command in ("PUT", "POST") and proxy.injected < proxy.failures:
                     proxy.injected += 1
                     error = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"

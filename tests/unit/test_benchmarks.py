@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.benchmarks import checkpoint_upload as bench_checkpoint_upload
+from jobs.benchmarks import gpu_smoke as bench_gpu_smoke
 from jobs.benchmarks import padding as bench_padding
 from jobs.benchmarks import preprocess as bench_preprocess
 from jobs.benchmarks import serve as bench_serve
@@ -21,11 +23,17 @@ def test_training_benchmark_owns_its_inputs_and_passes_preflight(tmp_path, capsy
     assert (run_dir / "data" / "stage1.json").is_file() and (run_dir / "initial" / "config.json").is_file()
 
 
+def test_checkpoint_upload_benchmark_resolves_both_modes(tmp_path, capsys):
+    bench_checkpoint_upload.main(["--steps", "3", "--out", str(tmp_path), "--dry-run"])
+    assert "the sync and async recipes resolve" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("bench, argv, expected", [
     (bench_preprocess, [], "ours / transformers"),
     (bench_padding, ["--records", "8"], "dry run: 8 records per split"),
     (bench_serve, [], "batched, unbatched applications"),
     (bench_zero3_load, [], "~0.52B parameters"),
+    (bench_gpu_smoke, ["--steps", "5"], "0.52B parameters, stage 1 + stage 2 x 5 steps"),
 ])
 def test_benchmark_dry_runs(bench, argv, expected, capsys):
     bench.main([*argv, "--dry-run"])

@@ -241,6 +241,10 @@ class CheckpointConfig(Section):
 
     every_n_steps: PositiveInt = 200
     """Optimizer steps between checkpoints (the last step always gets one)."""
+    upload: Literal["async", "sync"] = "async"
+    """``async``: training goes on while each rank's part uploads in the background (Ray Train's
+    ``CheckpointUploadMode.ASYNC``; a checkpoint counts once every rank's upload has finished).
+    ``sync``: the step waits for the upload."""
     num_to_keep: PositiveInt = 2
     """Checkpoints kept per stage; older ones are deleted."""
     storage_path: str | None = None

@@ -69,6 +69,8 @@ class LoopSpec:
     """Rows carry LLaVA-NeXT tile stacks (``image_mode: anyres``)."""
     checkpoint_every: int
     """Optimizer steps between checkpoints (the last step is always checkpointed)."""
+    async_upload: bool = True
+    """Upload checkpoints in the background (``checkpoint.upload: async``)."""
 
 
 @dataclass(frozen=True)
