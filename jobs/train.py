@@ -184,9 +184,6 @@ def preflight(recipe: Recipe, names: list[str], *, model: str, output: Path, sta
         problems.append(f"--model: {model} is not a folder; create it with `python -m jobs.compose`")
     if resume is not None and not names:
         problems.append(f"--resume: the checkpoint is from {resume.position.stage}, which --stage {stage} does not run")
-    if resume is not None and resume.world_size != recipe.scaling.num_workers:
-        problems.append(f"scaling.num_workers: {recipe.scaling.num_workers}, but --resume {resume_from} was "
-                        f"written by {resume.world_size} workers (ZeRO state is sharded per worker)")
     for name in names:
         stage_config = recipe.stages().get(name)
         if stage_config is None:

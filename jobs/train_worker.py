@@ -11,6 +11,7 @@ checkpoint already covers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from llava_platform.train.engine import (
     init_distributed,
     load_training_state,
     save_training_state,
+    saved_world_size,
     train_step,
 )
 from llava_platform.train.plan import LoopSpec, ResumePoint, StagePlan, TrainingPosition
@@ -57,19 +59,25 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
     quiet_ray_data()  # progress is rank 0's line (and MLflow); per-rank Ray Data bars would interleave
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    loop, track, spec = plan.loop, plan.tracking, plan.engine
-    with tempfile.TemporaryDirectory(prefix="llava-projector-") as download:
-        engine, processor = build_engine(spec, resolve_projector(plan.projector, track.uri, download))
+    loop, track = plan.loop, plan.tracking
+    world = dist.get_world_size()
+    spec = plan.engine.at_world_size(world)  # the global batch holds at whatever size the group has
     position = TrainingPosition(plan.stage)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and plan.resume_from:  # --resume: Ray Train has no checkpoint of this run yet
         filesystem, path = filesystem_for(plan.resume_from, plan.storage_endpoint_url)
         checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+    with contextlib.ExitStack() as stack:
+        directory = stack.enter_context(checkpoint.as_directory()) if checkpoint is not None else None
+        saved = saved_world_size(directory) if directory else world  # another count: a universal checkpoint
+        with tempfile.TemporaryDirectory(prefix="llava-projector-") as download:
+            engine, processor = build_engine(spec, resolve_projector(plan.projector, track.uri, download),
+                                             universal_checkpoint=saved != world)
+        if directory:
             position = load_training_state(engine, directory)
             dist.barrier()  # nobody leaves (and deletes a downloaded copy) before everyone has loaded
-        log(rank, f"resumed at step {position.step} (epoch {position.epoch})")
+            log(rank, f"resumed at step {position.step} (epoch {position.epoch})"
+                      + (f", written by {saved} workers, now {world}" if saved != world else ""))
 
     interval = track.system_metrics_interval_s
     monitor = tracking.start_system_metrics(track.uri, track.run_id, interval) if rank == 0 and interval else None

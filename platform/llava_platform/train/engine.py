@@ -62,7 +62,7 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def build_engine(spec: EngineSpec, projector_path: str | None = None):
+def build_engine(spec: EngineSpec, projector_path: str | None = None, *, universal_checkpoint: bool = False):
     """Load the starting checkpoint, choose what trains, and wrap it in a DeepSpeed engine.
 
     Under ZeRO-3 the model is built partitioned and each rank reads only its own slices of the
@@ -72,6 +72,9 @@ def build_engine(spec: EngineSpec, projector_path: str | None = None):
         spec: the model, what trains (``tunable``, ``lora``), learning rates, schedule and the DeepSpeed
             config (``build_deepspeed_config``; the optimizer and ZeRO settings come from it).
         projector_path: a stage-1 ``projector.safetensors`` to load on top, or ``None``.
+        universal_checkpoint: the engine will resume from a checkpoint written by another number of
+            workers (``load_training_state`` converts it to DeepSpeed's universal format; DeepSpeed reads
+            that only when its config says so before ``initialize``).
 
     Returns:
         ``(engine, processor)``; ``engine.module`` is the transformers model (or its peft wrapper).
@@ -104,8 +107,9 @@ def build_engine(spec: EngineSpec, projector_path: str | None = None):
     groups = parameter_groups(model.named_parameters(), lr=spec.lr, projector_lr=spec.projector_lr,
                               vision_tower_lr=spec.vision_tower_lr, weight_decay=spec.weight_decay)
     schedule = build_lr_scheduler(spec.scheduler, warmup_ratio=spec.warmup_ratio, total_steps=spec.total_steps)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=spec.deepspeed_config,
-                                      lr_scheduler=schedule)
+    config = {**spec.deepspeed_config, "checkpoint": {"load_universal": True}} if universal_checkpoint \
+        else spec.deepspeed_config
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=schedule)
     del keep_alive  # transformers' ZeRO-3 switch (HfDeepSpeedConfig): needed until the engine exists
     return engine, processor
 
@@ -204,27 +208,82 @@ def _rng_state() -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def saved_world_size(directory: str | Path) -> int:
+    """How many workers wrote the DeepSpeed state in ``directory`` (one optimizer-state file each)."""
+    return len(list((Path(directory) / CHECKPOINT_TAG).glob("*optim_states.pt")))
+
+
 def load_training_state(engine, directory: str | Path) -> TrainingPosition:
     """Restore what ``save_training_state`` wrote into a freshly built engine; return the saved position.
 
+    A checkpoint written by another number of workers is first converted to DeepSpeed's universal
+    format (``ds_to_universal``: each weight's fp32 value and Adam moments, whole), from which every
+    rank takes its new partition; the engine must have been built with ``universal_checkpoint``. The
+    global batch holds (accumulation absorbs the new worker count); each rank's random state is
+    restored only when the count is unchanged.
+
     Raises:
-        ResumeError: the directory holds no DeepSpeed state of this layout (wrong folder, or a
-            checkpoint from a run with a different worker count).
+        ResumeError: the directory holds no DeepSpeed state of this layout, or the worker count changed
+            and the engine was not built for a universal checkpoint.
     """
+    import torch.distributed as dist
+
     if not (Path(directory) / CHECKPOINT_TAG).is_dir():
         raise ResumeError(f"{directory} holds no training state (no {CHECKPOINT_TAG}/ folder); pass a checkpoint "
                           "folder written by jobs.train (<storage>/<recipe>-<stage>/<stage>-step<N>)")
+    world, saved = dist.get_world_size(), saved_world_size(directory)
+    load_dir, tag = str(directory), CHECKPOINT_TAG
+    if saved != world:
+        if not engine.load_universal_checkpoint():
+            raise ResumeError(f"{directory} was written by {saved} workers and this run has {world}: build the "
+                              "engine with universal_checkpoint=True")
+        load_dir, tag = to_universal(directory), UNIVERSAL_TAG
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
     try:
-        path, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag)
     except (FileNotFoundError, AssertionError, RuntimeError) as error:
-        raise ResumeError(f"cannot resume from {directory}: {error}. ZeRO checkpoints need the same number of "
-                          "workers as the run that wrote them") from error
+        raise ResumeError(f"cannot resume from {directory}: {error}") from error
+    if saved != world:
+        # DeepSpeed's ZeRO-3 universal loader copies the first parameter group's settings (learning rate,
+        # weight decay) into every group: put back each group's own (the scheduler then sets its rate)
+        rates = engine.lr_scheduler.get_last_lr() if engine.lr_scheduler is not None else [g["lr"] for g in groups]
+        for group, own, rate in zip(engine.optimizer.param_groups, groups, rates, strict=True):
+            group.update({k: v for k, v in own.items() if k not in ("lr", "step")}, lr=rate)
     if path is None:
         raise ResumeError(f"DeepSpeed found no checkpoint in {directory}/{CHECKPOINT_TAG}")
     rng_file = Path(directory) / CHECKPOINT_TAG / f"rng_rank{engine.global_rank}.pt"
-    if rng_file.exists():
+    if saved == world and rng_file.exists():
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainingPosition.from_dict(client_state["position"])
+
+
+UNIVERSAL_TAG = "universal"
+
+
+def to_universal(directory: str | Path) -> str:
+    """Convert ``directory``'s DeepSpeed state to the universal format in a folder on this node; returns it.
+
+    The first rank on each node converts (into a node-local folder named after the checkpoint, since
+    the checkpoint itself may be read-only or shared), the others wait for it.
+    """
+    import hashlib
+    import os
+    import tempfile
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    name = hashlib.sha1(str(Path(directory).resolve()).encode()).hexdigest()[:16]
+    root = Path(tempfile.gettempdir()) / f"llava-universal-{name}"
+    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0 and not (root / UNIVERSAL_TAG / "zero").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        ds_to_universal(SimpleNamespace(input_folder=str(Path(directory) / CHECKPOINT_TAG),
+                                        output_folder=str(root / UNIVERSAL_TAG), num_extract_workers=1,
+                                        num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                        inject_missing_state=True))
+    dist.barrier()
+    return str(root)

@@ -53,6 +53,20 @@ class EngineSpec:
     tf32: bool = False
     """Allow TF32 matmuls on CUDA (``deepspeed.tf32``)."""
 
+    def at_world_size(self, world_size: int) -> EngineSpec:
+        """The same stage on ``world_size`` workers: the global batch holds, accumulation absorbs the change.
+
+        Raises:
+            DeepSpeedConfigError: the global batch does not divide into ``world_size`` x the micro-batch.
+        """
+        from llava_platform.train.deepspeed_config import gradient_accumulation_steps
+
+        config = self.deepspeed_config
+        steps = gradient_accumulation_steps(config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+                                            world_size)
+        return replace(self, gradient_accumulation_steps=steps,
+                       deepspeed_config={**config, "gradient_accumulation_steps": steps})
+
 
 @dataclass(frozen=True)
 class LoopSpec:

@@ -247,3 +247,19 @@ def test_manual_resume_replays_the_same_steps(pipeline_run, mlflow_server, tmp_p
     versions = client.search_model_versions(f"name = '{REGISTERED_NAME}'")
     assert [v.run_id for v in versions].count(stage2_run) >= 2, "the resumed run registered no new version"
     assert_export_reproduces_engine(resumed.stage_dirs["stage2"])
+
+
+def test_resume_on_one_worker_from_a_two_worker_checkpoint(pipeline_run, mlflow_server, tmp_path):
+    """--resume with ``scaling.num_workers=1`` from the 2-worker job's stage-2 step-2 checkpoint: converted to
+    DeepSpeed's universal format on the worker, the global batch kept (accumulation 1 -> 2), the run ends at
+    the same step and exports a model that reproduces its engine. (The same steps' losses on re-split data
+    are not comparable row for row; ``test_resume_worker_count.py`` compares them on fixed batches.)"""
+    client, stage2_run = tracking.client_for(mlflow_server), pipeline_run.runs["stage2"]
+    before = len(client.get_metric_history(stage2_run, "resumed_at_step"))
+    resumed = train.main(["--recipe", RECIPE, "--model", str(pipeline_run.job.output / "initial"), "--output",
+                          str(tmp_path), *pipeline_run.job.overrides, "scaling.num_workers=1", "--stage", "2",
+                          "--resume", str(pipeline_run.checkpoint("stage2", 2))])
+    assert mlflow_runs(tmp_path)["stage2"] == stage2_run
+    assert [m.value for m in client.get_metric_history(stage2_run, "resumed_at_step")][before:] == [2]
+    assert [m.value for m in client.get_metric_history(stage2_run, "optimizer_steps")][-1] == STEPS
+    assert_export_reproduces_engine(resumed.stage_dirs["stage2"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import faulthandler
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,6 +21,7 @@ from jobs import compose
 from jobs.benchmarks.ranks import spawn_ranks
 from llava_platform.config import load_recipe
 from tests.helpers.recipes import NEXT_MODEL
+from tests.helpers.rows import micro_batch
 
 RECIPE = "tiny_cpu_demo"
 STAGE = ["stage2.global_batch_size=2", "stage2.micro_batch_size=1", "stage2.optim.lr=0.01",
@@ -29,31 +29,6 @@ STAGE = ["stage2.global_batch_size=2", "stage2.micro_batch_size=1", "stage2.opti
          "stage2.tunable=[projector]", "stage2.lora={r: 4, alpha: 8, dropout: 0.0}",
          "stage2.deepspeed.gradient_checkpointing=true", "stage2.data.group_by_modality_length=false"]
 HANG_AFTER_S = 120
-
-
-def micro_batch(processor, recipe, image: bool, seed: int) -> dict[str, torch.Tensor]:
-    from PIL import Image
-
-    from llava_platform.data.collate import collate
-    from llava_platform.data.conversation import tokenize_conversation
-    from llava_platform.data.image_settings import ImageSettings
-    from llava_platform.data.templates import resolve_chat_template
-
-    data = recipe.stage2.data
-    settings = ImageSettings.from_processor(processor)
-    if image:
-        picture = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 70, 3), dtype=np.uint8))
-        turns = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
-        tiles, size, tokens = settings.tile(picture, data.image_mode), (40, 70), [
-            settings.token_count((40, 70), data.image_mode)]
-    else:
-        turns = [{"from": "human", "value": f"What is {seed} plus {seed}?"}, {"from": "gpt", "value": str(2 * seed)}]
-        tiles, size, tokens = None, None, []
-    sample = tokenize_conversation(turns, processor.tokenizer, resolve_chat_template(data.template,
-                                                                                     processor.chat_template),
-                                   tokens_per_image=tokens, image_token="<image>", max_length=256)
-    return collate([sample.input_ids], [sample.labels], [tiles], [size], pad_token_id=processor.tokenizer.pad_token_id,
-                   anyres=data.image_mode == "anyres", image_mean=settings.image_mean, image_std=settings.image_std)
 
 
 def train_schedule(rank: int, world_size: int, overrides: list[str], model: str, schedule: str) -> list[tuple]:

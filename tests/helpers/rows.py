@@ -1,0 +1,32 @@
+"""Collated micro-batches built in memory, for tests that drive DeepSpeed ranks directly (no Ray Data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def micro_batch(processor, recipe, image: bool, seed: int) -> dict[str, torch.Tensor]:
+    """One row (a random image and a colour question, or a text-only sum) collated as stage 2 collates it."""
+    from PIL import Image
+
+    from llava_platform.data.collate import collate
+    from llava_platform.data.conversation import tokenize_conversation
+    from llava_platform.data.image_settings import ImageSettings
+    from llava_platform.data.templates import resolve_chat_template
+
+    data = recipe.stage2.data
+    settings = ImageSettings.from_processor(processor)
+    if image:
+        picture = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 70, 3), dtype=np.uint8))
+        turns = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
+        tiles, size, tokens = settings.tile(picture, data.image_mode), (40, 70), [
+            settings.token_count((40, 70), data.image_mode)]
+    else:
+        turns = [{"from": "human", "value": f"What is {seed} plus {seed}?"}, {"from": "gpt", "value": str(2 * seed)}]
+        tiles, size, tokens = None, None, []
+    sample = tokenize_conversation(turns, processor.tokenizer, resolve_chat_template(data.template,
+                                                                                     processor.chat_template),
+                                   tokens_per_image=tokens, image_token="<image>", max_length=256)
+    return collate([sample.input_ids], [sample.labels], [tiles], [size], pad_token_id=processor.tokenizer.pad_token_id,
+                   anyres=data.image_mode == "anyres", image_mean=settings.image_mean, image_std=settings.image_std)
