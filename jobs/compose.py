@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args, recipe_to_yaml
-from llava_platform.model.build import build_model
-from llava_platform.model.compose import save_llava
+from llava_platform.model.build import write_model
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -29,18 +28,20 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def run(recipe: Recipe, output: Path) -> Path:
-    """Compose the recipe's model, save it (with the resolved recipe) to ``output``; returns ``output``."""
+    """Compose the recipe's model, save it (with the resolved recipe) to ``output``; returns ``output``.
+
+    The checkpoint is written one shard at a time, never the whole model in memory (``model.streamed``).
+    """
     final_stage = list(recipe.stages().values())[-1]
-    model, processor = build_model(
+    name, params = write_model(
         recipe.model,
+        output,
         image_mode=final_stage.data.image_mode,
         template=final_stage.data.template,
         work_dir=output.parent / f"{output.name}_towers",
     )
-    save_llava(model, processor, output)
     (output / "llava_platform_recipe.yaml").write_text(recipe_to_yaml(recipe))
-    params = sum(p.numel() for p in model.parameters())
-    print(f"saved {type(model).__name__} ({params:,} parameters) to {output}", file=sys.stderr)
+    print(f"saved {name} ({params:,} parameters) to {output}", file=sys.stderr)
     return output
 
 

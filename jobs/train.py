@@ -331,7 +331,7 @@ def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, pro
                     group_window=32 * stage.micro_batch_size,
                     group_by_modality_length=stage.data.group_by_modality_length, seed=recipe.seed,
                     anyres=stage.data.image_mode == "anyres", checkpoint_every=recipe.checkpoint.every_n_steps,
-                    async_upload=recipe.checkpoint.upload == "async")
+                    async_upload=recipe.checkpoint.upload == "async", shares=scaling.num_workers)
     settings = recipe.tracking
     track = TrackingSpec(
         uri=tracking_uri, run_id=runs[name], parent_run_id=runs["parent"],
@@ -392,8 +392,10 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         partial(train_loop_per_worker, plan, Faults.from_env(stage_dir, workers)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=scaling.placement_strategy),
+        scaling_config=ScalingConfig(num_workers=(scaling.min_workers, workers) if scaling.min_workers else workers,
+                                     use_gpu=scaling.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=scaling.placement_strategy,
+                                     elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s),
         run_config=RunConfig(
             storage_path=storage_path, storage_filesystem=storage,
             name=f"{recipe.name}-{name}" + (time.strftime("-resumed-%Y%m%d-%H%M%S") if resume_from else ""),

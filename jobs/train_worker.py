@@ -6,7 +6,8 @@ two hooks of ``jobs.faults.Faults``.
 
 Rank ``r`` reads the dataset ``rank<r>``: its own slice of the records, preprocessed in a fixed order,
 so that a restarted worker group replays exactly the same micro-batches and can skip the ones a
-checkpoint already covers.
+checkpoint already covers. An elastic group that lost workers reads the missing ranks' slices too
+(``LoopSpec.shares_of``), with accumulation recomputed for its size (``EngineSpec.at_world_size``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
     loop, track = plan.loop, plan.tracking
     world = dist.get_world_size()
     spec = plan.engine.at_world_size(world)  # the global batch holds at whatever size the group has
+    batch, planned = spec.deepspeed_config["train_batch_size"], plan.engine.deepspeed_config["train_batch_size"]
+    if rank == 0 and batch != planned:
+        log(rank, f"{world} workers: global batch {batch} instead of {planned} (accumulation "
+                  f"{spec.gradient_accumulation_steps}: {planned} does not divide into {world} workers)")
     position = TrainingPosition(plan.stage)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and plan.resume_from:  # --resume: Ray Train has no checkpoint of this run yet
@@ -87,11 +92,15 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
         metrics_sender = tracking.StepMetricSender(track.uri, track.run_id, skip_through_step=logged)
         if checkpoint is not None:
             tracking.log_metrics(track.uri, track.run_id, {"resumed_at_step": position.step}, step=position.step)
+        # at every (re)start: an elastic run's size, and the global batch it trains with
+        tracking.log_metrics(track.uri, track.run_id, {"world_size": world, "global_batch_size":
+                                                       spec.deepspeed_config["train_batch_size"]}, step=position.step)
     pending: dict[int, dict[str, float]] = {}
     accumulation, total_steps = spec.gradient_accumulation_steps, spec.total_steps
     settings = ImageSettings.from_processor(processor)
-    shard = ray.train.get_dataset_shard(f"rank{rank}")
-    reader = EpochReader(lambda epoch: shard.iter_batches(batch_size=loop.group_window, batch_format="numpy"),
+    shards = [ray.train.get_dataset_shard(name) for name in loop.shares_of(rank, world)]
+    reader = EpochReader(lambda epoch: interleave([shard.iter_batches(batch_size=loop.group_window,
+                                                                      batch_format="numpy") for shard in shards]),
                          first_epoch=position.epoch, epochs=loop.epochs, depth=READ_AHEAD_WINDOWS)
     probe = None
 
@@ -165,6 +174,18 @@ def resolve_projector(projector: str | None, tracking_uri: str, download_dir: st
 
     return mlflow.artifacts.download_artifacts(artifact_uri=projector, dst_path=download_dir,
                                                tracking_uri=tracking_uri)
+
+
+def interleave(iterators: list[Iterator]) -> Iterator:
+    """Items of several iterators in turn (``a0 b0 a1 b1 ...``), until all are exhausted: a smaller elastic
+    group reads the full-size group's shares side by side, so a resume skips about what each had read."""
+    active = [iter(it) for it in iterators]
+    while active:
+        for it in list(active):
+            try:
+                yield next(it)
+            except StopIteration:
+                active.remove(it)
 
 
 def micro_batch_rows(windows: Iterator[dict], loop: LoopSpec, epoch: int, *, skip: int) -> Iterator[dict]:

@@ -47,3 +47,14 @@ def test_with_one_worker_per_node_training_waits_for_a_replacement_node(tmp_path
     assert result["resumed_at"][0] > result["removed"]["replacement_added_at"], \
         "training resumed before the replacement node joined: it did not wait"
     record_property("lost", 0)
+
+
+@pytest.mark.chaos
+@pytest.mark.fault("training: a node lost with no replacement; the elastic run goes on with the workers left")
+def test_an_elastic_run_that_loses_a_node_finishes_on_the_remaining_worker(tmp_path, record_property):
+    result = lose_a_node(tmp_path, "--elastic")
+    assert result["alive_nodes"] == 2 and "replacement_added_at" not in result["removed"], result
+    # two workers, then one (scaling.min_workers: 1); the global batch holds (accumulation 1 -> 2)
+    assert result["world_sizes"] == [2.0, 1.0], result
+    assert result["global_batch_sizes"] == [4.0, 4.0], result
+    record_property("lost", 0)

@@ -1,19 +1,23 @@
 """Node loss during training, on a simulated three-node cluster (``ray.cluster_utils.Cluster``).
 
     python -m tests.helpers.node_loss <work dir>                          # prints one JSON line
-    python -m tests.helpers.node_loss <work dir> --wait-for-replacement   # tests/chaos/ runs both
+    python -m tests.helpers.node_loss <work dir> --wait-for-replacement   # tests/chaos/ runs all three
+    python -m tests.helpers.node_loss <work dir> --elastic
 
 A head without CPUs and two worker nodes of 2 CPUs each. Stage 1 of the tiny recipe trains on 2
 Ray Train workers with a checkpoint every 2 steps; at step 5 the rank-0 worker stops
-(``LLAVA_TRAIN_KILL_WORKER_AT_STEP=5:0:hang``) and this script removes the node that hosts it,
-raylet and all, as a cloud provider does with a lost VM. Ray Train's ``FailureConfig`` restarts
+(``LLAVA_TRAIN_KILL_WORKER_AT_STEP=5:0:hang``) and ``REMOVE_AFTER_S`` later this script removes the
+node that hosts it, raylet and all, as a cloud provider does with a lost VM. Ray Train's ``FailureConfig`` restarts
 the worker group from the latest registered checkpoint (step 2 or 4: the step-4 one may not be
 registered yet when the node goes):
 
 - by default (``scaling.placement_strategy: PACK``: both workers on one node) on the remaining node;
 - with ``--wait-for-replacement`` (``STRICT_SPREAD``: one worker per node) the remaining node is not
   enough, so the run waits; the script adds a replacement node after ``REPLACEMENT_AFTER_S`` seconds,
-  as an autoscaler would, and the run resumes there.
+  as an autoscaler would, and the run resumes there;
+- with ``--elastic`` (``scaling.min_workers: 1``, and 1.5 of each node's 2 CPUs per worker, as a GPU
+  worker takes a node's only GPU) the remaining node holds one worker, no replacement comes, and the run
+  goes on with that one worker: same global batch, accumulation doubled.
 
 It runs in its own process because a pytest process holds one Ray connection (the suite's head node).
 """
@@ -32,8 +36,20 @@ from tests.helpers import REPO_ROOT
 
 STEPS = 8
 KILL_AT = 5
+REMOVE_AFTER_S = 5.0
+"""Seconds between the worker hanging and its node going away. Ray Train registers a checkpoint once
+its controller has collected every rank's report (it polls the workers); a node removed at once could
+take an already-written checkpoint's last report with it, and the run would restart from scratch."""
 REPLACEMENT_AFTER_S = 20.0
 """With --wait-for-replacement: seconds between removing the node and adding its replacement."""
+
+
+SCALING = {
+    "pack": ["scaling.placement_strategy=PACK"],
+    "replace": ["scaling.placement_strategy=STRICT_SPREAD"],
+    "elastic": ["scaling.min_workers=1", "scaling.cpus_per_worker=1.5", "scaling.data_cpus_per_actor=0.25"],
+}
+"""The recipe's scaling overrides per mode."""
 
 
 def remove_node_when_hung(cluster, marker: Path, removed: dict, replace: bool, replacements: list) -> None:
@@ -46,6 +62,7 @@ def remove_node_when_hung(cluster, marker: Path, removed: dict, replace: bool, r
         time.sleep(0.2)
     if not marker.exists():
         return
+    time.sleep(REMOVE_AFTER_S)
     pid = json.loads(marker.read_text())["pid"]
     raylet = psutil.Process(pid).ppid()
     for node in cluster.worker_nodes:
@@ -69,7 +86,8 @@ def start_replacement_node(address: str) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def main(root: Path, replace: bool) -> dict:
+def main(root: Path, mode: str) -> dict:
+    """``mode``: ``pack`` (default), ``replace`` (``--wait-for-replacement``) or ``elastic``."""
     import mlflow
     import ray
     from ray.cluster_utils import Cluster
@@ -92,7 +110,7 @@ def main(root: Path, replace: bool) -> dict:
     replacements: list[subprocess.Popen] = []
     marker = root / "out" / "stage1" / faults.FAULT_MARKER.format(action="hang", step=KILL_AT, rank=0)
     watcher = threading.Thread(target=remove_node_when_hung, daemon=True,
-                               args=(cluster, marker, removed, replace, replacements))
+                               args=(cluster, marker, removed, mode == "replace", replacements))
     watcher.start()
     started = time.time()
     out = train.main([
@@ -100,7 +118,7 @@ def main(root: Path, replace: bool) -> dict:
         f"stage1.data.train_files=[{files['stage1']}]", f"stage1.data.image_root={root / 'data'}",
         "stage1.data.preprocessed=null", "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
         f"stage1.max_steps={STEPS}", "checkpoint.every_n_steps=2", f"tracking.uri={uri}",
-        "tracking.system_metrics=false", f"scaling.placement_strategy={'STRICT_SPREAD' if replace else 'PACK'}",
+        "tracking.system_metrics=false", *SCALING[mode],
     ])
     run_id = json.loads((out.stage_dirs["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
     client = tracking.client_for(uri)
@@ -111,6 +129,9 @@ def main(root: Path, replace: bool) -> dict:
         "resumed_at_step": [m.value for m in client.get_metric_history(run_id, "resumed_at_step")],
         "resumed_at": [m.timestamp / 1000 for m in client.get_metric_history(run_id, "resumed_at_step")],
         "optimizer_steps": client.get_run(run_id).data.metrics.get("optimizer_steps"),
+        "world_sizes": [m.value for m in sorted(client.get_metric_history(run_id, "world_size"),
+                                                key=lambda m: m.timestamp)],
+        "global_batch_sizes": [m.value for m in client.get_metric_history(run_id, "global_batch_size")],
         "mlflow_version": mlflow.__version__,
     }
     ray.shutdown()
@@ -122,4 +143,6 @@ def main(root: Path, replace: bool) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]), replace="--wait-for-replacement" in sys.argv[2:])), flush=True)
+    options = sys.argv[2:]
+    print(json.dumps(main(Path(sys.argv[1]), "replace" if "--wait-for-replacement" in options
+                          else "elastic" if "--elastic" in options else "pack")), flush=True)

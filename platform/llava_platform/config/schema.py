@@ -200,6 +200,16 @@ class ScalingConfig(Section):
     """How many Ray Train workers and what each one gets."""
 
     num_workers: PositiveInt = 1
+    min_workers: PositiveInt | None = None
+    """Elastic training (Ray Train's ``ScalingConfig(num_workers=(min_workers, num_workers))``): the run
+    starts with as many workers as the cluster has room for, at least ``min_workers``, and when a node is
+    lost and no replacement comes, it goes on from its latest checkpoint with the workers that remain
+    (more join again when nodes do, checked every ``elastic_resize_interval_s``). The global batch holds
+    when it divides into the new count x the micro-batch; otherwise accumulation is rounded to the nearest
+    and the effective batch is logged (``global_batch_size`` in MLflow). ``None``: a fixed worker count."""
+    elastic_resize_interval_s: PositiveFloat = 60.0
+    """Elastic only: how often a healthy run checks whether more workers fit (a resize restarts it from
+    its latest checkpoint)."""
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: float = Field(1.0, ge=0.0)
@@ -318,7 +328,22 @@ class Recipe(Section):
             found.append("stage1/stage2: a recipe needs at least one stage")
         for name, stage in self.stages().items():
             found += _stage_problems(name, stage, self.model, self.scaling, has_stage1=self.stage1 is not None)
+        found += _scaling_problems(self.scaling)
         return found
+
+
+def _scaling_problems(scaling: ScalingConfig) -> list[str]:
+    found = []
+    if scaling.min_workers is not None:
+        if scaling.min_workers > scaling.num_workers:
+            found.append(f"scaling.min_workers: {scaling.min_workers} is above scaling.num_workers "
+                         f"{scaling.num_workers} (elastic runs use between min_workers and num_workers)")
+        if scaling.placement_strategy == "STRICT_SPREAD":
+            # Ray Train's elastic policy counts workers by each node's resources, not by nodes: with
+            # room for two workers on one node it restarts two, a placement group STRICT_SPREAD never places.
+            found.append("scaling.placement_strategy: STRICT_SPREAD cannot be elastic (scaling.min_workers): "
+                         "Ray Train sizes an elastic group by resources, not nodes; use PACK or SPREAD")
+    return found
 
 
 def _model_problems(model: ModelConfig) -> list[str]:

@@ -1,6 +1,8 @@
-"""Recipe model section -> (model, processor): the one builder jobs call.
+"""Recipe model section -> a starting checkpoint: written to disk (``write_model``, what ``jobs.compose``
+calls) or built in memory (``build_model``).
 
-Turns the ``model`` section into flat arguments for ``compose_llava`` / ``load_pretrained_llava``.
+Turns the ``model`` section into flat arguments for ``write_composed_llava`` / ``write_pretrained_llava``
+(``model.streamed``: never the whole model in memory) or ``compose_llava`` / ``load_pretrained_llava``.
 Tiny towers (tests, CPU demo) are saved to disk first and then composed through the same path as
 pretrained hub towers.
 """
@@ -14,12 +16,14 @@ import torch
 
 from llava_platform.config.schema import ModelConfig
 from llava_platform.model.compose import (
+    MODEL_CLASSES,
     LlavaModel,
     ModelCompositionError,
     apply_recipe_settings,
     compose_llava,
     load_pretrained_llava,
 )
+from llava_platform.model.streamed import write_composed_llava, write_pretrained_llava
 from llava_platform.model.tiny import save_tiny_language_model, save_tiny_vision_tower
 
 
@@ -75,3 +79,40 @@ def build_model(
         vision_feature_layer=model.vision_feature_layer, image_size=model.image_size, image_mode=image_mode,
         template=template, pinpoints=pinpoints, dtype=dtype,
     )
+
+
+def write_model(
+    model: ModelConfig,
+    out_dir: str | Path,
+    *,
+    image_mode: str,
+    template: str,
+    work_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[str, int]:
+    """Write the recipe's starting checkpoint to ``out_dir``, one shard at a time (``model.streamed``).
+
+    Args: as ``build_model``.
+
+    Returns:
+        ``(model class name, parameter count)``.
+    """
+    if model.pretrained:
+        model_type, params = write_pretrained_llava(model.pretrained, out_dir, template=template,
+                                                    image_mode=image_mode)
+        if model_type != model.arch:
+            raise ModelCompositionError(
+                f"model.pretrained {model.pretrained} is a {model_type} checkpoint but model.arch is "
+                f"{model.arch!r}; set model.arch: {model_type}"
+            )
+        return MODEL_CLASSES[model_type].__name__, params
+    if model.tiny:
+        vision_tower, language_model = materialize_tiny_towers(model, work_dir)
+    else:
+        vision_tower, language_model = model.vision_tower, model.language_model
+    params = write_composed_llava(
+        vision_tower, language_model, out_dir, arch=model.arch, projector=model.projector,
+        vision_feature_layer=model.vision_feature_layer, image_size=model.image_size, image_mode=image_mode,
+        template=template, pinpoints=model.image_grid_pinpoints, dtype=dtype,
+    )
+    return MODEL_CLASSES[model.arch].__name__, params

@@ -82,7 +82,22 @@ def inspect_vision_tower(name_or_path: str) -> VisionTowerInfo:
     return VisionTowerInfo(config=vision_config, has_cls_token=family == "clip_vision_model")
 
 
-def compose_llava(
+@dataclass(frozen=True)
+class Composition:
+    """A composed model before its weights: what both ``compose_llava`` and ``write_composed_llava`` build on."""
+
+    arch: str
+    config: PretrainedConfig
+    """The LLaVA config (vision and text configs inside); ``vocab_size`` still the language model's own."""
+    tower: VisionTowerInfo
+    processor: ProcessorMixin
+    generation_config: GenerationConfig
+    vocab_size: int
+    """The tokenizer's length with ``<image>`` (and a pad token) added: the embeddings are resized to it."""
+    pad_token_id: int
+
+
+def plan_composition(
     vision_tower: str,
     language_model: str,
     *,
@@ -90,27 +105,13 @@ def compose_llava(
     projector: str,
     vision_feature_layer: int,
     image_size: int,
-    image_mode: str,
     template: str,
     pinpoints: Sequence[tuple[int, int]] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[LlavaModel, ProcessorMixin]:
-    """Compose a new LLaVA model from two pretrained towers; the projector is freshly initialised.
+) -> Composition:
+    """Check that the towers fit together and resolve everything but the weights (configs and tokenizer only).
 
-    Args:
-        vision_tower: CLIP/SigLIP checkpoint (hub id or path), full dual encoder or vision-only.
-        language_model: causal LM checkpoint with its tokenizer.
-        arch: ``llava`` or ``llava_next``.
-        projector: ``mlp2x_gelu`` or ``linear``.
-        vision_feature_layer: hidden layer whose patch features are projected (-2 in LLaVA).
-        image_size: tile size; must equal the tower's input resolution.
-        image_mode: the mode the exported processor applies: ``square``/``pad`` (llava) or ``anyres``.
-        template: conversation template saved with the processor (a recipe's ``data.template``).
-        pinpoints: anyres resolutions (llava_next only).
-        dtype: parameter dtype of the loaded towers.
-
-    Returns:
-        (model, processor); the tokenizer inside the processor knows the image token.
+    Raises:
+        ModelCompositionError: a tower or setting that does not fit.
     """
     tower = inspect_vision_tower(vision_tower)
     if tower.config.image_size != image_size:
@@ -131,31 +132,87 @@ def compose_llava(
         arch, tower, text_config, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), projector,
         vision_feature_layer, pinpoints,
     )
-    with torch.device("meta"):
-        model = MODEL_CLASSES[arch](config)
-    # Swap the meta-device towers for the pretrained ones (no second copy of the weights in memory).
-    with _only_errors_from_transformers():  # a dual encoder's unused text half is expected, not news
-        model.model.vision_tower = AutoModel.from_pretrained(vision_tower, config=tower.config, dtype=dtype,
-                                                             use_safetensors=True)
-    causal_lm = AutoModelForCausalLM.from_pretrained(language_model, dtype=dtype, use_safetensors=True)
-    model.model.language_model = causal_lm.base_model
-    model.lm_head = causal_lm.get_output_embeddings()
-    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(dtype)
-    if arch == "llava_next":
-        hidden = config.text_config.hidden_size
-        model.model.image_newline = torch.nn.Parameter(torch.randn(hidden, dtype=dtype) / hidden**0.5)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    model.config.pad_token_id = tokenizer.pad_token_id
     try:  # keep the LM's own sampling defaults and stop tokens
-        model.generation_config = GenerationConfig.from_pretrained(language_model)
+        generation_config = GenerationConfig.from_pretrained(language_model)
     except OSError:
-        model.generation_config = GenerationConfig.from_model_config(text_config)
+        generation_config = GenerationConfig.from_model_config(text_config)
     processor = build_processor(
         arch, tokenizer, AutoImageProcessor.from_pretrained(vision_tower), tower,
         image_size=image_size, chat_template=chat_template, pinpoints=pinpoints,
     )
-    apply_recipe_settings(model, processor, template=template, image_mode=image_mode)
-    return model, processor
+    return Composition(arch=arch, config=config, tower=tower, processor=processor,
+                       generation_config=generation_config, vocab_size=len(tokenizer),
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def new_projector(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """A freshly initialised projector for ``config`` (transformers' own module and initialisation)."""
+    with torch.device("meta"):
+        model_class = LlavaNextForConditionalGeneration if config.model_type == "llava_next" \
+            else LlavaForConditionalGeneration
+        projector_class = type(model_class(config).model.multi_modal_projector)
+    return projector_class(config).to(dtype)
+
+
+def new_image_newline(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """LLaVA-NeXT's row-end embedding, initialised as the LLaVA-NeXT training code does (randn / sqrt(hidden))."""
+    return torch.randn(hidden_size, dtype=dtype) / hidden_size**0.5
+
+
+def compose_llava(
+    vision_tower: str,
+    language_model: str,
+    *,
+    arch: str,
+    projector: str,
+    vision_feature_layer: int,
+    image_size: int,
+    image_mode: str,
+    template: str,
+    pinpoints: Sequence[tuple[int, int]] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[LlavaModel, ProcessorMixin]:
+    """Compose a new LLaVA model from two pretrained towers, in memory; the projector is freshly initialised.
+
+    ``write_composed_llava`` writes the same checkpoint without ever holding the model in memory (what
+    ``jobs.compose`` uses).
+
+    Args:
+        vision_tower: CLIP/SigLIP checkpoint (hub id or path), full dual encoder or vision-only.
+        language_model: causal LM checkpoint with its tokenizer.
+        arch: ``llava`` or ``llava_next``.
+        projector: ``mlp2x_gelu`` or ``linear``.
+        vision_feature_layer: hidden layer whose patch features are projected (-2 in LLaVA).
+        image_size: tile size; must equal the tower's input resolution.
+        image_mode: the mode the exported processor applies: ``square``/``pad`` (llava) or ``anyres``.
+        template: conversation template saved with the processor (a recipe's ``data.template``).
+        pinpoints: anyres resolutions (llava_next only).
+        dtype: parameter dtype of the loaded towers.
+
+    Returns:
+        (model, processor); the tokenizer inside the processor knows the image token.
+    """
+    plan = plan_composition(vision_tower, language_model, arch=arch, projector=projector,
+                            vision_feature_layer=vision_feature_layer, image_size=image_size, template=template,
+                            pinpoints=pinpoints)
+    config = plan.config
+    with torch.device("meta"):
+        model = MODEL_CLASSES[arch](config)
+    # Swap the meta-device towers for the pretrained ones (no second copy of the weights in memory).
+    with _only_errors_from_transformers():  # a dual encoder's unused text half is expected, not news
+        model.model.vision_tower = AutoModel.from_pretrained(vision_tower, config=plan.tower.config, dtype=dtype,
+                                                             use_safetensors=True)
+    causal_lm = AutoModelForCausalLM.from_pretrained(language_model, dtype=dtype, use_safetensors=True)
+    model.model.language_model = causal_lm.base_model
+    model.lm_head = causal_lm.get_output_embeddings()
+    model.model.multi_modal_projector = new_projector(config, dtype)
+    if arch == "llava_next":
+        model.model.image_newline = torch.nn.Parameter(new_image_newline(config.text_config.hidden_size, dtype))
+    model.resize_token_embeddings(plan.vocab_size, mean_resizing=True)
+    model.config.pad_token_id = plan.pad_token_id
+    model.generation_config = plan.generation_config
+    apply_recipe_settings(model, plan.processor, template=template, image_mode=image_mode)
+    return model, plan.processor
 
 
 def apply_recipe_settings(model: LlavaModel, processor: ProcessorMixin, *, template: str, image_mode: str) -> None:

@@ -56,16 +56,16 @@ class EngineSpec:
     def at_world_size(self, world_size: int) -> EngineSpec:
         """The same stage on ``world_size`` workers: the global batch holds, accumulation absorbs the change.
 
-        Raises:
-            DeepSpeedConfigError: the global batch does not divide into ``world_size`` x the micro-batch.
+        When the global batch does not divide into ``world_size`` x the micro-batch (an elastic run that lost
+        a node), accumulation is the nearest whole number and the global batch becomes what that gives
+        (``deepspeed_config["train_batch_size"]``; the worker logs it).
         """
-        from llava_platform.train.deepspeed_config import gradient_accumulation_steps
-
         config = self.deepspeed_config
-        steps = gradient_accumulation_steps(config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
-                                            world_size)
+        micro = config["train_micro_batch_size_per_gpu"]
+        steps = max(1, round(config["train_batch_size"] / (micro * world_size)))
         return replace(self, gradient_accumulation_steps=steps,
-                       deepspeed_config={**config, "gradient_accumulation_steps": steps})
+                       deepspeed_config={**config, "gradient_accumulation_steps": steps,
+                                         "train_batch_size": steps * micro * world_size})
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,13 @@ class LoopSpec:
     """Optimizer steps between checkpoints (the last step is always checkpointed)."""
     async_upload: bool = True
     """Upload checkpoints in the background (``checkpoint.upload: async``)."""
+    shares: int = 1
+    """Datasets ``rank0`` ... ``rank<shares - 1>``, one per worker of the full-size group. A smaller elastic
+    group's rank ``r`` reads shares ``r, r + world, ...`` (``shares_of``)."""
+
+    def shares_of(self, rank: int, world_size: int) -> list[str]:
+        """The dataset names rank ``rank`` of a ``world_size``-worker group reads."""
+        return [f"rank{share}" for share in range(rank, self.shares, world_size)]
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,16 @@ def test_cross_field_rules():
     assert "stage1.deepspeed.precision: bf16 needs GPUs (scaling.use_gpu: true); use fp32 on CPU" in text
 
 
+def test_elastic_scaling_rules():
+    recipe = load_recipe("llava_next_72b", ["scaling.min_workers=48"])
+    assert (recipe.scaling.min_workers, recipe.scaling.num_workers) == (48, 64)
+    with pytest.raises(RecipeError) as err:
+        load_recipe("llava15_7b", ["scaling.min_workers=9", "scaling.placement_strategy=STRICT_SPREAD"])
+    text = str(err.value)
+    assert "scaling.min_workers: 9 is above scaling.num_workers 8" in text
+    assert "scaling.placement_strategy: STRICT_SPREAD cannot be elastic (scaling.min_workers)" in text
+
+
 def test_model_source_and_pinpoint_rules():
     with pytest.raises(RecipeError) as err:
         load_recipe("llava_next_vicuna_7b", ["model.pretrained=llava-hf/x", "model.image_grid_pinpoints=[[336, 500]]"])
