@@ -40,7 +40,7 @@ from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_config import build_deepspeed_config
 from llava_platform.train.plan import EngineSpec, LoopSpec, LoraSpec, ResumePoint, StagePlan, TrackingSpec
 from pipelines.preprocess import finish, preprocess
-from pipelines.quarantine import PreprocessReport, QuarantineLog
+from pipelines.quarantine import PreprocessReport, start_quarantine_log
 from pipelines.shards import ManifestError, StageShards
 from pipelines.sources import read_records
 
@@ -364,7 +364,7 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         parts, manifest = preprocessed_rank_datasets(stage, model, workers)
         records_per_rank = [part.count() for part in parts]  # Parquet metadata, nothing is read
     else:
-        quarantine = QuarantineLog.remote()
+        quarantine = start_quarantine_log()
         parts, records_per_rank = streamed_rank_datasets(recipe, stage, model, quarantine)
     if data.materialize:
         log(f"{name}: reading every worker's rows into the object store (data.materialize)")

@@ -28,7 +28,7 @@ from llava_platform.inference import answer_questions
 from llava_platform.model.compose import load_pretrained_llava
 from llava_platform.model.sources import resolve_checkpoint
 from pipelines.preprocess import quarantine_entry, record_image_bytes, record_key
-from pipelines.quarantine import QuarantineLog
+from pipelines.quarantine import start_quarantine_log
 from pipelines.storage import ImageReader
 
 PREDICTION_SCHEMA = pa.schema([
@@ -108,7 +108,7 @@ def predict(
         num_replicas: model replicas (actors); each holds one copy of the model.
         cpus_per_replica, gpus_per_replica: resources per replica; with GPUs the model runs on ``cuda``.
     """
-    quarantine = QuarantineLog.remote()
+    quarantine = start_quarantine_log()
     predictions = records.map_batches(
         Predictor,
         fn_constructor_kwargs=dict(

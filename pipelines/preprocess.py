@@ -32,7 +32,7 @@ from llava_platform.data.records import (
 )
 from llava_platform.data.rows import RowSpec
 from llava_platform.model.compose import load_processor
-from pipelines.quarantine import PreprocessReport, QuarantineLog, write_quarantine
+from pipelines.quarantine import PreprocessReport, start_quarantine_log, write_quarantine
 from pipelines.storage import ImageReader
 
 TILES_TYPE = ArrowVariableShapedTensorType(pa.uint8(), 4)
@@ -135,7 +135,7 @@ def preprocess(
         batch_size: records per task; keeps blocks far below Arrow's 2 GiB offset limit
             (an anyres row at 336 px is 1.7 MB).
     """
-    quarantine = quarantine or QuarantineLog.remote()
+    quarantine = quarantine or start_quarantine_log()
     low, high = num_actors if isinstance(num_actors, tuple) else (num_actors, num_actors)
     rows = records.map_batches(
         Preprocessor,

@@ -55,6 +55,16 @@ class QuarantineLog:
         return sorted(self.bad.values(), key=lambda row: row["key"])
 
 
+def start_quarantine_log():
+    """A ``QuarantineLog`` on this process's node (the driver's). Placed anywhere, it could sit on a worker
+    node that is later lost: every preprocessing task would then fail on it, restart after restart, and
+    the records it holds would be gone. The driver's node lives as long as the job does."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return QuarantineLog.options(scheduling_strategy=here).remote()
+
+
 def write_quarantine(rows: list[dict], path: str | Path) -> Path:
     """One JSON line per quarantined record: id, source, index, reason, message."""
     path = Path(path)
