@@ -43,6 +43,7 @@ from transformers.utils import logging as hf_logging
 from llava_platform.config.schema import image_modes_for
 from llava_platform.data.templates import IMAGE_PLACEHOLDER, end_of_turn_token, resolve_chat_template
 from llava_platform.inference import end_token_ids
+from llava_platform.model.layout import write_llava_hf_layout
 
 LlavaModel = LlavaForConditionalGeneration | LlavaNextForConditionalGeneration
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -376,8 +377,9 @@ def load_processor(name_or_path: str) -> ProcessorMixin:
 
 
 def save_llava(model: LlavaModel, processor: ProcessorMixin, out_dir: str | Path) -> Path:
-    """Write the model and processor as one Hugging Face directory (safetensors)."""
+    """Write the model and processor as one Hugging Face directory (safetensors, llava-hf key layout)."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
+    write_llava_hf_layout(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

@@ -9,7 +9,8 @@ that is 145 GB in bf16 on the machine that composes. Here the model exists only 
 written (``train.partitioned.locate_parameters`` matches checkpoint keys to parameter names with
 transformers' own renaming rules), so memory holds one shard (``SHARD_BYTES``) at a time. The output
 is what ``compose_llava`` + ``save_llava`` write: the same tensor names (``save_pretrained``'s, through
-transformers' ``revert_weight_conversion``), config, generation config and processor; the new rows of
+transformers' ``revert_weight_conversion``, in the llava-hf layout: ``model.layout``), config,
+generation config and processor; the new rows of
 the resized embeddings are the mean of the old ones (what transformers' ``mean_resizing`` draws around),
 the projector is freshly initialised. A tower whose checkpoint needs more than renaming (tensors merged
 or split while loading) is composed in memory instead, with a note.
@@ -39,6 +40,7 @@ from llava_platform.model.compose import (
     refuse_pickled_weights,
     save_llava,
 )
+from llava_platform.model.layout import llava_hf_name, write_llava_hf_layout
 from llava_platform.train.partitioned import locate_parameters, tensor_index
 
 SHARD_BYTES = 4 * 2**30
@@ -137,6 +139,7 @@ def write_pretrained_llava(checkpoint: str, out_dir: str | Path, *, template: st
     out_dir.mkdir(parents=True, exist_ok=True)
     for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.safetensors.index.json")):
         _link_or_copy(file, out_dir / file.name)
+    write_llava_hf_layout(out_dir)  # a shard that needs new names is rewritten (the link to the source dropped)
     config.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -205,7 +208,7 @@ def _write_shards(model, tensors: dict[str, torch.Tensor], getters: dict[str, Te
     from transformers.core_model_loading import revert_weight_conversion
 
     saved = revert_weight_conversion(model, dict(tensors))
-    saved_name = {id(t): name for name, t in saved.items()}
+    saved_name = {id(t): llava_hf_name(name) for name, t in saved.items()}
     if len(saved_name) != len(tensors) or any(id(t) not in saved_name for t in tensors.values()):
         saved_name = {id(t): name for name, t in tensors.items()}  # a converter on save: keep the model's names
     itemsize = torch.empty((), dtype=dtype).element_size()

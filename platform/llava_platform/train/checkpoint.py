@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava_platform.model.compose import load_pretrained_llava, save_llava
+from llava_platform.model.layout import write_llava_hf_layout
 from llava_platform.model.trainability import apply_lora, part_of
 from llava_platform.train.plan import LoraSpec
 
@@ -103,6 +104,7 @@ def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | 
         adapted.load_state_dict(state_dict, strict=True)
         adapted.save_pretrained(Path(out_dir) / ADAPTER_DIR)
         adapted.merge_and_unload().save_pretrained(export)
+    write_llava_hf_layout(export)  # the names vLLM, SGLang and the hub use
     processor.save_pretrained(export)
     return export
 
