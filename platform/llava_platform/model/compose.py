@@ -160,6 +160,28 @@ def new_image_newline(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(hidden_size, dtype=dtype) / hidden_size**0.5
 
 
+def resized_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """An embedding (or output-embedding) matrix with ``rows`` rows: the first ones kept, new ones the mean
+    of the old ones. transformers' ``mean_resizing`` samples them around that mean with a 1e-9-scaled
+    covariance; the mean itself is the same to ~1e-6, and it is deterministic, so ``compose_llava`` and
+    the streamed ``write_composed_llava`` (which never holds the model) write the same bytes."""
+    kept = min(rows, weight.shape[0])
+    new = weight.mean(dim=0, keepdim=True).expand(rows, *weight.shape[1:]).clone()
+    new[:kept] = weight[:kept]
+    return new
+
+
+def resize_vocabulary(model: LlavaModel, rows: int) -> None:
+    """Resize the input and output embeddings to ``rows`` tokens, new rows by ``resized_rows``."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embeddings.weight
+    old_embeddings, old_head = embeddings.weight.data, None if head is None or tied else head.weight.data
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    model.get_input_embeddings().weight.data = resized_rows(old_embeddings, rows)  # a tied head shares it
+    if old_head is not None:
+        model.get_output_embeddings().weight.data = resized_rows(old_head, rows)
+
+
 def compose_llava(
     vision_tower: str,
     language_model: str,
@@ -209,7 +231,7 @@ def compose_llava(
     model.model.multi_modal_projector = new_projector(config, dtype)
     if arch == "llava_next":
         model.model.image_newline = torch.nn.Parameter(new_image_newline(config.text_config.hidden_size, dtype))
-    model.resize_token_embeddings(plan.vocab_size, mean_resizing=True)
+    resize_vocabulary(model, plan.vocab_size)
     model.config.pad_token_id = plan.pad_token_id
     model.generation_config = plan.generation_config
     apply_recipe_settings(model, plan.processor, template=template, image_mode=image_mode)

@@ -10,9 +10,9 @@ written (``train.partitioned.locate_parameters`` matches checkpoint keys to para
 transformers' own renaming rules), so memory holds one shard (``SHARD_BYTES``) at a time. The output
 is what ``compose_llava`` + ``save_llava`` write: the same tensor names (``save_pretrained``'s, through
 transformers' ``revert_weight_conversion``, in the llava-hf layout: ``model.layout``), config,
-generation config and processor; the new rows of
-the resized embeddings are the mean of the old ones (what transformers' ``mean_resizing`` draws around),
-the projector is freshly initialised. A tower whose checkpoint needs more than renaming (tensors merged
+generation config and processor; the resized embeddings' new rows are the old rows' mean and the
+projector is freshly initialised in the same order, so that from the same random state both paths
+write the same bytes. A tower whose checkpoint needs more than renaming (tensors merged
 or split while loading) is composed in memory instead, with a note.
 """
 
@@ -38,6 +38,7 @@ from llava_platform.model.compose import (
     new_projector,
     plan_composition,
     refuse_pickled_weights,
+    resized_rows,
     save_llava,
 )
 from llava_platform.model.layout import llava_hf_name, write_llava_hf_layout
@@ -186,20 +187,13 @@ def _unique_state(model) -> dict[str, torch.Tensor]:
 
 
 def _reader(name: str, location, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSource:
-    """Read a tower tensor; embeddings resized to the new vocabulary get the old rows' mean as new rows."""
+    """Read a tower tensor; embeddings resized to the new vocabulary get their new rows as ``compose_llava``
+    gives them (``resized_rows``: the old rows' mean)."""
     if location.shape == shape:
         return lambda: location.read().view(shape).to(dtype)
     if location.shape[1:] != shape[1:]:
         raise ModelCompositionError(f"{name}: tower shape {location.shape}, composed model {shape}")
-
-    def resized() -> torch.Tensor:
-        old = location.read().view(location.shape).to(dtype)
-        rows = min(shape[0], old.shape[0])
-        new = old.mean(dim=0, keepdim=True).expand(shape[0], *shape[1:]).clone()
-        new[:rows] = old[:rows]
-        return new
-
-    return resized
+    return lambda: resized_rows(location.read().view(location.shape).to(dtype), shape[0])
 
 
 def _write_shards(model, tensors: dict[str, torch.Tensor], getters: dict[str, TensorSource], out_dir: Path,
