@@ -87,7 +87,6 @@ def inspect_vision_tower(name_or_path: str) -> VisionTowerInfo:
 class Composition:
     """A composed model before its weights: what both ``compose_llava`` and ``write_composed_llava`` build on."""
 
-    arch: str
     config: PretrainedConfig
     """The LLaVA config (vision and text configs inside); ``vocab_size`` still the language model's own."""
     tower: VisionTowerInfo
@@ -141,7 +140,7 @@ def plan_composition(
         arch, tokenizer, AutoImageProcessor.from_pretrained(vision_tower), tower,
         image_size=image_size, chat_template=chat_template, pinpoints=pinpoints,
     )
-    return Composition(arch=arch, config=config, tower=tower, processor=processor,
+    return Composition(config=config, tower=tower, processor=processor,
                        generation_config=generation_config, vocab_size=len(tokenizer),
                        pad_token_id=tokenizer.pad_token_id)
 
