@@ -4,17 +4,20 @@
 #   make chaos  - install, then run every fault-injection test (the slow ones too) and print the table
 #   make walkthrough - README "After the demo", every command as written, on a fresh clone (~6 min)
 #   make gpu-smoke - on a GPU machine: stage 1 + 2 of a ~0.5B model on one GPU, samples/s, tokens/s, MFU
+#   make vllm    - the vLLM engine's own environment in .venv-vllm/ (make test builds it; README "The vLLM engine")
 #   make browser - Debian's chromium for the chat page's browser test, when missing (make test runs it)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 # infra/install.sh holds the install steps (torch first, at the pin in pyproject.toml, then the
 # project with --no-build-isolation); the container image (infra/Dockerfile) runs the same script.
 # Set TORCH_INDEX_URL to a CUDA wheel index for GPU machines; the default takes the index's build.
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test chaos walkthrough gpu-smoke install browser lint clean
+.PHONY: demo test chaos walkthrough gpu-smoke install vllm browser lint clean
 
 install: $(STAMP)
 
@@ -23,13 +26,22 @@ $(STAMP): pyproject.toml Makefile infra/install.sh
 	sh infra/install.sh $(PY) test $(TORCH_INDEX_URL)
 	touch $(STAMP)
 
+# vLLM requires transformers<5.20, the project pins 5.23: the engine gets an environment of its own, which
+# Ray starts the engine actors in (pyproject.toml [dependency-groups] has the pins and the reasons).
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile infra/install-vllm.sh
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	sh infra/install-vllm.sh $(VLLM_VENV)/bin/python cpu
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --recipe tiny_cpu_demo $(ARGS)
 
-test: $(STAMP) browser
+test: $(STAMP) $(VLLM_STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-chaos: $(STAMP) browser
+chaos: $(STAMP) $(VLLM_STAMP) browser
 	$(PY) -m pytest -m fault --chaos $(PYTEST_ARGS)
 
 walkthrough: $(STAMP)
@@ -51,4 +63,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check platform jobs pipelines serve tests
 
 clean:
-	rm -rf $(VENV) outputs runs
+	rm -rf $(VENV) $(VLLM_VENV) outputs runs

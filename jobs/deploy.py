@@ -37,19 +37,24 @@ class Deployment:
 
 def run(config: dict[str, Any], *, model: str | None = None, model_name: str | None = None,
         api_key: str | None = None, tracking_uri: str | None = None, http_host: str | None = None,
-        http_port: int | None = None) -> Deployment:
+        http_port: int | None = None, engine: str | None = None) -> Deployment:
     """Start Serve with the config's HTTP options and run its first application.
 
     Args:
         config: a Ray Serve config (``serve/config.yaml``'s format).
-        model, model_name, api_key, tracking_uri, http_host, http_port: replace the config's values where given.
+        model, model_name, api_key, tracking_uri, http_host, http_port, engine: replace the config's values
+            where given (``engine``: ``transformers`` or ``vllm``; ``args.vllm`` holds the vLLM engine's settings).
+
+    Raises:
+        RuntimeError: (from Serve) the application failed to deploy, e.g. the engine could not start: the
+            message names the model and the reason.
     """
     http = dict(config.get("http_options", {}))
     http.update({k: v for k, v in {"host": http_host, "port": http_port}.items() if v is not None})
     application = config["applications"][0]
     args = dict(application.get("args", {}))
     args.update({k: v for k, v in {"model": model, "model_name": model_name, "api_key": api_key,
-                                   "tracking_uri": tracking_uri}.items() if v})
+                                   "tracking_uri": tracking_uri, "engine": engine}.items() if v})
     deployment = next(iter(application.get("deployments", [])), {})
     options = {k: v for k, v in deployment.items() if k != "name"}
     name = application.get("name", "llava")
@@ -57,8 +62,13 @@ def run(config: dict[str, Any], *, model: str | None = None, model_name: str | N
     if warning:
         print(f"[deploy] WARNING: {warning}", file=sys.stderr, flush=True)
     serve.start(http_options=http)
-    serve.run(LlavaServer.options(**options).bind(**args), name=name,
-              route_prefix=application.get("route_prefix", "/"), blocking=False)
+    try:
+        serve.run(LlavaServer.options(**options).bind(**args), name=name,
+                  route_prefix=application.get("route_prefix", "/"), blocking=False)
+    except RuntimeError as error:  # Serve says only that the deployment failed: add why (the replicas' error)
+        status = serve.status().applications.get(name)
+        reasons = [d.message for d in status.deployments.values() if d.message] if status else []
+        raise RuntimeError(f"{error}\n" + "\n".join(reasons)) from error
     return Deployment(url=f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}", application=name)
 
 
@@ -71,11 +81,13 @@ def main(argv: list[str] | None = None) -> Deployment:
     parser.add_argument("--tracking-uri", help="MLflow for models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--http-host", help="address the endpoint listens on (default: the config's http_options)")
     parser.add_argument("--http-port", type=int, help="its port (default: the config's http_options)")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], help="what generates (default: the config's)")
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     ray.init(address="auto", ignore_reinit_error=True)
     deployment = run(config, model=args.model, model_name=args.model_name, api_key=args.api_key,
-                     tracking_uri=args.tracking_uri, http_host=args.http_host, http_port=args.http_port)
+                     tracking_uri=args.tracking_uri, http_host=args.http_host, http_port=args.http_port,
+                     engine=args.engine)
     print(f"serving on {deployment.url}/v1/chat/completions", flush=True)
     return deployment
 

@@ -5,8 +5,10 @@
 
 Routes: ``GET /`` (the chat page, ``serve/chat.html``), ``POST /v1/chat/completions`` (text and
 ``image_url`` parts, ``stream: true`` as server-sent events), ``GET /v1/models``, ``GET /healthz``,
-``GET /v1/stats``. Non-streaming requests are queued by ``@serve.batch`` and answered together;
-streaming ones generate on their own. The ``/v1`` routes
+``GET /v1/stats``. ``args.engine`` picks what generates: ``transformers`` (the default) queues
+non-streaming requests with ``@serve.batch`` and answers them in one ``generate`` (streaming ones
+generate on their own); ``vllm`` hands every request to a vLLM engine actor (``serve/engines.py``:
+continuous batching, paged KV cache, prefix caching). Everything else is the same code on both. The ``/v1`` routes
 take the API key through one FastAPI dependency (``require_api_key``). Every request the server
 refuses raises ``ApiError``, which an exception handler turns into OpenAI's error JSON with its 4xx
 status (anything unexpected: a 500 in the same shape), and the replica keeps serving.
@@ -23,7 +25,6 @@ import hmac
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,6 +38,9 @@ from ray import serve
 from llava_platform.model.sources import resolve_checkpoint
 from serve.generation import Completion, Generator, Prepared
 from serve.openai_api import ApiError, Limits, chat_chunk, chat_completion, completion_id, parse_chat_request
+
+ENGINES = ("transformers", "vllm")
+"""What ``args.engine`` may name."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -141,11 +145,21 @@ class LlavaServer:
     def __init__(self, model: str, model_name: str | None = None, device: str = "cpu", dtype: str = "auto",
                  api_key: str | None = None, limits: dict[str, Any] | None = None, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.05, tracking_uri: str | None = None,
-                 s3_endpoint_url: str | None = None, cache_dir: str | None = None):
+                 s3_endpoint_url: str | None = None, cache_dir: str | None = None, engine: str = "transformers",
+                 vllm: dict[str, Any] | None = None):
+        if engine not in ENGINES:
+            raise ValueError(f"args.engine is {engine!r}; use one of {', '.join(ENGINES)}")
         cache = cache_dir or os.path.join(tempfile.gettempdir(), "llava-serve-cache")
         checkpoint = resolve_checkpoint(model, cache, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
-        self.generator = Generator(checkpoint, device=device, dtype=serving_dtype(dtype, device))
         self.model_name = model_name or model
+        self.engine = engine
+        if engine == "vllm":
+            from llava_platform.vllm_engine import VllmSettings
+            from serve.engines import VllmGenerator
+
+            self.generator = VllmGenerator(checkpoint, self.model_name, VllmSettings.from_args(vllm))
+        else:
+            self.generator = Generator(checkpoint, device=device, dtype=serving_dtype(dtype, device))
         self.limits = Limits(**{k: tuple(v) if isinstance(v, list) else v for k, v in (limits or {}).items()})
         self.api_key = api_key or os.environ.get(API_KEY_ENV)
         self.requests = 0
@@ -168,7 +182,10 @@ class LlavaServer:
         prepared = await asyncio.to_thread(self._prepare, body)  # image decoding stays off the event loop
         if prepared.request.stream:
             return StreamingResponse(self._events(prepared), media_type="text/event-stream")
-        answer = await self.generate_batch(prepared)
+        if self.engine == "vllm":
+            answer = await self.generator.complete(prepared)  # the engine batches continuously
+        else:
+            answer = await self.generate_batch(prepared)
         if isinstance(answer, Exception):
             raise answer
         return chat_completion(self.model_name, answer.text, answer.finish_reason, answer.prompt_tokens,
@@ -185,12 +202,11 @@ class LlavaServer:
         """
         chunk_id, stops = completion_id(), [s for s in prepared.request.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
-        cancel = threading.Event()
-        pieces = self.generator.stream(prepared, cancel)
+        pieces = self.generator.stream(prepared)
         sent, text, stopped = 0, "", False
         try:
             yield _event(chat_chunk(chunk_id, self.model_name, {"role": "assistant", "content": ""}))
-            while not stopped and (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            async for piece in pieces:
                 text += piece
                 cut = min((text.index(s) for s in stops if s in text), default=None)
                 stopped = cut is not None
@@ -198,12 +214,12 @@ class LlavaServer:
                 if ready > sent:
                     yield _event(chat_chunk(chunk_id, self.model_name, {"content": text[sent:ready]}))
                     sent = ready
+                if stopped:
+                    break
             if not stopped and len(text) > sent:
                 yield _event(chat_chunk(chunk_id, self.model_name, {"content": text[sent:]}))
         finally:
-            cancel.set()
-        if stopped:
-            await asyncio.to_thread(lambda: list(pieces))  # let the cancelled generation finish its bookkeeping
+            await pieces.aclose()  # cancels the generation when it has not ended (stop string, client gone)
         done = prepared.generated
         tokens = done.completion_tokens if done else 0
         finish = "stop" if stopped else (done.finish_reason if done else "stop")
@@ -227,12 +243,17 @@ class LlavaServer:
 
     @api.get("/v1/stats", dependencies=[Depends(require_api_key)])
     async def stats(self):
-        """Requests received and ``model.generate`` calls made by this replica (batching shows as fewer calls)."""
+        """Requests received, and this replica's generation counts: ``model.generate`` calls (transformers:
+        batching shows as fewer calls than requests) or the engine's finished and aborted requests (vLLM)."""
+        if self.engine == "vllm":
+            return {"requests": self.requests, "engine": await self.generator.stats()}
         return {"requests": self.requests, "generate_calls": self.generator.generate_calls}
 
-    def check_health(self) -> None:
-        """Ray Serve's health probe: a replica whose model is gone gets replaced."""
-        if self.generator.model is None:
+    async def check_health(self) -> None:
+        """Ray Serve's health probe: a replica whose model or engine is gone gets replaced."""
+        if self.engine == "vllm":
+            await self.generator.check_health()
+        elif self.generator.model is None:
             raise RuntimeError("model not loaded")
 
 

@@ -7,8 +7,9 @@ own processor, exactly as in training.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,30 @@ class Completion:
     completion_tokens: int
 
 
+def prepare_request(processor, request: ParsedChat, context_length: int) -> Prepared:
+    """Render the prompt with the checkpoint's chat template and tile the images with its processor.
+
+    Both engines prepare requests here, so they accept and refuse exactly the same ones.
+
+    Raises:
+        ApiError: 400 when the template refuses the conversation (e.g. roles out of order) or the
+            prompt plus ``max_tokens`` does not fit the context.
+    """
+    try:
+        inputs = encode_chat(processor, request.conversation, request.images)
+    except TemplateError as error:
+        raise ApiError(400, f"messages: this model's chat template refuses the conversation: {error}",
+                       param="messages") from error
+    except ValueError as error:  # e.g. image tokens and images that do not pair up
+        raise ApiError(400, f"messages: the processor refuses this input: {error}", param="messages") from error
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    if prompt_tokens + request.max_tokens > context_length:
+        raise ApiError(400, f"the prompt is {prompt_tokens} tokens (images included) and max_tokens is "
+                            f"{request.max_tokens}: over the model's context of {context_length}",
+                       param="messages", code="context_length_exceeded")
+    return Prepared(inputs=inputs, prompt_tokens=prompt_tokens, request=request)
+
+
 class Generator:
     """A loaded checkpoint that prepares requests and generates for several at once.
 
@@ -57,25 +82,8 @@ class Generator:
         self._lock = threading.Lock()  # one generate at a time per replica: batching is the concurrency
 
     def prepare(self, request: ParsedChat) -> Prepared:
-        """Render the prompt with the checkpoint's chat template and tile the images with its processor.
-
-        Raises:
-            ApiError: 400 when the template refuses the conversation (e.g. roles out of order) or the
-                prompt plus ``max_tokens`` does not fit the context.
-        """
-        try:
-            inputs = encode_chat(self.processor, request.conversation, request.images)
-        except TemplateError as error:
-            raise ApiError(400, f"messages: this model's chat template refuses the conversation: {error}",
-                           param="messages") from error
-        except ValueError as error:  # e.g. image tokens and images that do not pair up
-            raise ApiError(400, f"messages: the processor refuses this input: {error}", param="messages") from error
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        if prompt_tokens + request.max_tokens > self.context_length:
-            raise ApiError(400, f"the prompt is {prompt_tokens} tokens (images included) and max_tokens is "
-                                f"{request.max_tokens}: over the model's context of {self.context_length}",
-                           param="messages", code="context_length_exceeded")
-        return Prepared(inputs=inputs, prompt_tokens=prompt_tokens, request=request)
+        """``prepare_request`` with this checkpoint's processor and context."""
+        return prepare_request(self.processor, request, self.context_length)
 
     def generate(self, batch: Sequence[Prepared]) -> list[Completion | Exception]:
         """Answer every prepared request; requests with the same sampling settings share one ``generate``.
@@ -138,7 +146,19 @@ class Generator:
         return Completion(text=text, finish_reason=finish, prompt_tokens=item.prompt_tokens,
                           completion_tokens=len(kept))
 
-    def stream(self, item: Prepared, cancel: threading.Event) -> Iterator[str]:
+    async def stream(self, item: Prepared) -> AsyncIterator[str]:
+        """``stream_pieces`` for the event loop: each piece is awaited off the loop; closing the iterator
+        (client gone, stop string seen) cancels the generation and waits for its bookkeeping."""
+        cancel = threading.Event()
+        pieces = self.stream_pieces(item, cancel)
+        try:
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                yield piece
+        finally:
+            cancel.set()
+            await asyncio.to_thread(lambda: list(pieces))
+
+    def stream_pieces(self, item: Prepared, cancel: threading.Event) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated (one request, outside the batches).
 
         Setting ``cancel`` (client gone, stop string seen) ends the generation at the next token, so

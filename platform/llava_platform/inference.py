@@ -33,7 +33,15 @@ def encode_chat(processor, conversation: list[dict[str, Any]],
         ValueError: image parts and ``images`` do not pair up.
     """
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return dict(processor(images=list(images) or None, text=prompt, return_tensors="pt"))
+    # the template writes the BOS token itself (as training's tokenisation sees it): none added on top
+    return dict(processor(images=list(images) or None, text=prompt, add_special_tokens=False, return_tensors="pt"))
+
+
+def prompt_token_ids(processor, conversation: list[dict[str, Any]]) -> list[int]:
+    """The prompt of ``encode_chat`` as token ids with one ``<image>`` token per image (not expanded to the
+    image's feature count): what engines that expand placeholders themselves (vLLM) take."""
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 def question_conversation(question: str, with_image: bool) -> list[dict[str, Any]]:

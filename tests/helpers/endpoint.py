@@ -10,6 +10,10 @@ from tests.helpers import requests as bodies
 
 KEY = "test-key"
 MODEL = "tiny"
+VLLM_TEST_SETTINGS = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_bytes": 64 << 20,
+                      "enforce_eager": True, "in_process": True, "num_cpus": 0.25}
+"""The vLLM engine on a 2-core test machine: fp32 (as the transformers engine), a 64 MiB KV cache, no
+compilation, the engine core in the actor's process (one process and ~1 GiB per engine)."""
 
 
 def data_url(size=(40, 30)) -> str:

@@ -1,0 +1,201 @@
+"""vLLM's async engine (continuous batching, paged KV cache, prefix caching) over an exported checkpoint.
+
+``VllmEngine`` is a plain class that a Ray actor hosts (``serve/`` and ``pipelines/`` start it). The actor
+runs in the engine's own environment (``.venv-vllm/`` from ``make vllm``; pyproject.toml's
+``[dependency-groups]`` say why it is separate), which has vLLM, Ray and PIL but not this project's
+dependencies: so this module imports only the standard library at the top and vLLM inside the methods,
+and what crosses to it is plain data (``EngineRequest``: token ids, PIL images, sampling settings).
+
+The prompt is built on the caller's side by the checkpoint's own chat template, exactly as for the
+transformers engine, and tokenised without expanding the image placeholders (one ``<image>`` token per
+image): vLLM expands them with the checkpoint's processor. The engine loads the exported folder as it
+is (llava-hf layout, ``model/layout.py``): no conversion at serve time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (as the transformers engine does)."""
+
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Attention head sizes vLLM 0.32's CPU attention backend runs (``CPUAttentionBackend.get_supported_head_sizes``)."""
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """How the engine runs; ``serve/config.yaml``'s ``args.vllm`` and ``jobs.evaluate`` set these."""
+
+    dtype: str = "auto"
+    """``auto``: the checkpoint's dtype on GPUs; vLLM's CPU build runs bfloat16 or float32."""
+    max_model_len: int | None = None
+    """Context the KV cache is sized for (default: the checkpoint's)."""
+    gpu_memory_utilization: float = 0.9
+    """Share of the GPU's memory for weights and KV cache (ignored when ``kv_cache_memory_bytes`` is set)."""
+    kv_cache_memory_bytes: int | None = None
+    """A fixed KV cache size; CPU machines set this (vLLM refuses its GPU default on a 24 GiB machine)."""
+    max_num_seqs: int = 256
+    """Sequences batched together at most (continuous batching)."""
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    """No CUDA graphs / torch.compile: starts in seconds instead of a minute (tests, CPU)."""
+    in_process: bool = False
+    """Run the engine core in the actor's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): one process
+    less per engine; the default (a separate engine-core process) overlaps scheduling with the forward pass."""
+    python: str | None = None
+    """The engine environment's interpreter; ``None``: ``default_engine_python()``."""
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for the engine process (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> VllmSettings:
+        """From a config mapping, refusing unknown keys by name (a config error names the key)."""
+        args = dict(args or {})
+        unknown = sorted(set(args) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"vllm: unknown setting(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**args)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One generation: the prompt's token ids (image placeholders not expanded) and its images, in order."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    images: list[Any]
+    """PIL images, one per ``<image>`` token of the prompt."""
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineDelta:
+    """What one step of a generation added: new text, tokens so far and, at the end, the finish reason."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+    """``stop`` (end of turn or a stop string), ``length`` or ``abort``; ``None`` until the last delta."""
+
+
+class EngineStartError(RuntimeError):
+    """The engine could not start on this checkpoint: the message names the model and the reason."""
+
+
+ENGINE_PYTHON_ENV = "LLAVA_VLLM_PYTHON"
+"""Names the engine environment's interpreter (the image sets it to /opt/vllm-venv/bin/python)."""
+
+
+def default_engine_python() -> str | None:
+    """The engine environment's interpreter: ``$LLAVA_VLLM_PYTHON``, else the checkout's ``.venv-vllm/bin/python``
+    when ``make vllm`` built it, else ``None`` (vLLM is importable beside the caller)."""
+    explicit = os.environ.get(ENGINE_PYTHON_ENV)
+    if explicit:
+        return explicit
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    local = os.path.join(repo_root, ".venv-vllm", "bin", "python")
+    return local if os.path.exists(local) else None
+
+
+def text_head_size(config: dict[str, Any]) -> int:
+    """The language model's attention head size from a LLaVA ``config.json`` (``head_dim``, else hidden/heads)."""
+    text = config.get("text_config", config)
+    return int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+
+
+class VllmEngine:
+    """One vLLM ``AsyncLLM`` over a checkpoint folder. Call ``start`` once, then ``generate`` concurrently."""
+
+    def __init__(self, model_dir: str, model_name: str, settings: VllmSettings):
+        self.model_dir, self.model_name, self.settings = model_dir, model_name, settings
+        self.engine = None
+        self.finished = self.aborted = 0
+
+    async def start(self) -> dict[str, Any]:
+        """Load the checkpoint and run one token through it, so a broken model fails here, not on a request.
+
+        Returns:
+            ``{"max_model_len": ..., "head_size": ...}``.
+
+        Raises:
+            EngineStartError: the folder is no checkpoint, vLLM does not support its architecture, its
+                head size does not run on this platform, or the first generation fails.
+        """
+        import json
+
+        if self.settings.in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        config_path = os.path.join(self.model_dir, "config.json")
+        if not os.path.exists(config_path):
+            raise EngineStartError(f"model {self.model_name}: {self.model_dir} has no config.json (not a checkpoint)")
+        with open(config_path) as file:
+            config = json.load(file)
+        from vllm.platforms import current_platform
+
+        head_size = text_head_size(config)
+        if current_platform.is_cpu() and head_size not in CPU_HEAD_SIZES:
+            raise EngineStartError(f"model {self.model_name}: its attention head size is {head_size}; vLLM's CPU "
+                                   f"attention runs {', '.join(map(str, CPU_HEAD_SIZES))}")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        args = AsyncEngineArgs(model=self.model_dir, served_model_name=self.model_name, dtype=s.dtype,
+                               max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
+                               kv_cache_memory_bytes=s.kv_cache_memory_bytes, max_num_seqs=s.max_num_seqs,
+                               enable_prefix_caching=s.enable_prefix_caching, enforce_eager=s.enforce_eager,
+                               disable_log_stats=True)
+        try:
+            self.engine = AsyncLLM.from_engine_args(args)
+            async for _ in self.generate(EngineRequest("warm-up", [config.get("text_config", config).get(
+                    "bos_token_id") or 1], [], max_tokens=1, temperature=0.0)):
+                pass
+        except Exception as error:  # noqa: BLE001 - re-raised with the model's name and the cause
+            raise EngineStartError(f"model {self.model_name}: vLLM cannot run {self.model_dir}: "
+                                   f"{type(error).__name__}: {error}") from error
+        self.finished = 0
+        return {"max_model_len": self.engine.model_config.max_model_len, "head_size": head_size}
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        """Stream one generation; cancelling the consumer aborts the request in the engine."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        greedy = request.temperature < GREEDY_BELOW
+        sampling = SamplingParams(max_tokens=request.max_tokens, temperature=0.0 if greedy else request.temperature,
+                                  top_p=1.0 if greedy else request.top_p, seed=request.seed, stop=list(request.stop),
+                                  skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
+        prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": request.images if len(request.images) > 1 else request.images[0]}
+        tokens, finish = 0, None
+        try:
+            async for output in self.engine.generate(prompt, sampling, request.request_id):
+                piece = output.outputs[0]
+                tokens += len(piece.token_ids)
+                finish = piece.finish_reason if output.finished else None
+                yield EngineDelta(piece.text, tokens, finish)
+        finally:
+            if finish is None:  # cancelled (client gone) or failed: vLLM has aborted it
+                self.aborted += 1
+            else:
+                self.finished += 1
+
+    def stats(self) -> dict[str, int]:
+        """Requests finished and aborted (a cancelled stream counts as aborted)."""
+        return {"finished": self.finished, "aborted": self.aborted}
+
+    def ping(self) -> bool:
+        """Health: the engine is loaded and its core still running."""
+        return self.engine is not None and not self.engine.errored
