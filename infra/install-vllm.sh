@@ -11,10 +11,10 @@ python=$1
 device=$2
 cd "$(dirname "$0")/.."
 # pin NAME: the project's own requirement on NAME (its dependencies or an extra), as written in pyproject.toml
-pin() { $python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']
+pin() { python3 -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']
 print(next(r for r in p['dependencies'] + sum(p['optional-dependencies'].values(), [])
            if r.split('==')[0].split('[')[0] == sys.argv[1]))" "$1"; }
-group() { $python -c "import sys, tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['dependency-groups'][sys.argv[1]]))" "$1"; }
+group() { python3 -c "import sys, tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['dependency-groups'][sys.argv[1]]))" "$1"; }
 pip="$python -m pip install --quiet --disable-pip-version-check"
 uv="$python -m uv pip install --quiet --python $python --compile-bytecode"
 $pip "$(pin uv)"

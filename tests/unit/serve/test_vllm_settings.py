@@ -1,0 +1,31 @@
+"""The vLLM engine's settings and pure helpers (no engine started: tests/integration/serve has those)."""
+
+import pytest
+import yaml
+
+from llava_platform.vllm_engine import CPU_HEAD_SIZES, VllmSettings, default_engine_python, text_head_size
+from serve.app import default_config_path
+
+
+def test_settings_come_from_the_serve_config_and_unknown_keys_are_named():
+    args = yaml.safe_load(default_config_path().read_text())["applications"][0]["args"]
+    assert args["engine"] in ("transformers", "vllm")
+    settings = VllmSettings.from_args(args["vllm"])
+    assert settings.kv_cache_memory_bytes == args["vllm"]["kv_cache_memory_bytes"] and settings.enforce_eager
+    with pytest.raises(ValueError, match="unknown setting.*kv_cache_gb"):
+        VllmSettings.from_args({"kv_cache_gb": 1})
+    assert VllmSettings.from_args(None) == VllmSettings()
+
+
+def test_head_size_is_read_from_head_dim_or_hidden_over_heads():
+    assert text_head_size({"text_config": {"hidden_size": 64, "num_attention_heads": 4}}) == 16
+    assert text_head_size({"text_config": {"hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}}) == 32
+    assert 16 not in CPU_HEAD_SIZES and 32 in CPU_HEAD_SIZES and 128 in CPU_HEAD_SIZES
+
+
+def test_engine_python_is_the_env_variable_else_the_checkouts_venv(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAVA_VLLM_PYTHON", str(tmp_path / "python"))
+    assert default_engine_python() == str(tmp_path / "python")
+    monkeypatch.delenv("LLAVA_VLLM_PYTHON")
+    found = default_engine_python()
+    assert found is None or found.endswith(".venv-vllm/bin/python")
