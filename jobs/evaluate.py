@@ -3,12 +3,15 @@
     python -m jobs.evaluate --model models:/tiny-cpu-demo/1 --data outputs/tiny-cpu-demo/data/eval.jsonl \\
         --image-root outputs/tiny-cpu-demo/data
     ray job submit --working-dir . -- python -m jobs.evaluate --model models:/llava15-7b/3 \\
-        --data s3://bucket/eval/scienceqa.jsonl --image-root s3://bucket/eval/images --replicas 8 --gpus-per-replica 1
+        --data s3://bucket/eval/scienceqa.jsonl --image-root s3://bucket/eval/images --replicas 8 --gpus-per-replica 1 \
+        --engine vllm
 
 Each record's first human turn is the question; ``answer`` (or the first assistant turn) is the gold
 answer, and ``type`` says how it is scored: ``short`` (VQA-style normalised exact match, the
 default) or ``mc`` (the option letter, ScienceQA-style). Model replicas are a Ray Data actor pool
 (CPU or GPU); malformed records are quarantined with their reason and counted, never scored.
+``--engine vllm`` gives each replica a vLLM engine (continuous batching) instead of transformers'
+``generate``: the same prompts and greedy decoding, so the same predictions.
 
 Writes ``predictions.jsonl``, ``quarantine.jsonl`` and ``scores.json`` to ``--output`` and logs the
 scores as ``eval/*`` metrics and the files as artifacts into an MLflow run: the run that produced the
@@ -32,6 +35,7 @@ from llava_platform import tracking
 from llava_platform.evaluation import summarize
 from llava_platform.model.sources import CheckpointSourceError, source_run_id
 from llava_platform.storage import is_remote
+from llava_platform.vllm_engine import VllmSettings
 from pipelines.evaluate import predict
 from pipelines.preprocess import finish
 from pipelines.quarantine import PreprocessReport
@@ -56,6 +60,12 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="0: CPU replicas")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                        help="what generates: transformers in each replica, or a vLLM engine per replica "
+                             "(continuous batching; its own environment, README 'The vLLM engine')")
+    parser.add_argument("--vllm", type=json.loads, default={}, metavar="JSON",
+                        help='vLLM engine settings, e.g. \'{"max_model_len": 4096, "enforce_eager": true}\' '
+                             "(llava_platform.vllm_engine.VllmSettings; resources come from --*-per-replica)")
     parser.add_argument("--tracking-uri", help="MLflow (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--run-id", help="MLflow run to log into when the model URI names none")
     parser.add_argument("--experiment", default="evaluation", help="experiment of a new run")
@@ -67,7 +77,8 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
             replicas=args.replicas, batch_size=args.batch_size, cpus_per_replica=args.cpus_per_replica,
             gpus_per_replica=args.gpus_per_replica, max_new_tokens=args.max_new_tokens,
             tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri), run_id=args.run_id,
-            experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url,
+            experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url, engine=args.engine,
+            vllm=VllmSettings.from_args(args.vllm),
         )
     except PreflightError as error:
         parser.exit(2, str(error))
@@ -97,7 +108,8 @@ class PreflightError(ValueError):
 def run(*, model: str, data: list[str], output: Path, tracking_uri: str, image_root: str | None = None,
         replicas: int = 1, batch_size: int = 16, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
         max_new_tokens: int = 16, run_id: str | None = None, experiment: str = "evaluation",
-        s3_endpoint_url: str | None = None) -> EvaluationResult:
+        s3_endpoint_url: str | None = None, engine: str = "transformers",
+        vllm: VllmSettings | None = None) -> EvaluationResult:
     """Answer, score, write and log.
 
     Raises:
@@ -110,12 +122,13 @@ def run(*, model: str, data: list[str], output: Path, tracking_uri: str, image_r
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     quiet_ray_data()
-    log(f"{model}: {', '.join(data)} on {replicas} replica(s) ({'GPU' if gpus_per_replica else 'CPU'})")
+    log(f"{model}: {', '.join(data)} on {replicas} {engine} replica(s) ({'GPU' if gpus_per_replica else 'CPU'})")
     predictions, quarantine = predict(
         read_records(data, s3_endpoint_url, cpus_per_task=min(1.0, cpus_per_replica)), model=model,
         cache_dir=str(Path(tempfile.gettempdir()) / "llava-model-cache"), tracking_uri=tracking_uri,
         image_root=image_root, s3_endpoint_url=s3_endpoint_url, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        num_replicas=replicas, cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
+        num_replicas=replicas, cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, engine=engine,
+        vllm=vllm,
     )
     rows = sorted(predictions.take_all(), key=lambda row: row["id"])
     output.mkdir(parents=True, exist_ok=True)

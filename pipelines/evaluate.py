@@ -6,14 +6,17 @@
     report = finish(quarantine)                                      # read / kept / quarantined counts
 
 The model replicas are an actor pool: each actor resolves the model URI itself (a folder, ``s3://``,
-``models:/``, ``runs:/``; downloads are cached per node), loads the checkpoint once, and answers a
-batch of questions in one greedy ``generate`` call through the checkpoint's own processor. A record
+``models:/``, ``runs:/``; downloads are cached per node) and answers its batches greedily through the
+checkpoint's own chat template and processor, on one of two engines: ``transformers`` (the checkpoint
+loaded in the actor, one ``generate`` call per batch) or ``vllm`` (the actor starts a vLLM engine actor
+in vLLM's own environment, ``serve/engines.py``, and sends each batch there to be batched continuously). A record
 that cannot be evaluated (malformed JSON, no question or gold answer, a missing or broken image) is
 quarantined with its reason, exactly as in preprocessing, and the run goes on.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -24,9 +27,10 @@ from llava_platform.data.errors import SampleError
 from llava_platform.data.images import decode_image
 from llava_platform.data.records import MalformedRecordError, parse_record
 from llava_platform.evaluation import eval_fields, is_correct
-from llava_platform.inference import answer_questions
+from llava_platform.inference import answer_questions, prompt_token_ids, question_conversation
 from llava_platform.model.compose import load_pretrained_llava
 from llava_platform.model.sources import resolve_checkpoint
+from llava_platform.vllm_engine import EngineRequest, VllmSettings
 from pipelines.preprocess import quarantine_entry, record_image_bytes, record_key
 from pipelines.quarantine import start_quarantine_log
 from pipelines.storage import ImageReader
@@ -46,13 +50,16 @@ class Predictor:
 
     def __init__(self, *, model: str, cache_dir: str, tracking_uri: str | None, image_root: str | None,
                  s3_endpoint_url: str | None, max_image_pixels: int, max_new_tokens: int, device: str,
-                 quarantine: ray.actor.ActorHandle):
+                 quarantine: ray.actor.ActorHandle, engine: str = "transformers", vllm: VllmSettings | None = None):
         checkpoint = resolve_checkpoint(model, cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
-        self.model, self.processor = load_pretrained_llava(str(checkpoint))
-        self.model.to(device).eval()
+        if engine == "vllm":
+            self.answer = VllmAnswers(checkpoint, vllm or VllmSettings(), max_new_tokens)
+        else:
+            model, processor = load_pretrained_llava(str(checkpoint))
+            model.to(device).eval()
+            self.answer = lambda items: answer_questions(model, processor, items, max_new_tokens=max_new_tokens)
         self.images = ImageReader(image_root, s3_endpoint_url)
         self.max_image_pixels = max_image_pixels
-        self.max_new_tokens = max_new_tokens
         self.quarantine = quarantine
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -73,11 +80,33 @@ class Predictor:
             good.append({"id": str(record["id"]), "type": kind, "question": question, "answer": answer})
             inputs.append((image, question))
         if inputs:
-            answers = answer_questions(self.model, self.processor, inputs, max_new_tokens=self.max_new_tokens)
+            answers = self.answer(inputs)
             for row, prediction in zip(good, answers, strict=True):
                 row.update(prediction=prediction, correct=is_correct(prediction, row["answer"], row["type"]))
         ray.get(self.quarantine.add.remote(keys, bad))
         return pa.Table.from_pylist(good, schema=PREDICTION_SCHEMA)
+
+
+class VllmAnswers:
+    """Greedy answers from a vLLM engine actor, as ``answer_questions`` gives them from transformers: the same
+    prompt (the checkpoint's template, single BOS), special tokens dropped, whitespace stripped."""
+
+    def __init__(self, checkpoint, settings: VllmSettings, max_new_tokens: int):
+        from transformers import AutoProcessor
+
+        from serve.engines import start_vllm_engine
+
+        self.engine = start_vllm_engine(checkpoint, "evaluate", settings)
+        self.processor = AutoProcessor.from_pretrained(str(checkpoint))
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, items: list[tuple[Any, str]]) -> list[str]:
+        requests = [EngineRequest(request_id=f"q{i}", images=[image] if image is not None else [],
+                                  prompt_token_ids=prompt_token_ids(
+                                      self.processor, question_conversation(question, image is not None)),
+                                  max_tokens=self.max_new_tokens, temperature=0.0)
+                    for i, (image, question) in enumerate(items)]
+        return [result.text.strip() for result in ray.get(self.engine.answer.remote(requests))]
 
 
 def predict(
@@ -94,6 +123,8 @@ def predict(
     num_replicas: int = 1,
     cpus_per_replica: float = 1.0,
     gpus_per_replica: float = 0.0,
+    engine: str = "transformers",
+    vllm: VllmSettings | None = None,
 ) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """Lazily answer and score every evaluation record; returns (predictions, the quarantine log actor).
 
@@ -107,14 +138,19 @@ def predict(
         batch_size: questions per ``generate`` call.
         num_replicas: model replicas (actors); each holds one copy of the model.
         cpus_per_replica, gpus_per_replica: resources per replica; with GPUs the model runs on ``cuda``.
+        engine: ``transformers`` or ``vllm``; with vLLM the resources go to each replica's engine actor
+            (``vllm``'s other settings apply) and the Ray Data actor that feeds it takes a quarter CPU.
     """
     quarantine = start_quarantine_log()
+    if engine == "vllm":
+        vllm = replace(vllm or VllmSettings(), num_cpus=cpus_per_replica, num_gpus=gpus_per_replica)
+        cpus_per_replica, gpus_per_replica = 0.25, 0.0
     predictions = records.map_batches(
         Predictor,
         fn_constructor_kwargs=dict(
             model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, image_root=image_root,
             s3_endpoint_url=s3_endpoint_url, max_image_pixels=max_image_pixels, max_new_tokens=max_new_tokens,
-            device="cuda" if gpus_per_replica > 0 else "cpu", quarantine=quarantine,
+            device="cuda" if gpus_per_replica > 0 else "cpu", quarantine=quarantine, engine=engine, vllm=vllm,
         ),
         batch_format="pyarrow",
         batch_size=batch_size,

@@ -22,6 +22,10 @@ from typing import Any
 GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily (as the transformers engine does)."""
 
+CPU_KV_CACHE_BYTES = 1 << 30
+"""The KV cache on a CPU machine when the settings give none (vLLM's own default, a share of the
+machine's memory as on a GPU, is refused on a 24 GiB machine)."""
+
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Attention head sizes vLLM 0.32's CPU attention backend runs (``CPUAttentionBackend.get_supported_head_sizes``)."""
 
@@ -37,7 +41,7 @@ class VllmSettings:
     gpu_memory_utilization: float = 0.9
     """Share of the GPU's memory for weights and KV cache (ignored when ``kv_cache_memory_bytes`` is set)."""
     kv_cache_memory_bytes: int | None = None
-    """A fixed KV cache size; CPU machines set this (vLLM refuses its GPU default on a 24 GiB machine)."""
+    """A fixed KV cache size; ``None``: ``gpu_memory_utilization`` on GPUs, ``CPU_KV_CACHE_BYTES`` on CPUs."""
     max_num_seqs: int = 256
     """Sequences batched together at most (continuous batching)."""
     enable_prefix_caching: bool = True
@@ -151,9 +155,10 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self.settings
+        kv_cache = s.kv_cache_memory_bytes or (CPU_KV_CACHE_BYTES if current_platform.is_cpu() else None)
         args = AsyncEngineArgs(model=self.model_dir, served_model_name=self.model_name, dtype=s.dtype,
                                max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
-                               kv_cache_memory_bytes=s.kv_cache_memory_bytes, max_num_seqs=s.max_num_seqs,
+                               kv_cache_memory_bytes=kv_cache, max_num_seqs=s.max_num_seqs,
                                enable_prefix_caching=s.enable_prefix_caching, enforce_eager=s.enforce_eager,
                                disable_log_stats=True)
         try:
@@ -191,6 +196,19 @@ class VllmEngine:
                 self.aborted += 1
             else:
                 self.finished += 1
+
+    async def answer(self, requests: list[EngineRequest]) -> list[EngineDelta]:
+        """Whole answers to many requests at once (batch inference): all in the engine together, continuously
+        batched; each result holds the full text, the token count and the finish reason."""
+        import asyncio
+
+        async def one(request: EngineRequest) -> EngineDelta:
+            text, last = "", None
+            async for last in self.generate(request):
+                text += last.text
+            return EngineDelta(text, last.completion_tokens, last.finish_reason)
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
 
     def stats(self) -> dict[str, int]:
         """Requests finished and aborted (a cancelled stream counts as aborted)."""

@@ -36,6 +36,7 @@ def pipeline_recipe(mlflow_server, tmp_path_factory) -> PipelineRecipe:
     files = write_synthetic_dataset(root / "data", train=24, eval=8, seed=0)
     evaluation = write_eval_with_bad_rows(files["eval"])
     overrides = (*tiny_pipeline_overrides(root, steps=STEPS), *NEXT_MODEL, *zero3("stage1"),
+                 "model.tiny.text_heads=2",  # head size 32: the export also runs on vLLM's CPU build
                  f"evaluation.data_files=[{evaluation}]", "evaluation.batch_size=4", f"tracking.uri={mlflow_server}")
     initial = compose.main(["--recipe", RECIPE, "--output", str(root / "initial"), *overrides])
     return PipelineRecipe(root, overrides, initial)

@@ -31,7 +31,7 @@ def test_checkpoint_upload_benchmark_resolves_both_modes(tmp_path, capsys):
 @pytest.mark.parametrize("bench, argv, expected", [
     (bench_preprocess, [], "ours / transformers"),
     (bench_padding, ["--records", "8"], "dry run: 8 records per split"),
-    (bench_serve, [], "batched, unbatched applications"),
+    (bench_serve, ["--unbatched"], "transformers, vllm, unbatched applications"),
     (bench_zero3_load, [], "~0.52B parameters"),
     (bench_gpu_smoke, ["--steps", "5"], "0.52B parameters, stage 1 + stage 2 x 5 steps"),
 ])

@@ -136,6 +136,26 @@ def test_every_good_evaluation_record_is_answered_once_as_one_at_a_time(pipeline
         assert answer_questions(model, processor, [(image, question)], max_new_tokens=8) == [row["prediction"]]
 
 
+def test_the_export_evaluates_to_the_same_predictions_on_the_vllm_engine(pipeline_run, mlflow_server, tmp_path):
+    """``jobs.evaluate --engine vllm`` on the training export as it was written (llava-hf layout, LLaVA-NeXT):
+    vLLM loads it and answers every question as transformers did in the job."""
+    from jobs import evaluate
+    from llava_platform.vllm_engine import VllmSettings
+    from tests.helpers.endpoint import VLLM_TEST_SETTINGS
+
+    result = evaluate.run(model=str(pipeline_run.train / "stage2" / "export"), tracking_uri=mlflow_server,
+                          data=[str(pipeline_run.job.data / "eval.jsonl")], image_root=str(pipeline_run.job.data),
+                          output=tmp_path, batch_size=8, max_new_tokens=8, engine="vllm",
+                          vllm=VllmSettings.from_args(VLLM_TEST_SETTINGS))
+    by_transformers = {r["id"]: r for r in map(json.loads, (pipeline_run.job.output / "eval" / "stage2" /
+                                                           "predictions.jsonl").read_text().splitlines())}
+    by_vllm = {r["id"]: r for r in map(json.loads, result.predictions.read_text().splitlines())}
+    assert sorted(by_vllm) == sorted(by_transformers) and result.report.kept == len(by_vllm) == 8
+    for key, row in by_vllm.items():
+        assert row["prediction"] == by_transformers[key]["prediction"].rstrip("\ufffd"), key
+    assert result.scores["accuracy"] == pipeline_run.result["scores"]["stage2"]["accuracy"]
+
+
 def test_bad_evaluation_records_are_quarantined_with_their_reason(pipeline_run, mlflow_server):
     metrics = tracking.client_for(mlflow_server).get_run(pipeline_run.runs["stage2"]).data.metrics
     assert metrics["eval/data/read"] == 8 + len(EVAL_BAD_RECORDS) + 1 and metrics["eval/data/kept"] == 8

@@ -11,7 +11,7 @@ def test_settings_come_from_the_serve_config_and_unknown_keys_are_named():
     args = yaml.safe_load(default_config_path().read_text())["applications"][0]["args"]
     assert args["engine"] in ("transformers", "vllm")
     settings = VllmSettings.from_args(args["vllm"])
-    assert settings.kv_cache_memory_bytes == args["vllm"]["kv_cache_memory_bytes"] and settings.enforce_eager
+    assert settings.num_cpus == args["vllm"]["num_cpus"] and settings.enforce_eager
     with pytest.raises(ValueError, match="unknown setting.*kv_cache_gb"):
         VllmSettings.from_args({"kv_cache_gb": 1})
     assert VllmSettings.from_args(None) == VllmSettings()
