@@ -7,7 +7,7 @@
     python -m jobs.benchmarks.serve --device cuda --requests 512
 
 Starts a local Ray and Serve on 127.0.0.1 with a bench-sized model composed here from the CPU demo's
-recipe (a ~27M-parameter language model: hidden 512, 8 layers, 8 heads of 64; nothing downloaded),
+recipe (a ~22M-parameter language model: hidden 512, 8 layers, 8 heads of 64; nothing downloaded),
 deploys it on each engine with one replica, and drives each, one after the other, with the same
 requests at concurrency 1, 8 and 32 through the official ``openai`` client on loopback: every request
 carries an image and asks for a greedy answer of 8 to 128 tokens (``max_tokens`` drawn per request from
@@ -41,7 +41,7 @@ from serve.app import LlavaServer
 CONCURRENCY = (1, 8, 32)
 MODEL = ["model.tiny.text_hidden_size=512", "model.tiny.text_layers=8", "model.tiny.text_heads=8",
          "model.tiny.text_vocab_size=1024"]
-"""The bench-sized language model: ~27M parameters, head size 64 (runs on vLLM's CPU attention)."""
+"""The bench-sized language model: ~22M parameters, head size 64 (runs on vLLM's CPU attention)."""
 ANSWER_TOKENS = (8, 128)
 
 

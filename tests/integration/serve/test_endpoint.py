@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from jobs import deploy
-from tests.helpers.endpoint import KEY, MODEL, ask, client, config, data_url
+from tests.helpers.endpoint import KEY, MODEL, VLLM_TEST_SETTINGS, ask, client, config, data_url
 
 
 def post(url, body, key=KEY, raw=False):
@@ -180,6 +180,18 @@ class LoadScenario:
 
 @pytest.fixture(scope="module")
 def load_scenario(server, serve_base, serve_port, saved_checkpoints) -> LoadScenario:
+    """``run_load_scenario`` on the transformers engine."""
+    return run_load_scenario(serve_base, serve_port, saved_checkpoints, {"max_batch_size": 1})
+
+
+@pytest.fixture(scope="module")
+def vllm_load_scenario(vllm_server, serve_base, serve_port, saved_checkpoints) -> LoadScenario:
+    """``run_load_scenario`` on the vLLM engine: each replica owns its engine actor, which dies with it."""
+    return run_load_scenario(serve_base, serve_port, saved_checkpoints,
+                             {"engine": "vllm", "vllm": VLLM_TEST_SETTINGS})
+
+
+def run_load_scenario(serve_base, serve_port, saved_checkpoints, engine_args: dict) -> LoadScenario:
     """An autoscaling application (1 to 2 replicas) under 32 concurrent clients, a quarter of their requests
     malformed: once the second replica is up, one of the two is killed while the load goes on; when it
     has been replaced, the load stops and the application should shrink back to one replica."""
@@ -190,11 +202,11 @@ def load_scenario(server, serve_base, serve_port, saved_checkpoints) -> LoadScen
                    "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}
     app = config("scaling", "/scaling", serve_port, autoscaling_config=autoscaling)["applications"][0]
     args = {**app["args"], "model": str(saved_checkpoints["llava"]), "model_name": MODEL, "api_key": KEY,
-            "max_batch_size": 1}
+            **engine_args}
     serve.run(deploy.LlavaServer.options(ray_actor_options={"num_cpus": 0.25}, autoscaling_config=autoscaling,
                                          max_ongoing_requests=32).bind(**args),
               name="scaling", route_prefix="/scaling", blocking=False)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while time.time() < deadline and serve.status().applications["scaling"].status != "RUNNING":
         time.sleep(0.5)
 
@@ -242,7 +254,7 @@ def load_scenario(server, serve_base, serve_port, saved_checkpoints) -> LoadScen
 
     with ThreadPoolExecutor(32) as pool:
         clients = [pool.submit(client) for _ in range(32)]
-        deadline = time.time() + 90
+        deadline = time.time() + 180  # a vLLM replica starts its engine first
         while time.time() < deadline and scenario.peak < 2:  # the load is on: the autoscaler adds a replica
             scenario.peak = max(scenario.peak, len(running()))
             time.sleep(0.25)
@@ -282,12 +294,24 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(load_scenari
 
 @pytest.mark.fault("serve: a replica killed under load at concurrency 32, malformed requests mixed in")
 def test_a_replica_killed_under_load_is_replaced_and_valid_requests_are_answered(load_scenario, record_property):
-    assert load_scenario.victim, "no replica was killed: the fault was not injected"
-    outcomes = load_scenario.outcomes
+    assert_survived_the_kill(load_scenario, record_property)
+
+
+@pytest.mark.chaos
+@pytest.mark.fault("vllm: an engine replica killed under load at concurrency 32, malformed requests mixed in")
+def test_a_vllm_replica_killed_under_load_is_replaced_and_valid_requests_are_answered(vllm_load_scenario,
+                                                                                      record_property):
+    assert vllm_load_scenario.peak == 2, "no second replica under load"
+    assert_survived_the_kill(vllm_load_scenario, record_property)
+
+
+def assert_survived_the_kill(scenario: LoadScenario, record_property) -> None:
+    assert scenario.victim, "no replica was killed: the fault was not injected"
+    outcomes = scenario.outcomes
     valid = [o for o in outcomes if not o.startswith("malformed")]
     record_property("lost", sum(o != "ok" for o in valid))
     assert len(outcomes) >= 320, f"only {len(outcomes)} requests under load"
     assert all(o == "malformed-4xx" for o in outcomes if o.startswith("malformed")), outcomes
     failed_share = sum(o != "ok" for o in valid) / len(valid)
     assert failed_share < 0.01, f"{failed_share:.1%} of valid requests failed"
-    assert load_scenario.replaced_at is not None, "the killed replica was not replaced"
+    assert scenario.replaced_at is not None, "the killed replica was not replaced"

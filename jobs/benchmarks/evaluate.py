@@ -1,0 +1,69 @@
+"""Benchmark: ``jobs.evaluate`` batch inference on its two engines, questions/s side by side.
+
+    python -m jobs.benchmarks.evaluate [--questions 256] [--max-new-tokens 32]
+    python -m jobs.benchmarks.evaluate --dry-run     # compose the model and write the questions only
+
+Composes the serving benchmark's bench-sized model (``jobs.benchmarks.serve.MODEL``: a ~22M-parameter
+language model, nothing downloaded), writes ``--questions`` synthetic evaluation questions with their
+images, and runs ``jobs.evaluate`` on them once per engine on a local Ray (one replica with the whole
+2-core machine, batches of ``--batch-size``, greedy answers of up to ``--max-new-tokens``). Each run is
+timed whole, as a user sees it (Ray Data's start and the model load or engine start included). Prints
+questions/s per engine, how many answers are identical, and last ``vllm/transformers questions/s: <ratio>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from jobs import compose, evaluate
+from jobs.benchmarks.serve import MODEL
+from llava_platform.config import load_recipe
+from llava_platform.data.synthetic import write_synthetic_dataset
+from llava_platform.vllm_engine import VllmSettings
+
+
+def main(argv: list[str] | None = None) -> float | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--questions", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
+    model = compose.run(load_recipe("tiny_cpu_demo", MODEL), root / "model")
+    files = write_synthetic_dataset(root / "data", train=0, eval=args.questions, seed=0)
+    if args.dry_run:
+        print(f"dry run: {args.questions} questions in {files['eval']}, model {model}")
+        return None
+    ray.init(num_cpus=4, include_dashboard=False)
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    vllm = VllmSettings(enforce_eager=True)
+    timings, answers = {}, {}
+    for engine in ("transformers", "vllm"):
+        started = time.perf_counter()
+        result = evaluate.run(model=str(model), data=[str(files["eval"])], image_root=str(root / "data"),
+                              output=root / engine, tracking_uri=tracking, replicas=1, batch_size=args.batch_size,
+                              cpus_per_replica=2, max_new_tokens=args.max_new_tokens, engine=engine, vllm=vllm)
+        timings[engine] = time.perf_counter() - started
+        answers[engine] = {r["id"]: r["prediction"] for r in map(json.loads,
+                                                                  result.predictions.read_text().splitlines())}
+    same = sum(answers["vllm"][k] == answers["transformers"][k].rstrip("\ufffd") for k in answers["vllm"])
+    print(f"\n{args.questions} questions, greedy answers of up to {args.max_new_tokens} tokens, batches of "
+          f"{args.batch_size}, 1 replica on 2 CPUs (whole runs: Ray Data start, model load or engine start included)")
+    for engine, seconds in timings.items():
+        print(f"{engine:<13}{seconds:>8.1f} s {args.questions / seconds:>8.2f} questions/s")
+    print(f"identical answers: {same}/{len(answers['vllm'])}")
+    ratio = timings["transformers"] / timings["vllm"]
+    print(f"vllm/transformers questions/s: {ratio:.2f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()
