@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.benchmarks import checkpoint_upload as bench_checkpoint_upload
+from jobs.benchmarks import evaluate as bench_evaluate
 from jobs.benchmarks import gpu_smoke as bench_gpu_smoke
 from jobs.benchmarks import padding as bench_padding
 from jobs.benchmarks import preprocess as bench_preprocess
@@ -32,6 +33,7 @@ def test_checkpoint_upload_benchmark_resolves_both_modes(tmp_path, capsys):
     (bench_preprocess, [], "ours / transformers"),
     (bench_padding, ["--records", "8"], "dry run: 8 records per split"),
     (bench_serve, ["--unbatched"], "transformers, vllm, unbatched applications"),
+    (bench_evaluate, ["--questions", "4"], "dry run: 4 questions"),
     (bench_zero3_load, [], "~0.52B parameters"),
     (bench_gpu_smoke, ["--steps", "5"], "0.52B parameters, stage 1 + stage 2 x 5 steps"),
 ])

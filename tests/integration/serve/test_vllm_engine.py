@@ -69,7 +69,7 @@ def test_an_engine_that_cannot_start_names_the_model_and_the_reason(ray_cluster,
         start_vllm_engine(tmp_path / "empty", "empty-folder", SETTINGS)
     sixteen = save_tiny_language_model(tmp_path / "llama16", heads=2)  # hidden 32 / 2 heads: head size 16
     checkpoint = save_llava(*compose({**towers, "llama": str(sixteen)}, "llava"), tmp_path / "heads16")
-    app = config("vllm-bad", "/vllm-bad", serve_port, num_replicas=1)
+    app = config("vllm-bad", "/vllm-bad", serve_port, num_replicas=1, max_constructor_retry_count=1)
     app["applications"][0]["args"]["vllm"] = VLLM_TEST_SETTINGS
     with pytest.raises(RuntimeError, match=r"(?s)failed.*model heads-16: its attention head size is 16"):
         deploy.run(app, model=str(checkpoint), model_name="heads-16", api_key=KEY, engine="vllm")
