@@ -1,8 +1,9 @@
 """pytest plugin: the reliability table and the time per test layer, printed at the end of every run.
 
 The reliability table: every test marked ``@pytest.mark.fault("what is injected")`` is one row;
-``make chaos`` runs just those (``pytest -m fault --chaos``), any other run prints the rows it
-included. A test reports what it could not deliver with ``record_property("lost", n)`` (default 0).
+``make chaos`` runs those and the slow tests moved out of ``make test`` (``pytest -m "fault or chaos"
+--chaos``), any other run prints the rows it included. A test reports what it could not deliver with
+``record_property("lost", n)`` (default 0).
 
 The time per layer (``tests/unit``, ``tests/integration``, ``tests/chaos``: set-up, call and
 tear-down of its tests) is checked against the budgets README "Tests" states; a layer over its
@@ -50,7 +51,7 @@ def pytest_runtest_protocol(item, nextitem):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "fault(description): a fault-injection test, one row of the reliability table")
-    config.addinivalue_line("markers", "chaos: a fault-injection test too slow for `make test`; `make chaos` runs it")
+    config.addinivalue_line("markers", "chaos: a test too slow for `make test`; `make chaos` runs it")
 
 
 def pytest_addoption(parser):
@@ -60,7 +61,7 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--chaos"):
         return
-    skip = pytest.mark.skip(reason="a slow fault-injection test: `make chaos` runs it")
+    skip = pytest.mark.skip(reason="too slow for make test: `make chaos` runs it")
     for item in items:
         if item.get_closest_marker("chaos"):
             item.add_marker(skip)
