@@ -86,7 +86,8 @@ def pytest_runtest_makereport(item, call):
     report = yield
     marker = item.get_closest_marker("fault")
     if marker:
-        report.fault = marker.args[0]
+        variant = getattr(item, "callspec", None)  # a parametrized fault test: one row per variant
+        report.fault = marker.args[0] + (f" [{variant.id}]" if variant else "")
     return report
 
 
