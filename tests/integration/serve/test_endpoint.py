@@ -124,6 +124,17 @@ def test_concurrent_requests_are_batched(endpoint):
         assert requests == 16 and calls < requests, f"{requests} requests took {calls} generate calls"
 
 
+def test_a_seed_makes_sampling_repeatable(endpoint):
+    """Sampling with a seed gives the same answer twice (each engine has its own random generator, so the
+    engines need not agree with each other); without ``max_tokens`` reached early, usage counts match."""
+    options = {"temperature": 1.0, "top_p": 0.9, "max_tokens": 12}
+    first, second = ask(endpoint, seed=7, **options), ask(endpoint, seed=7, **options)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert first.usage.completion_tokens == second.usage.completion_tokens
+    others = {ask(endpoint, seed=seed, **options).choices[0].message.content for seed in range(8, 12)}
+    assert len(others | {first.choices[0].message.content}) > 1, "the seed changes nothing: not sampling"
+
+
 def test_both_engines_give_the_same_greedy_answers_and_usage(server, vllm_server):
     """vLLM (continuous batching, its own image processing) and transformers answer token for token alike.
 
