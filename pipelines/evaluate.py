@@ -89,7 +89,9 @@ class Predictor:
 
 class VllmAnswers:
     """Greedy answers from a vLLM engine actor, as ``answer_questions`` gives them from transformers: the same
-    prompt (the checkpoint's template, single BOS), special tokens dropped, whitespace stripped."""
+    prompt (the checkpoint's template, single BOS), and the answer's tokens decoded here, whole, by the
+    checkpoint's tokenizer (special tokens dropped, whitespace stripped). vLLM's own text comes from its
+    incremental detokenizer, which renders bytes that are not valid UTF-8 differently."""
 
     def __init__(self, checkpoint, settings: VllmSettings, max_new_tokens: int):
         from transformers import AutoProcessor
@@ -106,7 +108,9 @@ class VllmAnswers:
                                       self.processor, question_conversation(question, image is not None)),
                                   max_tokens=self.max_new_tokens, temperature=0.0)
                     for i, (image, question) in enumerate(items)]
-        return [result.text.strip() for result in ray.get(self.engine.answer.remote(requests))]
+        tokenizer = self.processor.tokenizer
+        return [tokenizer.decode(list(result.token_ids), skip_special_tokens=True).strip()
+                for result in ray.get(self.engine.answer.remote(requests))]
 
 
 def predict(

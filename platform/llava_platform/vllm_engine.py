@@ -91,6 +91,8 @@ class EngineDelta:
     completion_tokens: int
     finish_reason: str | None = None
     """``stop`` (end of turn or a stop string), ``length`` or ``abort``; ``None`` until the last delta."""
+    token_ids: tuple[int, ...] = ()
+    """The tokens this delta added (``answer``: all of them)."""
 
 
 class EngineStartError(RuntimeError):
@@ -190,7 +192,7 @@ class VllmEngine:
                 piece = output.outputs[0]
                 tokens += len(piece.token_ids)
                 finish = piece.finish_reason if output.finished else None
-                yield EngineDelta(piece.text, tokens, finish)
+                yield EngineDelta(piece.text, tokens, finish, tuple(piece.token_ids))
         finally:
             if finish is None:  # cancelled (client gone) or failed: vLLM has aborted it
                 self.aborted += 1
@@ -199,14 +201,15 @@ class VllmEngine:
 
     async def answer(self, requests: list[EngineRequest]) -> list[EngineDelta]:
         """Whole answers to many requests at once (batch inference): all in the engine together, continuously
-        batched; each result holds the full text, the token count and the finish reason."""
+        batched; each result holds the full text, every token id, the token count and the finish reason."""
         import asyncio
 
         async def one(request: EngineRequest) -> EngineDelta:
-            text, last = "", None
+            text, ids, last = "", [], None
             async for last in self.generate(request):
                 text += last.text
-            return EngineDelta(text, last.completion_tokens, last.finish_reason)
+                ids += last.token_ids
+            return EngineDelta(text, last.completion_tokens, last.finish_reason, tuple(ids))
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
