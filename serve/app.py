@@ -146,18 +146,23 @@ class LlavaServer:
                  api_key: str | None = None, limits: dict[str, Any] | None = None, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.05, tracking_uri: str | None = None,
                  s3_endpoint_url: str | None = None, cache_dir: str | None = None, engine: str = "transformers",
-                 vllm: dict[str, Any] | None = None):
+                 vllm: dict[str, Any] | None = None, lora_adapters: dict[str, str] | None = None):
         if engine not in ENGINES:
             raise ValueError(f"args.engine is {engine!r}; use one of {', '.join(ENGINES)}")
+        if lora_adapters and engine != "vllm":
+            raise ValueError("args.lora_adapters: unmerged LoRA adapters are served by the vllm engine only "
+                             "(set args.engine: vllm, or serve the merged export)")
         cache = cache_dir or os.path.join(tempfile.gettempdir(), "llava-serve-cache")
         checkpoint = resolve_checkpoint(model, cache, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
         self.model_name = model_name or model
         self.engine = engine
+        self.served = [self.model_name, *(lora_adapters or {})]
+        """What clients may send as ``model``: the checkpoint, then each LoRA adapter by name."""
         if engine == "vllm":
             from llava_platform.vllm_engine import VllmSettings
             from serve.engines import VllmGenerator
 
-            self.generator = VllmGenerator(checkpoint, self.model_name, VllmSettings.from_args(vllm))
+            self.generator = VllmGenerator(checkpoint, self.model_name, VllmSettings.from_args(vllm), lora_adapters)
         else:
             self.generator = Generator(checkpoint, device=device, dtype=serving_dtype(dtype, device))
         self.limits = Limits(**{k: tuple(v) if isinstance(v, list) else v for k, v in (limits or {}).items()})
@@ -176,10 +181,12 @@ class LlavaServer:
     @api.post("/v1/chat/completions", dependencies=[Depends(count_request), Depends(require_api_key)])
     async def chat_completions(self, request: Request):
         body = await _json_body(request, self.max_body_bytes)
-        if isinstance(body, dict) and "model" in body and body["model"] != self.model_name:
+        if isinstance(body, dict) and "model" in body and body["model"] not in self.served:
             raise ApiError(404, f"model {body['model']!r} is not served here; GET /v1/models lists "
-                                f"{self.model_name!r}", param="model", code="model_not_found")
+                                f"{', '.join(map(repr, self.served))}", param="model", code="model_not_found")
         prepared = await asyncio.to_thread(self._prepare, body)  # image decoding stays off the event loop
+        if body.get("model", self.model_name) != self.model_name:
+            prepared.adapter = body["model"]
         if prepared.request.stream:
             return StreamingResponse(self._events(prepared), media_type="text/event-stream")
         if self.engine == "vllm":
@@ -188,8 +195,8 @@ class LlavaServer:
             answer = await self.generate_batch(prepared)
         if isinstance(answer, Exception):
             raise answer
-        return chat_completion(self.model_name, answer.text, answer.finish_reason, answer.prompt_tokens,
-                               answer.completion_tokens)
+        return chat_completion(prepared.adapter or self.model_name, answer.text, answer.finish_reason,
+                               answer.prompt_tokens, answer.completion_tokens)
 
     def _prepare(self, body: Any) -> Prepared:
         return self.generator.prepare(parse_chat_request(body, self.limits))
@@ -230,8 +237,8 @@ class LlavaServer:
 
     @api.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def models(self):
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "llava-platform"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "llava-platform"} for name in self.served]}
 
     @api.get("/", response_class=HTMLResponse)
     async def chat_page(self):

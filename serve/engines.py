@@ -20,6 +20,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -74,7 +75,13 @@ def start_vllm_engine(model_dir: str | Path, model_name: str, settings: VllmSett
 class VllmGenerator:
     """A Serve replica's handle on its vLLM engine: requests prepared here, generated there."""
 
-    def __init__(self, checkpoint: str | Path, model_name: str, settings: VllmSettings):
+    def __init__(self, checkpoint: str | Path, model_name: str, settings: VllmSettings,
+                 adapters: dict[str, str] | None = None):
+        """``adapters``: LoRA adapter name -> peft adapter folder, served unmerged on ``checkpoint`` (which
+        must hold what the adapters' stage trained in full: a training run's ``adapter_base``)."""
+        self.adapters = {name: str(Path(folder).resolve()) for name, folder in (adapters or {}).items()}
+        if self.adapters:
+            settings = replace(settings, max_lora_rank=settings.max_lora_rank or lora_rank(self.adapters.values()))
         self.engine = start_vllm_engine(checkpoint, model_name, settings)  # first: it names what is wrong
         self.processor = AutoProcessor.from_pretrained(str(checkpoint))
         config = json.loads((Path(checkpoint) / "config.json").read_text())
@@ -88,7 +95,8 @@ class VllmGenerator:
         return EngineRequest(request_id=uuid.uuid4().hex, images=list(request.images), max_tokens=request.max_tokens,
                              prompt_token_ids=prompt_token_ids(self.processor, request.conversation),
                              temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-                             stop=tuple(s for s in request.stop if s))
+                             stop=tuple(s for s in request.stop if s),
+                             lora=(item.adapter, self.adapters[item.adapter]) if item.adapter else None)
 
     async def deltas(self, item: Prepared) -> AsyncIterator[EngineDelta]:
         """The engine's deltas for one request; the last one carries the finish reason."""
@@ -121,6 +129,28 @@ class VllmGenerator:
         """Raises when the engine actor is gone or its core has failed (Serve then replaces the replica)."""
         if not await asyncio.wait_for(self.engine.ping.remote(), timeout=30):
             raise RuntimeError("the vLLM engine has failed")
+
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM accepts."""
+
+
+def lora_rank(folders) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that covers every adapter's ``r``.
+
+    Raises:
+        ValueError: a folder without ``adapter_config.json`` (not a peft adapter), or a rank above 512.
+    """
+    ranks = []
+    for folder in folders:
+        config = Path(folder) / "adapter_config.json"
+        if not config.exists():
+            raise ValueError(f"lora_adapters: {folder} has no adapter_config.json (not a peft LoRA adapter)")
+        ranks.append(int(json.loads(config.read_text())["r"]))
+    rank = max(ranks)
+    if rank > LORA_RANKS[-1]:
+        raise ValueError(f"lora_adapters: rank {rank} is above vLLM's largest, {LORA_RANKS[-1]}")
+    return next(r for r in LORA_RANKS if r >= rank)
 
 
 def _finish(delta: EngineDelta | None) -> str:

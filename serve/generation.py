@@ -30,6 +30,8 @@ class Prepared:
     request: ParsedChat
     generated: Completion | None = None
     """Set by ``Generator.stream`` when the streamed generation ends: token count and finish reason."""
+    adapter: str | None = None
+    """The LoRA adapter the request names as its ``model`` (vLLM engine only), else ``None``."""
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ class VllmSettings:
     """A fixed KV cache size; ``None``: ``gpu_memory_utilization`` on GPUs, ``CPU_KV_CACHE_BYTES`` on CPUs."""
     max_num_seqs: int = 256
     """Sequences batched together at most (continuous batching)."""
+    max_lora_rank: int | None = None
+    """LoRA adapters served unmerged up to this rank (``None``: no LoRA; the Serve app sets it from its
+    ``lora_adapters``)."""
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     """No CUDA graphs / torch.compile: starts in seconds instead of a minute (tests, CPU)."""
@@ -81,6 +84,8 @@ class EngineRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    lora: tuple[str, str] | None = None
+    """``(name, folder)`` of a peft LoRA adapter to apply (the engine must have been started with LoRA)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,7 @@ class VllmEngine:
                                max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
                                kv_cache_memory_bytes=kv_cache, max_num_seqs=s.max_num_seqs,
                                enable_prefix_caching=s.enable_prefix_caching, enforce_eager=s.enforce_eager,
+                               enable_lora=s.max_lora_rank is not None, max_lora_rank=s.max_lora_rank or 16,
                                disable_log_stats=True)
         try:
             self.engine = AsyncLLM.from_engine_args(args)
@@ -176,7 +182,10 @@ class VllmEngine:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         """Stream one generation; cancelling the consumer aborts the request in the engine."""
+        import zlib
+
         from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
 
         greedy = request.temperature < GREEDY_BELOW
@@ -188,11 +197,16 @@ class VllmEngine:
             prompt["multi_modal_data"] = {"image": request.images if len(request.images) > 1 else request.images[0]}
         tokens, finish = 0, None
         try:
-            async for output in self.engine.generate(prompt, sampling, request.request_id):
+            lora = LoRARequest(request.lora[0], zlib.crc32(request.lora[0].encode()) + 1, request.lora[1]) \
+                if request.lora else None
+            async for output in self.engine.generate(prompt, sampling, request.request_id, lora_request=lora):
                 piece = output.outputs[0]
-                tokens += len(piece.token_ids)
+                ids = tuple(piece.token_ids)
+                if output.finished and piece.finish_reason == "stop" and not isinstance(piece.stop_reason, str):
+                    ids = ids[:-1]  # the end-of-turn token: not part of the answer (transformers counts it neither)
+                tokens += len(ids)
                 finish = piece.finish_reason if output.finished else None
-                yield EngineDelta(piece.text, tokens, finish, tuple(piece.token_ids))
+                yield EngineDelta(piece.text, tokens, finish, ids)
         finally:
             if finish is None:  # cancelled (client gone) or failed: vLLM has aborted it
                 self.aborted += 1

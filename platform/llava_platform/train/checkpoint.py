@@ -24,6 +24,8 @@ EXPORT_DIR = "export"
 PEFT_PREFIX = "base_model.model."
 """What peft puts in front of the wrapped model's parameter names."""
 ADAPTER_DIR = "adapter"
+ADAPTER_BASE_DIR = "adapter_base"
+"""With LoRA: the model the adapters apply to (the stage's fully trained parts included, LoRA not merged)."""
 
 
 def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,8 +92,10 @@ def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | 
         module: the trained model (``engine.module``); its config and class are what gets saved.
 
     With LoRA, the adapters are also saved on their own in ``out_dir/adapter`` (peft's format; the
-    fully trained projector is ``out_dir/projector.safetensors`` next to it), and the export holds
-    the merged weights. The merge runs on a fresh CPU copy, in the trained weights' dtype, loaded
+    fully trained projector is ``out_dir/projector.safetensors`` next to it), the model they apply to
+    in ``out_dir/adapter_base`` (the stage's fully trained parts in, the adapters not merged: what
+    vLLM serves with the adapter unmerged), and the export holds the merged weights. The merge runs on a
+    fresh CPU copy, in the trained weights' dtype, loaded
     strictly from ``state_dict``, so it works the same whether the engine's parameters are sharded
     (ZeRO-3) or not.
     """
@@ -103,7 +107,15 @@ def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | 
         adapted = apply_lora(base, **asdict(lora))
         adapted.load_state_dict(state_dict, strict=True)
         adapted.save_pretrained(Path(out_dir) / ADAPTER_DIR)
-        adapted.merge_and_unload().save_pretrained(export)
+        merged = adapted.merge_and_unload()
+        merged.save_pretrained(export)
+        # the same module without the merge: the peft names of the non-LoRA weights, unwrapped
+        base_weights = {name.removeprefix("base_model.model.").replace(".base_layer.", "."): tensor
+                        for name, tensor in state_dict.items() if "lora_" not in name}
+        merged.load_state_dict(base_weights, strict=True)
+        merged.save_pretrained(Path(out_dir) / ADAPTER_BASE_DIR)
+        write_llava_hf_layout(Path(out_dir) / ADAPTER_BASE_DIR)
+        processor.save_pretrained(Path(out_dir) / ADAPTER_BASE_DIR)
     write_llava_hf_layout(export)  # the names vLLM, SGLang and the hub use
     processor.save_pretrained(export)
     return export

@@ -59,7 +59,8 @@ def zero3_lora(ray_cluster, tmp_path_factory) -> Zero3Lora:
     """
     root = tmp_path_factory.mktemp("zero3")
     files = write_synthetic_dataset(root / "data", train=24, eval=1, seed=0)
-    initial = compose.main(["--recipe", RECIPE, "--output", str(root / "initial")])
+    heads = "model.tiny.text_heads=2"  # head size 32: the adapter is also served unmerged on vLLM's CPU build
+    initial = compose.main(["--recipe", RECIPE, "--output", str(root / "initial"), heads])
     projector = save_projector(weights(initial), root / "aligned")  # what a stage-1 run leaves behind
     mixed = root / "data" / "stage2_with_text.jsonl"
     text_only = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
@@ -70,7 +71,7 @@ def zero3_lora(ray_cluster, tmp_path_factory) -> Zero3Lora:
                  "stage2.optim.lr=0.01", "checkpoint.every_n_steps=2", "tracking.system_metrics=false",
                  *zero3("stage2"), "stage2.deepspeed.gradient_checkpointing=true", "stage2.tunable=[projector]",
                  "stage2.lora={r: 4, alpha: 8, dropout: 0.0}", f"stage2.init_from={projector}",
-                 "stage2.data.group_by_modality_length=true"]
+                 "stage2.data.group_by_modality_length=true", heads]
     cwd = root / "cwd"
     cwd.mkdir()
     with pytest.MonkeyPatch.context() as patch:
@@ -95,6 +96,40 @@ def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora):
     q_proj = [n for n in before if n.startswith("model.language_model.") and n.endswith("q_proj.weight")]
     assert q_proj and all(not torch.equal(after[n], before[n]) for n in q_proj), "the LoRA update was not merged"
     assert_export_reproduces_engine(stage2)
+
+
+def test_the_lora_adapter_is_served_unmerged_on_vllm(zero3_lora, serve_port):
+    """vLLM applies the stage's peft adapter to ``adapter_base`` (the trained projector in, LoRA not merged):
+    answers as the merged export; the base model's name answers as ``adapter_base`` itself."""
+    from ray import serve
+
+    from jobs import deploy
+    from serve.generation import Generator
+    from serve.openai_api import Limits, parse_chat_request
+    from tests.helpers.endpoint import KEY, VLLM_TEST_SETTINGS, client, config
+    from tests.helpers.requests import chat, data_url, image_part, text_part
+
+    stage2 = zero3_lora.out.stage_dirs["stage2"]
+    app = config("lora", "/lora", serve_port, num_replicas=1)
+    app["applications"][0]["args"].update(vllm=VLLM_TEST_SETTINGS, lora_adapters={"tuned": str(stage2 / "adapter")})
+    deploy.run(app, model=str(stage2 / "adapter_base"), model_name="base", api_key=KEY, engine="vllm")
+    openai_client = client(f"http://127.0.0.1:{serve_port}/lora")
+    assert [m.id for m in openai_client.models.list().data] == ["base", "tuned"]
+    references = {"tuned": Generator(stage2 / "export"), "base": Generator(stage2 / "adapter_base")}
+    differ = 0
+    for i, size in enumerate([(40, 30), (30, 60), (56, 56)]):
+        body = chat(text_part(f"What colour is shape {i}?"), image_part(data_url(size)), max_tokens=8, temperature=0)
+        request = parse_chat_request(body, Limits(max_tokens=8, max_images=1, max_image_bytes=10**6))
+        answers = {}
+        for name, reference in references.items():
+            expected = reference.generate([reference.prepare(request)])[0]
+            got = openai_client.chat.completions.create(**{**body, "model": name})
+            assert got.model == name and got.usage.completion_tokens == expected.completion_tokens, (name, size)
+            assert got.choices[0].message.content == expected.text.rstrip("\ufffd"), (name, size)
+            answers[name] = got.choices[0].message.content
+        differ += answers["tuned"] != answers["base"]
+    assert differ, "the adapter changed no answer: it was not applied"
+    serve.delete("lora")
 
 
 def test_default_tracking_is_a_local_store_in_the_working_directory(zero3_lora):

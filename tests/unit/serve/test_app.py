@@ -23,7 +23,8 @@ def replica(monkeypatch):
     def prepare(body):
         raise RuntimeError("the model is on fire")
 
-    server = SimpleNamespace(api_key=KEY, requests=0, model_name="tiny", max_body_bytes=1_000, engine="transformers",
+    server = SimpleNamespace(api_key=KEY, requests=0, model_name="tiny", served=["tiny"], max_body_bytes=1_000,
+                             engine="transformers",
                              generator=SimpleNamespace(generate_calls=0), _prepare=prepare)
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=server))
     return server
