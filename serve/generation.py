@@ -18,6 +18,7 @@ from jinja2 import TemplateError
 
 from llava_platform.inference import encode_chat, end_token_ids, merge_inputs
 from llava_platform.model.compose import load_pretrained_llava
+from llava_platform.sampling import GREEDY_BELOW
 from serve.openai_api import ApiError, ParsedChat
 
 
@@ -191,10 +192,6 @@ class Generator:
         thread.join()
         if failure:
             raise failure[0]
-
-
-GREEDY_BELOW = 1e-5
-"""Temperatures below this decode greedily (dividing logits by ~0 gives NaN probabilities)."""
 
 
 def _sampling_key(request: ParsedChat) -> tuple:

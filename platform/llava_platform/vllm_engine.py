@@ -3,7 +3,8 @@
 ``VllmEngine`` is a plain class that a Ray actor hosts (``serve/`` and ``pipelines/`` start it). The actor
 runs in the engine's own environment (``.venv-vllm/`` from ``make vllm``; pyproject.toml's
 ``[dependency-groups]`` say why it is separate), which has vLLM, Ray and PIL but not this project's
-dependencies: so this module imports only the standard library at the top and vLLM inside the methods,
+dependencies: so this module imports only the standard library (and ``llava_platform.sampling``, which
+needs nothing more) at the top and vLLM inside the methods,
 and what crosses to it is plain data (``EngineRequest``: token ids, PIL images, sampling settings).
 
 The prompt is built on the caller's side by the checkpoint's own chat template, exactly as for the
@@ -19,8 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-GREEDY_BELOW = 1e-5
-"""Temperatures below this decode greedily (as the transformers engine does)."""
+from llava_platform.sampling import GREEDY_BELOW
 
 CPU_KV_CACHE_BYTES = 1 << 30
 """The KV cache on a CPU machine when the settings give none (vLLM's own default, a share of the
