@@ -16,6 +16,7 @@ quarantined with its reason, exactly as in preprocessing, and the run goes on.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -30,8 +31,9 @@ from llava_platform.evaluation import eval_fields, is_correct
 from llava_platform.inference import answer_questions, prompt_token_ids, question_conversation
 from llava_platform.model.compose import load_pretrained_llava
 from llava_platform.model.sources import resolve_checkpoint
+from llava_platform.storage import filesystem_for
 from llava_platform.vllm_engine import EngineRequest, VllmSettings
-from pipelines.preprocess import quarantine_entry, record_image_bytes, record_key
+from pipelines.preprocess import MissingImageError, quarantine_entry, record_image_bytes, record_key
 from pipelines.quarantine import start_quarantine_log
 from pipelines.storage import ImageReader
 
@@ -51,15 +53,11 @@ class Predictor:
     def __init__(self, *, model: str, cache_dir: str, tracking_uri: str | None, image_root: str | None,
                  s3_endpoint_url: str | None, max_image_pixels: int, max_new_tokens: int, device: str,
                  quarantine: ray.actor.ActorHandle, engine: str = "transformers", vllm: VllmSettings | None = None):
-        checkpoint = resolve_checkpoint(model, cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
-        if engine == "vllm":
-            self.answer = VllmAnswers(checkpoint, vllm or VllmSettings(), max_new_tokens)
-        else:
-            model, processor = load_pretrained_llava(str(checkpoint))
-            model.to(device).eval()
-            self.answer = lambda items: answer_questions(model, processor, items, max_new_tokens=max_new_tokens)
+        self.answer = load_answerer(model, cache_dir=cache_dir, tracking_uri=tracking_uri,
+                                    s3_endpoint_url=s3_endpoint_url, device=device, engine=engine, vllm=vllm)
         self.images = ImageReader(image_root, s3_endpoint_url)
         self.max_image_pixels = max_image_pixels
+        self.max_new_tokens = max_new_tokens
         self.quarantine = quarantine
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -80,11 +78,27 @@ class Predictor:
             good.append({"id": str(record["id"]), "type": kind, "question": question, "answer": answer})
             inputs.append((image, question))
         if inputs:
-            answers = self.answer(inputs)
+            answers = self.answer(inputs, self.max_new_tokens)
             for row, prediction in zip(good, answers, strict=True):
                 row.update(prediction=prediction, correct=is_correct(prediction, row["answer"], row["type"]))
         ray.get(self.quarantine.add.remote(keys, bad))
         return pa.Table.from_pylist(good, schema=PREDICTION_SCHEMA)
+
+
+Answerer = Callable[[Sequence[tuple[Any, str]], int], list[str]]
+"""(image or ``None``, prompt) pairs and a token cap -> greedy answers, in order."""
+
+
+def load_answerer(model: str, *, cache_dir: str, tracking_uri: str | None, s3_endpoint_url: str | None, device: str,
+                  engine: str, vllm: VllmSettings | None) -> Answerer:
+    """Resolve the model URI (downloads cached per node) and start its engine: the checkpoint loaded here
+    (``transformers``), or a vLLM engine actor in vLLM's own environment (``vllm``)."""
+    checkpoint = resolve_checkpoint(model, cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
+    if engine == "vllm":
+        return VllmAnswers(checkpoint, vllm or VllmSettings())
+    llava, processor = load_pretrained_llava(str(checkpoint))
+    llava.to(device).eval()
+    return lambda items, max_new_tokens: answer_questions(llava, processor, items, max_new_tokens=max_new_tokens)
 
 
 class VllmAnswers:
@@ -93,24 +107,119 @@ class VllmAnswers:
     checkpoint's tokenizer (special tokens dropped, whitespace stripped). vLLM's own text comes from its
     incremental detokenizer, which renders bytes that are not valid UTF-8 differently."""
 
-    def __init__(self, checkpoint, settings: VllmSettings, max_new_tokens: int):
+    def __init__(self, checkpoint, settings: VllmSettings):
         from transformers import AutoProcessor
 
         from serve.engines import start_vllm_engine
 
         self.engine = start_vllm_engine(checkpoint, "evaluate", settings)
         self.processor = AutoProcessor.from_pretrained(str(checkpoint))
-        self.max_new_tokens = max_new_tokens
 
-    def __call__(self, items: list[tuple[Any, str]]) -> list[str]:
+    def __call__(self, items: Sequence[tuple[Any, str]], max_new_tokens: int) -> list[str]:
         requests = [EngineRequest(request_id=f"q{i}", images=[image] if image is not None else [],
                                   prompt_token_ids=prompt_token_ids(
                                       self.processor, question_conversation(question, image is not None)),
-                                  max_tokens=self.max_new_tokens, temperature=0.0)
+                                  max_tokens=max_new_tokens, temperature=0.0)
                     for i, (image, question) in enumerate(items)]
         tokenizer = self.processor.tokenizer
         return [tokenizer.decode(list(result.token_ids), skip_special_tokens=True).strip()
                 for result in ray.get(self.engine.answer.remote(requests))]
+
+
+ANSWER_SCHEMA = pa.schema([
+    ("benchmark", pa.string()),
+    ("question_id", pa.string()),
+    ("prompt", pa.string()),
+    ("text", pa.string()),  # the reply (LLaVA's answer format)
+])
+
+
+class BenchmarkAnswerer:
+    """The per-actor callable of ``map_batches`` for benchmark questions: ``Question`` rows (plus their
+    ``benchmark``) -> ``ANSWER_SCHEMA`` rows. A question whose image cannot be read or decoded is
+    quarantined with its reason (and reported missing by the scoring)."""
+
+    def __init__(self, *, model: str, cache_dir: str, tracking_uri: str | None, s3_endpoint_url: str | None,
+                 max_image_pixels: int, device: str, quarantine: ray.actor.ActorHandle, engine: str = "transformers",
+                 vllm: VllmSettings | None = None):
+        self.answer = load_answerer(model, cache_dir=cache_dir, tracking_uri=tracking_uri,
+                                    s3_endpoint_url=s3_endpoint_url, device=device, engine=engine, vllm=vllm)
+        self.s3_endpoint_url = s3_endpoint_url
+        self.max_image_pixels = max_image_pixels
+        self.quarantine = quarantine
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        groups: dict[int, list[tuple[dict[str, Any], Any]]] = {}
+        keys, bad = [], []
+        for row in batch.to_pylist():
+            key = f"{row['benchmark']}:{row['question_id']}"
+            keys.append(key)
+            try:
+                data = row["image_bytes"] if row["image_bytes"] is not None else self._read(row["image"])
+                image = decode_image(data, self.max_image_pixels) if data is not None else None
+            except SampleError as err:
+                bad.append({"key": key, "id": row["question_id"], "source": row["benchmark"], "index": -1,
+                            "reason": err.reason, "message": str(err)[:500]})
+                continue
+            groups.setdefault(row["max_new_tokens"], []).append((row, image))
+        answered = []
+        for max_new_tokens, items in groups.items():  # one generate call per token cap
+            replies = self.answer([(image, row["prompt"]) for row, image in items], max_new_tokens)
+            answered += [{"benchmark": row["benchmark"], "question_id": row["question_id"], "prompt": row["prompt"],
+                          "text": reply} for (row, _), reply in zip(items, replies, strict=True)]
+        ray.get(self.quarantine.add.remote(keys, bad))
+        return pa.Table.from_pylist(answered, schema=ANSWER_SCHEMA)
+
+    def _read(self, uri: str | None) -> bytes | None:
+        if uri is None:
+            return None
+        filesystem, path = filesystem_for(uri, self.s3_endpoint_url)
+        try:
+            with filesystem.open_input_stream(path) as stream:
+                return stream.readall()
+        except (FileNotFoundError, OSError) as err:
+            raise MissingImageError(f"{uri}: {err}") from err
+
+
+def answer_benchmarks(
+    questions: ray.data.Dataset,
+    *,
+    model: str,
+    cache_dir: str,
+    tracking_uri: str | None = None,
+    s3_endpoint_url: str | None = None,
+    max_image_pixels: int = 50_000_000,
+    batch_size: int = 16,
+    num_replicas: int = 1,
+    cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+    engine: str = "transformers",
+    vllm: VllmSettings | None = None,
+) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+    """Lazily answer benchmark questions greedily; returns (answers, the quarantine log actor).
+
+    Args:
+        questions: rows of ``benchmark``, ``question_id``, ``prompt``, ``image`` (URI or ``None``),
+            ``image_bytes`` (or ``None``) and ``max_new_tokens``.
+        The others: as ``predict``'s.
+    """
+    quarantine = start_quarantine_log()
+    if engine == "vllm":
+        vllm = replace(vllm or VllmSettings(), num_cpus=cpus_per_replica, num_gpus=gpus_per_replica)
+        cpus_per_replica, gpus_per_replica = 0.25, 0.0
+    answers = questions.map_batches(
+        BenchmarkAnswerer,
+        fn_constructor_kwargs=dict(
+            model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url,
+            max_image_pixels=max_image_pixels, device="cuda" if gpus_per_replica > 0 else "cpu",
+            quarantine=quarantine, engine=engine, vllm=vllm),
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ActorPoolStrategy(size=num_replicas),
+        num_cpus=cpus_per_replica,
+        num_gpus=gpus_per_replica,
+    )
+    return answers, quarantine
 
 
 def predict(

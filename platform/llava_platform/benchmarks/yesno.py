@@ -1,0 +1,120 @@
+"""Yes/no benchmarks: POPE (object hallucination) and MME (perception and cognition).
+
+Prompt: the question, then LLaVA-1.5's short-answer suffix.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+from llava_platform.benchmarks.base import SHORT_ANSWER, BenchmarkFormatError, Loaded, Question, Source, mean
+from llava_platform.benchmarks.rules import mme_yes_no, pope_yes_no
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+def load_pope(source: Source) -> Loaded:
+    """``coco_pope_<split>.json`` (one JSON object per line), any of the three splits; ids ``<split>/<id>``."""
+    found = [split for split in POPE_SPLITS if source.first(f"coco_pope_{split}.json")]
+    if not found:
+        raise BenchmarkFormatError("pope", source.uri(""), "coco_pope_random.json, coco_pope_popular.json and/or "
+                                   "coco_pope_adversarial.json")
+    rows, labels = [], {}
+    for split in found:
+        for item in source.read_jsonl(f"coco_pope_{split}.json", '{"question_id", "image", "text", "label"} per line',
+                                      lambda row: {"question_id", "image", "text", "label"} <= set(row)
+                                      and row["label"] in ("yes", "no")):
+            qid = f"{split}/{item['question_id']}"
+            rows.append(Question(qid, f"{item['text']}\n{SHORT_ANSWER}", source.image("val2014", item["image"])))
+            labels[qid] = item["label"]
+
+    def score(replies: Mapping[str, str], judge) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for split in found:
+            pairs = [(pope_yes_no(reply), labels[qid]) for qid, reply in replies.items() if qid.startswith(split + "/")]
+            metrics |= {f"{split}/{name}": value for name, value in pope_metrics(pairs).items()}
+        metrics["f1"] = mean(metrics[f"{split}/f1"] for split in found)
+        metrics["accuracy"] = mean(metrics[f"{split}/accuracy"] for split in found)
+        return metrics
+
+    return Loaded(rows, score, notes=[f"splits: {', '.join(found)}; f1 and accuracy averaged over them"])
+
+
+def pope_metrics(pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 (``yes`` is the positive class) and the share of ``yes`` replies,
+    from (predicted, gold) pairs — POPE's ``eval_pope.py``."""
+    tp = sum(p == "yes" and g == "yes" for p, g in pairs)
+    fp = sum(p == "yes" and g == "no" for p, g in pairs)
+    tn = sum(p == "no" and g == "no" for p, g in pairs)
+    fn = sum(p == "no" and g == "yes" for p, g in pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(pairs) if pairs else 0.0, "precision": precision, "recall": recall,
+            "f1": f1, "yes_ratio": (tp + fp) / len(pairs) if pairs else 0.0}
+
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
+
+
+def load_mme(source: Source) -> Loaded:
+    """``MME_Benchmark_release_version/<category>/``: each image with a ``.txt`` of two lines
+    ``question<TAB>answer`` — beside the image, or in ``images/`` and ``questions_answers_YN/``."""
+    rows, gold, image_of = [], {}, {}
+    categories = [c for c in MME_PERCEPTION + MME_COGNITION if source.files(c)]
+    if not categories:
+        raise BenchmarkFormatError("mme", source.uri(""), "MME's category folders (existence/, count/, ..., "
+                                   "code_reasoning/) with images and question .txt files")
+    for category in categories:
+        files = source.files(category)
+        images = {name.rsplit("/", 1)[1].rsplit(".", 1)[0]: name for name in files
+                  if name.lower().endswith(IMAGE_SUFFIXES)}
+        for text_file in (name for name in files if name.endswith(".txt")):
+            stem = text_file.rsplit("/", 1)[1].removesuffix(".txt")
+            if stem not in images:
+                raise BenchmarkFormatError("mme", source.uri(text_file), f"an image named {stem}.jpg/.png beside it "
+                                           "or in the category's images/")
+            image_name = images[stem].rsplit("/", 1)[1]
+            lines = [line for line in source.read_bytes(text_file).decode("utf-8").splitlines() if line.strip()]
+            for number, line in enumerate(lines):
+                parts = line.split("\t")
+                if len(parts) != 2 or parts[1].strip() not in ("Yes", "No"):
+                    raise BenchmarkFormatError("mme", f"{source.uri(text_file)} line {number + 1}",
+                                               "'question<TAB>Yes' or 'question<TAB>No'")
+                qid = f"{category}/{image_name}/{number}"
+                rows.append(Question(qid, f"{parts[0].strip()}\n{SHORT_ANSWER}", source.uri(images[stem])))
+                gold[qid] = parts[1].strip().lower()
+                image_of[qid] = f"{category}/{image_name}"
+
+    def score(replies: Mapping[str, str], judge) -> dict[str, float]:
+        return mme_scores({qid: mme_yes_no(reply) == gold[qid] for qid, reply in replies.items()}, image_of)
+
+    return Loaded(rows, score, notes=[f"{len(categories)} of 14 categories"])
+
+
+def mme_scores(right: Mapping[str, bool], image_of: Mapping[str, str]) -> dict[str, float]:
+    """MME's ``calculation.py``: per category, accuracy (questions right) and accuracy+ (images with both
+    questions right), each ×100, summed to the category's score; perception sums its 10 categories
+    (max 2000), cognition its 4 (max 800).
+
+    Args:
+        right: question id (``<category>/<image>/<n>``) -> answered right.
+        image_of: question id -> ``<category>/<image>``.
+    """
+    by_category: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for qid, ok in right.items():
+        by_category[qid.split("/", 1)[0]][image_of[qid]].append(ok)
+    metrics: dict[str, float] = {}
+    for category, images in by_category.items():
+        answers = [ok for oks in images.values() for ok in oks]
+        accuracy = 100 * mean(answers)
+        accuracy_plus = 100 * mean(float(all(oks)) for oks in images.values())
+        metrics |= {f"{category}/accuracy": accuracy, f"{category}/accuracy_plus": accuracy_plus,
+                    f"{category}/score": accuracy + accuracy_plus}
+    metrics["perception"] = sum(metrics.get(f"{c}/score", 0.0) for c in MME_PERCEPTION)
+    metrics["cognition"] = sum(metrics.get(f"{c}/score", 0.0) for c in MME_COGNITION)
+    return metrics
