@@ -1,7 +1,10 @@
-"""Evaluate a checkpoint on LLaVA-format questions with Ray Data batch inference; scores go to MLflow.
+"""Evaluate a checkpoint on LLaVA-format questions or the LLaVA-1.5 benchmarks with Ray Data batch inference;
+scores go to MLflow.
 
     python -m jobs.evaluate --model models:/tiny-cpu-demo/1 --data outputs/tiny-cpu-demo/data/eval.jsonl \\
         --image-root outputs/tiny-cpu-demo/data
+    python -m jobs.evaluate --model models:/llava15-7b/3 --benchmark pope --annotations /data/pope \\
+        --benchmark mmbench --annotations /data/mmbench/mmbench_dev_20230712.tsv --gpus-per-replica 1 --engine vllm
     ray job submit --working-dir . -- python -m jobs.evaluate --model models:/llava15-7b/3 \\
         --data s3://bucket/eval/scienceqa.jsonl --image-root s3://bucket/eval/images --replicas 8 --gpus-per-replica 1 \
         --engine vllm
@@ -16,6 +19,13 @@ default) or ``mc`` (the option letter, ScienceQA-style). Model replicas are a Ra
 Writes ``predictions.jsonl``, ``quarantine.jsonl`` and ``scores.json`` to ``--output`` and logs the
 scores as ``eval/*`` metrics and the files as artifacts into an MLflow run: the run that produced the
 model for ``models:/`` and ``runs:/`` URIs, else ``--run-id``, else a new run in ``--experiment``.
+
+``--benchmark NAME --annotations PATH`` (repeatable) reads benchmarks of the LLaVA-1.5 table from their
+published files (``llava_platform.benchmarks``; every file is checked before any model loads), answers
+all their questions in one Ray Data pass with LLaVA-1.5's prompts and token caps, greedily, and scores
+each with ``jobs.score``'s code: ``<output>/<benchmark>/answers.jsonl`` (LLaVA's answer format, so
+``jobs.score`` reproduces the scores), ``scores.json``, ``eval/<benchmark>/<metric>`` in MLflow, and
+``benchmarks.md``, the comparison with LLaVA-1.5-7B's published figures.
 """
 
 from __future__ import annotations
@@ -31,12 +41,15 @@ from typing import Any
 import ray
 
 from jobs.console import quiet_ray_data
+from jobs.score import add_judge_arguments, judge_from_args, judge_problems, score_and_write
 from llava_platform import tracking
+from llava_platform.benchmarks import BENCHMARKS, BenchmarkFormatError, ScoreReport, comparison_table, load_benchmark
+from llava_platform.benchmarks.judge import EndpointJudge
 from llava_platform.evaluation import summarize
 from llava_platform.model.sources import CheckpointSourceError, source_run_id
 from llava_platform.storage import is_remote
 from llava_platform.vllm_engine import VllmSettings
-from pipelines.evaluate import predict
+from pipelines.evaluate import answer_benchmarks, predict
 from pipelines.preprocess import finish
 from pipelines.quarantine import PreprocessReport
 from pipelines.sources import read_records
@@ -52,14 +65,23 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> EvaluationResult:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="folder, s3://..., models:/<name>/<version>, runs:/<id>/<path>")
-    parser.add_argument("--data", required=True, nargs="+", help="LLaVA-format eval files (JSON, JSONL, Parquet)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", nargs="+", help="LLaVA-format eval files (JSON, JSONL, Parquet)")
+    what.add_argument("--benchmark", action="append", choices=list(BENCHMARKS),
+                      help="a benchmark of the LLaVA-1.5 table (repeat for several), each with an --annotations")
+    parser.add_argument("--annotations", action="append", default=[],
+                        help="the benchmark's published folder or file (local or s3://), one per --benchmark")
+    parser.add_argument("--images", action="append", default=[], metavar="NAME=PATH",
+                        help="a benchmark's image folder, where it is not the usual subfolder of its annotations")
     parser.add_argument("--image-root", help="folder or s3:// prefix of the records' relative image paths")
     parser.add_argument("--output", type=Path, default=Path("outputs/evaluation"), help="where result files go")
     parser.add_argument("--replicas", type=int, default=1, help="model replicas (Ray Data actors)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="0: CPU replicas")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="answer length cap (default 16 for --data; for benchmarks each one's own LLaVA-1.5 "
+                             "cap, which this lowers)")
     parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                         help="what generates: transformers in each replica, or a vLLM engine per replica "
                              "(continuous batching; its own environment, README 'The vLLM engine')")
@@ -70,12 +92,21 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
     parser.add_argument("--run-id", help="MLflow run to log into when the model URI names none")
     parser.add_argument("--experiment", default="evaluation", help="experiment of a new run")
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// paths")
+    add_judge_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        if args.benchmark:
+            return run_benchmarks(
+                model=args.model, benchmarks=benchmark_specs(args.benchmark, args.annotations, args.images),
+                output=args.output, tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri),
+                judge=judge_from_args(args), replicas=args.replicas, batch_size=args.batch_size,
+                cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                max_new_tokens=args.max_new_tokens, run_id=args.run_id, experiment=args.experiment,
+                s3_endpoint_url=args.s3_endpoint_url, engine=args.engine, vllm=VllmSettings.from_args(args.vllm))
         return run(
             model=args.model, data=args.data, image_root=args.image_root, output=args.output,
             replicas=args.replicas, batch_size=args.batch_size, cpus_per_replica=args.cpus_per_replica,
-            gpus_per_replica=args.gpus_per_replica, max_new_tokens=args.max_new_tokens,
+            gpus_per_replica=args.gpus_per_replica, max_new_tokens=args.max_new_tokens or 16,
             tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri), run_id=args.run_id,
             experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url, engine=args.engine,
             vllm=VllmSettings.from_args(args.vllm),
@@ -151,6 +182,12 @@ def preflight(model: str, data: list[str], image_root: str | None, tracking_uri:
     problems = [f"--data: {path} does not exist" for path in data if not is_remote(path) and not Path(path).exists()]
     if image_root and not is_remote(image_root) and not Path(image_root).is_dir():
         problems.append(f"--image-root: {image_root} is not a folder")
+    return problems + model_problems(model, tracking_uri)
+
+
+def model_problems(model: str, tracking_uri: str) -> list[str]:
+    """``--model`` problems found without loading it: an unknown registered model, a folder without a checkpoint."""
+    problems = []
     if model.startswith("models:/"):
         try:
             source_run_id(model, tracking_uri)
@@ -159,6 +196,113 @@ def preflight(model: str, data: list[str], image_root: str | None, tracking_uri:
     elif not is_remote(model) and not (Path(model) / "config.json").is_file():
         problems.append(f"--model: {model} is not a Hugging Face checkpoint folder (no config.json)")
     return problems
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One ``--benchmark`` with its ``--annotations`` (and ``--images``, if given)."""
+
+    name: str
+    annotations: str
+    images: str | None = None
+
+
+def benchmark_specs(names: list[str], annotations: list[str], images: list[str]) -> list[BenchmarkSpec]:
+    """Pair each ``--benchmark`` with its ``--annotations`` (in order) and ``--images NAME=PATH``.
+
+    Raises:
+        PreflightError: counts that do not pair up, an ``--images`` not of the form NAME=PATH.
+    """
+    problems = []
+    if len(annotations) != len(names):
+        problems.append(f"--annotations: give one per --benchmark, in the same order "
+                        f"({len(names)} benchmarks, {len(annotations)} annotations)")
+    folders = dict(item.split("=", 1) for item in images if "=" in item)
+    problems += [f"--images: {item!r} is not NAME=PATH" for item in images if "=" not in item]
+    problems += [f"--images: {name} is not one of the --benchmark names" for name in folders if name not in names]
+    if problems:
+        raise PreflightError(problems)
+    return [BenchmarkSpec(name, path, folders.get(name)) for name, path in zip(names, annotations, strict=True)]
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """What a benchmark evaluation produced."""
+
+    reports: list[ScoreReport]
+    """Per benchmark: metrics (``report.headline`` on the paper's scale), unmatched and missing answers."""
+    run_id: str
+    answers: dict[str, Path]
+    """Benchmark -> its answers file (LLaVA's answer format, what ``jobs.score`` takes)."""
+    report: PreprocessReport
+    """Questions read, answered and quarantined (an image that cannot be read)."""
+    table: str
+    """The markdown comparison with LLaVA-1.5-7B (also ``benchmarks.md``)."""
+
+
+def run_benchmarks(*, model: str, benchmarks: list[BenchmarkSpec], output: Path, tracking_uri: str,
+                   judge: EndpointJudge | None = None, replicas: int = 1, batch_size: int = 16,
+                   cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0, max_new_tokens: int | None = None,
+                   run_id: str | None = None, experiment: str = "evaluation", s3_endpoint_url: str | None = None,
+                   engine: str = "transformers", vllm: VllmSettings | None = None) -> BenchmarkResult:
+    """Read every benchmark (before any model loads), answer all questions in one Ray Data pass, score each
+    as ``jobs.score`` does, write and log.
+
+    Raises:
+        PreflightError: a benchmark file missing or not in its published format, a judge-scored benchmark
+            without a judge, a model URI that does not resolve.
+    """
+    problems = model_problems(model, tracking_uri) + judge_problems([b.name for b in benchmarks], judge)
+    loaded = {}
+    for spec in benchmarks:
+        try:
+            loaded[spec.name] = load_benchmark(spec.name, spec.annotations, spec.images, s3_endpoint_url)
+        except BenchmarkFormatError as error:
+            problems.append(f"--annotations: {error}")
+    if problems:
+        raise PreflightError(problems)
+    run_id = source_run_id(model, tracking_uri) or run_id or tracking.start_run(tracking_uri, experiment, "evaluate")
+
+    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    quiet_ray_data()
+    rows = [{"benchmark": name, "question_id": q.question_id, "prompt": q.prompt, "image": q.image,
+             "image_bytes": q.image_bytes,
+             "max_new_tokens": min(q.max_new_tokens, max_new_tokens) if max_new_tokens else q.max_new_tokens}
+            for name, benchmark in loaded.items() for q in benchmark.questions]
+    log(f"{model}: {len(rows)} questions of {', '.join(loaded)} on {replicas} {engine} replica(s)")
+    answers, quarantine = answer_benchmarks(
+        ray.data.from_items(rows), model=model, cache_dir=str(Path(tempfile.gettempdir()) / "llava-model-cache"),
+        tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url, batch_size=batch_size, num_replicas=replicas,
+        cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, engine=engine, vllm=vllm)
+    by_benchmark: dict[str, list[dict[str, Any]]] = {name: [] for name in loaded}
+    for answer in answers.take_all():
+        by_benchmark[answer.pop("benchmark")].append(answer | {"model_id": model})
+    output.mkdir(parents=True, exist_ok=True)
+    report = finish(quarantine, output / "quarantine.jsonl")
+
+    reports, files, metrics = [], {}, {}
+    for name, benchmark in loaded.items():
+        folder = output / name
+        folder.mkdir(parents=True, exist_ok=True)
+        files[name] = folder / "answers.jsonl"
+        files[name].write_text("".join(json.dumps(a) + "\n" for a in sorted(by_benchmark[name],
+                                                                              key=lambda a: a["question_id"])))
+        scored = score_and_write(name, benchmark, by_benchmark[name], judge, folder)
+        reports.append(scored)
+        metrics |= {f"{METRIC_PREFIX}/{name}/{metric}": value for metric, value in scored.metrics.items()}
+    table = comparison_table(reports)
+    (output / "benchmarks.md").write_text(f"# {model}\n\n{table}\n")
+    metrics |= {f"{METRIC_PREFIX}/{name}": value for name, value in report.as_metrics().items()}
+    tracking.log_metrics(tracking_uri, run_id, metrics, step=0)
+    for path in [output / "benchmarks.md", output / "quarantine.jsonl"]:
+        tracking.log_artifact(tracking_uri, run_id, path, artifact_path="evaluation")
+    for name in loaded:
+        for path in sorted((output / name).iterdir()):
+            tracking.log_artifact(tracking_uri, run_id, path, artifact_path=f"evaluation/{name}")
+    print(table, flush=True)
+    log(f"MLflow run {run_id}: {len(metrics)} eval/* metrics; answers, scores and benchmarks.md under "
+        "artifacts/evaluation")
+    return BenchmarkResult(reports=reports, run_id=run_id, answers=files, report=report, table=table)
 
 
 def write_results(output: Path, rows: list[dict[str, Any]], scores: dict[str, float]) -> list[Path]:

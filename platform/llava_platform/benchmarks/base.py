@@ -108,7 +108,8 @@ class Source:
         self.scheme = "s3://" if annotations.startswith("s3://") else ""
         info = self.filesystem.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise BenchmarkFormatError(benchmark, annotations, "a folder or file in the benchmark's published layout")
+            raise BenchmarkFormatError(benchmark, annotations, "a folder or file in the benchmark's published layout "
+                                       "(it does not exist)")
         self.file = path if info.type == pafs.FileType.File else None
         self.root = path.rsplit("/", 1)[0] if self.file else path.rstrip("/")
         self._images = images

@@ -4,14 +4,17 @@
     verdicts = judge.complete_all(prompts, max_tokens=256)   # None where the endpoint kept failing
 
 Retries are the official ``openai`` client's: 429, 408, 409, 5xx, timeouts and dropped connections are
-retried with exponential backoff and jitter (0.5 s doubling to 8 s), ``max_retries`` times. A prompt
+retried with exponential backoff and jitter (0.5 s doubling to 8 s), ``max_retries`` times; a 200 whose
+body is not a chat completion is retried the same way here (the client does not). A prompt
 that still fails is ``None``: the benchmark counts it as ``judge/failed`` and leaves it out of the score
 (it never silently becomes a zero).
 """
 
 from __future__ import annotations
 
+import random
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -45,14 +48,23 @@ class EndpointJudge:
                                     timeout=self.timeout)
 
     def complete(self, prompt: str, max_tokens: int) -> str | None:
-        try:
-            response = self.client.chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0.0,
-                max_tokens=max_tokens)
-        except openai.OpenAIError as error:
-            self.failures.append(f"{type(error).__name__}: {error}"[:300])
-            return None
-        return response.choices[0].message.content or ""
+        """The judge's reply, or ``None`` once the client's retries (HTTP errors) or ours (a 200 whose body
+        is not a chat completion, which the client does not retry) are spent."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0.0,
+                    max_tokens=max_tokens)
+                return response.choices[0].message.content or ""
+            except openai.OpenAIError as error:  # already retried by the client
+                self.failures.append(f"{type(error).__name__}: {error}"[:300])
+                return None
+            except (ValueError, LookupError, AttributeError, TypeError) as error:  # a malformed 200
+                if attempt == self.max_retries:
+                    self.failures.append(f"malformed reply: {type(error).__name__}: {error}"[:300])
+                    return None
+                time.sleep(min(8.0, 0.5 * 2**attempt) * random.uniform(0.75, 1.0))
+        return None
 
     def complete_all(self, prompts: list[str], max_tokens: int) -> list[str | None]:
         print(f"[judge] {len(prompts)} prompts to {self.model} at {self.url}", file=sys.stderr, flush=True)

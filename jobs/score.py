@@ -1,0 +1,141 @@
+"""Score saved answers on a benchmark of the LLaVA-1.5 table, exactly as ``jobs.evaluate --benchmark`` does.
+
+    python -m jobs.score --benchmark pope --annotations /data/pope --predictions answers.jsonl
+    python -m jobs.score --benchmark mmvet --annotations s3://bench/mm-vet --predictions answers.jsonl \\
+        --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-08-06     # key: $OPENAI_API_KEY
+
+``--predictions`` is LLaVA's answer format: one JSON object per line with ``question_id`` and ``text``
+(other keys are ignored). Every question is scored (one without an answer as an empty reply); answers
+that name no question, repeated ids and unreadable lines are counted and reported. Prints the comparison
+with LLaVA-1.5-7B, then the metrics as one JSON object on the last line; writes ``scores.json`` (and the
+evaluation server's submission file for a test split) to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from llava_platform.benchmarks import (
+    BENCHMARKS,
+    BenchmarkFormatError,
+    Loaded,
+    ScoreReport,
+    comparison_table,
+    load_benchmark,
+    score_answers,
+)
+from llava_platform.benchmarks.judge import EndpointJudge
+from llava_platform.storage import filesystem_for
+
+
+def log(message: str) -> None:
+    print(f"[score] {message}", file=sys.stderr, flush=True)
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The judge options ``jobs.score`` and ``jobs.evaluate`` share."""
+    group = parser.add_argument_group("judge (LLaVA-Bench, MM-Vet; MMBench letters the rules cannot read)")
+    group.add_argument("--judge-url", help="base URL of any OpenAI-compatible API, e.g. https://api.openai.com/v1")
+    group.add_argument("--judge-model", help="the judge model's name on that endpoint")
+    group.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding its key")
+    group.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight")
+    group.add_argument("--judge-retries", type=int, default=5, help="retries per request (429/5xx/timeouts, backoff)")
+
+
+def judge_from_args(args: argparse.Namespace) -> EndpointJudge | None:
+    if not args.judge_url:
+        return None
+    return EndpointJudge(args.judge_url, args.judge_model or "", api_key=os.environ.get(args.judge_key_env, ""),
+                         max_retries=args.judge_retries, concurrency=args.judge_concurrency)
+
+
+def judge_problems(names: list[str], judge: EndpointJudge | None) -> list[str]:
+    """Judge settings missing for judge-scored benchmarks, each naming its option."""
+    problems = [f"--judge-url: {name} is scored by a judge model; give an OpenAI-compatible endpoint"
+                for name in names if BENCHMARKS[name].needs_judge and judge is None]
+    if judge is not None and not judge.model:
+        problems.append("--judge-model: the judge model's name is needed with --judge-url")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> ScoreReport:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS))
+    parser.add_argument("--annotations", required=True, help="the benchmark's published folder (or file), or s3://")
+    parser.add_argument("--predictions", required=True, help="answers JSONL: {question_id, text} per line")
+    parser.add_argument("--images", help="image folder, if not the benchmark's usual subfolder (only MMBench "
+                        "embeds its images; the others' image paths are checked by jobs.evaluate, not here)")
+    parser.add_argument("--output", type=Path, help="where scores.json / the submission file go "
+                        "(default: beside --predictions)")
+    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// paths")
+    add_judge_arguments(parser)
+    args = parser.parse_args(argv)
+    judge = judge_from_args(args)
+    problems = judge_problems([args.benchmark], judge)
+    try:
+        loaded = load_benchmark(args.benchmark, args.annotations, args.images, args.s3_endpoint_url)
+    except BenchmarkFormatError as error:
+        problems.append(f"--annotations: {error}")
+    if problems:
+        parser.exit(2, "jobs.score cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+    answers, malformed = read_answers(args.predictions, args.s3_endpoint_url)
+    output = args.output or (Path(args.predictions).parent if "://" not in args.predictions else Path("."))
+    report = score_and_write(args.benchmark, loaded, answers, judge, output, malformed=malformed)
+    print(comparison_table([report]), flush=True)
+    print(json.dumps(report.metrics, sort_keys=True), flush=True)
+    return report
+
+
+def read_answers(path: str, s3_endpoint_url: str | None = None) -> tuple[list[dict], int]:
+    """The answers of a LLaVA answer file, and the number of lines that are not ``{question_id, text}`` JSON."""
+    filesystem, inner = filesystem_for(path, s3_endpoint_url)
+    with filesystem.open_input_stream(inner) as stream:
+        lines = stream.readall().decode("utf-8", "replace").splitlines()
+    answers, malformed = [], 0
+    for line in filter(str.strip, lines):
+        try:
+            answer = json.loads(line)
+        except json.JSONDecodeError:
+            malformed += 1
+            continue
+        if isinstance(answer, dict) and "question_id" in answer and isinstance(answer.get("text", ""), str):
+            answers.append(answer)
+        else:
+            malformed += 1
+    return answers, malformed
+
+
+def score_and_write(name: str, loaded: Loaded, answers: list[dict], judge: EndpointJudge | None, output: Path,
+                    malformed: int = 0) -> ScoreReport:
+    """Score (``llava_platform.benchmarks.score_answers``), then write ``scores.json`` and, for a test split,
+    the submission file to ``output``; what was unmatched or missing is logged with examples."""
+    report = score_answers(name, loaded, answers, judge)
+    report.metrics["answers/malformed"] = float(malformed)
+    output.mkdir(parents=True, exist_ok=True)
+    if loaded.submission is not None:
+        replies: dict[str, str] = {}
+        for answer in answers:
+            replies.setdefault(str(answer["question_id"]), str(answer.get("text") or ""))
+        filename, content = loaded.submission({q.question_id: replies.get(q.question_id, "")
+                                               for q in loaded.questions})
+        (output / filename).write_bytes(content)
+        report.notes.append(f"submission file: {output / filename}")
+    (output / "scores.json").write_text(json.dumps(report.metrics, indent=1, sort_keys=True))
+    for note in report.notes:
+        log(f"{name}: {note}")
+    for what, ids in (("answers match no question", report.unmatched), ("questions have no answer", report.missing)):
+        if ids:
+            log(f"{name}: {len(ids)} {what} (e.g. {', '.join(ids[:5])})")
+    if malformed:
+        log(f"{name}: {malformed} answer lines are not {{question_id, text}} JSON")
+    if judge is not None and judge.failures:
+        log(f"{name}: {len(judge.failures)} judge requests failed after retries (judge/failed)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
