@@ -297,8 +297,7 @@ def run_benchmarks(*, model: str, benchmarks: list[BenchmarkSpec], output: Path,
     for path in [output / "benchmarks.md", output / "quarantine.jsonl"]:
         tracking.log_artifact(tracking_uri, run_id, path, artifact_path="evaluation")
     for name in loaded:
-        for path in sorted((output / name).iterdir()):
-            tracking.log_artifact(tracking_uri, run_id, path, artifact_path=f"evaluation/{name}")
+        tracking.log_artifact(tracking_uri, run_id, output / name, artifact_path=f"evaluation/{name}")
     print(table, flush=True)
     log(f"MLflow run {run_id}: {len(metrics)} eval/* metrics; answers, scores and benchmarks.md under "
         "artifacts/evaluation")
