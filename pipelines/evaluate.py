@@ -203,23 +203,33 @@ def answer_benchmarks(
             ``image_bytes`` (or ``None``) and ``max_new_tokens``.
         The others: as ``predict``'s.
     """
+    return replica_pool(questions, BenchmarkAnswerer, dict(
+        model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url,
+        max_image_pixels=max_image_pixels), batch_size=batch_size, num_replicas=num_replicas,
+        cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, engine=engine, vllm=vllm)
+
+
+def replica_pool(rows: ray.data.Dataset, answerer: type, kwargs: dict[str, Any], *, batch_size: int,
+                 num_replicas: int, cpus_per_replica: float, gpus_per_replica: float, engine: str,
+                 vllm: VllmSettings | None) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+    """``rows`` mapped by an actor pool of ``answerer`` (built with ``kwargs`` plus the device, engine and a
+    quarantine log); with vLLM the replica's resources go to its engine actor and the Ray Data actor that
+    feeds it takes a quarter CPU. Returns (the mapped rows, the quarantine log)."""
     quarantine = start_quarantine_log()
     if engine == "vllm":
         vllm = replace(vllm or VllmSettings(), num_cpus=cpus_per_replica, num_gpus=gpus_per_replica)
         cpus_per_replica, gpus_per_replica = 0.25, 0.0
-    answers = questions.map_batches(
-        BenchmarkAnswerer,
-        fn_constructor_kwargs=dict(
-            model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url,
-            max_image_pixels=max_image_pixels, device="cuda" if gpus_per_replica > 0 else "cpu",
-            quarantine=quarantine, engine=engine, vllm=vllm),
+    mapped = rows.map_batches(
+        answerer,
+        fn_constructor_kwargs=dict(kwargs, device="cuda" if gpus_per_replica > 0 else "cpu",
+                                   quarantine=quarantine, engine=engine, vllm=vllm),
         batch_format="pyarrow",
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=num_replicas),
         num_cpus=cpus_per_replica,
         num_gpus=gpus_per_replica,
     )
-    return answers, quarantine
+    return mapped, quarantine
 
 
 def predict(
@@ -254,21 +264,8 @@ def predict(
         engine: ``transformers`` or ``vllm``; with vLLM the resources go to each replica's engine actor
             (``vllm``'s other settings apply) and the Ray Data actor that feeds it takes a quarter CPU.
     """
-    quarantine = start_quarantine_log()
-    if engine == "vllm":
-        vllm = replace(vllm or VllmSettings(), num_cpus=cpus_per_replica, num_gpus=gpus_per_replica)
-        cpus_per_replica, gpus_per_replica = 0.25, 0.0
-    predictions = records.map_batches(
-        Predictor,
-        fn_constructor_kwargs=dict(
-            model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, image_root=image_root,
-            s3_endpoint_url=s3_endpoint_url, max_image_pixels=max_image_pixels, max_new_tokens=max_new_tokens,
-            device="cuda" if gpus_per_replica > 0 else "cpu", quarantine=quarantine, engine=engine, vllm=vllm,
-        ),
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        compute=ActorPoolStrategy(size=num_replicas),
-        num_cpus=cpus_per_replica,
-        num_gpus=gpus_per_replica,
-    )
-    return predictions, quarantine
+    return replica_pool(records, Predictor, dict(
+        model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, image_root=image_root,
+        s3_endpoint_url=s3_endpoint_url, max_image_pixels=max_image_pixels, max_new_tokens=max_new_tokens),
+        batch_size=batch_size, num_replicas=num_replicas, cpus_per_replica=cpus_per_replica,
+        gpus_per_replica=gpus_per_replica, engine=engine, vllm=vllm)

@@ -79,10 +79,13 @@ def write_vizwiz(root: Path) -> Path:
 def write_textvqa(root: Path) -> Path:
     _json(root / "TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
         {"question_id": 34602, "question": "what brand is the phone?", "image_id": "abc1",
-         "answers": ["nokia"] * 10, "set_name": "val"}]})
+         "answers": ["nokia"] * 10, "set_name": "val"},
+        {"question_id": 34603, "question": "what is written?", "image_id": "abc2", "answers": ["stop"] * 10,
+         "set_name": "val"}]})
     _json(root / "TextVQA_Rosetta_OCR_v0.2_val.json",
           {"data": [{"image_id": "abc1", "ocr_tokens": ["nokia", "phone"]}]})
     _image(root / "train_images" / "abc1.jpg")
+    _image(root / "train_images" / "abc2.jpg")
     return root
 
 
@@ -225,7 +228,9 @@ CASES: dict[str, tuple[dict[str, str], dict[str, float]]] = {
         # 3 of 10 said unanswerable: those 3 subsets keep 2 -> 2/3, the other 7 keep 3 -> 1: (2 + 7) / 10 = 0.9
         # "a coffee" -> "coffee" (article dropped), 10 of 10 -> 1.0
         "accuracy": 0.95}),
-    "textvqa": ({"ocr/34602": "Nokia", "plain/34602": "phone"}, {"accuracy": 1.0, "accuracy_no_ocr": 0.0}),
+    "textvqa": ({"ocr/34602": "Nokia", "plain/34602": "phone", "ocr/34603": "STOP.", "plain/34603": "stop"},
+                # "Nokia" -> "nokia" 1.0, "STOP." -> "stop" 1.0; without OCR: "phone" 0, "stop" 1.0
+                {"accuracy": 1.0, "accuracy_no_ocr": 0.5}),
     "pope": ({"random/1": "Yes", "random/2": "No, there is not.", "popular/1": "There is no square.",
               "popular/2": "Yes"}, {
         # random: TP + TN -> accuracy, precision, recall, F1 1.0; yes-ratio 1/2
@@ -253,10 +258,11 @@ CASES: dict[str, tuple[dict[str, str], dict[str, float]]] = {
     "mmbench_cn": ({"0/0": "B", "0/1": "A", "0/2": "C", "1/0": "A", "1/1": "A"}, {
         # question 1's second rotation is (蓝色, 红色): the answer 红色 is now B, "A" is wrong
         "circular_accuracy": 0.5, "accuracy": 1.0}),
-    "seed": ({"s1": "A", "s2": "B"}, {
-        # the video question v1 is left out; s1 right, s2 wrong (C)
+    "seed": ({"s1": "A", "s2": "C."}, {
+        # the video question v1 is left out; s1 right; s2 "C." is not exactly "C" (LLaVA's text == answer)
         "accuracy": 0.5, "accuracy/Scene Understanding": 1.0, "accuracy/Instance Identity": 0.0}),
     "llava_bench": ({"0": "A square.", "1": "A red square."}, {
+        # (a first line "8, 6" parses too; "8 6 7" or "Score: 8 6" do not: judge/failed)
         # verdicts 8 6 (conv) and 10 5 (detail): 100 * mean(6, 5) / mean(8, 10) = 100 * 5.5 / 9
         "relative_score": 100 * 5.5 / 9, "relative_score/conv": 75.0, "relative_score/detail": 50.0,
         "judge/failed": 0}),

@@ -81,7 +81,8 @@ def load_mmbench(source: Source, language: str = "en") -> Loaded:
             rotated = texts[turn:] + texts[:turn]
             options = dict(zip(LETTERS, rotated, strict=False))
             qid = f"{row['index']}/{turn}"
-            rows.append(Question(qid, f"{question}\n{options_text(options)}\n{suffix}", image_bytes=image))
+            rows.append(Question(qid, f"{question}\n{options_text(options)}\n{suffix}", image_bytes=image,
+                                 max_new_tokens=1024))
             rounds[qid] = options
         if row.get("answer", "") not in ("", "nan"):
             gold[row["index"]] = texts[LETTERS.index(row["answer"].strip())]
@@ -165,16 +166,16 @@ def load_seed(source: Source) -> Loaded:
         if q["question_type_id"] not in SEED_IMAGE_DIMENSIONS:
             continue
         options = {letter: q[f"choice_{letter.lower()}"] for letter in "ABCD"}
-        qid = str(q["question_id"])
+        qid = str(q["question_id"])  # scored by exact match of the reply with the letter (LLaVA's script)
         rows.append(Question(qid, f"{q['question']}\n{options_text(options)}\n{MULTIPLE_CHOICE}",
                              source.image("SEED-Bench-image", q["data_id"])))
-        gold[qid] = (q["answer"], options, dimension.get(q["question_type_id"], str(q["question_type_id"])))
+        gold[qid] = (q["answer"], dimension.get(q["question_type_id"], str(q["question_type_id"])))
 
     def score(replies: Mapping[str, str], judge) -> dict[str, float]:
         by_dimension: dict[str, list[float]] = defaultdict(list)
         for qid, reply in replies.items():
-            answer, options, name = gold[qid]
-            by_dimension[name].append(float(letter_by_rules(reply, options) == answer))
+            answer, name = gold[qid]
+            by_dimension[name].append(float(reply == answer))  # LLaVA's convert_seed_for_submission: text == answer
         everything = [v for values in by_dimension.values() for v in values]
         return {"accuracy": mean(everything),
                 **{f"accuracy/{name}": mean(values) for name, values in sorted(by_dimension.items())}}

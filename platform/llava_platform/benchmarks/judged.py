@@ -69,15 +69,14 @@ def llava_bench_prompt(caption: str, question: str, reference: str, reply: str) 
             "their length sway you.")
 
 
-_PAIR = re.compile(r"^\s*(\d+(?:\.\d+)?)[\s,]+(\d+(?:\.\d+)?)")
-
-
 def parse_pair(verdict: str | None) -> tuple[float, float] | None:
-    """The two scores on the verdict's first line (LLaVA's ``parse_score``), ``None`` if it holds no pair."""
-    if not verdict:
+    """The two scores of the verdict's first line (LLaVA's ``parse_score``: commas as spaces, exactly two
+    numbers), ``None`` otherwise (LLaVA averages a -1 pair in; we count it in ``judge/failed``)."""
+    first = (verdict or "").split("\n")[0].replace(",", " ").split()
+    try:
+        return (float(first[0]), float(first[1])) if len(first) == 2 else None
+    except ValueError:
         return None
-    match = _PAIR.match(verdict.strip().splitlines()[0])
-    return (float(match.group(1)), float(match.group(2))) if match else None
 
 
 def relative_score(pairs: list[tuple[float, float]]) -> float:
@@ -132,7 +131,7 @@ def mmvet_prompt(question: str, answer: str, reply: str) -> str:
             f"| {question} | {answer} | {reply} |")
 
 
-_GRADE = re.compile(r"^\s*(0(?:\.\d+)?|1(?:\.0+)?)\b")
+_GRADE = re.compile(r"^\s*(0(?:\.\d+)?|1(?:\.0+)?)(?!\.?\d)")
 
 
 def parse_grade(verdict: str | None) -> float | None:

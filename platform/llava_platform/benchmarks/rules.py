@@ -9,7 +9,7 @@ scoring" lists them per benchmark. Nothing here reads files or knows a benchmark
 - ``gqa_normalize``: LLaVA's conversion for the GQA evaluation script (strip a final period, lower-case),
   scored by exact match.
 - ``pope_yes_no`` / ``mme_yes_no``: POPE's and MME's readings of a free-text reply as yes / no.
-- ``letter_by_rules`` (VLMEvalKit's, for MMBench and SEED-Bench) and ``scienceqa_letter`` (LLaVA's): the
+- ``letter_by_rules`` (VLMEvalKit's, for MMBench) and ``scienceqa_letter`` (LLaVA's): the
   option letter of a multiple-choice reply, or ``None`` where the rules cannot tell (for MMBench a judge
   may then be asked).
 """
@@ -136,7 +136,7 @@ _OPTION_MARKS = re.compile(r"[.()\[\],:;!*#{}]")
 
 
 def letter_by_rules(reply: str, options: dict[str, str]) -> str | None:
-    """The option a free-text reply picks, by VLMEvalKit's rules (MMBench, SEED-Bench), or ``None``.
+    """The option a free-text reply picks, by VLMEvalKit's rules (MMBench), or ``None``.
 
     1. The reply's words, with ``.()[],:;!*#{}`` turned into spaces: exactly one of them is an option
        letter (upper case, as given) -> that letter ("B", "(B) red", "The answer is B.").

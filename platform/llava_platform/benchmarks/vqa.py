@@ -125,8 +125,8 @@ def load_textvqa(source: Source) -> Loaded:
     rows = []
     for q in data:
         image = source.image("train_images", f"{q['image_id']}.jpg")
-        hint = f"\nReference OCR token: {', '.join(tokens[q['image_id']])}" if tokens.get(q["image_id"]) else ""
-        rows.append(Question(f"ocr/{q['question_id']}", f"{q['question']}{hint}\n{SHORT_ANSWER}", image))
+        hint = f"Reference OCR token: {', '.join(tokens.get(q['image_id'], []))}"  # kept when empty, as LLaVA does
+        rows.append(Question(f"ocr/{q['question_id']}", f"{q['question']}\n{hint}\n{SHORT_ANSWER}", image))
         rows.append(Question(f"plain/{q['question_id']}", f"{q['question']}\n{SHORT_ANSWER}", image))
     gold = {str(q["question_id"]): q["answers"] for q in data}
 

@@ -1,6 +1,6 @@
 """Yes/no benchmarks: POPE (object hallucination) and MME (perception and cognition).
 
-Prompt: the question, then LLaVA-1.5's short-answer suffix.
+Prompt: the question (MME's without its " Please answer yes or no."), then LLaVA-1.5's short-answer suffix.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebri
                   "artwork", "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
+MME_YES_NO = " Please answer yes or no."
+"""Taken out of MME's questions before the short-answer suffix goes on (LLaVA's ``llava_mme.jsonl``, lmms-eval)."""
 
 
 def load_mme(source: Source) -> Loaded:
@@ -86,7 +88,8 @@ def load_mme(source: Source) -> Loaded:
                     raise BenchmarkFormatError("mme", f"{source.uri(text_file)} line {number + 1}",
                                                "'question<TAB>Yes' or 'question<TAB>No'")
                 qid = f"{category}/{image_name}/{number}"
-                rows.append(Question(qid, f"{parts[0].strip()}\n{SHORT_ANSWER}", source.uri(images[stem])))
+                question = parts[0].strip().replace(MME_YES_NO, "")
+                rows.append(Question(qid, f"{question}\n{SHORT_ANSWER}", source.uri(images[stem])))
                 gold[qid] = parts[1].strip().lower()
                 image_of[qid] = f"{category}/{image_name}"
 

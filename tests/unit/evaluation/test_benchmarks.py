@@ -53,6 +53,7 @@ def test_prompts_are_llava_15s(tmp_path):
     text = {q.question_id: q.prompt for q in load_benchmark("textvqa", write_benchmark("textvqa", tmp_path)).questions}
     assert text["ocr/34602"] == f"what brand is the phone?\nReference OCR token: nokia, phone\n{SHORT_ANSWER}"
     assert text["plain/34602"] == f"what brand is the phone?\n{SHORT_ANSWER}"
+    assert text["ocr/34603"] == f"what is written?\nReference OCR token: \n{SHORT_ANSWER}"  # no tokens: the line stays
     sqa = load_benchmark("scienceqa", write_benchmark("scienceqa", tmp_path)).questions
     assert sqa[0].prompt == f"Context: A pet.\nWhich animal is a pet here?\nA. cat\nB. dog\nC. fish\n{MULTIPLE_CHOICE}"
     mmb = {q.question_id: q for q in load_benchmark("mmbench", write_benchmark("mmbench", tmp_path)).questions}
@@ -60,6 +61,9 @@ def test_prompts_are_llava_15s(tmp_path):
     assert mmb["1/1"].image is None and mmb["1/1"].image_bytes.startswith(b"\x89PNG")
     cn = load_benchmark("mmbench_cn", write_benchmark("mmbench_cn", tmp_path)).questions
     assert cn[0].prompt.endswith("\n请直接回答选项字母。")
+    mme = {q.question_id: q.prompt for q in load_benchmark("mme", write_benchmark("mme", tmp_path)).questions}
+    assert mme["artwork/10.jpg/1"] == f"Is there a dog in this image?\n{SHORT_ANSWER}"  # "Please answer yes or no." out
+    assert mmb["0/0"].max_new_tokens == sqa[0].max_new_tokens == 1024
     vizwiz = load_benchmark("vizwiz", write_benchmark("vizwiz", tmp_path)).questions
     assert vizwiz[0].prompt == ("What is this?\nWhen the provided information is insufficient, respond with "
                                 f"'Unanswerable'.\n{SHORT_ANSWER}")
@@ -187,3 +191,12 @@ def test_mmbench_test_split_writes_the_excel_sheet_the_server_takes(tmp_path):
     sheet = pd.read_excel(io.BytesIO(content))
     assert name == "mmbench_test_submission.xlsx" and "image" not in sheet.columns
     assert list(sheet["index"]) == [0, 1] and list(sheet["prediction"]) == ["B", "A"]  # the first rotation's reply
+
+
+def test_judge_verdicts_parse_as_llavas_and_mm_vets_scripts_read_them():
+    from llava_platform.benchmarks.judged import parse_grade, parse_pair
+
+    assert parse_pair("8 6\nbecause") == parse_pair("8, 6") == (8.0, 6.0)
+    assert parse_pair("8 6 7") is parse_pair("Score: 8 6") is parse_pair("") is parse_pair(None) is None
+    assert parse_grade("0.4") == 0.4 and parse_grade("1.0 because") == 1.0
+    assert parse_grade("1.5") is parse_grade("grade: 0.4") is parse_grade(None) is None
