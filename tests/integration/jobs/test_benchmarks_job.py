@@ -115,3 +115,23 @@ def test_the_answers_are_the_checkpoints_greedy_answers_to_llava_15s_prompts(ben
     with Image.open(path) as image:
         expected = answer_questions(model, processor, [(image.convert("RGB"), first["prompt"])], max_new_tokens=4)
     assert first["text"] == expected[0]
+
+
+@pytest.mark.chaos
+def test_the_vllm_engine_gives_the_same_benchmark_answers(benchmark_run, mlflow_server, s3_server, saved_checkpoints,
+                                                          tmp_path):
+    """The same benchmarks (MMBench's embedded images, POPE's files on S3) on vLLM's CPU build: the same
+    greedy answers as the transformers engine, question for question. (``make chaos``: ~30 s of engine start.)"""
+    from llava_platform.vllm_engine import VllmSettings
+    from tests.helpers.endpoint import VLLM_TEST_SETTINGS
+
+    names = ["pope", "mmbench", "scienceqa", "textvqa"]
+    result = evaluate.run_benchmarks(
+        model=str(saved_checkpoints["llava"]), tracking_uri=mlflow_server, output=tmp_path,
+        benchmarks=[evaluate.BenchmarkSpec(name, benchmark_run.annotations[name]) for name in names],
+        max_new_tokens=4, batch_size=16, s3_endpoint_url=s3_server, engine="vllm",
+        vllm=VllmSettings.from_args(VLLM_TEST_SETTINGS))
+    for name in names:
+        def texts(path):
+            return {a["question_id"]: a["text"] for a in map(json.loads, path.read_text().splitlines())}
+        assert texts(result.answers[name]) == texts(benchmark_run.result.answers[name]), name
