@@ -136,6 +136,9 @@ def test_every_good_evaluation_record_is_answered_once_as_one_at_a_time(pipeline
         assert answer_questions(model, processor, [(image, question)], max_new_tokens=8) == [row["prediction"]]
 
 
+# 37 s: `make chaos` (suite budget). make test keeps vLLM's parity with transformers on the engine (LLaVA-NeXT,
+# test_vllm_engine.py) and over HTTP (test_endpoint.py); make chaos also runs the benchmarks' batch path on vLLM.
+@pytest.mark.chaos
 def test_the_export_evaluates_to_the_same_predictions_on_the_vllm_engine(pipeline_run, mlflow_server, tmp_path):
     """``jobs.evaluate --engine vllm`` on the training export as it was written (llava-hf layout, LLaVA-NeXT):
     vLLM loads it and answers every question as transformers did in the job."""

@@ -265,6 +265,9 @@ def test_a_half_written_checkpoint_is_never_resumed_from(fault_run, pipeline_run
         assert any(f"zero_pp_rank_{rank}_" in key for key in rewritten), sorted(rewritten)
 
 
+# 49 s: `make chaos` (suite budget). make test keeps --resume through test_resume_on_one_worker_from_a_two_worker_
+# checkpoint (the same flag, another worker count) and the automatic resume of the fault run.
+@pytest.mark.chaos
 def test_manual_resume_replays_the_same_steps(pipeline_run, mlflow_server, tmp_path):
     """--resume from the end-to-end job's stage-2 step-2 checkpoint: steps 3-4 again, to the same weights,
     in the same MLflow run (one record per step: MLflow keeps the first), and a new registered version."""
