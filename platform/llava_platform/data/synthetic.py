@@ -63,7 +63,8 @@ def _random_scene(rng: np.random.Generator) -> Scene:
     return Scene((str(colours[0]), str(shapes[0])), (str(colours[1]), str(shapes[1])), bool(rng.integers(2)))
 
 
-def _draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
+def _draw(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, list[tuple[str, tuple[int, int, int, int]]]]:
+    """The picture, and each shape's name and box (x0, y0, x1, y1) in pixels."""
     # Sizes vary, aspect ratios stay within 3:4 and 4:3 so that each shape still covers several
     # vision-tower patches once the picture is padded and scaled to the tile size.
     width = int(rng.integers(96, 400))
@@ -72,6 +73,7 @@ def _draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
         width, height = height, width
     image = Image.new("RGB", (width, height), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
     draw = ImageDraw.Draw(image)
+    boxes = []
     halves = [(0, 0, width, height // 2), (0, height // 2, width, height)] if scene.vertical else [
         (0, 0, width // 2, height), (width // 2, 0, width, height)]
     for (colour, shape), (x0, y0, x1, y1) in zip((scene.first, scene.second), halves, strict=True):
@@ -79,13 +81,14 @@ def _draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
         left = x0 + int(rng.integers(0, x1 - x0 - side + 1))
         top = y0 + int(rng.integers(0, y1 - y0 - side + 1))
         box = (left, top, left + side, top + side)
+        boxes.append((shape, box))
         if shape == "circle":
             draw.ellipse(box, fill=COLOURS[colour])
         elif shape == "square":
             draw.rectangle(box, fill=COLOURS[colour])
         else:
             draw.polygon([(left + side / 2, top), (left, top + side), (left + side, top + side)], fill=COLOURS[colour])
-    return image
+    return image, boxes
 
 
 def _colour_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
@@ -135,7 +138,7 @@ def write_synthetic_dataset(
     stage1, stage2, held_out = [], [], []
     for i in range(train):
         scene = _random_scene(rng)
-        image = _save(_draw(scene, rng), out_dir, f"train_{i:05d}", rng)
+        image = _save(_draw(scene, rng)[0], out_dir, f"train_{i:05d}", rng)
         if i < captions:
             stage1.append({"id": f"cap-{i}", "image": image, "conversations": [
                 {"from": "human", "value": "<image>\nDescribe the image briefly."},
@@ -147,7 +150,7 @@ def write_synthetic_dataset(
         ]})
     for i in range(eval):
         scene = _random_scene(rng)
-        image = _save(_draw(scene, rng), out_dir, f"eval_{i:05d}", rng)
+        image = _save(_draw(scene, rng)[0], out_dir, f"eval_{i:05d}", rng)
         kind = "mc" if i % 2 else "short"
         question, answer = _question(scene, rng, kind)
         held_out.append({"id": f"eval-{i}", "image": image, "type": kind, "answer": answer, "conversations": [
@@ -184,3 +187,31 @@ def existing_dataset(out_dir: str | Path, *, train: int, eval: int, seed: int,
 def _settings(train: int, eval: int, seed: int, captions: int | None) -> dict[str, int]:
     captions = train if captions is None else min(captions, train)
     return {"version": GENERATOR_VERSION, "train": train, "eval": eval, "seed": seed, "captions": captions}
+
+
+def write_coco_style(out_dir: str | Path, *, images: int, seed: int = 0) -> tuple[Path, Path]:
+    """Synthetic COCO-style annotations for the data generation job: ``captions.json`` (five captions per
+    image) and ``instances.json`` (each shape's box in pixels, ``[x, y, w, h]``, category = its kind), with
+    the images in ``images/``. Returns (captions file, instances file)."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    categories = [{"id": i + 1, "name": shape} for i, shape in enumerate(SHAPES)]
+    category_id = {c["name"]: c["id"] for c in categories}
+    entries, captions, instances = [], [], []
+    for i in range(images):
+        scene = _random_scene(rng)
+        image, boxes = _draw(scene, rng)
+        name = _save(image, out_dir, f"coco_{i:05d}", rng)
+        entries.append({"id": i, "file_name": name, "width": image.width, "height": image.height})
+        (c1, s1), (c2, s2) = scene.first, scene.second
+        for text in (scene.caption(), f"A {c1} {s1} and a {c2} {s2}.", f"Two shapes: a {s1} and a {s2}.",
+                     f"A picture with a {c1} shape and a {c2} shape.", f"The {c2} {s2} is next to a {c1} {s1}."):
+            captions.append({"id": len(captions), "image_id": i, "caption": text})
+        for shape, (x0, y0, x1, y1) in boxes:
+            instances.append({"id": len(instances), "image_id": i, "category_id": category_id[shape],
+                              "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    (out_dir / "captions.json").write_text(json.dumps({"images": entries, "annotations": captions}))
+    (out_dir / "instances.json").write_text(json.dumps({"images": entries, "annotations": instances,
+                                                        "categories": categories}))
+    return out_dir / "captions.json", out_dir / "instances.json"

@@ -1,0 +1,160 @@
+"""A scripted OpenAI-protocol teacher of the tests' own (and of ``jobs.benchmarks.datagen``), in its own process.
+
+    with ChatServer(service_time=0.05) as server:      # python -m tests.helpers.chat_server --port N ...
+        server.url          # http://127.0.0.1:<port>/v1
+        server.stats()      # {"requests": n, "answered": {"<first caption>|<type>|<context hash>": times answered}}
+
+Answers depend on the request alone, so a test knows what each image gets. The image's first caption
+(the first line of the last user message) picks the script:
+
+- ``FAULT:<kind>`` answers 200 with a bad response: ``refuse``, ``leak`` (mentions "the caption"),
+  ``empty``, ``truncated`` (``finish_reason: length``), ``unparseable``, ``turns`` (answer before question);
+- ``RETRY:<status>`` fails the first try of each request with ``429``, ``500``, ``timeout`` (answers after
+  ``--timeout-sleep`` seconds) or ``malformed`` (a 200 whose body is not JSON), then answers well;
+- ``ALWAYS:500`` fails every try;
+- anything else: a well-formed response of the type the system message asks for.
+
+Every answer waits ``service_time`` seconds first (the benchmark's fixed service time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.helpers.servers import free_port
+
+GOOD = {
+    "conversation": "Question:\nWhat is in the picture?\n===\nAnswer:\nThere are {c}.\n===\nQuestion:\nWhy might "
+                    "they be placed like that?\n===\nAnswer:\nMost likely to show their colours side by side.",
+    "detail": "The picture shows {c}, drawn on a plain background.",
+    "reasoning": "Question:\nWhat could these shapes be used for?\n===\nAnswer:\nShapes like {c} are typical of a "
+                 "colour-learning exercise, so they most likely teach children colours and positions.",
+}
+BAD = {
+    "refuse": "I'm sorry, but I cannot help with that.",
+    "leak": "Question:\nWhat is shown?\n===\nAnswer:\nThe caption says there is a shape.",
+    "empty": "",
+    "unparseable": "There is a shape in the image and nothing more to say.",
+    "turns": "Answer:\nA shape.\n===\nQuestion:\nWhat is it?",
+}
+
+
+def kind_of(system: str) -> str:
+    if "conversation" in system:
+        return "conversation"
+    return "detail" if "Describe the image in detail" in system else "reasoning"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    state: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        with self.state["lock"]:
+            body = json.dumps({"requests": self.state["requests"], "answered": dict(self.state["answered"])})
+        self._send(200, body.encode())
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        messages = request["messages"]
+        kind = kind_of(messages[0]["content"])
+        caption = messages[-1]["content"].split("\n")[0]
+        digest = hashlib.sha256(messages[-1]["content"].encode()).hexdigest()[:8]
+        key = f"{caption}|{kind}|{digest}"  # images may share a first caption
+        with self.state["lock"]:
+            self.state["requests"] += 1
+            self.state["tries"][key] += 1
+            first_try = self.state["tries"][key] == 1
+        time.sleep(self.state["service_time"])
+        if caption == "ALWAYS:500" or (caption.startswith("RETRY:") and first_try):
+            fault = caption.split(":", 1)[1]
+            if fault == "timeout":
+                time.sleep(self.state["timeout_sleep"])
+            elif fault == "malformed":
+                return self._send(200, b'{"choices": [')
+            else:
+                return self._send(int(fault), json.dumps({"error": {"message": f"scripted {fault}"}}).encode(),
+                                  {"Retry-After": "0"})
+        finish = "stop"
+        if caption.startswith("FAULT:"):
+            fault = caption.split(":", 1)[1]
+            content, finish = ("Question:\nWhat is", "length") if fault == "truncated" else (BAD[fault], "stop")
+            if kind == "detail" and fault == "leak":  # a description is prose
+                content = content.split("Answer:\n")[1]
+        else:
+            content = GOOD[kind].format(c=caption.rstrip("."))
+        with self.state["lock"]:
+            self.state["answered"][key] += 1
+        words = len(content.split())
+        self._send(200, json.dumps({
+            "id": "chat-1", "object": "chat.completion", "created": 0, "model": request["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": words, "total_tokens": 100 + words}}).encode())
+
+    def _send(self, status: int, body: bytes, headers: dict | None = None):
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                            **(headers or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve(port: int, service_time: float, timeout_sleep: float) -> None:
+    Handler.state = {"lock": threading.Lock(), "requests": 0, "tries": Counter(), "answered": Counter(),
+                     "service_time": service_time, "timeout_sleep": timeout_sleep}
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    server.request_queue_size = 256
+    server.serve_forever()
+
+
+class ChatServer:
+    """The server in a subprocess (so that it shares no interpreter lock with the job it serves)."""
+
+    def __init__(self, service_time: float = 0.0, timeout_sleep: float = 3.0):
+        self.port = free_port()
+        self.args = ["--port", str(self.port), "--service-time", str(service_time), "--timeout-sleep",
+                     str(timeout_sleep)]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> ChatServer:
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.helpers.chat_server", *self.args])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.stats()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as response:
+            return json.loads(response.read())
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--service-time", type=float, default=0.0)
+    parser.add_argument("--timeout-sleep", type=float, default=3.0)
+    cli = parser.parse_args()
+    serve(cli.port, cli.service_time, cli.timeout_sleep)
