@@ -164,6 +164,8 @@ def run(*, kinds: tuple[str, ...], client: ClientSettings, output: Path, trackin
         f"{stats.requests} requests ({stats.retries} retries), {stats.prompt_tokens} + {stats.completion_tokens} "
         f"tokens, ~${stats.cost():.2f}; failed {stats.status.get('failed', 0)}, not sent (budget) "
         f"{stats.status.get('skipped', 0)}: run again to ask for them. MLflow run {run_id}")
+    for reason, count in sorted(stats.failures.items(), key=lambda item: -item[1])[:5]:
+        log(f"failed {count}x: {reason}")
     return GenerateResult(files=files, manifest=manifest, run_id=run_id)
 
 
@@ -199,10 +201,15 @@ class Stats:
         self.total, self.prices, self.started, self.printed = total, prices, time.monotonic(), 0.0
         self.finished = self.requests = self.retries = self.prompt_tokens = self.completion_tokens = 0
         self.status: dict[str, int] = {}
+        self.failures: dict[str, int] = {}
+        """The endpoint's last error per failed response, counted (the first 100 characters)."""
 
     def add(self, outcome: dict[str, Any]) -> None:
         self.finished += 1
         self.status[outcome["status"]] = self.status.get(outcome["status"], 0) + 1
+        if outcome["status"] == "failed":
+            reason = outcome["reason"][:100]
+            self.failures[reason] = self.failures.get(reason, 0) + 1
         self.requests += outcome["requests"]
         self.retries += outcome["retries"]
         self.prompt_tokens += outcome["prompt_tokens"]
@@ -228,7 +235,8 @@ class Stats:
                 "quarantined": self.status.get("quarantined", 0), "failed": self.status.get("failed", 0),
                 "not_sent_budget": self.status.get("skipped", 0), "requests": self.requests, "retries": self.retries,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "estimated_cost": round(self.cost(), 6), "seconds": round(time.monotonic() - self.started, 3)}
+                "estimated_cost": round(self.cost(), 6), "seconds": round(time.monotonic() - self.started, 3),
+                "failure_reasons": self.failures}
 
 
 if __name__ == "__main__":

@@ -180,10 +180,16 @@ class Generator:
 
 
 def generate(units: ray.data.Dataset, plan: GenerationPlan, ledger, *, batch_size: int) -> ray.data.Dataset:
-    """Lazily run every unit through the teacher; one ``OUTCOME_SCHEMA`` row per unit."""
+    """Lazily run every unit through the teacher; one ``OUTCOME_SCHEMA`` row per unit.
+
+    The API key goes from the driver's environment to the actors' (``runtime_env``), never into the plan,
+    the journals or MLflow.
+    """
+    key = os.environ.get(plan.api_key_env)
     return units.map_batches(
         Generator, fn_constructor_kwargs=dict(plan=plan, ledger=ledger), batch_format="pyarrow",
-        batch_size=batch_size, compute=ActorPoolStrategy(size=plan.actors), num_cpus=0.25)
+        batch_size=batch_size, compute=ActorPoolStrategy(size=plan.actors), num_cpus=0.25,
+        runtime_env={"env_vars": {plan.api_key_env: key}} if key else None)
 
 
 def commit(output: str | Path, kinds: Iterable[str]) -> dict[str, Any]:

@@ -157,3 +157,17 @@ def test_a_run_killed_midway_loses_nothing_and_writes_nothing_twice(ray_cluster,
 
 def journaled(output: Path) -> int:
     return sum(len(part.read_text().splitlines()) for part in (output / "parts").glob("part-*.jsonl"))
+
+
+def test_bad_arguments_fail_before_any_request(tmp_path, capsys):
+    (tmp_path / "prompts").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        generate_data.main(["--annotations", str(tmp_path / "missing.jsonl"), "--captions", "c.json",
+                            "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--output", str(tmp_path / "o"),
+                            "--types", "conversation,poems", "--prompts", str(tmp_path / "prompts")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and not (tmp_path / "o").exists()
+    for expected in ("--types: 'poems' is not one of conversation, detail, reasoning",
+                     "--captions with --instances (COCO-style), or --annotations (JSON lines): exactly one input",
+                     "--prompts: ", "conversation.yaml: missing"):
+        assert expected in err
