@@ -36,7 +36,7 @@ from llava_platform import tracking
 from llava_platform.datagen.annotations import AnnotationFormatError, ImageContext, read_coco, read_contexts
 from llava_platform.datagen.client import ClientSettings
 from llava_platform.datagen.prompts import TYPES, PromptError, load_prompts
-from pipelines.generate import GenerationPlan, Journal, TokenLedger, commit, generate, unit_rows
+from pipelines.generate import GenerationPlan, Journal, commit, generate, token_ledger, unit_rows
 
 METRIC_PREFIX = "datagen"
 
@@ -136,7 +136,7 @@ def run(*, kinds: tuple[str, ...], client: ClientSettings, output: Path, trackin
     if rows:
         ray.init(ignore_reinit_error=True, include_dashboard=False)
         quiet_ray_data()
-        ledger = TokenLedger.remote(max_total_tokens)
+        ledger = token_ledger(max_total_tokens)
         plan = GenerationPlan(client=client, api_key_env=api_key_env, prompts=prompt_set, output=str(output),
                               actors=actors)
         batch_size = max(1, 4 * client.concurrency // actors)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -35,6 +36,8 @@ from llava_platform.datagen.parse import Rejected, to_record
 from llava_platform.datagen.prompts import PromptSet, context_text
 
 PARTS = "parts"
+BATCHES_IN_FLIGHT = 2
+"""Batches an actor works on at once (see ``Generator``)."""
 OUTCOME_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("kind", pa.string()),
@@ -88,6 +91,11 @@ class Journal:
         return open(self.folder / f"part-{uuid.uuid4().hex}.jsonl", "a", encoding="utf-8")
 
 
+def token_ledger(cap: int | None):
+    """The run's ``TokenLedger`` actor, or ``None`` without a cap (nothing to reserve: no round trips)."""
+    return TokenLedger.remote(cap) if cap is not None else None
+
+
 @ray.remote(num_cpus=0)
 class TokenLedger:
     """The run's token cap (``None``: no cap): reservations are held until the usage is known."""
@@ -129,26 +137,44 @@ def unit_rows(contexts: Iterable[ImageContext], kinds: Iterable[str], skip: set[
 
 
 class Generator:
-    """The per-actor callable of ``map_batches``: unit rows -> ``OUTCOME_SCHEMA`` rows, journaling as it goes."""
+    """The per-actor callable of ``map_batches``: unit rows -> ``OUTCOME_SCHEMA`` rows, journaling as it goes.
+
+    One event loop per actor, in a thread of its own, holds the client (its connections, concurrency
+    slots and rate buckets) for the actor's life; the actor takes ``BATCHES_IN_FLIGHT`` batches at once
+    (threads that hand their units to that loop), so the next batch's requests start while the last
+    answers of the previous one arrive and the endpoint never sees a gap at a batch boundary. Units are
+    journaled from the loop's thread only.
+    """
 
     def __init__(self, plan: GenerationPlan, ledger):
-        self.plan, self.ledger = plan, ledger
+        self.plan = plan
         self.journal = Journal(plan.output)
         self.done = set(self.journal.entries()[0])
         self.out = self.journal.writer()
-        self.api_key = os.environ.get(plan.api_key_env, "")
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="datagen-client").start()
+
+        async def make_client() -> ChatClient:
+            return ChatClient(plan.client, api_key=os.environ.get(plan.api_key_env, ""),
+                              budget=LedgerBudget(ledger) if ledger is not None else None, share=1 / plan.actors)
+
+        self.client = asyncio.run_coroutine_threadsafe(make_client(), self.loop).result()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = asyncio.run(self._batch(batch.to_pylist()))
+        units = batch.to_pylist()
+        rows = asyncio.run_coroutine_threadsafe(self._batch(units), self.loop).result()
         return pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)
 
     async def _batch(self, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        client = ChatClient(self.plan.client, api_key=self.api_key, budget=LedgerBudget(self.ledger),
-                            share=1 / self.plan.actors)
+        return list(await asyncio.gather(*(self._unit(self.client, unit) for unit in units)))
+
+    def __del__(self):  # the pool is done with this actor: close the connections, stop the loop
         try:
-            return list(await asyncio.gather(*(self._unit(client, unit) for unit in units)))
-        finally:
-            await client.close()
+            asyncio.run_coroutine_threadsafe(self.client.close(), self.loop).result(timeout=5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.out.close()
+        except Exception:  # noqa: BLE001 (interpreter shutdown: nothing left to close)
+            pass
 
     async def _unit(self, client: ChatClient, unit: dict[str, Any]) -> dict[str, Any]:
         key = unit_key(unit["id"], unit["kind"])
@@ -189,7 +215,7 @@ def generate(units: ray.data.Dataset, plan: GenerationPlan, ledger, *, batch_siz
     return units.map_batches(
         Generator, fn_constructor_kwargs=dict(plan=plan, ledger=ledger), batch_format="pyarrow",
         batch_size=batch_size, compute=ActorPoolStrategy(size=plan.actors), num_cpus=0.25,
-        runtime_env={"env_vars": {plan.api_key_env: key}} if key else None)
+        max_concurrency=BATCHES_IN_FLIGHT, runtime_env={"env_vars": {plan.api_key_env: key}} if key else None)
 
 
 def commit(output: str | Path, kinds: Iterable[str]) -> dict[str, Any]:

@@ -20,15 +20,16 @@ Every answer waits ``service_time`` seconds first (the benchmark's fixed service
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from aiohttp import web
 
 from tests.helpers.servers import free_port
 
@@ -54,39 +55,39 @@ def kind_of(system: str) -> str:
     return "detail" if "Describe the image in detail" in system else "reasoning"
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    state: dict = {}
+def make_app(service_time: float, timeout_sleep: float) -> web.Application:
+    """The scripted server: one asyncio loop (a fixed service time costs no thread per request in flight)."""
+    state = {"requests": 0, "first": None, "last": None, "tries": Counter(), "answered": Counter()}
 
-    def log_message(self, *args):
-        pass
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"requests": state["requests"], "answered": dict(state["answered"]),
+                                  "first_request_at": state["first"], "last_answer_at": state["last"]})
 
-    def do_GET(self):
-        with self.state["lock"]:
-            body = json.dumps({"requests": self.state["requests"], "answered": dict(self.state["answered"])})
-        self._send(200, body.encode())
+    async def reset(request: web.Request) -> web.Response:
+        state.update(requests=0, first=None, last=None, tries=Counter(), answered=Counter())
+        return web.json_response({})
 
-    def do_POST(self):
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        messages = request["messages"]
+    async def complete(request: web.Request) -> web.Response:
+        body = await request.json()
+        messages = body["messages"]
         kind = kind_of(messages[0]["content"])
         caption = messages[-1]["content"].split("\n")[0]
         digest = hashlib.sha256(messages[-1]["content"].encode()).hexdigest()[:8]
         key = f"{caption}|{kind}|{digest}"  # images may share a first caption
-        with self.state["lock"]:
-            self.state["requests"] += 1
-            self.state["tries"][key] += 1
-            first_try = self.state["tries"][key] == 1
-        time.sleep(self.state["service_time"])
+        state["first"] = state["first"] or time.time()
+        state["requests"] += 1
+        state["tries"][key] += 1
+        first_try = state["tries"][key] == 1
+        await asyncio.sleep(service_time)
         if caption == "ALWAYS:500" or (caption.startswith("RETRY:") and first_try):
             fault = caption.split(":", 1)[1]
             if fault == "timeout":
-                time.sleep(self.state["timeout_sleep"])
+                await asyncio.sleep(timeout_sleep)
             elif fault == "malformed":
-                return self._send(200, b'{"choices": [')
+                return web.Response(status=200, body=b'{"choices": [', content_type="application/json")
             else:
-                return self._send(int(fault), json.dumps({"error": {"message": f"scripted {fault}"}}).encode(),
-                                  {"Retry-After": "0"})
+                return web.json_response({"error": {"message": f"scripted {fault}"}}, status=int(fault),
+                                         headers={"Retry-After": "0"})
         finish = "stop"
         if caption.startswith("FAULT:"):
             fault = caption.split(":", 1)[1]
@@ -95,30 +96,17 @@ class Handler(BaseHTTPRequestHandler):
                 content = content.split("Answer:\n")[1]
         else:
             content = GOOD[kind].format(c=caption.rstrip("."))
-        with self.state["lock"]:
-            self.state["answered"][key] += 1
+        state["answered"][key] += 1
+        state["last"] = time.time()
         words = len(content.split())
-        self._send(200, json.dumps({
-            "id": "chat-1", "object": "chat.completion", "created": 0, "model": request["model"],
+        return web.json_response({
+            "id": "chat-1", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": words, "total_tokens": 100 + words}}).encode())
+            "usage": {"prompt_tokens": 100, "completion_tokens": words, "total_tokens": 100 + words}})
 
-    def _send(self, status: int, body: bytes, headers: dict | None = None):
-        self.send_response(status)
-        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
-                            **(headers or {})}.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def serve(port: int, service_time: float, timeout_sleep: float) -> None:
-    Handler.state = {"lock": threading.Lock(), "requests": 0, "tries": Counter(), "answered": Counter(),
-                     "service_time": service_time, "timeout_sleep": timeout_sleep}
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    server.request_queue_size = 256
-    server.serve_forever()
+    app = web.Application(client_max_size=16 << 20)
+    app.add_routes([web.get("/stats", stats), web.delete("/reset", reset), web.post("/v1/chat/completions", complete)])
+    return app
 
 
 class ChatServer:
@@ -142,6 +130,11 @@ class ChatServer:
                     raise
                 time.sleep(0.1)
 
+    def reset(self) -> None:
+        """Forget the counts and times (a benchmark's next level)."""
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{self.port}/reset", method="DELETE"),
+                               timeout=5).close()
+
     def stats(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as response:
             return json.loads(response.read())
@@ -157,4 +150,5 @@ if __name__ == "__main__":
     parser.add_argument("--service-time", type=float, default=0.0)
     parser.add_argument("--timeout-sleep", type=float, default=3.0)
     cli = parser.parse_args()
-    serve(cli.port, cli.service_time, cli.timeout_sleep)
+    web.run_app(make_app(cli.service_time, cli.timeout_sleep), host="127.0.0.1", port=cli.port, print=None,
+                backlog=1024, access_log=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.benchmarks import checkpoint_upload as bench_checkpoint_upload
+from jobs.benchmarks import datagen as bench_datagen
 from jobs.benchmarks import evaluate as bench_evaluate
 from jobs.benchmarks import gpu_smoke as bench_gpu_smoke
 from jobs.benchmarks import padding as bench_padding
@@ -36,6 +37,7 @@ def test_checkpoint_upload_benchmark_resolves_both_modes(tmp_path, capsys):
     (bench_evaluate, ["--questions", "4"], "dry run: 4 questions"),
     (bench_zero3_load, [], "~0.52B parameters"),
     (bench_gpu_smoke, ["--steps", "5"], "0.52B parameters, stage 1 + stage 2 x 5 steps"),
+    (bench_datagen, ["--levels", "8,32"], "levels [8, 32], 16 waves, 0.25 s"),
 ])
 def test_benchmark_dry_runs(bench, argv, expected, capsys):
     bench.main([*argv, "--dry-run"])
