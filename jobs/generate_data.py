@@ -199,6 +199,7 @@ class Stats:
 
     def __init__(self, total: int, prices: tuple[float, float]):
         self.total, self.prices, self.started, self.printed = total, prices, time.monotonic(), 0.0
+        self.first_at: float | None = None  # the rate counts from the first response (not Ray's start)
         self.finished = self.requests = self.retries = self.prompt_tokens = self.completion_tokens = 0
         self.status: dict[str, int] = {}
         self.failures: dict[str, int] = {}
@@ -206,6 +207,7 @@ class Stats:
 
     def add(self, outcome: dict[str, Any]) -> None:
         self.finished += 1
+        self.first_at = self.first_at or time.monotonic()
         self.status[outcome["status"]] = self.status.get(outcome["status"], 0) + 1
         if outcome["status"] == "failed":
             reason = outcome["reason"][:100]
@@ -223,9 +225,9 @@ class Stats:
         if not final and now - self.printed < 10:
             return
         self.printed = now
-        rate = self.finished / max(now - self.started, 1e-9)
-        eta = (self.total - self.finished) / rate if rate else float("inf")
-        log(f"{self.finished}/{self.total} ({rate:.1f}/s, ETA {eta:.0f} s): ok {self.status.get('ok', 0)}, "
+        rate = (self.finished - 1) / (now - self.first_at) if self.first_at and now > self.first_at else 0.0
+        pace = f"{rate:.1f}/s, ETA {(self.total - self.finished) / rate:.0f} s" if rate else "first response"
+        log(f"{self.finished}/{self.total} ({pace}): ok {self.status.get('ok', 0)}, "
             f"quarantined {self.status.get('quarantined', 0)}, failed {self.status.get('failed', 0)}, "
             f"not sent {self.status.get('skipped', 0)}; {self.prompt_tokens + self.completion_tokens} tokens, "
             f"~${self.cost():.2f}")
