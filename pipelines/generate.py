@@ -209,13 +209,18 @@ def generate(units: ray.data.Dataset, plan: GenerationPlan, ledger, *, batch_siz
     """Lazily run every unit through the teacher; one ``OUTCOME_SCHEMA`` row per unit.
 
     The API key goes from the driver's environment to the actors' (``runtime_env``), never into the plan,
-    the journals or MLflow.
+    the journals or MLflow. The actors run on the driver's node: the work is waiting on HTTP, not cores,
+    and the journals then sit on the disk the driver commits from, on a laptop and on a cluster alike.
     """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     key = os.environ.get(plan.api_key_env)
     return units.map_batches(
         Generator, fn_constructor_kwargs=dict(plan=plan, ledger=ledger), batch_format="pyarrow",
         batch_size=batch_size, compute=ActorPoolStrategy(size=plan.actors), num_cpus=0.25,
-        max_concurrency=BATCHES_IN_FLIGHT, runtime_env={"env_vars": {plan.api_key_env: key}} if key else None)
+        max_concurrency=BATCHES_IN_FLIGHT, scheduling_strategy=here,
+        runtime_env={"env_vars": {plan.api_key_env: key}} if key else None)
 
 
 def commit(output: str | Path, kinds: Iterable[str]) -> dict[str, Any]:
