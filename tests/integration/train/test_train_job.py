@@ -287,6 +287,7 @@ def test_manual_resume_replays_the_same_steps(pipeline_run, mlflow_server, tmp_p
     assert_export_reproduces_engine(resumed.stage_dirs["stage2"])
 
 
+@pytest.mark.chaos  # 35 s; test_resume_worker_count.py[3] keeps a worker-count resume in make test
 def test_resume_on_one_worker_from_a_two_worker_checkpoint(pipeline_run, mlflow_server, tmp_path):
     """--resume with ``scaling.num_workers=1`` from the 2-worker job's stage-2 step-2 checkpoint: converted to
     DeepSpeed's universal format on the worker, the global batch kept (accumulation 1 -> 2), the run ends at
