@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from llava_platform.data.rows import RowSpec
 from llava_platform.train.deepspeed_config import DeepSpeedConfigError, gradient_accumulation_steps
 
-Arch = Literal["llava", "llava_next"]
-"""``llava``: LlavaForConditionalGeneration (LLaVA-1.5). ``llava_next``: LlavaNextForConditionalGeneration."""
+Arch = Literal["llava", "llava_next", "llava_onevision"]
+"""``llava``: LlavaForConditionalGeneration (LLaVA-1.5). ``llava_next``: LlavaNextForConditionalGeneration.
+``llava_onevision``: LlavaOnevisionForConditionalGeneration (one image, several images, or a video)."""
 Projector = Literal["linear", "mlp2x_gelu"]
 ImageMode = Literal["square", "pad", "anyres"]
 Template = Literal["plain", "vicuna_v1", "llama3", "mistral", "chatml", "qwen_1_5", "chatml_direct", "tokenizer"]
@@ -26,8 +27,11 @@ Scheduler = Literal["cosine", "linear", "constant"]
 TruncationPolicy = Literal["drop", "truncate"]
 VisionFamily = Literal["clip", "siglip"]
 AttentionImplementation = Literal["eager", "sdpa", "flash_attention_2"]
-IMAGE_MODES: dict[str, tuple[str, ...]] = {"llava": ("square", "pad"), "llava_next": ("anyres",)}
-"""The image modes each arch serves: LLaVA-1.5 tiles one square image, LLaVA-NeXT tiles anyres grids."""
+IMAGE_MODES: dict[str, tuple[str, ...]] = {"llava": ("square", "pad"), "llava_next": ("anyres",),
+                                           "llava_onevision": ("anyres",)}
+"""The image modes each arch serves: LLaVA-1.5 tiles one square image, LLaVA-NeXT tiles anyres grids,
+OneVision tiles a lone image anyres (``anyres_max_<N>``, ``model.anyres_max_tiles``); the images of a
+several-image record and a video's frames always take one base-size tile each."""
 
 
 def image_modes_for(arch: str) -> tuple[str, ...]:
@@ -58,6 +62,8 @@ class TinyTowers(Section):
     text_layers: PositiveInt = 2
     text_heads: PositiveInt = 2
     text_vocab_size: PositiveInt = 320
+    text_family: Literal["llama", "mistral", "qwen2"] = "llama"
+    """Which causal LM architecture to build (OneVision pairs SigLIP with ``qwen2``)."""
     """Byte-level BPE vocabulary size of the tiny tokenizer (256 bytes + merges + specials)."""
     seed: int = 0
     """Weights are a pure function of this seed and the sizes above."""
@@ -84,6 +90,9 @@ class ModelConfig(Section):
     """Tile size in pixels: the vision tower's input resolution."""
     image_grid_pinpoints: list[tuple[PositiveInt, PositiveInt]] | None = None
     """``anyres`` candidate resolutions as (height, width); multiples of ``image_size``."""
+    anyres_max_tiles: PositiveInt | None = None
+    """``llava_onevision`` only: ``anyres_max_<N>``, the lone image's grid features are scaled down to about
+    N tiles' worth when larger (OneVision: 9); default 9 for that arch."""
     attn_implementation: AttentionImplementation = "sdpa"
     """transformers' attention kernel for training and serving: ``sdpa`` (PyTorch's, everywhere),
     ``flash_attention_2`` (GPUs with the ``flash-attn`` package installed), ``eager``."""
@@ -97,6 +106,21 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     """Module names inside the language model that receive adapters."""
+
+
+class VideoConfig(Section):
+    """How a record's ``video`` becomes frames (``llava_onevision``), and what a video may be."""
+
+    frames: PositiveInt = 8
+    """Frames sampled uniformly over the whole video (the first and last included). Every video gets
+    exactly this many, so that a batch's videos stack (a video with fewer frames repeats some)."""
+    max_duration_s: PositiveFloat = 600.0
+    """Longer videos are quarantined (``video_too_long``) before any frame is decoded."""
+    max_source_frames: PositiveInt = 100_000
+    """Videos whose stream holds more frames are quarantined (``too_many_frames``): seeking through
+    them is the cost, whatever the sample count."""
+    max_bytes: PositiveInt = 200_000_000
+    """Larger video files are quarantined (``video_too_large``) before decoding."""
 
 
 class DataConfig(Section):
@@ -118,6 +142,10 @@ class DataConfig(Section):
     """Over-long samples: ``drop`` quarantines them, ``truncate`` cuts text (never an image)."""
     max_image_pixels: PositiveInt = 50_000_000
     """Refuse images with more pixels than this before decoding (decompression-bomb guard)."""
+    max_images: PositiveInt = 16
+    """``llava_onevision``: records with more images than this are quarantined (``too_many_images``)."""
+    video: VideoConfig = VideoConfig()
+    """``llava_onevision``: frame sampling and limits for records with a ``video``."""
     group_by_modality_length: bool = True
     """Batch samples of similar length and the same modality together to cut padding."""
     preprocessed: str | None = None
@@ -133,7 +161,10 @@ class DataConfig(Section):
         """The settings that shape a training row, for the pipeline and the row builder."""
         return RowSpec(template=self.template, image_mode=self.image_mode, max_length=self.model_max_length,
                        truncation=self.truncation, max_image_pixels=self.max_image_pixels,
-                       image_root=self.image_root, s3_endpoint_url=self.s3_endpoint_url)
+                       image_root=self.image_root, s3_endpoint_url=self.s3_endpoint_url,
+                       max_images=self.max_images, video_frames=self.video.frames,
+                       max_video_duration_s=self.video.max_duration_s,
+                       max_video_source_frames=self.video.max_source_frames, max_video_bytes=self.video.max_bytes)
 
 
 class OptimConfig(Section):
@@ -365,9 +396,9 @@ def _model_problems(model: ModelConfig) -> list[str]:
             f"model.image_size: {model.image_size} is not a multiple of model.tiny.patch_size "
             f"{model.tiny.patch_size}"
         )
-    if model.arch == "llava_next":
+    if model.arch in ("llava_next", "llava_onevision"):
         if not model.image_grid_pinpoints:
-            found.append("model.image_grid_pinpoints: llava_next needs anyres pinpoints, e.g. [[336, 672], ...]")
+            found.append(f"model.image_grid_pinpoints: {model.arch} needs anyres pinpoints, e.g. [[336, 672], ...]")
         for i, (height, width) in enumerate(model.image_grid_pinpoints or []):
             if height % model.image_size or width % model.image_size:
                 found.append(
@@ -375,7 +406,10 @@ def _model_problems(model: ModelConfig) -> list[str]:
                     f"model.image_size {model.image_size}"
                 )
     elif model.image_grid_pinpoints:
-        found.append("model.image_grid_pinpoints: only used by arch llava_next; remove it or set model.arch")
+        found.append("model.image_grid_pinpoints: only used by archs llava_next and llava_onevision; remove it or "
+                     "set model.arch")
+    if model.anyres_max_tiles is not None and model.arch != "llava_onevision":
+        found.append("model.anyres_max_tiles: only used by arch llava_onevision; remove it or set model.arch")
     return found
 
 

@@ -111,3 +111,60 @@ def image_token_count(
     grid = anyres_grid_shape(image_size, pinpoints, tile_size)
     rows, cols = unpadded_feature_shape(image_size, grid, patches_per_side)
     return base + rows * cols + rows
+
+
+# LLaVA-OneVision (transformers' LlavaOnevisionProcessor / LlavaOnevisionModel; parity is tested).
+
+def anyres_max_feature_shape(feature_shape: Size, patches_per_side: int, max_tiles: int) -> Size:
+    """``anyres_max_<N>``: the unpadded grid features, scaled down (bilinear, in the model) to about
+    ``max_tiles`` tiles' worth when they are more than 1.1x that (OneVision's cap on a lone image).
+
+    Args:
+        feature_shape: (rows, cols) of unpadded grid features (``unpadded_feature_shape``).
+        patches_per_side: tile_size // patch_size.
+        max_tiles: N of ``anyres_max_N`` (OneVision: 9).
+
+    Returns:
+        (rows, cols) of the features the model keeps.
+    """
+    rows, cols = feature_shape
+    ratio = math.sqrt(rows * cols / (max_tiles * patches_per_side**2))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
+def onevision_image_token_count(
+    image_size: Size, *, tile_size: int, patch_size: int, pinpoints: Sequence[Size], max_tiles: int
+) -> int:
+    """Image tokens of a record's only image in OneVision: the base tile, the unpadded grid features
+    capped by ``anyres_max_feature_shape``, and one image-newline token per kept feature row.
+
+    Args:
+        image_size: original (height, width).
+        tile_size, patch_size: the tower's resolution and patch size (384 / 14 for SigLIP-so400m: 27 x 27 = 729).
+        pinpoints: anyres candidate (height, width) canvases.
+        max_tiles: N of ``anyres_max_N``.
+    """
+    patches_per_side = tile_size // patch_size
+    grid = anyres_grid_shape(image_size, pinpoints, tile_size)
+    features = unpadded_feature_shape(image_size, grid, patches_per_side)
+    rows, cols = anyres_max_feature_shape(features, patches_per_side, max_tiles)
+    return patches_per_side**2 + rows * cols + rows
+
+
+def stacked_image_token_count(*, tile_size: int, patch_size: int) -> int:
+    """Image tokens of each image of a several-image record in OneVision: one base-size tile of patch
+    features (padded to a square, then resized) and one image-newline token. (729 + 1 at 384 px.)"""
+    return (tile_size // patch_size) ** 2 + 1
+
+
+def pooled_frame_side(*, tile_size: int, patch_size: int) -> int:
+    """Feature rows (and columns) of a video frame after OneVision's 2x bilinear pooling: ceil(27 / 2) = 14."""
+    return math.ceil((tile_size // patch_size) / 2)
+
+
+def video_token_count(frames: int, *, tile_size: int, patch_size: int) -> int:
+    """Video tokens in OneVision: each frame's pooled features, then one image-newline token for the video.
+    (8 frames at 384 px: 8 x 196 + 1 = 1569.)"""
+    return frames * pooled_frame_side(tile_size=tile_size, patch_size=patch_size) ** 2 + 1

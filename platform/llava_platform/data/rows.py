@@ -27,3 +27,10 @@ class RowSpec:
     """Folder or ``s3://`` prefix of the records' relative image paths."""
     s3_endpoint_url: str | None = None
     """S3-compatible endpoint for ``s3://`` images (default: ``AWS_ENDPOINT_URL``)."""
+    max_images: int = 16
+    """Records with more images are refused (several-image records: ``llava_onevision``)."""
+    video_frames: int = 8
+    """Frames sampled per video."""
+    max_video_duration_s: float = 600.0
+    max_video_source_frames: int = 100_000
+    max_video_bytes: int = 200_000_000

@@ -16,6 +16,9 @@ import re
 
 IMAGE_PLACEHOLDER = "<image>"
 """The placeholder in LLaVA-format text and the image token added to the tokenizer."""
+VIDEO_TOKEN = "<video>"
+"""OneVision's video token (added to the tokenizer). LLaVA-format video records mark the video with
+``<image>`` (as LLaVA-Video's data does); the row builder expands that placeholder into video tokens."""
 
 _CONTENT = (  # image parts first, as LLaVA's data puts "<image>\\n" first, whatever order a client sends
     "{%- macro content(message) -%}"

@@ -93,6 +93,16 @@ def tile_anyres(image: Image.Image, tile_size: int, pinpoints: Sequence[Size]) -
     return np.concatenate([base[None], grid.reshape(rows * cols, 3, tile_size, tile_size)])
 
 
+def tile_frames(frames: Sequence[Image.Image], tile_size: int) -> np.ndarray:
+    """Video frames (OneVision): each RGB frame resized to ``tile_size`` x ``tile_size`` (bicubic, aspect
+    ratio not kept), as transformers' ``LlavaOnevisionVideoProcessor`` sizes them.
+
+    Returns:
+        uint8 array of shape (num_frames, 3, tile_size, tile_size).
+    """
+    return np.stack([_to_chw(frame.resize((tile_size, tile_size), RESAMPLE)) for frame in frames])
+
+
 def intermediate_pixels(image_size: Size, mode: str, tile_size: int) -> int:
     """Pixels of the largest image tiling allocates on the way to its tiles.
 

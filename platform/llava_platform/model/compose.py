@@ -1,4 +1,5 @@
-"""Build transformers' own ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration``.
+"""Build transformers' own ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` /
+``LlavaOnevisionForConditionalGeneration``.
 
 Either compose a new model from a pretrained vision tower (CLIP or SigLIP) and a pretrained causal
 LM, or load an existing LLaVA checkpoint in Hugging Face format. The result saves to one directory
@@ -31,6 +32,8 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     PretrainedConfig,
     PreTrainedModel,
@@ -38,18 +41,29 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.utils import logging as hf_logging
 
 from llava_platform.config.schema import image_modes_for
-from llava_platform.data.templates import IMAGE_PLACEHOLDER, end_of_turn_token, resolve_chat_template
+from llava_platform.data.templates import IMAGE_PLACEHOLDER, VIDEO_TOKEN, end_of_turn_token, resolve_chat_template
 from llava_platform.inference import end_token_ids
 from llava_platform.model.layout import write_llava_hf_layout
+from llava_platform.model.onevision_processor import (
+    build_onevision_processor,
+    load_onevision_processor,
+    save_onevision_processor,
+)
 
-LlavaModel = LlavaForConditionalGeneration | LlavaNextForConditionalGeneration
+LlavaModel = LlavaForConditionalGeneration | LlavaNextForConditionalGeneration | LlavaOnevisionForConditionalGeneration
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
 }
+ANYRES_ARCHS = ("llava_next", "llava_onevision")
+"""The archs that tile anyres grids and carry an ``image_newline`` embedding."""
+DEFAULT_ANYRES_MAX_TILES = 9
+"""OneVision's ``anyres_max_9``."""
 PROJECTOR_ACTIVATIONS = {"mlp2x_gelu": "gelu", "linear": "linear"}
 
 
@@ -107,6 +121,7 @@ def plan_composition(
     image_size: int,
     template: str,
     pinpoints: Sequence[tuple[int, int]] | None = None,
+    anyres_max_tiles: int | None = None,
 ) -> Composition:
     """Check that the towers fit together and resolve everything but the weights (configs and tokenizer only).
 
@@ -125,12 +140,12 @@ def plan_composition(
             f"model.vision_feature_layer {vision_feature_layer} is outside the tower's {depth} layers"
         )
     tokenizer = AutoTokenizer.from_pretrained(language_model)
-    add_image_token(tokenizer)
+    add_image_token(tokenizer, video=arch == "llava_onevision")
     chat_template = resolve_chat_template(template, tokenizer.chat_template)
     text_config = AutoConfig.from_pretrained(language_model)
+    max_tiles = (anyres_max_tiles or DEFAULT_ANYRES_MAX_TILES) if arch == "llava_onevision" else None
     config = _llava_config(
-        arch, tower, text_config, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), projector,
-        vision_feature_layer, pinpoints,
+        arch, tower, text_config, tokenizer, projector, vision_feature_layer, pinpoints, max_tiles,
     )
     try:  # keep the LM's own sampling defaults and stop tokens
         generation_config = GenerationConfig.from_pretrained(language_model)
@@ -138,7 +153,7 @@ def plan_composition(
         generation_config = GenerationConfig.from_model_config(text_config)
     processor = build_processor(
         arch, tokenizer, AutoImageProcessor.from_pretrained(vision_tower), tower,
-        image_size=image_size, chat_template=chat_template, pinpoints=pinpoints,
+        image_size=image_size, chat_template=chat_template, pinpoints=pinpoints, anyres_max_tiles=max_tiles,
     )
     return Composition(config=config, tower=tower, processor=processor,
                        generation_config=generation_config, vocab_size=len(tokenizer),
@@ -148,9 +163,7 @@ def plan_composition(
 def new_projector(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
     """A freshly initialised projector for ``config`` (transformers' own module and initialisation)."""
     with torch.device("meta"):
-        model_class = LlavaNextForConditionalGeneration if config.model_type == "llava_next" \
-            else LlavaForConditionalGeneration
-        projector_class = type(model_class(config).model.multi_modal_projector)
+        projector_class = type(MODEL_CLASSES[config.model_type](config).model.multi_modal_projector)
     return projector_class(config).to(dtype)
 
 
@@ -192,6 +205,7 @@ def compose_llava(
     image_mode: str,
     template: str,
     pinpoints: Sequence[tuple[int, int]] | None = None,
+    anyres_max_tiles: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[LlavaModel, ProcessorMixin]:
     """Compose a new LLaVA model from two pretrained towers, in memory; the projector is freshly initialised.
@@ -202,13 +216,14 @@ def compose_llava(
     Args:
         vision_tower: CLIP/SigLIP checkpoint (hub id or path), full dual encoder or vision-only.
         language_model: causal LM checkpoint with its tokenizer.
-        arch: ``llava`` or ``llava_next``.
+        arch: ``llava``, ``llava_next`` or ``llava_onevision``.
         projector: ``mlp2x_gelu`` or ``linear``.
         vision_feature_layer: hidden layer whose patch features are projected (-2 in LLaVA).
         image_size: tile size; must equal the tower's input resolution.
         image_mode: the mode the exported processor applies: ``square``/``pad`` (llava) or ``anyres``.
         template: conversation template saved with the processor (a recipe's ``data.template``).
-        pinpoints: anyres resolutions (llava_next only).
+        pinpoints: anyres resolutions (llava_next, llava_onevision).
+        anyres_max_tiles: N of OneVision's ``anyres_max_N`` (default 9; llava_onevision only).
         dtype: parameter dtype of the loaded towers.
 
     Returns:
@@ -216,7 +231,7 @@ def compose_llava(
     """
     plan = plan_composition(vision_tower, language_model, arch=arch, projector=projector,
                             vision_feature_layer=vision_feature_layer, image_size=image_size, template=template,
-                            pinpoints=pinpoints)
+                            pinpoints=pinpoints, anyres_max_tiles=anyres_max_tiles)
     config = plan.config
     with torch.device("meta"):
         model = MODEL_CLASSES[arch](config)
@@ -228,7 +243,7 @@ def compose_llava(
     model.model.language_model = causal_lm.base_model
     model.lm_head = causal_lm.get_output_embeddings()
     model.model.multi_modal_projector = new_projector(config, dtype)
-    if arch == "llava_next":
+    if arch in ANYRES_ARCHS:
         model.model.image_newline = torch.nn.Parameter(new_image_newline(config.text_config.hidden_size, dtype))
     resize_vocabulary(model, plan.vocab_size)
     model.config.pad_token_id = plan.pad_token_id
@@ -270,10 +285,12 @@ def _only_errors_from_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(previous)
 
 
-def add_image_token(tokenizer) -> None:
-    """Give the tokenizer ``<image>`` as one special token and a pad token if it lacks one."""
-    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
-        tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
+def add_image_token(tokenizer, *, video: bool = False) -> None:
+    """Give the tokenizer ``<image>`` (and, for OneVision, ``<video>``) as one special token each, and a
+    pad token if it lacks one."""
+    for token in (IMAGE_PLACEHOLDER, VIDEO_TOKEN) if video else (IMAGE_PLACEHOLDER,):
+        if token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([token], special_tokens=True)
     if tokenizer.pad_token is None:
         if tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token  # what LLaVA does for Vicuna
@@ -285,10 +302,11 @@ def _llava_config(
     arch: str,
     tower: VisionTowerInfo,
     text_config: PretrainedConfig,
-    image_token_id: int,
+    tokenizer,
     projector: str,
     vision_feature_layer: int,
     pinpoints: Sequence[tuple[int, int]] | None,
+    anyres_max_tiles: int | None,
 ) -> PretrainedConfig:
     if projector not in PROJECTOR_ACTIVATIONS:
         raise ModelCompositionError(f"unknown projector {projector!r}; allowed: {', '.join(PROJECTOR_ACTIVATIONS)}")
@@ -296,7 +314,7 @@ def _llava_config(
     common = dict(
         vision_config=tower.config,
         text_config=text_config,
-        image_token_index=image_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
         projector_hidden_act=PROJECTOR_ACTIVATIONS[projector],
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=tower.feature_select_strategy,
@@ -304,10 +322,14 @@ def _llava_config(
     )
     if arch == "llava":
         return LlavaConfig(image_seq_length=patches, **common)
+    if arch in ANYRES_ARCHS and not pinpoints:
+        raise ModelCompositionError(f"{arch} needs model.image_grid_pinpoints")
     if arch == "llava_next":
-        if not pinpoints:
-            raise ModelCompositionError("llava_next needs model.image_grid_pinpoints")
         return LlavaNextConfig(image_grid_pinpoints=[list(p) for p in pinpoints], **common)
+    if arch == "llava_onevision":
+        return LlavaOnevisionConfig(image_grid_pinpoints=[list(p) for p in pinpoints],
+                                    video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+                                    vision_aspect_ratio=f"anyres_max_{anyres_max_tiles}", **common)
     raise ModelCompositionError(f"unknown arch {arch!r}; allowed: {', '.join(MODEL_CLASSES)}")
 
 
@@ -320,6 +342,7 @@ def build_processor(
     image_size: int,
     chat_template: str,
     pinpoints: Sequence[tuple[int, int]] | None = None,
+    anyres_max_tiles: int | None = None,
 ) -> ProcessorMixin:
     """The processor saved with the checkpoint: the tower's normalisation, our tiling, our template.
 
@@ -341,8 +364,32 @@ def build_processor(
     )
     if arch == "llava":
         return LlavaProcessor(image_processor=LlavaImageProcessorPil(**image_kwargs), **processor_kwargs)
+    if arch == "llava_onevision":
+        return onevision_processor(tokenizer, tower_image_processor, tower, image_size=image_size,
+                                   chat_template=chat_template, pinpoints=pinpoints, anyres_max_tiles=anyres_max_tiles)
     image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **image_kwargs)
     return LlavaNextProcessor(image_processor=image_processor, **processor_kwargs)
+
+
+def onevision_processor(tokenizer, tower_image_processor, tower: VisionTowerInfo, *, image_size: int,
+                        chat_template: str, pinpoints: Sequence[tuple[int, int]],
+                        anyres_max_tiles: int) -> ProcessorMixin:
+    """OneVision's processor: tiles sized ``height`` x ``width`` (the base image squashed, as OneVision's
+    processor does), ``anyres_max_N``, and ``<video>``.
+
+    Its video processor, transformers' torchvision code, is built where torchvision is installed and saved
+    as settings where not (``onevision_processor.py``).
+    """
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=[list(p) for p in pinpoints],
+        image_mean=list(tower_image_processor.image_mean), image_std=list(tower_image_processor.image_std),
+    )
+    patches = (image_size // tower.config.patch_size) ** 2
+    return build_onevision_processor(
+        tokenizer, image_processor, num_image_tokens=patches + (1 if tower.has_cls_token else 0),
+        vision_feature_select_strategy=tower.feature_select_strategy,
+        vision_aspect_ratio=f"anyres_max_{anyres_max_tiles}", chat_template=chat_template,
+    )
 
 
 def load_pretrained_llava(name_or_path: str, dtype: torch.dtype = torch.float32,
@@ -394,6 +441,8 @@ def load_processor(name_or_path: str) -> ProcessorMixin:
     transformers picks its torchvision backend whenever torchvision is installed; that backend
     resizes with other kernels, which would make training tiles and served tiles differ.
     """
+    if AutoConfig.from_pretrained(name_or_path).model_type == "llava_onevision":
+        return load_onevision_processor(name_or_path)
     return AutoProcessor.from_pretrained(name_or_path, backend="pil")
 
 
@@ -402,5 +451,13 @@ def save_llava(model: LlavaModel, processor: ProcessorMixin, out_dir: str | Path
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     write_llava_hf_layout(out_dir)
-    processor.save_pretrained(out_dir)
+    save_processor(processor, out_dir)
     return out_dir
+
+
+def save_processor(processor: ProcessorMixin, out_dir: str | Path) -> None:
+    """``processor.save_pretrained``; OneVision's through ``save_onevision_processor`` (torchvision or not)."""
+    if processor.__class__.__name__ == "LlavaOnevisionProcessor":
+        save_onevision_processor(processor, out_dir)
+    else:
+        processor.save_pretrained(out_dir)

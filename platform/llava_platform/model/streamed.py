@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from llava_platform.model.compose import (
+    ANYRES_ARCHS,
     MODEL_CLASSES,
     ModelCompositionError,
     apply_recipe_settings,
@@ -40,6 +41,7 @@ from llava_platform.model.compose import (
     refuse_pickled_weights,
     resized_rows,
     save_llava,
+    save_processor,
 )
 from llava_platform.model.layout import llava_hf_name, write_llava_hf_layout
 from llava_platform.train.partitioned import locate_parameters, tensor_index
@@ -62,6 +64,7 @@ def write_composed_llava(
     image_mode: str,
     template: str,
     pinpoints: Sequence[tuple[int, int]] | None = None,
+    anyres_max_tiles: int | None = None,
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = SHARD_BYTES,
 ) -> int:
@@ -72,7 +75,7 @@ def write_composed_llava(
     """
     vision_dir, language_dir = local_folder(vision_tower), local_folder(language_model)
     options = dict(arch=arch, projector=projector, vision_feature_layer=vision_feature_layer,
-                   image_size=image_size, template=template, pinpoints=pinpoints)
+                   image_size=image_size, template=template, pinpoints=pinpoints, anyres_max_tiles=anyres_max_tiles)
     plan = plan_composition(vision_dir, language_dir, **options)
     with torch.device("meta"):
         model = MODEL_CLASSES[arch](plan.config)
@@ -89,7 +92,7 @@ def write_composed_llava(
         save_llava(composed, processor, out_dir)
         return sum(p.numel() for p in composed.parameters())
     fresh = {f"model.multi_modal_projector.{k}": v for k, v in new_projector(plan.config, dtype).state_dict().items()}
-    if arch == "llava_next":
+    if arch in ANYRES_ARCHS:
         fresh["model.image_newline"] = new_image_newline(plan.config.text_config.hidden_size, dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +110,7 @@ def write_composed_llava(
     model.config.dtype = dtype
     model.config.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
-    plan.processor.save_pretrained(out_dir)
+    save_processor(plan.processor, out_dir)
     return sum(t.numel() for t in tensors.values())
 
 
@@ -143,7 +146,7 @@ def write_pretrained_llava(checkpoint: str, out_dir: str | Path, *, template: st
     write_llava_hf_layout(out_dir)  # a shard that needs new names is rewritten (the link to the source dropped)
     config.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_processor(processor, out_dir)
     return config.model_type, sum(p.numel() for p in model.parameters())
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava_platform.model.compose import load_pretrained_llava, save_llava
+from llava_platform.model.compose import load_pretrained_llava, save_llava, save_processor
 from llava_platform.model.layout import write_llava_hf_layout
 from llava_platform.model.trainability import apply_lora, part_of
 from llava_platform.train.plan import LoraSpec
@@ -115,9 +115,9 @@ def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | 
         merged.load_state_dict(base_weights, strict=True)
         merged.save_pretrained(Path(out_dir) / ADAPTER_BASE_DIR)
         write_llava_hf_layout(Path(out_dir) / ADAPTER_BASE_DIR)
-        processor.save_pretrained(Path(out_dir) / ADAPTER_BASE_DIR)
+        save_processor(processor, Path(out_dir) / ADAPTER_BASE_DIR)
     write_llava_hf_layout(export)  # the names vLLM, SGLang and the hub use
-    processor.save_pretrained(export)
+    save_processor(processor, export)
     return export
 
 
