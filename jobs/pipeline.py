@@ -111,7 +111,7 @@ def run(recipe: Recipe, *, output: Path | None = None, serve: bool = True, keep_
         settings = recipe.synthetic
         log(f"1. synthetic dataset -> {settings.out_dir}")
         synthetic_data.run(settings.out_dir, train=settings.train_records, eval=settings.eval_records,
-                           captions=settings.caption_records, seed=recipe.seed)
+                           captions=settings.caption_records, seed=recipe.seed, onevision_frames=settings.onevision_frames)
         clock = _lap(timings, "synthetic data", clock)
 
     log(f"2. composing {recipe.model.arch} from its towers")

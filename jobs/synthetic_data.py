@@ -21,16 +21,20 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--eval", type=int, default=100, help="held-out records")
     parser.add_argument("--captions", type=int, help="caption records (default: as many as --train)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--onevision-frames", type=int,
+                        help="OneVision questions (one image, two images, video in turn), videos of this many frames")
     args = parser.parse_args(argv)
-    files = run(args.output, train=args.train, eval=args.eval, captions=args.captions, seed=args.seed)
+    files = run(args.output, train=args.train, eval=args.eval, captions=args.captions, seed=args.seed,
+                onevision_frames=args.onevision_frames)
     for name, path in files.items():
         print(f"{name:>7}: {path}")
     return files
 
 
-def run(output: str | Path, *, train: int, eval: int, seed: int, captions: int | None = None) -> dict[str, Path]:
+def run(output: str | Path, *, train: int, eval: int, seed: int, captions: int | None = None,
+        onevision_frames: int | None = None) -> dict[str, Path]:
     """Write the dataset into ``output``, or reuse it there; returns the split files by name."""
-    sizes = dict(train=train, eval=eval, captions=captions)
+    sizes = dict(train=train, eval=eval, captions=captions, onevision_frames=onevision_frames)
     files = existing_dataset(output, seed=seed, **sizes)
     if files:
         print(f"[synthetic_data] reusing {output} (same sizes and seed)", file=sys.stderr, flush=True)

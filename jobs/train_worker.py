@@ -27,7 +27,7 @@ import torch.distributed as dist
 from jobs.console import PROGRESS_EVERY_S, duration, quiet_ray_data
 from jobs.faults import Faults
 from llava_platform import registry, tracking
-from llava_platform.data.collate import collate
+from llava_platform.data.collate import collate, collate_onevision
 from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.read_ahead import EpochReader
@@ -197,6 +197,10 @@ def micro_batch_rows(windows: Iterator[dict], loop: LoopSpec, epoch: int, *, ski
 
 
 def collate_rows(rows: dict, processor, settings: ImageSettings, anyres: bool, device) -> dict[str, torch.Tensor]:
+    if settings.onevision:
+        return collate_onevision(rows["input_ids"], rows["labels"], list(rows["tiles"]), list(rows["image_sizes"]),
+                                 list(rows["frames"]), pad_token_id=processor.tokenizer.pad_token_id,
+                                 image_mean=settings.image_mean, image_std=settings.image_std, device=device)
     return collate(rows["input_ids"], rows["labels"], list(rows["tiles"]), list(rows["image_size"]),
                    pad_token_id=processor.tokenizer.pad_token_id, anyres=anyres, image_mean=settings.image_mean,
                    image_std=settings.image_std, device=device)

@@ -26,9 +26,11 @@ from llava_platform.data.errors import SampleError
 from llava_platform.data.records import (
     MalformedRecordError,
     MissingImageError,
+    MissingVideoError,
     RowBuilder,
     parse_record,
     record_id_of,
+    record_images,
 )
 from llava_platform.data.rows import RowSpec
 from llava_platform.model.compose import load_processor
@@ -38,12 +40,14 @@ from pipelines.storage import ImageReader
 TILES_TYPE = ArrowVariableShapedTensorType(pa.uint8(), 4)
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()),
-    ("modality", pa.string()),  # "image" or "text"
+    ("modality", pa.string()),  # "image", "text", "multi_image" or "video"
     ("input_ids", pa.list_(pa.int32())),
     ("labels", pa.list_(pa.int32())),  # -100 where the loss ignores the token
     ("length", pa.int32()),
     ("tiles", TILES_TYPE),  # uint8 (num_tiles, 3, T, T); num_tiles = 0 for text-only rows
-    ("image_size", pa.list_(pa.int32(), 2)),  # original [height, width]; [0, 0] for text-only rows
+    ("image_size", pa.list_(pa.int32(), 2)),  # original [height, width] of the first image; [0, 0] without
+    ("image_sizes", pa.list_(pa.list_(pa.int32(), 2))),  # every image's [height, width], in order ([] without)
+    ("frames", TILES_TYPE),  # uint8 (num_frames, 3, T, T) of the record's video; 0 frames without one
     ("truncated", pa.bool_()),
 ])
 
@@ -64,7 +68,8 @@ class Preprocessor:
                 if raw["error"]:
                     raise MalformedRecordError(raw["error"])
                 record = parse_record(raw["record"])
-                rows.append(self.builder.build(record, record_image_bytes(record, raw["image_bytes"], self.images)))
+                images, video = record_media(record, raw["image_bytes"], self.images)
+                rows.append(self.builder.build(record, images, video))
             except SampleError as err:
                 bad.append(quarantine_entry(raw, err))
             keys.append(key)
@@ -79,19 +84,38 @@ def record_key(raw: dict[str, Any]) -> str:
 
 
 def record_image_bytes(record: dict[str, Any], inline: bytes | None, images: ImageReader) -> bytes | None:
-    """The record's encoded image: inline bytes (Parquet sources), its file, or ``None`` for text-only records.
+    """The record's one encoded image: inline bytes (Parquet sources), its file, or ``None`` for text-only
+    records (evaluation records have at most one image).
 
     Raises:
         MissingImageError: the record names a file that does not exist.
     """
+    found, _ = record_media(record, inline, images)
+    return found[0] if found else None
+
+
+def record_media(record: dict[str, Any], inline: bytes | None, files: ImageReader) -> tuple[list[bytes], bytes | None]:
+    """The record's encoded images, in placeholder order (inline bytes of Parquet sources, or their files),
+    and its encoded video (or ``None``).
+
+    Raises:
+        MissingImageError, MissingVideoError: the record names a file that does not exist.
+    """
     if inline is not None:
-        return inline
-    if not record.get("image"):
-        return None
-    try:
-        return images.read(record["image"])
-    except FileNotFoundError as err:
-        raise MissingImageError(f"image {record['image']!r} not found: {err}") from err
+        return [inline], None
+    images = []
+    for path in record_images(record):
+        try:
+            images.append(files.read(path))
+        except FileNotFoundError as err:
+            raise MissingImageError(f"image {path!r} not found: {err}") from err
+    video = None
+    if record.get("video"):
+        try:
+            video = files.read(record["video"])
+        except FileNotFoundError as err:
+            raise MissingVideoError(f"video {record['video']!r} not found: {err}") from err
+    return images, video
 
 
 def quarantine_entry(raw: dict[str, Any], error: SampleError) -> dict[str, Any]:
@@ -102,14 +126,22 @@ def quarantine_entry(raw: dict[str, Any], error: SampleError) -> dict[str, Any]:
 
 def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     """Training rows as an Arrow table of ``ROW_SCHEMA`` (also when ``rows`` is empty)."""
-    if rows:
-        tiles = ArrowVariableShapedTensorArray.from_numpy([row["tiles"] for row in rows])
-    else:
-        tiles = TILES_TYPE.wrap_array(pa.array([], TILES_TYPE.storage_type))
-    columns = {name: [row[name] for row in rows] for name in ROW_SCHEMA.names if name != "tiles"}
-    arrays = [tiles if name == "tiles" else pa.array(columns[name], ROW_SCHEMA.field(name).type)
+    tensors = {name: tensor_column([row[name] for row in rows]) for name in ("tiles", "frames")}
+    arrays = [tensors[name] if name in tensors else
+              pa.array([_listed(row[name]) for row in rows], ROW_SCHEMA.field(name).type)
               for name in ROW_SCHEMA.names]
     return pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
+
+
+def tensor_column(arrays: Sequence) -> pa.Array:
+    """uint8 (n, 3, T, T) arrays of any n as one ``TILES_TYPE`` column (also when there are none)."""
+    if arrays:
+        return ArrowVariableShapedTensorArray.from_numpy(list(arrays))
+    return TILES_TYPE.wrap_array(pa.array([], TILES_TYPE.storage_type))
+
+
+def _listed(value):
+    return value.tolist() if hasattr(value, "ndim") and value.ndim > 1 else value
 
 
 def preprocess(

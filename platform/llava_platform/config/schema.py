@@ -308,6 +308,9 @@ class SyntheticDataConfig(Section):
     """Stage-1 caption records, on the first training images (default: one per training image)."""
     eval_records: PositiveInt = 100
     """Held-out questions on new images, half short-answer, half multiple-choice."""
+    onevision_frames: PositiveInt | None = None
+    """``llava_onevision`` recipes: questions on one image, two images and a video in turn (videos sampled
+    to this many frames: set it to the stages' ``data.video.frames``); ``None``: single-image questions."""
 
 
 class EvaluationConfig(Section):

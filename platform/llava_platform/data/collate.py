@@ -94,3 +94,57 @@ def collate(
             pixels[i, t.shape[0] :] = 0
     batch["pixel_values"] = pixels
     return batch
+
+
+def collate_onevision(
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    tiles: Sequence[np.ndarray],
+    image_sizes: Sequence[Sequence[Sequence[int]]],
+    frames: Sequence[np.ndarray],
+    *,
+    pad_token_id: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """A LLaVA-OneVision batch, whose samples have no image, one (anyres), several, or a video.
+
+    Args:
+        tiles: per-sample uint8 tiles, every image's in order: a lone image's anyres stack, or one tile
+            per image of a several-image sample.
+        image_sizes: per-sample original (height, width) of each image (empty without images).
+        frames: per-sample uint8 video frames (num_frames, 3, T, T); zero frames without a video. The
+            samples' videos have the same frame count (``data.video.frames``).
+        others: as ``collate``.
+
+    Returns:
+        ``collate``'s token tensors; with images, ``pixel_values`` (images, max_tiles, 3, T, T) zero padded,
+        ``image_sizes`` (images, 2) and ``batch_num_images`` (batch,), which tells the model which images
+        to unpack as anyres (a sample's only image) and which as one tile; with videos,
+        ``pixel_values_videos`` (videos, frames, 3, T, T).
+    """
+    batch = collate(input_ids, labels, [None] * len(input_ids), [None] * len(input_ids), pad_token_id=pad_token_id,
+                    anyres=False, image_mean=image_mean, image_std=image_std, device=device)
+    stacks, sizes, counts = [], [], []
+    for sample_tiles, sample_sizes in zip(tiles, image_sizes, strict=True):
+        count = len(sample_sizes)
+        counts.append(count)
+        sample_tiles = torch.as_tensor(np.asarray(sample_tiles))
+        if count == 1:
+            stacks.append(sample_tiles)
+        else:
+            stacks.extend(sample_tiles[k : k + 1] for k in range(count))
+        sizes.extend(tuple(int(x) for x in size) for size in sample_sizes)
+    if stacks:
+        pixels = normalize_tiles(pad_tile_stacks(stacks).to(device), image_mean, image_std)
+        for i, stack in enumerate(stacks):
+            pixels[i, stack.shape[0] :] = 0
+        batch.update(pixel_values=pixels, image_sizes=torch.tensor(sizes, device=device),
+                     batch_num_images=torch.tensor(counts, device=device))
+    videos = [torch.as_tensor(np.asarray(f)) for f in frames if f is not None and len(f) > 0]
+    if videos:
+        if len({v.shape for v in videos}) > 1:
+            raise ValueError(f"videos of different frame counts cannot share a batch: {[v.shape[0] for v in videos]}")
+        batch["pixel_values_videos"] = normalize_tiles(torch.stack(videos).to(device), image_mean, image_std)
+    return batch

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from llava_platform.data.errors import SampleError
-from llava_platform.data.templates import IMAGE_PLACEHOLDER
+from llava_platform.data.templates import IMAGE_PLACEHOLDER, VIDEO_TOKEN
 
 IGNORE_INDEX = -100
 """Label value that the loss ignores (PyTorch's cross-entropy default)."""
@@ -111,9 +111,12 @@ def to_chat_messages(conversation: Sequence[Mapping[str, Any]]) -> list[dict[str
 
 
 def expand_image_placeholders(
-    messages: list[dict[str, str]], tokens_per_image: Sequence[int], image_token: str = IMAGE_PLACEHOLDER
+    messages: list[dict[str, str]],
+    tokens_per_image: Sequence[int],
+    image_token: str | Sequence[str] = IMAGE_PLACEHOLDER,
 ) -> list[dict[str, str]]:
-    """Replace the k-th ``<image>`` with ``tokens_per_image[k]`` copies of the image token.
+    """Replace the k-th ``<image>`` with ``tokens_per_image[k]`` copies of the image token (of
+    ``image_token[k]`` when it is a list: OneVision's video is ``<video>`` tokens at an ``<image>`` placeholder).
 
     Raises:
         ImagePlaceholderError: placeholders in assistant turns, or their count differs from the images'.
@@ -128,13 +131,14 @@ def expand_image_placeholders(
             "each image needs exactly one placeholder in a user turn"
         )
     counts = iter(tokens_per_image)
+    tokens = iter([image_token] * len(tokens_per_image) if isinstance(image_token, str) else image_token)
     expanded = []
     for message in messages:
         text = message["content"]
         if text.count(IMAGE_PLACEHOLDER) == 1:  # LLaVA's normalisation: the image first, then the text
             text = IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()
         pieces = text.split(IMAGE_PLACEHOLDER)
-        text = pieces[0] + "".join(image_token * next(counts) + piece for piece in pieces[1:])
+        text = pieces[0] + "".join(next(tokens) * next(counts) + piece for piece in pieces[1:])
         expanded.append({**message, "content": text})
     return expanded
 
@@ -182,7 +186,7 @@ def tokenize_conversation(
     chat_template: str,
     *,
     tokens_per_image: Sequence[int],
-    image_token: str,
+    image_token: str | Sequence[str],
     max_length: int,
     truncation: Literal["drop", "truncate"] = "drop",
 ) -> TokenizedConversation:
@@ -193,7 +197,8 @@ def tokenize_conversation(
         tokenizer: a fast tokenizer that knows ``image_token`` as a single special token.
         chat_template: Jinja text with ``{% generation %}`` around answers (``resolve_chat_template``).
         tokens_per_image: image-token count of each image, in placeholder order (empty: text-only).
-        image_token: the tokenizer's image token string.
+        image_token: the tokenizer's image token string, or one token string per placeholder (OneVision's
+            video is ``<video>`` tokens).
         max_length: longest allowed sequence (``model_max_length``).
         truncation: ``drop`` raises on over-long samples; ``truncate`` cuts the tail, never an image.
 
@@ -225,8 +230,11 @@ def tokenize_conversation(
     is_label = label_tokens(text, answer_spans, encoding["offset_mapping"])
     labels = [tok if lab else IGNORE_INDEX for tok, lab in zip(input_ids, is_label, strict=True)]
 
-    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-    image_positions = [i for i, tok in enumerate(input_ids) if tok == image_token_id]
+    placeholders = [image_token] if isinstance(image_token, str) else list(image_token)
+    visual_ids = {tokenizer.convert_tokens_to_ids(t) for t in [*placeholders, IMAGE_PLACEHOLDER, VIDEO_TOKEN]}
+    visual_ids.discard(tokenizer.unk_token_id)  # a tokenizer without <video> maps it to unk (or None)
+    visual_ids.discard(None)
+    image_positions = [i for i, tok in enumerate(input_ids) if tok in visual_ids]
     if len(image_positions) != sum(tokens_per_image):
         raise ImagePlaceholderError(
             f"image tokens after tokenisation: expected {sum(tokens_per_image)}, got {len(image_positions)}; "

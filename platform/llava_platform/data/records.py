@@ -3,13 +3,19 @@
 Pure per-record logic, shared by the Ray Data pipeline (``pipelines/``) and anything else that
 needs training rows. A row has the columns of the pipeline's Arrow schema (see
 ``pipelines/README.md``): ``id``, ``modality``, ``input_ids``, ``labels``, ``length``, ``tiles``
-(uint8, (num_tiles, 3, T, T); zero tiles for text-only rows), ``image_size`` ([height, width]),
-``truncated``.
+(uint8, (num_tiles, 3, T, T), every image's tiles in order; zero tiles for text-only rows),
+``image_size`` ([height, width] of the first image), ``image_sizes`` ((num_images, 2)), ``frames``
+(uint8, (num_frames, 3, T, T); zero frames without a video), ``truncated``.
+
+A record has at most one of ``image`` (a path, or, for OneVision checkpoints, a list of paths: one
+``<image>`` placeholder per image, in order) and ``video`` (a path; OneVision; one ``<image>`` or
+``<video>`` placeholder).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +26,8 @@ from llava_platform.data.errors import SampleError
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.images import decode_image
 from llava_platform.data.rows import RowSpec
-from llava_platform.data.templates import IMAGE_PLACEHOLDER, resolve_chat_template
+from llava_platform.data.templates import IMAGE_PLACEHOLDER, VIDEO_TOKEN, resolve_chat_template
+from llava_platform.data.video import VideoLimits, sample_video
 
 
 class MalformedRecordError(SampleError):
@@ -33,6 +40,32 @@ class MissingImageError(SampleError):
     """The record names an image file that does not exist."""
 
     reason = "missing_image"
+
+
+class MissingVideoError(SampleError):
+    """The record names a video file that does not exist."""
+
+    reason = "missing_video"
+
+
+class TooManyImagesError(SampleError):
+    """More images in one record than ``data.max_images``."""
+
+    reason = "too_many_images"
+
+
+class NeedsOnevisionError(SampleError):
+    """Several images or a video for a checkpoint that takes one image per sample (not OneVision)."""
+
+    reason = "needs_onevision"
+
+
+def record_images(record: dict[str, Any]) -> list[str]:
+    """The record's image paths, in placeholder order (``image`` as a string or a list; none: ``[]``)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
 
 
 def record_id_of(text: str) -> str | None:
@@ -62,8 +95,15 @@ def parse_record(text: str) -> dict[str, Any]:
         raise MissingFieldError(f"record lacks {', '.join(missing)}")
     if not isinstance(record["conversations"], list):
         raise MissingFieldError("'conversations' must be a list of turns")
-    if record.get("image") is not None and not isinstance(record["image"], str):
-        raise MissingFieldError("'image' must be a relative path string (one image per record)")
+    image = record.get("image")
+    if image is not None and not isinstance(image, str) and not (
+            isinstance(image, list) and image and all(isinstance(i, str) for i in image)):
+        raise MissingFieldError("'image' must be a relative path string, or a non-empty list of them")
+    video = record.get("video")
+    if video is not None and not isinstance(video, str):
+        raise MissingFieldError("'video' must be a relative path string")
+    if image is not None and video is not None:
+        raise MissingFieldError("a record has an 'image' or a 'video', not both")
     return record
 
 
@@ -78,6 +118,8 @@ class RowBuilder:
     max_length: int
     truncation: str
     max_image_pixels: int
+    max_images: int = 16
+    video: VideoLimits = VideoLimits()
 
     @classmethod
     def from_processor(cls, processor, spec: RowSpec) -> RowBuilder:
@@ -90,37 +132,73 @@ class RowBuilder:
             max_length=spec.max_length,
             truncation=spec.truncation,
             max_image_pixels=spec.max_image_pixels,
+            max_images=spec.max_images,
+            video=VideoLimits(frames=spec.video_frames, max_duration_s=spec.max_video_duration_s,
+                              max_source_frames=spec.max_video_source_frames, max_bytes=spec.max_video_bytes,
+                              max_frame_pixels=spec.max_image_pixels),
         )
 
-    def build(self, record: dict[str, Any], image_bytes: bytes | None) -> dict[str, Any]:
+    def build(self, record: dict[str, Any], images: bytes | Sequence[bytes] | None,
+              video: bytes | None = None) -> dict[str, Any]:
         """Decode, tile and tokenise one record.
 
         Args:
             record: a parsed record (``parse_record``).
-            image_bytes: the encoded image, or ``None`` for a text-only record.
+            images: the encoded images in placeholder order (one ``bytes`` for a lone image; ``None`` or
+                ``[]`` for none).
+            video: the encoded video (OneVision checkpoints), or ``None``.
 
         Raises:
-            SampleError: the subclass names the reason (bad image, bad conversation, too long, ...).
+            SampleError: the subclass names the reason (bad image or video, bad conversation, too long, ...).
         """
+        images = [] if images is None else [images] if isinstance(images, bytes) else list(images)
         tile = self.settings.tile_size
-        if image_bytes is None:
-            tiles, size, tokens_per_image = np.zeros((0, 3, tile, tile), np.uint8), (0, 0), []
+        if (len(images) > 1 or video is not None) and not self.settings.onevision:
+            raise NeedsOnevisionError(
+                f"{'a video' if video is not None else f'{len(images)} images'} in one record needs a "
+                "llava_onevision checkpoint; this one takes one image per sample")
+        if len(images) > self.max_images:
+            raise TooManyImagesError(f"{len(images)} images in one record, above data.max_images {self.max_images}")
+        decoded = [decode_image(data, self.max_image_pixels) for data in images]
+        sizes = [(image.height, image.width) for image in decoded]
+        frames = np.zeros((0, 3, tile, tile), np.uint8)
+        if len(decoded) == 1:  # a lone image: the recipe's mode (anyres_max_N for OneVision)
+            tiles = self.settings.tile(decoded[0], self.image_mode, self.max_image_pixels)
+            tokens_per_image, image_tokens = [self.settings.token_count(sizes[0], self.image_mode)], [IMAGE_PLACEHOLDER]
+        elif decoded:  # several images (OneVision): one padded base-size tile each
+            tiles = np.concatenate([self.settings.tile_stacked(image, self.max_image_pixels) for image in decoded])
+            tokens_per_image = [self.settings.stacked_token_count()] * len(decoded)
+            image_tokens = [IMAGE_PLACEHOLDER] * len(decoded)
         else:
-            image = decode_image(image_bytes, self.max_image_pixels)
-            size = (image.height, image.width)
-            tiles = self.settings.tile(image, self.image_mode, self.max_image_pixels)
-            tokens_per_image = [self.settings.token_count(size, self.image_mode)]
+            tiles, tokens_per_image, image_tokens = np.zeros((0, 3, tile, tile), np.uint8), [], []
+        if video is not None:
+            frames = self.settings.tile_frames(sample_video(video, self.video).frames)
+            tokens_per_image, image_tokens = [self.settings.video_token_count(len(frames))], [VIDEO_TOKEN]
+        conversation = record["conversations"]
+        if video is not None:  # LLaVA-Video's records mark the video with <image>; <video> is accepted too
+            conversation = [{**turn, "value": turn["value"].replace(VIDEO_TOKEN, IMAGE_PLACEHOLDER)}
+                            if isinstance(turn, dict) and isinstance(turn.get("value"), str) else turn
+                            for turn in conversation]
         sample = tokenize_conversation(
-            record["conversations"], self.tokenizer, self.chat_template, tokens_per_image=tokens_per_image,
-            image_token=IMAGE_PLACEHOLDER, max_length=self.max_length, truncation=self.truncation,
+            conversation, self.tokenizer, self.chat_template, tokens_per_image=tokens_per_image,
+            image_token=image_tokens, max_length=self.max_length, truncation=self.truncation,
         )
         return {
             "id": str(record["id"]),
-            "modality": "image" if image_bytes is not None else "text",
+            "modality": modality_of(len(images), video is not None),
             "input_ids": np.asarray(sample.input_ids, dtype=np.int32),
             "labels": np.asarray(sample.labels, dtype=np.int32),
             "length": len(sample.input_ids),
             "tiles": tiles,
-            "image_size": np.asarray(size, dtype=np.int32),
+            "image_size": np.asarray(sizes[0] if sizes else (0, 0), dtype=np.int32),
+            "image_sizes": np.asarray(sizes, dtype=np.int32).reshape(len(sizes), 2),
+            "frames": frames,
             "truncated": sample.truncated,
         }
+
+
+def modality_of(images: int, video: bool) -> str:
+    """A row's ``modality``: ``text``, ``image``, ``multi_image`` or ``video`` (batches group by it)."""
+    if video:
+        return "video"
+    return "text" if images == 0 else "image" if images == 1 else "multi_image"

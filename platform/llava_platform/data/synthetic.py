@@ -10,6 +10,12 @@ shapes of different kinds and colours, side by side or one above the other. Spli
 - ``eval.jsonl``: held-out questions on new images with a gold ``answer`` and a ``type``:
   ``short`` (the colour word) or ``mc`` (ScienceQA style, the letter).
 
+With ``onevision_frames`` (a LLaVA-OneVision recipe), the questions of ``stage2.jsonl`` and
+``eval.jsonl`` rotate through three kinds of record: the colour question on one image (as above), a
+two-image question ("Which image shows the red shape?" -> "First." / "Second.", chance 1/2) and a
+video question ("In which frame does the shape turn blue?" -> "Frame 3.", chance 1 / (frames - 1)):
+a shape that is one colour and turns blue at one of the frames the loader samples (``data/video.py``).
+
 Both kinds have a chance level of 1/4 (four colours; four options), and answering takes the pixels
 at the right place: a model that knows which colours are in the picture but not where scores 1/2.
 The options of a multiple-choice question always come in the same order (A. red, B. green,
@@ -119,8 +125,70 @@ def _save(image: Image.Image, folder: Path, name: str, rng: np.random.Generator)
     return relative
 
 
+ORDINALS = ("First.", "Second.")
+VIDEO_FPS = 4
+
+
+def _two_images(rng: np.random.Generator, out_dir: Path, name: str) -> tuple[list[str], str, str]:
+    """Two pictures of one shape each, in different colours; (paths, question, answer)."""
+    colours = [str(c) for c in rng.choice(list(COLOURS), size=2, replace=False)]
+    paths = []
+    for k, colour in enumerate(colours):
+        side = int(rng.integers(64, 160))
+        image = Image.new("RGB", (side, side), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
+        margin = side // 8
+        ImageDraw.Draw(image).rectangle((margin, margin, side - margin, side - margin), fill=COLOURS[colour])
+        paths.append(_save(image, out_dir, f"{name}_{k}", rng))
+    k = int(rng.integers(2))
+    return paths, f"Which image shows the {colours[k]} shape?", ORDINALS[k]
+
+
+def _turning_video(rng: np.random.Generator, out_dir: Path, name: str, frames: int) -> tuple[str, str, str]:
+    """A video whose shape turns blue at one of the frames the loader samples; (path, question, answer)."""
+    import av  # FFmpeg through PyAV, as data/video.py decodes it
+
+    from llava_platform.data.video import sample_frame_indices
+
+    total = 2 * frames  # more frames than are sampled, so the sampling is exercised
+    sampled = sample_frame_indices(total, frames)
+    turn = int(rng.integers(1, frames))  # the sampled frame (0-based) where it is blue first
+    start = str(rng.choice([c for c in COLOURS if c != "blue"]))
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    relative = f"images/{name}.mp4"
+    with av.open(str(out_dir / relative), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=VIDEO_FPS)
+        stream.width = stream.height = 96
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
+        for index in range(total):
+            picture = Image.new("RGB", (96, 96), background)
+            colour = "blue" if index >= sampled[turn] else start
+            ImageDraw.Draw(picture).ellipse((16, 16, 80, 80), fill=COLOURS[colour])
+            container.mux(stream.encode(av.VideoFrame.from_image(picture)))
+        container.mux(stream.encode())
+    return relative, "In which frame does the shape turn blue?", f"Frame {turn + 1}."
+
+
+def _onevision_record(i: int, split: str, rng: np.random.Generator, out_dir: Path, frames: int) -> dict:
+    """The i-th record of a OneVision split: one image, two images or a video, in turn."""
+    name = f"{split}_{i:05d}"
+    if i % 3 == 0:
+        scene = _random_scene(rng)
+        image = _save(_draw(scene, rng)[0], out_dir, name, rng)
+        question, answer = _question(scene, rng, "short")
+        return {"id": f"{split}-{i}", "image": image, "type": "short", "answer": answer, "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+    if i % 3 == 1:
+        images, question, answer = _two_images(rng, out_dir, name)
+        return {"id": f"{split}-{i}", "image": images, "type": "short", "answer": answer, "conversations": [
+            {"from": "human", "value": f"<image>\n<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+    video, question, answer = _turning_video(rng, out_dir, name, frames)
+    return {"id": f"{split}-{i}", "video": video, "type": "short", "answer": answer, "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+
+
 def write_synthetic_dataset(
-    out_dir: str | Path, *, train: int = 200, eval: int = 100, seed: int = 0, captions: int | None = None
+    out_dir: str | Path, *, train: int = 200, eval: int = 100, seed: int = 0, captions: int | None = None,
+    onevision_frames: int | None = None,
 ) -> dict[str, Path]:
     """Write images and the three splits under ``out_dir``; return the split files by name.
 
@@ -129,6 +197,8 @@ def write_synthetic_dataset(
         eval: held-out records on new images, alternately short-answer and multiple-choice.
         seed: everything is a pure function of it.
         captions: stage-1 caption records, on the first ``captions`` training images (default: all).
+        onevision_frames: write OneVision questions (one image, two images, video in turn) with videos
+            sampled to this many frames; ``None``: single-image questions only.
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -144,11 +214,18 @@ def write_synthetic_dataset(
                 {"from": "human", "value": "<image>\nDescribe the image briefly."},
                 {"from": "gpt", "value": scene.caption()},
             ]})
+        if onevision_frames:
+            record = _onevision_record(i, "qa", rng, out_dir, onevision_frames)
+            stage2.append({k: v for k, v in record.items() if k not in ("type", "answer")})
+            continue
         question, answer = _question(scene, rng, "mc" if rng.integers(2) else "short")
         stage2.append({"id": f"qa-{i}", "image": image, "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer},
         ]})
     for i in range(eval):
+        if onevision_frames:
+            held_out.append(_onevision_record(i, "eval", rng, out_dir, onevision_frames))
+            continue
         scene = _random_scene(rng)
         image = _save(_draw(scene, rng)[0], out_dir, f"eval_{i:05d}", rng)
         kind = "mc" if i % 2 else "short"
@@ -160,7 +237,7 @@ def write_synthetic_dataset(
     files["stage1"].write_text(json.dumps(stage1, indent=1))
     files["stage2"].write_text("".join(json.dumps(r) + "\n" for r in stage2))
     files["eval"].write_text("".join(json.dumps(r) + "\n" for r in held_out))
-    (out_dir / SETTINGS_FILE).write_text(json.dumps(_settings(train, eval, seed, captions)))
+    (out_dir / SETTINGS_FILE).write_text(json.dumps(_settings(train, eval, seed, captions, onevision_frames)))
     return files
 
 
@@ -176,17 +253,20 @@ def split_files(out_dir: str | Path) -> dict[str, Path]:
 
 
 def existing_dataset(out_dir: str | Path, *, train: int, eval: int, seed: int,
-                     captions: int | None = None) -> dict[str, Path] | None:
+                     captions: int | None = None, onevision_frames: int | None = None) -> dict[str, Path] | None:
     """The split files of a complete earlier ``write_synthetic_dataset`` with the same arguments, else ``None``."""
     settings = Path(out_dir) / SETTINGS_FILE
-    if not settings.is_file() or json.loads(settings.read_text()) != _settings(train, eval, seed, captions):
+    expected = _settings(train, eval, seed, captions, onevision_frames)
+    if not settings.is_file() or json.loads(settings.read_text()) != expected:
         return None
     return split_files(out_dir)
 
 
-def _settings(train: int, eval: int, seed: int, captions: int | None) -> dict[str, int]:
+def _settings(train: int, eval: int, seed: int, captions: int | None,
+              onevision_frames: int | None = None) -> dict[str, int]:
     captions = train if captions is None else min(captions, train)
-    return {"version": GENERATOR_VERSION, "train": train, "eval": eval, "seed": seed, "captions": captions}
+    settings = {"version": GENERATOR_VERSION, "train": train, "eval": eval, "seed": seed, "captions": captions}
+    return {**settings, "onevision_frames": onevision_frames} if onevision_frames else settings
 
 
 def write_coco_style(out_dir: str | Path, *, images: int, seed: int = 0) -> tuple[Path, Path]:

@@ -179,7 +179,7 @@ def _blank_image_features(model, device: torch.device, dtype: torch.dtype) -> to
     for LLaVA-NeXT, one tile-sized image: its overview and grid tiles, packed with ``image_newline``)."""
     config = model.config
     size = config.vision_config.image_size
-    if config.model_type == "llava_next":
+    if config.model_type in ("llava_next", "llava_onevision"):  # the same anyres slicing in both
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         tiles = image_size_to_num_patches((size, size), config.image_grid_pinpoints, size)  # what the model slices
