@@ -45,6 +45,7 @@ from jobs.score import add_judge_arguments, judge_from_args, judge_problems, sco
 from llava_platform import tracking
 from llava_platform.benchmarks import BENCHMARKS, BenchmarkFormatError, ScoreReport, comparison_table, load_benchmark
 from llava_platform.benchmarks.judge import EndpointJudge
+from llava_platform.data.video import VideoLimits
 from llava_platform.evaluation import summarize
 from llava_platform.model.sources import CheckpointSourceError, source_run_id
 from llava_platform.storage import is_remote
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="0: CPU replicas")
+    parser.add_argument("--video-frames", type=int, default=8,
+                        help="frames sampled per video record: the count the model trained with (data.video.frames)")
     parser.add_argument("--max-new-tokens", type=int,
                         help="answer length cap (default 16 for --data; for benchmarks each one's own LLaVA-1.5 "
                              "cap, which this lowers)")
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
             gpus_per_replica=args.gpus_per_replica, max_new_tokens=args.max_new_tokens or 16,
             tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri), run_id=args.run_id,
             experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url, engine=args.engine,
-            vllm=VllmSettings.from_args(args.vllm),
+            vllm=VllmSettings.from_args(args.vllm), video_frames=args.video_frames,
         )
     except PreflightError as error:
         parser.exit(2, str(error))
@@ -140,7 +143,7 @@ def run(*, model: str, data: list[str], output: Path, tracking_uri: str, image_r
         replicas: int = 1, batch_size: int = 16, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
         max_new_tokens: int = 16, run_id: str | None = None, experiment: str = "evaluation",
         s3_endpoint_url: str | None = None, engine: str = "transformers",
-        vllm: VllmSettings | None = None) -> EvaluationResult:
+        vllm: VllmSettings | None = None, video_frames: int = 8) -> EvaluationResult:
     """Answer, score, write and log.
 
     Raises:
@@ -159,7 +162,7 @@ def run(*, model: str, data: list[str], output: Path, tracking_uri: str, image_r
         cache_dir=str(Path(tempfile.gettempdir()) / "llava-model-cache"), tracking_uri=tracking_uri,
         image_root=image_root, s3_endpoint_url=s3_endpoint_url, max_new_tokens=max_new_tokens, batch_size=batch_size,
         num_replicas=replicas, cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, engine=engine,
-        vllm=vllm,
+        vllm=vllm, video=VideoLimits(frames=video_frames),
     )
     rows = sorted(predictions.take_all(), key=lambda row: row["id"])
     output.mkdir(parents=True, exist_ok=True)

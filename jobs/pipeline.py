@@ -111,7 +111,8 @@ def run(recipe: Recipe, *, output: Path | None = None, serve: bool = True, keep_
         settings = recipe.synthetic
         log(f"1. synthetic dataset -> {settings.out_dir}")
         synthetic_data.run(settings.out_dir, train=settings.train_records, eval=settings.eval_records,
-                           captions=settings.caption_records, seed=recipe.seed, onevision_frames=settings.onevision_frames)
+                           captions=settings.caption_records, seed=recipe.seed,
+                           onevision_frames=settings.onevision_frames)
         clock = _lap(timings, "synthetic data", clock)
 
     log(f"2. composing {recipe.model.arch} from its towers")
@@ -206,7 +207,7 @@ def evaluate_stages(settings: EvaluationConfig, trained: train.TrainResult, init
     common = dict(data=settings.data_files, image_root=settings.image_root, tracking_uri=trained.tracking_uri,
                   replicas=settings.num_replicas, batch_size=settings.batch_size,
                   cpus_per_replica=settings.cpus_per_replica, gpus_per_replica=settings.gpus_per_replica,
-                  max_new_tokens=settings.max_new_tokens)
+                  max_new_tokens=settings.max_new_tokens, video_frames=settings.video_frames)
     stage_dirs, runs = trained.stage_dirs, trained.runs
     scores = {}
     if settings.score_stage1 and {"stage1", "stage2"} <= set(stage_dirs):

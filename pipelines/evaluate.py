@@ -26,14 +26,15 @@ from ray.data import ActorPoolStrategy
 
 from llava_platform.data.errors import SampleError
 from llava_platform.data.images import decode_image
-from llava_platform.data.records import MalformedRecordError, parse_record
+from llava_platform.data.records import MalformedRecordError, modality_of, parse_record
+from llava_platform.data.video import VideoLimits, sample_video
 from llava_platform.evaluation import eval_fields, is_correct
-from llava_platform.inference import answer_questions, prompt_token_ids, question_conversation
+from llava_platform.inference import Media, answer_questions, media_parts, prompt_token_ids, question_conversation
 from llava_platform.model.compose import load_pretrained_llava
 from llava_platform.model.sources import resolve_checkpoint
 from llava_platform.storage import filesystem_for
 from llava_platform.vllm_engine import EngineRequest, VllmSettings
-from pipelines.preprocess import MissingImageError, quarantine_entry, record_image_bytes, record_key
+from pipelines.preprocess import MissingImageError, quarantine_entry, record_key, record_media
 from pipelines.quarantine import start_quarantine_log
 from pipelines.storage import ImageReader
 
@@ -44,6 +45,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("answer", pa.string()),  # gold
     ("prediction", pa.string()),
     ("correct", pa.bool_()),
+    ("modality", pa.string()),  # "text", "image", "multi_image" or "video"
 ])
 
 
@@ -52,11 +54,13 @@ class Predictor:
 
     def __init__(self, *, model: str, cache_dir: str, tracking_uri: str | None, image_root: str | None,
                  s3_endpoint_url: str | None, max_image_pixels: int, max_new_tokens: int, device: str,
+                 video: VideoLimits | None = None,
                  quarantine: ray.actor.ActorHandle, engine: str = "transformers", vllm: VllmSettings | None = None):
         self.answer = load_answerer(model, cache_dir=cache_dir, tracking_uri=tracking_uri,
                                     s3_endpoint_url=s3_endpoint_url, device=device, engine=engine, vllm=vllm)
         self.images = ImageReader(image_root, s3_endpoint_url)
         self.max_image_pixels = max_image_pixels
+        self.video = video or VideoLimits()
         self.max_new_tokens = max_new_tokens
         self.quarantine = quarantine
 
@@ -70,19 +74,30 @@ class Predictor:
                     raise MalformedRecordError(raw["error"])
                 record = parse_record(raw["record"])
                 question, answer, kind = eval_fields(record)
-                data = record_image_bytes(record, raw["image_bytes"], self.images)
-                image = decode_image(data, self.max_image_pixels) if data is not None else None
+                media = self._media(record, raw["image_bytes"])
             except SampleError as err:
                 bad.append(quarantine_entry(raw, err))
                 continue
-            good.append({"id": str(record["id"]), "type": kind, "question": question, "answer": answer})
-            inputs.append((image, question))
+            images, videos = media_parts(media)
+            good.append({"id": str(record["id"]), "type": kind, "question": question, "answer": answer,
+                         "modality": modality_of(len(images), bool(videos))})
+            inputs.append((media, question))
         if inputs:
             answers = self.answer(inputs, self.max_new_tokens)
             for row, prediction in zip(good, answers, strict=True):
                 row.update(prediction=prediction, correct=is_correct(prediction, row["answer"], row["type"]))
         ray.get(self.quarantine.add.remote(keys, bad))
         return pa.Table.from_pylist(good, schema=PREDICTION_SCHEMA)
+
+    def _media(self, record: dict[str, Any], inline: bytes | None) -> Media:
+        """The record's image, images (a list, OneVision) or video's sampled frames, or ``None``."""
+        images, video = record_media(record, inline, self.images)
+        if video is not None:
+            return sample_video(video, self.video)
+        decoded = [decode_image(data, self.max_image_pixels) for data in images]
+        if not decoded:
+            return None
+        return decoded if isinstance(record.get("image"), list) else decoded[0]
 
 
 Answerer = Callable[[Sequence[tuple[Any, str]], int], list[str]]
@@ -115,12 +130,15 @@ class VllmAnswers:
         self.engine = start_vllm_engine(checkpoint, "evaluate", settings)
         self.processor = AutoProcessor.from_pretrained(str(checkpoint))
 
-    def __call__(self, items: Sequence[tuple[Any, str]], max_new_tokens: int) -> list[str]:
-        requests = [EngineRequest(request_id=f"q{i}", images=[image] if image is not None else [],
-                                  prompt_token_ids=prompt_token_ids(
-                                      self.processor, question_conversation(question, image is not None)),
-                                  max_tokens=max_new_tokens, temperature=0.0)
-                    for i, (image, question) in enumerate(items)]
+    def __call__(self, items: Sequence[tuple[Media, str]], max_new_tokens: int) -> list[str]:
+        requests = []
+        for i, (media, question) in enumerate(items):
+            images, videos = media_parts(media)
+            if videos:
+                raise NotImplementedError("the vllm engine takes no video here yet; evaluate videos on transformers")
+            requests.append(EngineRequest(request_id=f"q{i}", images=images, prompt_token_ids=prompt_token_ids(
+                self.processor, question_conversation(question, len(images))), max_tokens=max_new_tokens,
+                temperature=0.0))
         tokenizer = self.processor.tokenizer
         return [tokenizer.decode(list(result.token_ids), skip_special_tokens=True).strip()
                 for result in ray.get(self.engine.answer.remote(requests))]
@@ -248,6 +266,7 @@ def predict(
     gpus_per_replica: float = 0.0,
     engine: str = "transformers",
     vllm: VllmSettings | None = None,
+    video: VideoLimits | None = None,
 ) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """Lazily answer and score every evaluation record; returns (predictions, the quarantine log actor).
 
@@ -263,9 +282,11 @@ def predict(
         cpus_per_replica, gpus_per_replica: resources per replica; with GPUs the model runs on ``cuda``.
         engine: ``transformers`` or ``vllm``; with vLLM the resources go to each replica's engine actor
             (``vllm``'s other settings apply) and the Ray Data actor that feeds it takes a quarter CPU.
+        video: frames sampled per video record (the frame count the model trained with) and the video limits.
     """
     return replica_pool(records, Predictor, dict(
         model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, image_root=image_root,
-        s3_endpoint_url=s3_endpoint_url, max_image_pixels=max_image_pixels, max_new_tokens=max_new_tokens),
+        s3_endpoint_url=s3_endpoint_url, max_image_pixels=max_image_pixels, max_new_tokens=max_new_tokens,
+        video=video),
         batch_size=batch_size, num_replicas=num_replicas, cpus_per_replica=cpus_per_replica,
         gpus_per_replica=gpus_per_replica, engine=engine, vllm=vllm)

@@ -66,18 +66,25 @@ def eval_fields(record: Mapping[str, Any]) -> tuple[str, str, str]:
     kind = record.get("type", "short")
     if kind not in KINDS:
         raise EvalRecordError(f"'type' is {kind!r}; use one of {', '.join(KINDS)}")
-    return first["value"].replace("<image>", "").strip(), answer, kind
+    return first["value"].replace("<image>", "").replace("<video>", "").strip(), answer, kind
 
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Accuracy per kind and overall, and the count per kind, from rows with ``type`` and ``correct``."""
+    """Accuracy per kind and overall, and the count per kind, from rows with ``type`` and ``correct``; with
+    several-image or video rows (their ``modality``), per modality too."""
     hits: dict[str, list[bool]] = {}
+    by_modality: dict[str, list[bool]] = {}
     for row in rows:
         hits.setdefault(row["type"], []).append(bool(row["correct"]))
+        by_modality.setdefault(row.get("modality") or "image", []).append(bool(row["correct"]))
     scores: dict[str, float] = {}
     for kind, values in sorted(hits.items()):
         scores[f"accuracy/{kind}"] = sum(values) / len(values)
         scores[f"count/{kind}"] = len(values)
+    if by_modality.keys() & {"multi_image", "video"}:  # OneVision: how each kind of input fares
+        for modality, values in sorted(by_modality.items()):
+            scores[f"accuracy/{modality}"] = sum(values) / len(values)
+            scores[f"count/{modality}"] = len(values)
     everything = [v for values in hits.values() for v in values]
     if everything:
         scores["accuracy"] = sum(everything) / len(everything)

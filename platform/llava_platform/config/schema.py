@@ -328,6 +328,8 @@ class EvaluationConfig(Section):
     cpus_per_replica: PositiveFloat = 1.0
     gpus_per_replica: float = Field(0.0, ge=0.0)
     """0: CPU replicas; 1 puts each replica on its own GPU."""
+    video_frames: PositiveInt = 8
+    """Frames sampled per video record (OneVision): the count the model trained with (``data.video.frames``)."""
     score_stage1: bool = True
     """Also score the stage-1 model (starting checkpoint + aligned projector), to show what stage 2 adds."""
 

@@ -20,11 +20,12 @@ VIDEO_TOKEN = "<video>"
 """OneVision's video token (added to the tokenizer). LLaVA-format video records mark the video with
 ``<image>`` (as LLaVA-Video's data does); the row builder expands that placeholder into video tokens."""
 
-_CONTENT = (  # image parts first, as LLaVA's data puts "<image>\\n" first, whatever order a client sends
+_CONTENT = (  # image (then video) parts first, as LLaVA's data puts "<image>\\n" first, whatever order a client sends
     "{%- macro content(message) -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}"
     "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'video' -%}{{ '<video>\\n' }}{%- endfor -%}"
     "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
     "{%- endif -%}"
     "{%- endmacro -%}"

@@ -22,7 +22,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llava_platform.data.geometry import anyres_tile_count, image_token_count
+from llava_platform.data.geometry import (
+    anyres_tile_count,
+    image_token_count,
+    onevision_image_token_count,
+    stacked_image_token_count,
+    video_token_count,
+)
 
 if TYPE_CHECKING:
     from llava_platform.config.schema import Recipe, StageConfig
@@ -79,9 +85,15 @@ def _clip_l_336() -> TransformerShape:
                             patch_size=14, gated_mlp=False)
 
 
+def _siglip_so400m_384() -> TransformerShape:
+    return TransformerShape(hidden=1152, layers=27, intermediate=4304, heads=16, tokens_per_tile=729,
+                            patch_size=14, gated_mlp=False)
+
+
 KNOWN_SHAPES: dict[str, TransformerShape] = {
     # vision towers
     "openai/clip-vit-large-patch14-336": _clip_l_336(),
+    "google/siglip-so400m-patch14-384": _siglip_so400m_384(),
     # language models, as their published config.json files give them
     "lmsys/vicuna-7b-v1.5": TransformerShape(4096, 32, 11008, 32, 32, 32000),
     "lmsys/vicuna-13b-v1.5": TransformerShape(5120, 40, 13824, 40, 40, 32000),
@@ -90,6 +102,7 @@ KNOWN_SHAPES: dict[str, TransformerShape] = {
     "NousResearch/Nous-Hermes-2-Yi-34B": TransformerShape(7168, 60, 20480, 56, 8, 64000),
     "Qwen/Qwen1.5-72B-Chat": TransformerShape(8192, 80, 24576, 64, 64, 152064),
     "Qwen/Qwen1.5-110B-Chat": TransformerShape(8192, 80, 49152, 64, 8, 152064),
+    "Qwen/Qwen2-7B-Instruct": TransformerShape(3584, 28, 18944, 28, 4, 152064),
 }
 """Shapes of the models the shipped recipes name (hub ids), so that a dry run needs no download."""
 
@@ -360,6 +373,13 @@ def stage_setup(recipe: Recipe, stage: StageConfig) -> StageSetup:
     tiles = max(anyres_tile_count(p, pinpoints, model.image_size) for p in pinpoints) if anyres else 1
     image_tokens = max(image_token_count(p, anyres=anyres, tile_size=model.image_size, patch_size=tower.patch_size,
                                          pinpoints=pinpoints) for p in pinpoints) if tower.patch_size else 0
+    if model.arch == "llava_onevision" and tower.patch_size:  # the largest of: one image, several, a video
+        size, data = dict(tile_size=model.image_size, patch_size=tower.patch_size), stage.data
+        tiles = max(tiles, data.max_images, data.video.frames)
+        image_tokens = max(
+            *(onevision_image_token_count(p, pinpoints=pinpoints, max_tiles=model.anyres_max_tiles or 9, **size)
+              for p in pinpoints),
+            data.max_images * stacked_image_token_count(**size), video_token_count(data.video.frames, **size))
     return StageSetup(lm=lm, tower=tower, projector_params=projector, tunable=tuple(stage.tunable),
                       lora_rank=stage.lora.r if stage.lora else None,
                       lora_targets=tuple(stage.lora.target_modules) if stage.lora else (),
