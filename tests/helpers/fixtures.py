@@ -13,7 +13,7 @@ import pytest
 
 from llava_platform.model.compose import save_llava
 from llava_platform.model.tiny import save_tiny_language_model, save_tiny_vision_tower
-from tests.helpers.models import MODEL_ARCHS, TILE, compose
+from tests.helpers.models import MODEL_ARCHS, TILE, compose, compose_onevision
 from tests.helpers.ray_head import RayHead
 from tests.helpers.servers import S3_TEST_ENV, MlflowServer, MotoServer
 
@@ -30,6 +30,7 @@ def towers(tmp_path_factory) -> dict[str, str]:
         "siglip": str(save_tiny_vision_tower(root / "siglip", family="siglip", image_size=TILE)),
         # one head of 32: vLLM's CPU attention runs head sizes from 32 up (llava_platform.vllm_engine.CPU_HEAD_SIZES)
         "llama": str(save_tiny_language_model(root / "llama", heads=1)),
+        "qwen2": str(save_tiny_language_model(root / "qwen2", family="qwen2", heads=1)),
     }
 
 
@@ -49,6 +50,12 @@ def saved_checkpoints(towers, tmp_path_factory) -> dict[str, Path]:
     """Composed tiny LLaVA and LLaVA-NeXT checkpoints, saved in folders whose names avoid 'llava'."""
     root = tmp_path_factory.mktemp("checkpoints")
     return {arch: save_llava(*compose(towers, arch), root / f"ckpt_{i}") for i, arch in enumerate(MODEL_ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def onevision_checkpoint(towers, tmp_path_factory) -> Path:
+    """A composed tiny LLaVA-OneVision checkpoint (SigLIP + Qwen2, anyres_max_2)."""
+    return save_llava(*compose_onevision(towers), tmp_path_factory.mktemp("checkpoints") / "ckpt_onevision")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,32 @@
+"""Small encoded videos for tests, written with PyAV (FFmpeg) as real clips are."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def encode_video(frames: list[np.ndarray], fps: int = 4, container: str = "mp4", codec: str = "mpeg4") -> bytes:
+    """Encode (H, W, 3) uint8 frames as a video file's bytes."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as output:
+        stream = output.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
+        for frame in frames:
+            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        output.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def grey_ramp(count: int, size: int = 32, step: int = 20) -> list[np.ndarray]:
+    """``count`` flat grey frames, frame i at level i * step: a sampled frame tells its index."""
+    return [np.full((size, size, 3), i * step, np.uint8) for i in range(count)]
+
+
+def frame_index(frame, step: int = 20) -> int:
+    """The index of a ``grey_ramp`` frame (a PIL image or an array), from its mean level."""
+    return round(float(np.asarray(frame, dtype=np.float32).mean()) / step)

@@ -1,0 +1,127 @@
+"""The tiny LLaVA-OneVision checkpoint: transformers' own class in the llava-hf layout, fed by our rows and
+our serving inputs alike, for one image, several images and a video."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from llava_platform.data.collate import collate_onevision
+from llava_platform.data.image_settings import ImageSettings
+from llava_platform.data.records import RowBuilder
+from llava_platform.data.rows import RowSpec
+from llava_platform.data.video import VideoLimits, sample_video
+from llava_platform.inference import answer_questions, encode_chat, question_conversation
+from llava_platform.model.compose import load_pretrained_llava, load_processor
+from tests.helpers.videos import encode_video, grey_ramp
+
+
+def picture(height, width, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def loaded(onevision_checkpoint):
+    model, processor = load_pretrained_llava(str(onevision_checkpoint))
+    return model.eval(), processor
+
+
+def test_the_export_is_transformers_own_onevision_in_the_llava_hf_layout(onevision_checkpoint):
+    model = AutoModelForImageTextToText.from_pretrained(str(onevision_checkpoint))
+    assert type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    config = AutoConfig.from_pretrained(str(onevision_checkpoint))
+    assert (config.vision_aspect_ratio, config.vision_feature_select_strategy) == ("anyres_max_2", "full")
+    assert config.image_grid_pinpoints[-1] == [168, 168] and config.vision_config.model_type == "siglip_vision_model"
+    with safe_open(str(onevision_checkpoint / "model.safetensors"), framework="pt") as weights:
+        names = list(weights.keys())
+    assert any(n.startswith("vision_tower.vision_model.encoder.") for n in names)  # what vLLM and the hub read
+    assert "model.image_newline" in names or "image_newline" in names
+    saved = json.loads((onevision_checkpoint / "processor_config.json").read_text())
+    video = saved["video_processor"]
+    assert video["video_processor_type"] == "LlavaOnevisionVideoProcessor" and video["size"] == {"height": 56,
+                                                                                                "width": 56}
+    assert saved["vision_aspect_ratio"] == "anyres_max_2" and saved["image_processor"]["size"]["height"] == 56
+
+
+@pytest.fixture(scope="module")
+def rows(loaded):
+    _, processor = loaded
+    builder = RowBuilder.from_processor(processor, RowSpec(template="qwen_1_5", image_mode="anyres", max_length=4096,
+                                                           video_frames=4))
+
+    def record(value, answer, **media):
+        return {"id": "r", **media, "conversations": [{"from": "human", "value": value},
+                                                       {"from": "gpt", "value": answer}]}
+
+    return {
+        "image": builder.build(record("<image>\nWhat colour?", "Red.", image="a.png"), png(picture(100, 300))),
+        "multi_image": builder.build(record("<image>\n<image>\nWhich?", "First.", image=["a.png", "b.png"]),
+                                     [png(picture(60, 60, 1)), png(picture(90, 50, 2))]),
+        "video": builder.build(record("<image>\nWhen?", "Frame 2.", video="v.mp4"), [], encode_video(grey_ramp(12))),
+    }
+
+
+def test_a_batch_of_all_three_kinds_trains(loaded, rows):
+    """The model itself checks that every placeholder token gets exactly one feature: our counts are its."""
+    model, processor = loaded
+    settings = ImageSettings.from_processor(processor)
+    batch = collate_onevision(*(list(column) for column in zip(*[
+        (r["input_ids"], r["labels"], r["tiles"], r["image_sizes"], r["frames"]) for r in rows.values()])),
+        pad_token_id=processor.tokenizer.pad_token_id, image_mean=settings.image_mean, image_std=settings.image_std)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("kind", ["image", "multi_image", "video"])
+def test_serving_inputs_are_the_training_rows_prompt(loaded, rows, kind):
+    """What the server and the evaluation feed the model is the training row up to the answer."""
+    _, processor = loaded
+    images = {"image": [picture(100, 300)], "multi_image": [picture(60, 60, 1), picture(90, 50, 2)],
+              "video": []}[kind]
+    videos = [sample_video(encode_video(grey_ramp(12)), VideoLimits(frames=4)).frames] if kind == "video" else []
+    question = {"image": "What colour?", "multi_image": "Which?", "video": "When?"}[kind]
+    served = encode_chat(processor, question_conversation(question, len(images), len(videos)), images, videos)
+    row = rows[kind]
+    prompt = served["input_ids"][0].tolist()
+    assert row["input_ids"][: len(prompt)].tolist() == prompt
+    assert (row["labels"][: len(prompt)] == -100).all() and (row["labels"][len(prompt):] != -100).any()
+    settings = ImageSettings.from_processor(processor)
+    if kind == "video":
+        expected = collate_onevision([[0]], [[0]], [row["tiles"]], [[]], [row["frames"]], pad_token_id=0,
+                                     image_mean=settings.image_mean, image_std=settings.image_std)
+        torch.testing.assert_close(served["pixel_values_videos"], expected["pixel_values_videos"], rtol=0, atol=0)
+    else:
+        assert served["batch_num_images"].tolist() == [len(images)]
+        assert served["image_sizes"].tolist() == row["image_sizes"].tolist()
+
+
+def test_mixed_questions_answer_alike_batched_or_alone(loaded):
+    model, processor = loaded
+    video = sample_video(encode_video(grey_ramp(12)), VideoLimits(frames=4))
+    items = [(picture(100, 300), "What colour?"), ([picture(60, 60, 1), picture(90, 50, 2)], "Which?"),
+             (video, "When?"), (None, "Hello")]
+    torch.manual_seed(0)
+    batched = answer_questions(model, processor, items, max_new_tokens=5)
+    alone = [answer_questions(model, processor, [item], max_new_tokens=5)[0] for item in items]
+    assert batched == alone and len(batched) == 4
+
+
+def test_a_video_for_a_model_without_video_is_refused(saved_checkpoints):
+    processor = load_processor(str(saved_checkpoints["llava"]))
+    frames = [picture(20, 20)] * 2
+    with pytest.raises(ValueError, match="llava_onevision"):
+        encode_chat(processor, question_conversation("When?", 0, 1), [], [frames])
