@@ -25,15 +25,23 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from llava_platform.data.errors import SampleError
+from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.images import decode_image
 from llava_platform.data.records import MalformedRecordError, modality_of, parse_record
 from llava_platform.data.video import VideoLimits, sample_video
 from llava_platform.evaluation import eval_fields, is_correct
-from llava_platform.inference import Media, answer_questions, media_parts, prompt_token_ids, question_conversation
-from llava_platform.model.compose import load_pretrained_llava
+from llava_platform.inference import (
+    Media,
+    answer_questions,
+    engine_video,
+    media_parts,
+    prompt_token_ids,
+    question_conversation,
+)
+from llava_platform.model.compose import load_pretrained_llava, load_processor
 from llava_platform.model.sources import resolve_checkpoint
 from llava_platform.storage import filesystem_for
-from llava_platform.vllm_engine import EngineRequest, VllmSettings
+from llava_platform.vllm_engine import SEVERAL_IMAGES_ON_VLLM, EngineRequest, VllmSettings
 from pipelines.preprocess import MissingImageError, quarantine_entry, record_key, record_media
 from pipelines.quarantine import start_quarantine_log
 from pipelines.storage import ImageReader
@@ -123,22 +131,23 @@ class VllmAnswers:
     incremental detokenizer, which renders bytes that are not valid UTF-8 differently."""
 
     def __init__(self, checkpoint, settings: VllmSettings):
-        from transformers import AutoProcessor
-
         from serve.engines import start_vllm_engine
 
         self.engine = start_vllm_engine(checkpoint, "evaluate", settings)
-        self.processor = AutoProcessor.from_pretrained(str(checkpoint))
+        self.processor = load_processor(str(checkpoint))
+        self.onevision = ImageSettings.from_processor(self.processor).onevision
 
     def __call__(self, items: Sequence[tuple[Media, str]], max_new_tokens: int) -> list[str]:
         requests = []
         for i, (media, question) in enumerate(items):
             images, videos = media_parts(media)
-            if videos:
-                raise NotImplementedError("the vllm engine takes no video here yet; evaluate videos on transformers")
-            requests.append(EngineRequest(request_id=f"q{i}", images=images, prompt_token_ids=prompt_token_ids(
-                self.processor, question_conversation(question, len(images))), max_tokens=max_new_tokens,
-                temperature=0.0))
+            conversation = question_conversation(question, len(images), len(videos))
+            if len(images) > 1 and self.onevision:
+                raise ValueError(f"question {i} of this batch: {SEVERAL_IMAGES_ON_VLLM}")
+            videos = [engine_video(self.processor, frames) for frames in videos]
+            requests.append(EngineRequest(request_id=f"q{i}", images=images, videos=videos,
+                                          prompt_token_ids=prompt_token_ids(self.processor, conversation),
+                                          max_tokens=max_new_tokens, temperature=0.0))
         tokenizer = self.processor.tokenizer
         return [tokenizer.decode(list(result.token_ids), skip_special_tokens=True).strip()
                 for result in ray.get(self.engine.answer.remote(requests))]

@@ -169,8 +169,10 @@ class LlavaServer:
         self.api_key = api_key or os.environ.get(API_KEY_ENV)
         self.requests = 0
         self.chat_page = CHAT_PAGE.read_text()
-        # a request holds at most max_images base64 images plus text: refuse bigger bodies unread
-        self.max_body_bytes = self.limits.max_images * self.limits.max_image_bytes * 4 // 3 + 1_000_000
+        # a request holds at most max_images base64 images, max_videos videos and text: refuse bigger bodies unread
+        limits = self.limits
+        media = limits.max_images * limits.max_image_bytes + limits.max_videos * limits.max_video_bytes
+        self.max_body_bytes = media * 4 // 3 + 1_000_000
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 

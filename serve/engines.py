@@ -24,12 +24,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
-from transformers import AutoProcessor
 
 import llava_platform
-from llava_platform.inference import prompt_token_ids
+from llava_platform.data.image_settings import ImageSettings
+from llava_platform.inference import engine_video, prompt_token_ids
+from llava_platform.model.compose import load_processor
 from llava_platform.vllm_engine import (
     ENGINE_PYTHON_ENV,
+    SEVERAL_IMAGES_ON_VLLM,
     EngineDelta,
     EngineRequest,
     VllmEngine,
@@ -37,6 +39,7 @@ from llava_platform.vllm_engine import (
     default_engine_python,
 )
 from serve.generation import Completion, Prepared, prepare_request
+from serve.openai_api import ApiError
 
 START_TIMEOUT_S = 600
 """How long an engine may take to load its checkpoint (a 110B model from network storage takes minutes)."""
@@ -83,16 +86,21 @@ class VllmGenerator:
         if self.adapters:
             settings = replace(settings, max_lora_rank=settings.max_lora_rank or lora_rank(self.adapters.values()))
         self.engine = start_vllm_engine(checkpoint, model_name, settings)  # first: it names what is wrong
-        self.processor = AutoProcessor.from_pretrained(str(checkpoint))
+        self.processor = load_processor(str(checkpoint))
+        self.onevision = ImageSettings.from_processor(self.processor).onevision
         config = json.loads((Path(checkpoint) / "config.json").read_text())
         self.context_length = int(settings.max_model_len or config["text_config"]["max_position_embeddings"])
 
     def prepare(self, request) -> Prepared:
+        if self.onevision and len(request.images) > 1:
+            raise ApiError(400, f"messages: {SEVERAL_IMAGES_ON_VLLM}", param="messages", code="unsupported_on_engine")
         return prepare_request(self.processor, request, self.context_length)
 
     def _engine_request(self, item: Prepared) -> EngineRequest:
         request = item.request
-        return EngineRequest(request_id=uuid.uuid4().hex, images=list(request.images), max_tokens=request.max_tokens,
+        videos = [engine_video(self.processor, frames) for frames in request.videos]
+        return EngineRequest(request_id=uuid.uuid4().hex, images=list(request.images), videos=videos,
+                             max_tokens=request.max_tokens,
                              prompt_token_ids=prompt_token_ids(self.processor, request.conversation),
                              temperature=request.temperature, top_p=request.top_p, seed=request.seed,
                              stop=tuple(s for s in request.stop if s),

@@ -54,7 +54,7 @@ def prepare_request(processor, request: ParsedChat, context_length: int) -> Prep
             prompt plus ``max_tokens`` does not fit the context.
     """
     try:
-        inputs = encode_chat(processor, request.conversation, request.images)
+        inputs = encode_chat(processor, request.conversation, request.images, request.videos)
     except TemplateError as error:
         raise ApiError(400, f"messages: this model's chat template refuses the conversation: {error}",
                        param="messages") from error

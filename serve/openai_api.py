@@ -85,6 +85,24 @@ class Limits:
     allowed_image_hosts: tuple[str, ...] = ()
     """``http(s)`` image URLs are refused unless their host is listed here (then fetched with a timeout,
     no redirects and the byte limit); ``data:`` URLs always work."""
+    max_videos: int = 1
+    """``video_url`` parts per request (OneVision models; a model without video refuses any)."""
+    max_video_bytes: int = 50_000_000
+    max_video_duration_s: float = 120.0
+    max_video_frames: int = 10_000
+    """Frames in the video's stream: a video with more is refused from its header, before decoding."""
+    video_frames: int = 8
+    """Frames sampled from each video, uniformly: the count the model trained with (``data.video.frames``)."""
+    allowed_video_hosts: tuple[str, ...] = ()
+    """As ``allowed_image_hosts``, for ``video_url`` parts."""
+
+    def video_limits(self):
+        """The ``data.video`` limits a video of a request is sampled under."""
+        from llava_platform.data.video import VideoLimits
+
+        return VideoLimits(frames=self.video_frames, max_duration_s=self.max_video_duration_s,
+                           max_source_frames=self.max_video_frames, max_bytes=self.max_video_bytes,
+                           max_frame_pixels=self.max_image_pixels)
 
 
 @dataclass
@@ -94,6 +112,8 @@ class ParsedChat:
     conversation: list[dict[str, Any]]
     images: list[Any] = field(default_factory=list)
     """PIL images, in the order their parts appear."""
+    videos: list[list[Any]] = field(default_factory=list)
+    """Each ``video_url`` part's sampled frames (PIL images), in order."""
     max_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
@@ -116,6 +136,7 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
     """
     from llava_platform.data.errors import SampleError
     from llava_platform.data.images import decode_image
+    from llava_platform.data.video import sample_video
 
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -141,7 +162,7 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
     if max_tokens > limits.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {limits.max_tokens}",
                        param="max_tokens")
-    conversation, image_bytes = [], []
+    conversation, image_bytes, video_bytes = [], [], []
     for index, message in enumerate(request.messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
@@ -160,9 +181,17 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
                                         f"{limits.max_images} per request", param="messages")
                 image_bytes.append((where, _image_bytes(url, where, limits, fetcher or fetch_image)))
                 content.append({"type": "image"})
+            elif part.get("type") == "video_url":
+                url = part["video_url"].get("url") if isinstance(part.get("video_url"), dict) else None
+                if len(video_bytes) == limits.max_videos:
+                    raise ApiError(400, f"more than {limits.max_videos} video(s); this server takes at most "
+                                        f"{limits.max_videos} per request", param="messages")
+                video_bytes.append((where, _media_bytes(url, where, VIDEO, limits.max_video_bytes,
+                                                        limits.allowed_video_hosts, fetcher or fetch_image)))
+                content.append({"type": "video"})
             else:
-                raise ApiError(400, f"{where}: a part must be {{type: text, text}} or {{type: image_url, image_url: "
-                                    "{url}}", param=where)
+                raise ApiError(400, f"{where}: a part must be {{type: text, text}}, {{type: image_url, image_url: "
+                                    "{url}} or {type: video_url, video_url: {url}}", param=where)
         conversation.append({"role": role, "content": content})
     images = []
     for where, data in image_bytes:
@@ -170,19 +199,27 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
             images.append(decode_image(data, limits.max_image_pixels, limits.max_image_aspect_ratio))
         except SampleError as error:
             raise ApiError(400, f"{where}: {error}", param=where, code=error.reason) from error
+    videos = []
+    for where, data in video_bytes:
+        try:
+            videos.append(sample_video(data, limits.video_limits()).frames)
+        except SampleError as error:
+            raise ApiError(400, f"{where}: {error}", param=where, code=error.reason) from error
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    return ParsedChat(conversation=conversation, images=images, max_tokens=max_tokens,
+    return ParsedChat(conversation=conversation, images=images, videos=videos, max_tokens=max_tokens,
                       temperature=request.temperature, top_p=request.top_p, stop=stop, seed=request.seed,
                       stream=request.stream)
 
 
 def _checked_text(text: str, where: str) -> str:
-    """Text parts may not smuggle in the image placeholder (images come as parts) or unencodable characters."""
-    from llava_platform.data.templates import IMAGE_PLACEHOLDER
+    """Text parts may not smuggle in the image or video placeholder (media come as parts) or unencodable
+    characters."""
+    from llava_platform.data.templates import IMAGE_PLACEHOLDER, VIDEO_TOKEN
 
-    if IMAGE_PLACEHOLDER in text:
-        raise ApiError(400, f"{where}: text may not contain {IMAGE_PLACEHOLDER}; send images as image_url parts",
-                       param=where)
+    for placeholder, part in ((IMAGE_PLACEHOLDER, "image_url"), (VIDEO_TOKEN, "video_url")):
+        if placeholder in text:
+            raise ApiError(400, f"{where}: text may not contain {placeholder}; send media as {part} parts",
+                           param=where)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
@@ -198,18 +235,33 @@ def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
     raise ApiError(400, f"{where}: content must be a string or a list of parts", param=where)
 
 
+@dataclass(frozen=True)
+class MediaKind:
+    """What a part's URL holds: ``image`` (``image_url``) or ``video`` (``video_url``)."""
+
+    name: str
+    example: str
+
+
+IMAGE, VIDEO = MediaKind("image", "data:image/png;base64,..."), MediaKind("video", "data:video/mp4;base64,...")
+
+
 def _image_bytes(url: Any, where: str, limits: Limits, fetcher) -> bytes:
+    return _media_bytes(url, where, IMAGE, limits.max_image_bytes, limits.allowed_image_hosts, fetcher)
+
+
+def _media_bytes(url: Any, where: str, kind: MediaKind, max_bytes: int, allowed_hosts: tuple[str, ...],
+                 fetcher) -> bytes:
     """The bytes of a ``data:`` URL, or of an allow-listed ``http(s)`` URL; everything else is refused."""
     if not isinstance(url, str) or not url:
-        raise ApiError(400, f"{where}.image_url.url is missing", param=where)
+        raise ApiError(400, f"{where}.{kind.name}_url.url is missing", param=where)
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if not header.endswith(";base64"):
-            raise ApiError(400, f"{where}: only base64 data URLs are supported (data:image/png;base64,...)",
-                           param=where)
-        if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise ApiError(400, f"{where}: image is over the {limits.max_image_bytes:,}-byte limit", param=where,
-                           code="image_too_large")
+            raise ApiError(400, f"{where}: only base64 data URLs are supported ({kind.example})", param=where)
+        if len(payload) * 3 // 4 > max_bytes:
+            raise ApiError(400, f"{where}: {kind.name} is over the {max_bytes:,}-byte limit", param=where,
+                           code=f"{kind.name}_too_large")
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as error:
@@ -217,10 +269,10 @@ def _image_bytes(url: Any, where: str, limits: Limits, fetcher) -> bytes:
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
-    if parsed.scheme in ("http", "https") and parsed.hostname in limits.allowed_image_hosts:
-        return fetcher(url, limits.max_image_bytes)
-    raise ApiError(400, f"{where}: image URLs must be base64 data: URLs (this server fetches no remote URLs"
-                        f"{'' if not limits.allowed_image_hosts else ' outside its allow-list'})", param=where)
+    if parsed.scheme in ("http", "https") and parsed.hostname in allowed_hosts:
+        return fetcher(url, max_bytes)
+    raise ApiError(400, f"{where}: {kind.name} URLs must be base64 data: URLs (this server fetches no remote URLs"
+                        f"{'' if not allowed_hosts else ' outside its allow-list'})", param=where)
 
 
 def fetch_image(url: str, max_bytes: int, timeout_s: float = 10.0) -> bytes:

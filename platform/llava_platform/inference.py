@@ -80,6 +80,12 @@ def encode_onevision_prompt(processor, settings: ImageSettings, prompt: str, ima
     return batch
 
 
+def engine_video(processor, frames: Sequence[Image.Image]) -> np.ndarray:
+    """A video's sampled frames as an engine that tiles for itself (vLLM) takes them: uint8 (frames, T, T, 3),
+    resized exactly as ``encode_chat`` resizes them, so that the engine's own resize to T x T changes nothing."""
+    return ImageSettings.from_processor(processor).tile_frames(list(frames)).transpose(0, 2, 3, 1).copy()
+
+
 def prompt_token_ids(processor, conversation: list[dict[str, Any]]) -> list[int]:
     """The prompt of ``encode_chat`` as token ids with one ``<image>`` token per image (not expanded to the
     image's feature count): what engines that expand placeholders themselves (vLLM) take."""

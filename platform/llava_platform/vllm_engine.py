@@ -71,6 +71,13 @@ class VllmSettings:
         return cls(**args)
 
 
+SEVERAL_IMAGES_ON_VLLM = (
+    "vLLM's LLaVA-OneVision tiles every image of a prompt as a lone anyres image, while OneVision (and "
+    "transformers, and our training) gives each image of a several-image message one base-size tile; send "
+    "several images to the transformers engine")
+"""Why the vllm engine refuses a OneVision request with several images (vLLM 0.32 has no ``batch_num_images``)."""
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     """One generation: the prompt's token ids (image placeholders not expanded) and its images, in order."""
@@ -86,6 +93,9 @@ class EngineRequest:
     stop: tuple[str, ...] = ()
     lora: tuple[str, str] | None = None
     """``(name, folder)`` of a peft LoRA adapter to apply (the engine must have been started with LoRA)."""
+    videos: list[Any] = field(default_factory=list)
+    """Each ``<video>`` token's frames as uint8 (frames, T, T, 3), already at the tile size (OneVision;
+    ``inference.engine_video``): vLLM's processor resizes nothing, so its pixels are the transformers engine's."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,9 @@ class VllmEngine:
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images if len(request.images) > 1 else request.images[0]}
+        if request.videos:  # vLLM takes a video as its frames, (frames, height, width, 3) uint8
+            videos = list(request.videos)
+            prompt.setdefault("multi_modal_data", {})["video"] = videos if len(videos) > 1 else videos[0]
         tokens, finish = 0, None
         try:
             lora = LoRARequest(request.lora[0], zlib.crc32(request.lora[0].encode()) + 1, request.lora[1]) \

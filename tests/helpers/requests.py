@@ -39,3 +39,12 @@ def bilevel_png(width: int, height: int) -> bytes:
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def video_part(url):
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def video_data_url(data: bytes, mime: str = "video/mp4") -> str:
+    """A ``data:`` URL of encoded video bytes (``tests/helpers/videos.py``)."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"

@@ -23,8 +23,8 @@ def encode_video(frames: list[np.ndarray], fps: int = 4, container: str = "mp4",
 
 
 def grey_ramp(count: int, size: int = 32, step: int = 20) -> list[np.ndarray]:
-    """``count`` flat grey frames, frame i at level i * step: a sampled frame tells its index."""
-    return [np.full((size, size, 3), i * step, np.uint8) for i in range(count)]
+    """``count`` flat grey frames, frame i at level i * step (mod 256): a sampled frame tells its index."""
+    return [np.full((size, size, 3), (i * step) % 256, np.uint8) for i in range(count)]
 
 
 def frame_index(frame, step: int = 20) -> int:

@@ -77,7 +77,7 @@ def test_a_batch_of_all_three_kinds_trains(loaded, rows):
     model, processor = loaded
     settings = ImageSettings.from_processor(processor)
     batch = collate_onevision(*(list(column) for column in zip(*[
-        (r["input_ids"], r["labels"], r["tiles"], r["image_sizes"], r["frames"]) for r in rows.values()])),
+        (r["input_ids"], r["labels"], r["tiles"], r["image_sizes"], r["frames"]) for r in rows.values()], strict=True)),
         pad_token_id=processor.tokenizer.pad_token_id, image_mean=settings.image_mean, image_std=settings.image_std)
     loss = model(**batch).loss
     loss.backward()

@@ -1,0 +1,133 @@
+"""A LLaVA-OneVision checkpoint behind the OpenAI API: several images and a video in one message, on the
+transformers engine over HTTP (the official client, streaming too) and on vLLM token for token."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+
+from jobs import deploy
+from serve.engines import VllmGenerator
+from serve.generation import Generator
+from serve.openai_api import Limits, parse_chat_request
+from tests.helpers.endpoint import KEY, MODEL, VLLM_TEST_SETTINGS, client, config
+from tests.helpers.requests import chat, data_url, image_part, text_part, video_data_url, video_part
+from tests.helpers.videos import encode_video, grey_ramp
+
+FRAMES = 4
+VIDEO_LIMITS = {"max_videos": 1, "max_video_bytes": 100_000, "max_video_duration_s": 5.0, "max_video_frames": 40,
+                "video_frames": FRAMES}
+CLIP = video_data_url(encode_video(grey_ramp(12), fps=4))  # 3 s, 12 frames
+
+
+@pytest.fixture(scope="module")
+def onevision_server(serve_base, serve_port, onevision_checkpoint):
+    from ray import serve
+
+    app = config("onevision", "/onevision", serve_port, num_replicas=1)
+    app["applications"][0]["args"]["limits"].update(VIDEO_LIMITS)
+    deploy.run(app, model=str(onevision_checkpoint), model_name=MODEL, api_key=KEY)
+    yield f"{serve_base}/onevision"
+    serve.delete("onevision")
+
+
+def ask(url, *parts, **options):
+    return client(url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "Which one?"}]}],
+        **{"max_tokens": 6, "temperature": 0, **options})
+
+
+def test_two_images_and_a_video_are_answered_plain_and_streamed(onevision_server):
+    pair = [image_part(data_url((40, 30))), image_part(data_url((70, 90), colour=(20, 200, 20)))]
+    for parts in (pair, [video_part(CLIP)]):
+        plain = ask(onevision_server, *parts)
+        streamed = ask(onevision_server, *parts, stream=True, stream_options={"include_usage": True})
+        chunks = list(streamed)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == plain.choices[0].message.content  # greedy: the stream says what the plain call said
+        assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    # the prompt counts what the model sees: 2 x (16 + 1) image tokens, then 4 x 4 + 1 video tokens
+    two_images = ask(onevision_server, *pair).usage.prompt_tokens
+    video = ask(onevision_server, video_part(CLIP)).usage.prompt_tokens
+    text_only = client(onevision_server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Which one?"}], max_tokens=1).usage.prompt_tokens
+    assert (two_images - text_only, video - text_only) == (2 * 17 + 2, FRAMES * 4 + 1 + 1)  # + one "\n" per part
+
+
+@pytest.mark.parametrize(("video", "code", "words"), [
+    (encode_video(grey_ramp(48), fps=4), "video_too_long", "12.0 s video"),  # 48 frames at 4 fps: 12 s > 5 s
+    (encode_video(grey_ramp(48), fps=24), "too_many_frames", "48 frames"),  # 2 s, but 48 frames > 40
+    (b"certainly not a video", "undecodable_video", "cannot decode"),
+])
+def test_bad_videos_get_a_400_naming_the_part(onevision_server, video, code, words):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(onevision_server, video_part(video_data_url(video)))
+    body = error.value.body
+    assert body["code"] == code and body["param"] == "messages.0.content.0" and words in body["message"]
+
+
+def test_video_limits_on_count_size_and_source(onevision_server):
+    import openai
+
+    cases = [
+        ([video_part(CLIP), video_part(CLIP)], "more than 1 video"),
+        ([video_part(video_data_url(b"x" * 150_000))], "over the 100,000-byte limit"),
+        ([video_part("https://example.com/clip.mp4")], "video URLs must be base64 data: URLs"),
+        ([{"type": "video_url", "video_url": {}}], "video_url.url is missing"),
+    ]
+    for parts, words in cases:
+        with pytest.raises(openai.BadRequestError) as error:
+            ask(onevision_server, *parts)
+        assert words in error.value.body["message"], words
+    assert ask(onevision_server, video_part(CLIP)).choices[0].finish_reason in ("stop", "length")  # still serving
+
+
+def test_a_model_without_video_refuses_a_video(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(server, video_part(CLIP))
+    assert "llava_onevision" in error.value.body["message"]
+
+
+# vLLM: OneVision's tiling, several images and video frames run in vLLM's own code
+
+LIMITS = Limits(max_tokens=64, max_images=3, max_image_bytes=200_000, max_image_pixels=512 * 512, **VIDEO_LIMITS)
+
+
+@pytest.fixture(scope="module")
+def onevision_vllm(ray_cluster, onevision_checkpoint):
+    from llava_platform.vllm_engine import VllmSettings
+
+    generator = VllmGenerator(onevision_checkpoint, "tiny-onevision", VllmSettings.from_args(VLLM_TEST_SETTINGS))
+    yield generator
+    ray.kill(generator.engine)
+
+
+@pytest.mark.parametrize("parts", [
+    [image_part(data_url((40, 30)))],
+    [image_part(data_url((130, 50)))],
+    [video_part(CLIP)],
+], ids=["image", "wide-image", "video"])
+def test_onevision_answers_token_for_token_on_vllm(onevision_vllm, onevision_checkpoint, parts):
+    reference = Generator(onevision_checkpoint)
+    request = parse_chat_request(chat(*parts, text_part("Which one?"), max_tokens=12, temperature=0), LIMITS)
+    expected = reference.generate([reference.prepare(request)])[0]
+    got = asyncio.run(onevision_vllm.complete(onevision_vllm.prepare(request)))
+    assert (got.completion_tokens, got.prompt_tokens) == (expected.completion_tokens, expected.prompt_tokens)
+    assert got.text == expected.text.rstrip("\ufffd")
+
+
+def test_several_images_are_refused_on_vllm(onevision_vllm):
+    """vLLM 0.32 tiles each image of a prompt as anyres (no ``batch_num_images``): answering would not be the
+    model's training, so the request is refused, naming the engine that takes it."""
+    from serve.openai_api import ApiError
+
+    pair = [image_part(data_url((40, 30))), image_part(data_url((70, 90)))]
+    with pytest.raises(ApiError) as error:
+        onevision_vllm.prepare(parse_chat_request(chat(*pair, text_part("Which?"), max_tokens=4), LIMITS))
+    assert error.value.status == 400 and "transformers engine" in error.value.message
