@@ -246,7 +246,7 @@ def ask_demo_question(url: str, model_name: str, settings: EvaluationConfig) -> 
 
 
 def first_image_record(text: str) -> dict[str, Any] | None:
-    """The first record with an image in a JSON array or JSON-lines text; lines that are not JSON objects
+    """The first record with one image in a JSON array or JSON-lines text; lines that are not JSON objects
     are passed over (the evaluation quarantines them)."""
     if text.lstrip().startswith("["):
         candidates = json.loads(text)
@@ -257,7 +257,7 @@ def first_image_record(text: str) -> dict[str, Any] | None:
                 candidates.append(json.loads(line))
             except ValueError:
                 continue
-    return next((r for r in candidates if isinstance(r, dict) and r.get("image")), None)
+    return next((r for r in candidates if isinstance(r, dict) and isinstance(r.get("image"), str)), None)
 
 
 def print_summary(name: str, result: PipelineResult, registered: tuple[str, str] | None,
@@ -267,9 +267,12 @@ def print_summary(name: str, result: PipelineResult, registered: tuple[str, str]
     lines = [f"\n== {name}: done in {sum(timings.values()):.0f} s "
              f"({', '.join(f'{step} {seconds:.0f} s' for step, seconds in timings.items())})"]
     for stage, values in scores.items():
+        onevision = "accuracy/video" in values or "accuracy/multi_image" in values
+        kinds = ("image", "multi_image", "video") if onevision else ("short", "mc")
         parts = [f"{kind} {values[f'accuracy/{kind}']:.0%} of {int(values[f'count/{kind}'])}"
-                 for kind in ("short", "mc") if f"accuracy/{kind}" in values]
-        lines.append(f"{'accuracy ' + stage:<18}{' | '.join(parts)}   (chance 25%)")
+                 for kind in kinds if f"accuracy/{kind}" in values]
+        chance = "chance 25% / 50% / 1 in frames - 1 on the synthetic data" if onevision else "chance 25%"
+        lines.append(f"{'accuracy ' + stage:<18}{' | '.join(parts)}   ({chance})")
     if demo:
         lines.append(f"{'question':<18}{demo['question'].splitlines()[0]}   [{demo['image']}]")
         lines.append(f"{'answer':<18}{demo['answer']!r}   (gold {demo['gold']!r}: "

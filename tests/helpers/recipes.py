@@ -40,3 +40,22 @@ def zero3(*stages: str) -> list[str]:
     """ZeRO-3 for ``stages``, with every weight of the tiny model sharded (no persistence threshold)."""
     return [override for stage in stages for override in (
         f"{stage}.deepspeed.zero_stage=3", f"{stage}.deepspeed.zero3_param_persistence_threshold=0")]
+
+
+ONEVISION_RECIPE = "tiny_onevision_cpu"
+ONEVISION_FRAMES = 4
+"""Frames per video in the tiny OneVision recipe (``data.video.frames``, ``evaluation.video_frames``)."""
+
+
+def onevision_pipeline_overrides(root: Path, tracking_uri: str) -> list[str]:
+    """``tiny_onevision_cpu``'s whole pipeline on a few records of each kind (one image, two images, a
+    video) below ``root``: stage 1 streamed, stage 2 from ``jobs.preprocess``'s Parquet shards."""
+    data = root / "data"
+    return [
+        f"synthetic.out_dir={data}", "synthetic.train_records=18", "synthetic.caption_records=8",
+        "synthetic.eval_records=9", *data_overrides(data), f"stage2.data.preprocessed={root / 'shards2'}",
+        "stage1.max_steps=2", "stage2.max_steps=3", "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
+        "stage2.global_batch_size=6", "stage2.micro_batch_size=3", "stage2.data.materialize=false",
+        "checkpoint.every_n_steps=3", "evaluation.batch_size=9", "evaluation.score_stage1=false",
+        f"tracking.uri={tracking_uri}", "tracking.system_metrics=false",
+    ]

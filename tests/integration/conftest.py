@@ -16,7 +16,15 @@ from llava_platform.data.synthetic import write_synthetic_dataset
 from tests.helpers.corpus import write_eval_with_bad_rows
 from tests.helpers.pipeline_job import SECRET, SECRET_VARIABLES, PipelineRecipe, PipelineRun
 from tests.helpers.ray_head import JOB_RUNTIME_ENV, RayHead
-from tests.helpers.recipes import NEXT_MODEL, RECIPE, STEPS, tiny_pipeline_overrides, zero3
+from tests.helpers.recipes import (
+    NEXT_MODEL,
+    ONEVISION_RECIPE,
+    RECIPE,
+    STEPS,
+    onevision_pipeline_overrides,
+    tiny_pipeline_overrides,
+    zero3,
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,3 +63,16 @@ def pipeline_run(ray_cluster: RayHead, pipeline_recipe: PipelineRecipe, serve_po
                              str(serve_port), *pipeline_recipe.overrides, log=root / "job.log",
                              runtime_env=root / "runtime_env.yaml")
     return PipelineRun(pipeline_recipe, serve_port, job.wait())
+
+
+@pytest.fixture(scope="session")
+def onevision_run(ray_cluster: RayHead, mlflow_server, serve_port, tmp_path_factory):
+    """The tiny LLaVA-OneVision recipe through the whole platform, in this process (synthetic one-image,
+    two-image and video questions -> compose -> preprocess to shards -> stage 1 -> stage 2 -> evaluate ->
+    Serve); returns (its ``PipelineResult``, its output folder)."""
+    from jobs import pipeline
+
+    root = tmp_path_factory.mktemp("onevision")
+    result = pipeline.main(["--recipe", ONEVISION_RECIPE, "--output", str(root / "out"), "--port", str(serve_port),
+                            *onevision_pipeline_overrides(root, mlflow_server)])
+    return result, root

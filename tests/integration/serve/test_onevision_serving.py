@@ -23,12 +23,14 @@ CLIP = video_data_url(encode_video(grey_ramp(12), fps=4))  # 3 s, 12 frames
 
 
 @pytest.fixture(scope="module")
-def onevision_server(serve_base, serve_port, onevision_checkpoint):
+def onevision_server(serve_base, serve_port, onevision_run):
+    """The export the OneVision pipeline trained (``onevision_run``), at ``/onevision``."""
     from ray import serve
 
+    _, root = onevision_run
     app = config("onevision", "/onevision", serve_port, num_replicas=1)
     app["applications"][0]["args"]["limits"].update(VIDEO_LIMITS)
-    deploy.run(app, model=str(onevision_checkpoint), model_name=MODEL, api_key=KEY)
+    deploy.run(app, model=str(root / "out" / "train" / "stage2" / "export"), model_name=MODEL, api_key=KEY)
     yield f"{serve_base}/onevision"
     serve.delete("onevision")
 
@@ -108,6 +110,7 @@ def onevision_vllm(ray_cluster, onevision_checkpoint):
     ray.kill(generator.engine)
 
 
+@pytest.mark.chaos  # a vLLM engine of its own (~60 s); the suite's vLLM tests run the LLaVA checkpoints
 @pytest.mark.parametrize("parts", [
     [image_part(data_url((40, 30)))],
     [image_part(data_url((130, 50)))],
@@ -122,6 +125,7 @@ def test_onevision_answers_token_for_token_on_vllm(onevision_vllm, onevision_che
     assert got.text == expected.text.rstrip("\ufffd")
 
 
+@pytest.mark.chaos
 def test_several_images_are_refused_on_vllm(onevision_vllm):
     """vLLM 0.32 tiles each image of a prompt as anyres (no ``batch_num_images``): answering would not be the
     model's training, so the request is refused, naming the engine that takes it."""
