@@ -11,7 +11,8 @@ from tests.helpers import REPO_ROOT
 
 EXPECTED_RECIPES = {"tiny_cpu_demo", "llava15_7b", "llava15_13b", "llava15_7b_lora", "llava_next_vicuna_7b",
                     "llava_next_mistral_7b", "llava_next_vicuna_13b", "llava_next_34b", "llama3_llava_next_8b",
-                    "llava_next_72b", "llava_next_110b"}
+                    "llava_next_72b", "llava_next_110b", "llava_onevision_qwen2_7b", "llava_onevision_qwen2_7b_ov",
+                    "tiny_onevision_cpu"}
 
 
 def test_expected_recipes_ship():
@@ -94,6 +95,40 @@ def test_llava_next_family_recipes(name, language_model, template):
     assert recipe.scaling.gpu_memory_gb == 80 and recipe.stage2.deepspeed.tf32
 
 
+def test_llava_onevision_7b_is_its_published_recipe():
+    """LLaVA-NeXT's OneVision scripts and paper: SigLIP so400m/14-384 + Qwen2-7B-Instruct, anyres_max_9 over the
+    1x1..6x6 grids of 384 px, qwen_1_5; stage 1 projector at 1e-3 (batch 512); the single-image and the
+    OneVision stages tune everything at 1e-5 with the tower at 2e-6, batch 256, 1 epoch, 32768 tokens."""
+    recipe, ov = load_recipe("llava_onevision_qwen2_7b"), load_recipe("llava_onevision_qwen2_7b_ov")
+    model = recipe.model
+    assert (model.arch, model.vision_tower, model.language_model) == (
+        "llava_onevision", "google/siglip-so400m-patch14-384", "Qwen/Qwen2-7B-Instruct")
+    assert (model.image_size, model.anyres_max_tiles, len(model.image_grid_pinpoints)) == (384, 9, 36)
+    assert model.image_grid_pinpoints[0] == (384, 384) and model.image_grid_pinpoints[-1] == (2304, 2304)
+    s1 = recipe.stage1
+    assert (s1.tunable, s1.optim.lr, s1.global_batch_size, s1.data.template) == (["projector"], 1e-3, 512, "plain")
+    for stage in (recipe.stage2, ov.stage2):
+        assert sorted(stage.tunable) == ["language_model", "projector", "vision_tower"]
+        assert (stage.optim.lr, stage.optim.vision_tower_lr, stage.global_batch_size, stage.epochs) == (
+            1e-5, 2e-6, 256, 1)
+        assert (stage.data.template, stage.data.model_max_length, stage.deepspeed.zero_stage) == (
+            "qwen_1_5", 32768, 3)
+    assert ov.model.pretrained.endswith("llava-onevision-qwen2-7b/train/stage2/export")  # it continues the SI model
+    assert ov.stage2.data.video.frames == 32  # frames_upbound 32
+    assert recipe.scaling.num_workers == ov.scaling.num_workers == 64
+
+
+def test_onevision_rules():
+    with pytest.raises(RecipeError) as err:
+        load_recipe("llava15_7b", ["model.anyres_max_tiles=9"])
+    assert "model.anyres_max_tiles: only used by arch llava_onevision" in str(err.value)
+    with pytest.raises(RecipeError) as err:
+        load_recipe("tiny_onevision_cpu", ["model.image_grid_pinpoints=null", "stage2.data.image_mode=pad"])
+    text = str(err.value)
+    assert "model.image_grid_pinpoints: llava_onevision needs anyres pinpoints" in text
+    assert "stage2.data.image_mode: 'pad' does not fit model.arch 'llava_onevision'; allowed: anyres" in text
+
+
 def test_overrides_are_typed_and_nested():
     recipe = load_recipe(
         "llava15_7b", ["stage2.optim.lr=1e-5", "scaling.num_workers=4", "stage2.data.train_files=[a.json, b.json]"]
@@ -113,7 +148,7 @@ def test_all_problems_reported_at_once_with_dotted_paths():
     problems = err.value.problems
     assert len(problems) == 4
     text = str(err.value)
-    assert "model.arch: Input should be 'llava' or 'llava_next'" in text
+    assert "model.arch: Input should be 'llava', 'llava_next' or 'llava_onevision'" in text
     assert "stage1.optim.lr: Input should be greater than 0" in text
     assert "stage2.data.imagemode: unknown key; allowed here:" in text and "image_mode" in text
     assert "stage2.optim.momentum: unknown key; allowed here:" in text and "weight_decay" in text
@@ -191,5 +226,5 @@ def test_job_reports_recipe_errors_without_traceback():
         cwd=REPO_ROOT, capture_output=True, text=True,
     )
     assert proc.returncode == 2
-    assert "model.arch: Input should be 'llava' or 'llava_next'" in proc.stderr
+    assert "model.arch: Input should be 'llava', 'llava_next' or 'llava_onevision'" in proc.stderr
     assert "Traceback" not in proc.stderr
