@@ -51,3 +51,54 @@ def test_the_evaluation_scores_each_kind_of_input(onevision_run, mlflow_server):
     metrics = tracking.client_for(mlflow_server).get_run(result.runs["stage2"]).data.metrics
     assert metrics["eval/count/video"] == 3 and "eval/accuracy/multi_image" in metrics
     assert result.demo is not None and result.demo["answer"] is not None  # the endpoint answered over HTTP
+
+
+PLAIN_TRANSFORMERS = """
+import json, sys
+import numpy as np
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from PIL import Image
+processor = AutoProcessor.from_pretrained(sys.argv[1])
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+video = np.stack([np.full((56, 56, 3), 20 * i, np.uint8) for i in range(4)])  # frames at the tile size
+images = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (70, 90), (20, 200, 20))]
+question = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "When?"}]}]
+text = processor.apply_chat_template(question, add_generation_prompt=True)
+inputs = processor(text=text, videos=[video], return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+two = processor(text="<image><image>Which?", images=[images], return_tensors="pt")
+print(json.dumps({"processor": type(processor).__name__, "video_processor": type(processor.video_processor).__name__,
+                  "video_tokens": int((inputs["input_ids"] == processor.video_token_id).sum()),
+                  "video_pixels": inputs["pixel_values_videos"][0].tolist(),
+                  "image_tokens": int((two["input_ids"] == processor.image_token_id).sum()),
+                  "generated": out.shape[1] - inputs["input_ids"].shape[1]}))
+"""
+
+
+def test_plain_transformers_with_torchvision_loads_the_whole_processor(onevision_run):
+    """Where torchvision is installed (the vLLM environment has it), ``AutoProcessor`` loads the processor we
+    saved without one, video processor included, and counts and normalises as our pipeline does."""
+    import subprocess
+
+    import numpy as np
+    import torch
+
+    from llava_platform.data.image_settings import ImageSettings
+    from llava_platform.data.tiling import normalize_tiles
+    from llava_platform.model.compose import load_processor
+    from llava_platform.vllm_engine import default_engine_python
+
+    _, root = onevision_run
+    export = root / "out" / "train" / "stage2" / "export"
+    python = default_engine_python()
+    assert python, "make vllm builds the environment this test runs plain transformers in"
+    done = subprocess.run([python, "-c", PLAIN_TRANSFORMERS, str(export)], capture_output=True,
+                          text=True, timeout=300, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    settings = ImageSettings.from_processor(load_processor(str(export)))
+    assert (seen["processor"], seen["video_processor"]) == ("LlavaOnevisionProcessor", "LlavaOnevisionVideoProcessor")
+    assert seen["video_tokens"] == settings.video_token_count(4) and seen["generated"] == 3
+    assert seen["image_tokens"] == 2 * settings.stacked_token_count()
+    frames = np.stack([np.full((3, 56, 56), 20 * i, np.uint8) for i in range(4)])
+    ours = normalize_tiles(torch.as_tensor(frames), settings.image_mean, settings.image_std)
+    torch.testing.assert_close(torch.tensor(seen["video_pixels"]), ours, rtol=0, atol=1e-6)
