@@ -46,5 +46,5 @@ def video_part(url):
 
 
 def video_data_url(data: bytes, mime: str = "video/mp4") -> str:
-    """A ``data:`` URL of encoded video bytes (``tests/helpers/videos.py``)."""
+    """A ``data:`` URL of encoded video bytes (``tests/helpers/media.py``)."""
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"

@@ -13,8 +13,8 @@ from serve.engines import VllmGenerator
 from serve.generation import Generator
 from serve.openai_api import Limits, parse_chat_request
 from tests.helpers.endpoint import KEY, MODEL, VLLM_TEST_SETTINGS, client, config
+from tests.helpers.media import encode_video, grey_ramp
 from tests.helpers.requests import chat, data_url, image_part, text_part, video_data_url, video_part
-from tests.helpers.videos import encode_video, grey_ramp
 
 FRAMES = 4
 VIDEO_LIMITS = {"max_videos": 1, "max_video_bytes": 100_000, "max_video_duration_s": 5.0, "max_video_frames": 40,

@@ -1,12 +1,10 @@
 """LLaVA-OneVision inputs: token counts, tiles and frames against transformers' own processor and model
 arithmetic; video sampling and limits; several-image and video records; the OneVision batch."""
 
-import io
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoTokenizer
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
@@ -19,7 +17,7 @@ from llava_platform.data.tiling import normalize_tiles
 from llava_platform.data.video import VideoLimits, sample_frame_indices, sample_video
 from llava_platform.model.compose import add_image_token, load_processor
 from llava_platform.model.onevision_processor import build_onevision_processor
-from tests.helpers.videos import encode_video, frame_index, grey_ramp
+from tests.helpers.media import encode_video, frame_index, grey_ramp, png, random_picture
 
 PINPOINTS_384 = [(384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7)]
 """OneVision's published grids: 1x1 to 6x6 tiles of 384 px."""
@@ -69,9 +67,6 @@ def test_token_counts_match_the_onevision_processor_arithmetic(processor_384):
 
 # Tiles: ours against the processor saved with a tiny OneVision checkpoint
 
-def random_image(height, width, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
 
 @pytest.fixture(scope="module")
 def ov(onevision_checkpoint):
@@ -88,7 +83,7 @@ def test_settings_read_from_the_onevision_processor(ov):
 @pytest.mark.parametrize("size", [(56, 56), (100, 300), (300, 100), (170, 170), (30, 500), (333, 91)])
 def test_lone_image_tiles_and_tokens_are_the_processors(ov, size):
     processor, settings = ov
-    image = random_image(*size)
+    image = random_picture(*size)
     expected = processor(images=[[image]], text="<image>", return_tensors="pt")
     tiles = torch.as_tensor(settings.tile(image, "anyres"))
     assert int((expected["input_ids"] == processor.image_token_id).sum()) == settings.token_count(size, "anyres")
@@ -99,7 +94,7 @@ def test_lone_image_tiles_and_tokens_are_the_processors(ov, size):
 
 def test_several_images_tiles_and_tokens_are_the_processors(ov):
     processor, settings = ov
-    images = [random_image(56, 90, 1), random_image(120, 40, 2), random_image(77, 77, 3)]
+    images = [random_picture(56, 90, 1), random_picture(120, 40, 2), random_picture(77, 77, 3)]
     expected = processor(images=[images], text="<image><image><image>", return_tensors="pt")
     assert expected["batch_num_images"].tolist() == [3]
     assert int((expected["input_ids"] == processor.image_token_id).sum()) == 3 * settings.stacked_token_count()
@@ -155,11 +150,6 @@ def test_undecodable_bytes_are_named(data):
 
 # Records: several images, a video, and what is refused
 
-def png(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 @pytest.fixture(scope="module")
 def builder(ov):
@@ -174,7 +164,7 @@ def record(value, **media):
 
 def test_a_several_image_record_becomes_one_tile_per_image(builder, ov):
     processor, settings = ov
-    images = [png(random_image(60, 90, k)) for k in range(2)]
+    images = [png(random_picture(60, 90, k)) for k in range(2)]
     row = builder.build(record("<image>\n<image>\nSame?", image=["a.png", "b.png"]), images)
     assert row["modality"] == "multi_image" and row["tiles"].shape == (2, 3, 56, 56)
     assert row["image_sizes"].tolist() == [[60, 90], [60, 90]] and row["frames"].shape[0] == 0
@@ -198,7 +188,7 @@ def test_a_video_record_becomes_frames_and_video_tokens(builder, ov):
     ("<image>" * 4 + "\nWhich?", 4, "too_many_images"),  # data.max_images is 3 here
 ])
 def test_bad_several_image_records_are_named(builder, value, images, reason):
-    data = [png(random_image(40, 40, k)) for k in range(images)]
+    data = [png(random_picture(40, 40, k)) for k in range(images)]
     with pytest.raises(Exception) as error:
         builder.build(record(value, image=[f"{k}.png" for k in range(images)]), data)
     assert error.value.reason == reason
@@ -208,7 +198,7 @@ def test_several_images_need_a_onevision_checkpoint(saved_checkpoints):
     builder = RowBuilder.from_processor(load_processor(str(saved_checkpoints["llava"])),
                                         RowSpec(template="vicuna_v1", image_mode="pad", max_length=4096))
     with pytest.raises(Exception) as error:
-        builder.build(record("<image>\n<image>\nWhich?", image=["a.png", "b.png"]), [png(random_image(9, 9))] * 2)
+        builder.build(record("<image>\n<image>\nWhich?", image=["a.png", "b.png"]), [png(random_picture(9, 9))] * 2)
     assert error.value.reason == "needs_onevision" and "llava_onevision" in str(error.value)
     with pytest.raises(Exception) as error:
         builder.build(record("<image>\nWhat?", video="v.mp4"), [], encode_video(grey_ramp(4)))
@@ -218,9 +208,9 @@ def test_several_images_need_a_onevision_checkpoint(saved_checkpoints):
 # The batch: several kinds of sample side by side
 
 def test_the_onevision_batch_marks_which_images_are_tiled(builder):
-    lone = builder.build(record("<image>\nWhat?", image="a.png"), png(random_image(100, 300)))
+    lone = builder.build(record("<image>\nWhat?", image="a.png"), png(random_picture(100, 300)))
     pair = builder.build(record("<image>\n<image>\nWhich?", image=["a.png", "b.png"]),
-                         [png(random_image(40, 40, k)) for k in range(2)])
+                         [png(random_picture(40, 40, k)) for k in range(2)])
     video = builder.build(record("<image>\nWhen?", video="v.mp4"), [], encode_video(grey_ramp(8)))
     rows = [lone, pair, video]
     batch = collate_onevision([r["input_ids"] for r in rows], [r["labels"] for r in rows], [r["tiles"] for r in rows],

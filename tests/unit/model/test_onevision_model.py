@@ -1,13 +1,10 @@
 """The tiny LLaVA-OneVision checkpoint: transformers' own class in the llava-hf layout, fed by our rows and
 our serving inputs alike, for one image, several images and a video."""
 
-import io
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -18,17 +15,7 @@ from llava_platform.data.rows import RowSpec
 from llava_platform.data.video import VideoLimits, sample_video
 from llava_platform.inference import answer_questions, encode_chat, question_conversation
 from llava_platform.model.compose import load_pretrained_llava, load_processor
-from tests.helpers.videos import encode_video, grey_ramp
-
-
-def picture(height, width, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.helpers.media import encode_video, grey_ramp, png, random_picture
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +52,9 @@ def rows(loaded):
                                                        {"from": "gpt", "value": answer}]}
 
     return {
-        "image": builder.build(record("<image>\nWhat colour?", "Red.", image="a.png"), png(picture(100, 300))),
+        "image": builder.build(record("<image>\nWhat colour?", "Red.", image="a.png"), png(random_picture(100, 300))),
         "multi_image": builder.build(record("<image>\n<image>\nWhich?", "First.", image=["a.png", "b.png"]),
-                                     [png(picture(60, 60, 1)), png(picture(90, 50, 2))]),
+                                     [png(random_picture(60, 60, 1)), png(random_picture(90, 50, 2))]),
         "video": builder.build(record("<image>\nWhen?", "Frame 2.", video="v.mp4"), [], encode_video(grey_ramp(12))),
     }
 
@@ -90,8 +77,8 @@ def test_a_batch_of_all_three_kinds_trains(loaded, rows):
 def test_serving_inputs_are_the_training_rows_prompt(loaded, rows, kind):
     """What the server and the evaluation feed the model is the training row up to the answer."""
     _, processor = loaded
-    images = {"image": [picture(100, 300)], "multi_image": [picture(60, 60, 1), picture(90, 50, 2)],
-              "video": []}[kind]
+    images = {"image": [random_picture(100, 300)], "video": [],
+              "multi_image": [random_picture(60, 60, 1), random_picture(90, 50, 2)]}[kind]
     videos = [sample_video(encode_video(grey_ramp(12)), VideoLimits(frames=4)).frames] if kind == "video" else []
     question = {"image": "What colour?", "multi_image": "Which?", "video": "When?"}[kind]
     served = encode_chat(processor, question_conversation(question, len(images), len(videos)), images, videos)
@@ -112,8 +99,8 @@ def test_serving_inputs_are_the_training_rows_prompt(loaded, rows, kind):
 def test_mixed_questions_answer_alike_batched_or_alone(loaded):
     model, processor = loaded
     video = sample_video(encode_video(grey_ramp(12)), VideoLimits(frames=4))
-    items = [(picture(100, 300), "What colour?"), ([picture(60, 60, 1), picture(90, 50, 2)], "Which?"),
-             (video, "When?"), (None, "Hello")]
+    pair = [random_picture(60, 60, 1), random_picture(90, 50, 2)]
+    items = [(random_picture(100, 300), "What colour?"), (pair, "Which?"), (video, "When?"), (None, "Hello")]
     torch.manual_seed(0)
     batched = answer_questions(model, processor, items, max_new_tokens=5)
     alone = [answer_questions(model, processor, [item], max_new_tokens=5)[0] for item in items]
@@ -122,6 +109,6 @@ def test_mixed_questions_answer_alike_batched_or_alone(loaded):
 
 def test_a_video_for_a_model_without_video_is_refused(saved_checkpoints):
     processor = load_processor(str(saved_checkpoints["llava"]))
-    frames = [picture(20, 20)] * 2
+    frames = [random_picture(20, 20)] * 2
     with pytest.raises(ValueError, match="llava_onevision"):
         encode_chat(processor, question_conversation("When?", 0, 1), [], [frames])

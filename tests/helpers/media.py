@@ -1,10 +1,23 @@
-"""Small encoded videos for tests, written with PyAV (FFmpeg) as real clips are."""
+"""Small media for tests: random pictures, PNG bytes, and encoded videos written with PyAV (FFmpeg) as real
+clips are, whose frames tell their index."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
+from PIL import Image
+
+
+def random_picture(height: int, width: int, seed: int = 0) -> Image.Image:
+    """An RGB picture of random pixels (every resize shows in it)."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def encode_video(frames: list[np.ndarray], fps: int = 4, container: str = "mp4", codec: str = "mpeg4") -> bytes:
