@@ -58,4 +58,5 @@ def onevision_pipeline_overrides(root: Path, tracking_uri: str) -> list[str]:
         "stage2.global_batch_size=6", "stage2.micro_batch_size=3", "stage2.data.materialize=false",
         "checkpoint.every_n_steps=3", "evaluation.batch_size=9", "evaluation.score_stage1=false",
         f"tracking.uri={tracking_uri}", "tracking.system_metrics=false",
+        "scaling.num_workers=1",  # two ranks of OneVision batches: test_zero3_mixed_batches.py
     ]

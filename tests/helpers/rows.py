@@ -30,3 +30,25 @@ def micro_batch(processor, recipe, image: bool, seed: int) -> dict[str, torch.Te
                                    tokens_per_image=tokens, image_token="<image>", max_length=256)
     return collate([sample.input_ids], [sample.labels], [tiles], [size], pad_token_id=processor.tokenizer.pad_token_id,
                    anyres=data.image_mode == "anyres", image_mean=settings.image_mean, image_std=settings.image_std)
+
+
+def onevision_micro_batch(processor, recipe, kind: str, seed: int) -> dict[str, torch.Tensor]:
+    """One OneVision row collated as stage 2 collates it: ``I`` a lone image, ``M`` two images, ``V`` a
+    video, ``T`` text only."""
+    from llava_platform.data.collate import collate_onevision
+    from llava_platform.data.image_settings import ImageSettings
+    from llava_platform.data.records import RowBuilder
+    from tests.helpers.media import encode_video, grey_ramp, png, random_picture
+
+    settings = ImageSettings.from_processor(processor)
+    builder = RowBuilder.from_processor(processor, recipe.stage2.data.row_spec())
+    question = {"I": "<image>\nWhat colour?", "M": "<image>\n<image>\nWhich?", "V": "<image>\nWhen?",
+                "T": f"What is {seed} plus {seed}?"}[kind]
+    record = {"id": str(seed), "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "red"}]}
+    images = {"I": [png(random_picture(40, 70, seed))], "M": [png(random_picture(30, 30, seed)),
+                                                              png(random_picture(50, 20, seed + 1))]}.get(kind, [])
+    video = encode_video(grey_ramp(8)) if kind == "V" else None
+    row = builder.build(record, images, video)
+    return collate_onevision([row["input_ids"]], [row["labels"]], [row["tiles"]], [row["image_sizes"]],
+                             [row["frames"]], pad_token_id=processor.tokenizer.pad_token_id,
+                             image_mean=settings.image_mean, image_std=settings.image_std)

@@ -66,13 +66,13 @@ def pipeline_run(ray_cluster: RayHead, pipeline_recipe: PipelineRecipe, serve_po
 
 
 @pytest.fixture(scope="session")
-def onevision_run(ray_cluster: RayHead, mlflow_server, serve_port, tmp_path_factory):
+def onevision_run(ray_cluster: RayHead, mlflow_server, tmp_path_factory):
     """The tiny LLaVA-OneVision recipe through the whole platform, in this process (synthetic one-image,
-    two-image and video questions -> compose -> preprocess to shards -> stage 1 -> stage 2 -> evaluate ->
-    Serve); returns (its ``PipelineResult``, its output folder)."""
+    two-image and video questions -> compose -> preprocess to shards -> stage 1 -> stage 2 -> evaluate);
+    returns (its ``PipelineResult``, its output folder). ``serve/test_onevision_serving.py`` deploys the export."""
     from jobs import pipeline
 
     root = tmp_path_factory.mktemp("onevision")
-    result = pipeline.main(["--recipe", ONEVISION_RECIPE, "--output", str(root / "out"), "--port", str(serve_port),
+    result = pipeline.main(["--recipe", ONEVISION_RECIPE, "--output", str(root / "out"), "--no-serve",
                             *onevision_pipeline_overrides(root, mlflow_server)])
     return result, root

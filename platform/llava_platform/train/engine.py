@@ -128,10 +128,21 @@ def forward(engine, batch: dict[str, torch.Tensor]):
     adds those features times zero (the values stay exact), then the model continues from
     ``inputs_embeds``. A hook on the outer model would run them before the inner modules are
     entered: another order, and the ranks' gathers and gradient reduce-scatters go out of step.
+
+    OneVision has two visual paths (images, then a video), and transformers' forward, given
+    ``inputs_embeds``, finds their placeholders by comparing embeddings with the token's embedding (one
+    more ``embed_tokens`` call, only on the paths that run). So a OneVision micro-batch always takes the
+    same order: the pre-hook embeds the tokens and runs both paths itself, the images' (or a blank
+    image's) then the video's (or a blank one-frame video's), scattering real features into their
+    placeholders by token id (``onevision_inputs_embeds``; the model's own feature functions), and
+    the model continues from ``inputs_embeds`` (found by the two-rank ZeRO-3 test with a video on one
+    rank and an image or text on the other).
     """
-    if "pixel_values" in batch:
+    onevision = engine.module.config.model_type == "llava_onevision"
+    if "pixel_values" in batch and not onevision:
         return engine(**batch)
-    handle = _multimodal_model(engine.module).register_forward_pre_hook(_embed_with_blank_image, with_kwargs=True)
+    hook = _embed_onevision if onevision else _embed_with_blank_image
+    handle = _multimodal_model(engine.module).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         return engine(**batch)
     finally:
@@ -139,19 +150,67 @@ def forward(engine, batch: dict[str, torch.Tensor]):
 
 
 def _multimodal_model(module):
-    """The ``LlavaModel`` / ``LlavaNextModel`` inside the transformers model or its peft wrapper."""
+    """The ``LlavaModel`` / ``LlavaNextModel`` / ``LlavaOnevisionModel`` inside the transformers model or its
+    peft wrapper."""
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     return base.model
 
 
-def _embed_with_blank_image(model, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+def _pop_input_ids(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple]:
     if "input_ids" in kwargs:  # LLaVA's outer model passes them by name, LLaVA-NeXT's by position
-        input_ids = kwargs.pop("input_ids")
-    else:
-        input_ids, args = args[0], (None, *args[1:])
+        return kwargs.pop("input_ids"), args
+    return args[0], (None, *args[1:])
+
+
+def _embed_with_blank_image(model, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    input_ids, args = _pop_input_ids(args, kwargs)
     embeds = model.get_input_embeddings()(input_ids)
     kwargs["inputs_embeds"] = embeds + 0.0 * _blank_image_features(model, embeds.device, embeds.dtype)
     return args, kwargs
+
+
+def _embed_onevision(model, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    input_ids, args = _pop_input_ids(args, kwargs)
+    visual = {name: kwargs.pop(name, None) for name in
+              ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")}
+    kwargs["inputs_embeds"] = onevision_inputs_embeds(model, input_ids, **visual)
+    return args, kwargs
+
+
+def onevision_inputs_embeds(model, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
+                            image_sizes: torch.Tensor | None = None, batch_num_images: torch.Tensor | None = None,
+                            pixel_values_videos: torch.Tensor | None = None) -> torch.Tensor:
+    """OneVision's input embeddings, (batch, length, hidden), with every rank's module order fixed: tokens,
+    then the images' features (or a blank image's, times zero), then the video's (or a blank video's).
+
+    Args:
+        model: the inner ``LlavaOnevisionModel``.
+        input_ids: (batch, length) with ``<image>`` / ``<video>`` placeholders expanded.
+        others: ``collate_onevision``'s visual tensors, or ``None``.
+
+    Raises:
+        ValueError: the placeholders and the features do not pair up (as transformers' own check).
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    config = model.config
+    if pixel_values is not None:
+        features = model.get_image_features(pixel_values, image_sizes, batch_num_images=batch_num_images)
+        embeds = _scatter(embeds, input_ids == config.image_token_id, torch.cat(features.pooler_output), "image")
+    else:
+        embeds = embeds + 0.0 * _blank_image_features(model, embeds.device, embeds.dtype)
+    if pixel_values_videos is not None:
+        features = model.get_video_features(pixel_values_videos).pooler_output.flatten(0, 1)
+        embeds = _scatter(embeds, input_ids == config.video_token_id, features, "video")
+    else:
+        embeds = embeds + 0.0 * _blank_video_features(model, embeds.device, embeds.dtype)
+    return embeds
+
+
+def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, kind: str) -> torch.Tensor:
+    if int(mask.sum()) != features.shape[0]:
+        raise ValueError(f"{kind} features and {kind} tokens do not match: {int(mask.sum())} tokens, "
+                         f"{features.shape[0]} features")
+    return embeds.masked_scatter(mask[..., None].expand_as(embeds), features.to(embeds.device, embeds.dtype))
 
 
 def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepResult:
@@ -189,6 +248,13 @@ def _blank_image_features(model, device: torch.device, dtype: torch.dtype) -> to
         features = model.get_image_features(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
     features = getattr(features, "pooler_output", features)
     return sum(f.sum() for f in features) if isinstance(features, list | tuple) else features.sum()
+
+
+def _blank_video_features(model, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of OneVision's features of a blank one-frame video (tower, projector, pooling, newline)."""
+    size = model.config.vision_config.image_size
+    features = model.get_video_features(torch.zeros(1, 1, 3, size, size, device=device, dtype=dtype))
+    return getattr(features, "pooler_output", features).sum()
 
 
 def save_training_state(engine, directory: str | Path, position: TrainingPosition) -> None:

@@ -13,7 +13,7 @@ from tests.helpers.recipes import ONEVISION_FRAMES
 
 def test_every_step_ran_and_the_shards_hold_all_three_kinds(onevision_run):
     result, root = onevision_run
-    for step in ("synthetic data", "compose", "preprocess", "train", "evaluate", "serve"):
+    for step in ("synthetic data", "compose", "preprocess", "train", "evaluate"):
         assert step in result.timings, f"no {step} step"
     manifest = json.loads((root / "shards2" / "manifest.json").read_text())
     assert manifest["counts"]["read"] == manifest["counts"]["kept"] == 18
@@ -50,7 +50,6 @@ def test_the_evaluation_scores_each_kind_of_input(onevision_run, mlflow_server):
     assert sorted(p["modality"] for p in predictions) == ["image"] * 3 + ["multi_image"] * 3 + ["video"] * 3
     metrics = tracking.client_for(mlflow_server).get_run(result.runs["stage2"]).data.metrics
     assert metrics["eval/count/video"] == 3 and "eval/accuracy/multi_image" in metrics
-    assert result.demo is not None and result.demo["answer"] is not None  # the endpoint answered over HTTP
 
 
 PLAIN_TRANSFORMERS = """

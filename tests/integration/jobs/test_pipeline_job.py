@@ -188,6 +188,7 @@ def test_secrets_appear_in_no_mlflow_param_or_tag_and_no_output(pipeline_run, ml
     assert SECRET not in pipeline_run.log
 
 
+@pytest.mark.chaos  # a second submitted job (~27 s); the job itself deploys the registered model in make test
 def test_the_deploy_job_serves_the_registered_model(pipeline_run, ray_cluster, mlflow_server, tmp_path):
     """``jobs.deploy`` returns once the deployment is accepted; the endpoint stays up after it."""
     from ray import serve

@@ -206,6 +206,7 @@ def test_s3_sources_and_images_with_the_truncate_policy(ray_cluster, dataset, sa
 
 # Anyres rows of good and bad records, materialised as Parquet shards and read back
 
+@pytest.mark.chaos  # 18 s; make test reads anyres, several-image and video shards back in test_onevision_pipeline.py
 def test_anyres_rows_materialise_as_shards_and_round_trip(ray_cluster, dataset, saved_checkpoints, tmp_path):
     root, files = dataset
     corpus, _ = write_bad_corpus(root, files)

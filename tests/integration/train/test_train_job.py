@@ -98,6 +98,7 @@ def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora):
     assert_export_reproduces_engine(stage2)
 
 
+@pytest.mark.chaos  # a vLLM engine with LoRA of its own (~30 s)
 def test_the_lora_adapter_is_served_unmerged_on_vllm(zero3_lora, serve_port):
     """vLLM applies the stage's peft adapter to ``adapter_base`` (the trained projector in, LoRA not merged):
     answers as the merged export; the base model's name answers as ``adapter_base`` itself."""
@@ -287,7 +288,6 @@ def test_manual_resume_replays_the_same_steps(pipeline_run, mlflow_server, tmp_p
     assert_export_reproduces_engine(resumed.stage_dirs["stage2"])
 
 
-@pytest.mark.chaos  # 35 s; test_resume_worker_count.py[3] keeps a worker-count resume in make test
 def test_resume_on_one_worker_from_a_two_worker_checkpoint(pipeline_run, mlflow_server, tmp_path):
     """--resume with ``scaling.num_workers=1`` from the 2-worker job's stage-2 step-2 checkpoint: converted to
     DeepSpeed's universal format on the worker, the global batch kept (accumulation 1 -> 2), the run ends at

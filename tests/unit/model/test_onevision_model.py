@@ -112,3 +112,30 @@ def test_a_video_for_a_model_without_video_is_refused(saved_checkpoints):
     frames = [random_picture(20, 20)] * 2
     with pytest.raises(ValueError, match="llava_onevision"):
         encode_chat(processor, question_conversation("When?", 0, 1), [], [frames])
+
+
+def test_the_training_embeddings_are_transformers_own(loaded, rows):
+    """``onevision_inputs_embeds`` (the fixed module order every ZeRO-3 rank runs) gives exactly the loss of
+    transformers' forward, for every kind of batch, and names a placeholder count that does not pair up."""
+    from llava_platform.train.engine import onevision_inputs_embeds
+
+    model, processor = loaded
+    settings = ImageSettings.from_processor(processor)
+    text = {"input_ids": rows["image"]["input_ids"][:5], "labels": rows["image"]["input_ids"][:5],
+            "tiles": rows["video"]["tiles"], "image_sizes": rows["video"]["image_sizes"],
+            "frames": rows["image"]["frames"]}
+    for chosen in (["image"], ["multi_image"], ["video"], ["image", "video", "multi_image"], None):
+        picked = [text] if chosen is None else [rows[kind] for kind in chosen]
+        batch = collate_onevision([r["input_ids"] for r in picked], [r["labels"] for r in picked],
+                                  [r["tiles"] for r in picked], [r["image_sizes"] for r in picked],
+                                  [r["frames"] for r in picked], pad_token_id=processor.tokenizer.pad_token_id,
+                                  image_mean=settings.image_mean, image_std=settings.image_std)
+        with torch.no_grad():
+            expected = model(**batch).loss
+            visual = {k: batch.get(k) for k in ("pixel_values", "image_sizes", "batch_num_images",
+                                                 "pixel_values_videos")}
+            embeds = onevision_inputs_embeds(model.model, batch["input_ids"], **visual)
+            got = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="video features and video tokens do not match"):
+        onevision_inputs_embeds(model.model, batch["input_ids"], pixel_values_videos=torch.zeros(1, 4, 3, 56, 56))
