@@ -54,7 +54,7 @@ def onevision_pipeline_overrides(root: Path, tracking_uri: str) -> list[str]:
     return [
         f"synthetic.out_dir={data}", "synthetic.train_records=18", "synthetic.caption_records=8",
         "synthetic.eval_records=9", *data_overrides(data), f"stage2.data.preprocessed={root / 'shards2'}",
-        "stage1.max_steps=2", "stage2.max_steps=3", "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
+        "stage1.max_steps=1", "stage2.max_steps=2", "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
         "stage2.global_batch_size=6", "stage2.micro_batch_size=3", "stage2.data.materialize=false",
         "checkpoint.every_n_steps=3", "evaluation.batch_size=9", "evaluation.score_stage1=false",
         f"tracking.uri={tracking_uri}", "tracking.system_metrics=false",

@@ -151,6 +151,7 @@ def test_both_engines_give_the_same_greedy_answers_and_usage(server, vllm_server
         assert by_vllm.choices[0].finish_reason == by_transformers.choices[0].finish_reason, options
 
 
+@pytest.mark.chaos  # 16 s; in make test the end-to-end job deploys its models:/ URI from the same server
 def test_model_from_a_real_mlflow_server(server, serve_base, serve_port, saved_checkpoints, mlflow_server, tmp_path):
     from ray import serve
 

@@ -62,6 +62,7 @@ def test_a_cancelled_request_is_aborted_in_the_engine(next_engine):
     assert after["aborted"] == before["aborted"] + 1 and after["finished"] == before["finished"]
 
 
+@pytest.mark.chaos  # 23 s of engines failing to start; make chaos runs it with every fault test
 @pytest.mark.fault("vllm: an engine that cannot start (no checkpoint, a head size the CPU build lacks)")
 def test_an_engine_that_cannot_start_names_the_model_and_the_reason(ray_cluster, towers, tmp_path, serve_port):
     (tmp_path / "empty").mkdir()
