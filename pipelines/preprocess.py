@@ -83,17 +83,6 @@ def record_key(raw: dict[str, Any]) -> str:
     return f"{raw['source']}:{raw['index']}"
 
 
-def record_image_bytes(record: dict[str, Any], inline: bytes | None, images: ImageReader) -> bytes | None:
-    """The record's one encoded image: inline bytes (Parquet sources), its file, or ``None`` for text-only
-    records (evaluation records have at most one image).
-
-    Raises:
-        MissingImageError: the record names a file that does not exist.
-    """
-    found, _ = record_media(record, inline, images)
-    return found[0] if found else None
-
-
 def record_media(record: dict[str, Any], inline: bytes | None, files: ImageReader) -> tuple[list[bytes], bytes | None]:
     """The record's encoded images, in placeholder order (inline bytes of Parquet sources, or their files),
     and its encoded video (or ``None``).
