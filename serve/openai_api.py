@@ -179,7 +179,8 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
                 if len(image_bytes) == limits.max_images:
                     raise ApiError(400, f"more than {limits.max_images} images; this server takes at most "
                                         f"{limits.max_images} per request", param="messages")
-                image_bytes.append((where, _image_bytes(url, where, limits, fetcher or fetch_image)))
+                image_bytes.append((where, _media_bytes(url, where, IMAGE, limits.max_image_bytes,
+                                                        limits.allowed_image_hosts, fetcher or fetch_image)))
                 content.append({"type": "image"})
             elif part.get("type") == "video_url":
                 url = part["video_url"].get("url") if isinstance(part.get("video_url"), dict) else None
@@ -244,10 +245,6 @@ class MediaKind:
 
 
 IMAGE, VIDEO = MediaKind("image", "data:image/png;base64,..."), MediaKind("video", "data:video/mp4;base64,...")
-
-
-def _image_bytes(url: Any, where: str, limits: Limits, fetcher) -> bytes:
-    return _media_bytes(url, where, IMAGE, limits.max_image_bytes, limits.allowed_image_hosts, fetcher)
 
 
 def _media_bytes(url: Any, where: str, kind: MediaKind, max_bytes: int, allowed_hosts: tuple[str, ...],
