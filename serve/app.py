@@ -232,8 +232,8 @@ class LlavaServer:
         done = prepared.generated
         tokens = done.completion_tokens if done else 0
         finish = "stop" if stopped else (done.finish_reason if done else "stop")
-        usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": tokens,
-                 "total_tokens": prepared.prompt_tokens + tokens}
+        prompt = done.prompt_tokens if done else prepared.prompt_tokens
+        usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
         yield _event(chat_chunk(chunk_id, self.model_name, {}, finish_reason=finish, usage=usage))
         yield "data: [DONE]\n\n"
 

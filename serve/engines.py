@@ -122,7 +122,9 @@ class VllmGenerator:
             text += delta.text
             if delta.text:
                 yield delta.text
-        item.generated = Completion(text=text, finish_reason=_finish(delta), prompt_tokens=item.prompt_tokens,
+        # the prompt as vLLM ran it: its own processor expanded the image placeholders
+        item.generated = Completion(text=text, finish_reason=_finish(delta),
+                                    prompt_tokens=delta.prompt_tokens if delta else item.prompt_tokens,
                                     completion_tokens=delta.completion_tokens if delta else 0)
 
     async def complete(self, item: Prepared) -> Completion:

@@ -77,6 +77,26 @@ SEVERAL_IMAGES_ON_VLLM = (
     "several images to the transformers engine")
 """Why the vllm engine refuses a OneVision request with several images (vLLM 0.32 has no ``batch_num_images``)."""
 
+VLLM_ONEVISION_ASPECT_RATIO = "anyres_max_9"
+"""The only ``vision_aspect_ratio`` vLLM 0.32 runs LLaVA-OneVision with: its token count
+(``_get_num_unpadded_features``) and its feature merge (``_merge_image_patch_embeddings``) both hard-code
+``anyres_max_9`` and never read the checkpoint's setting. A checkpoint with another N would get other image
+features than it was trained on (more tokens, none pooled) whenever an image's grid exceeds N tiles' worth:
+the engine refuses it at start (every published OneVision checkpoint is ``anyres_max_9``)."""
+
+
+def onevision_refusal(config: dict[str, Any]) -> str | None:
+    """Why vLLM cannot run this checkpoint as it was trained (``None``: it can): a OneVision checkpoint whose
+    ``vision_aspect_ratio`` is not ``VLLM_ONEVISION_ASPECT_RATIO``."""
+    if config.get("model_type") != "llava_onevision":
+        return None
+    ratio = config.get("vision_aspect_ratio", VLLM_ONEVISION_ASPECT_RATIO)
+    if ratio == VLLM_ONEVISION_ASPECT_RATIO:
+        return None
+    return (f"its vision_aspect_ratio is {ratio}, and vLLM 0.32 runs LLaVA-OneVision as "
+            f"{VLLM_ONEVISION_ASPECT_RATIO} whatever the checkpoint says (other image features than in training "
+            "for large images); serve it with engine: transformers")
+
 
 @dataclass(frozen=True)
 class EngineRequest:
@@ -108,6 +128,8 @@ class EngineDelta:
     """``stop`` (end of turn or a stop string), ``length`` or ``abort``; ``None`` until the last delta."""
     token_ids: tuple[int, ...] = ()
     """The tokens this delta added (``answer``: all of them)."""
+    prompt_tokens: int = 0
+    """The prompt's length as the engine ran it (image placeholders expanded by vLLM's own processor)."""
 
 
 class EngineStartError(RuntimeError):
@@ -164,6 +186,9 @@ class VllmEngine:
             config = json.load(file)
         from vllm.platforms import current_platform
 
+        refusal = onevision_refusal(config)
+        if refusal:
+            raise EngineStartError(f"model {self.model_name}: {refusal}")
         head_size = text_head_size(config)
         if current_platform.is_cpu() and head_size not in CPU_HEAD_SIZES:
             raise EngineStartError(f"model {self.model_name}: its attention head size is {head_size}; vLLM's CPU "
@@ -208,7 +233,7 @@ class VllmEngine:
         if request.videos:  # vLLM takes a video as its frames, (frames, height, width, 3) uint8
             videos = list(request.videos)
             prompt.setdefault("multi_modal_data", {})["video"] = videos if len(videos) > 1 else videos[0]
-        tokens, finish = 0, None
+        tokens, finish, prompt_tokens = 0, None, 0
         try:
             lora = LoRARequest(request.lora[0], zlib.crc32(request.lora[0].encode()) + 1, request.lora[1]) \
                 if request.lora else None
@@ -218,8 +243,9 @@ class VllmEngine:
                 if output.finished and piece.finish_reason == "stop" and not isinstance(piece.stop_reason, str):
                     ids = ids[:-1]  # the end-of-turn token: not part of the answer (transformers counts it neither)
                 tokens += len(ids)
+                prompt_tokens = prompt_tokens or len(output.prompt_token_ids or ())
                 finish = piece.finish_reason if output.finished else None
-                yield EngineDelta(piece.text, tokens, finish, ids)
+                yield EngineDelta(piece.text, tokens, finish, ids, prompt_tokens)
         finally:
             if finish is None:  # cancelled (client gone) or failed: vLLM has aborted it
                 self.aborted += 1
@@ -236,7 +262,7 @@ class VllmEngine:
             async for last in self.generate(request):
                 text += last.text
                 ids += last.token_ids
-            return EngineDelta(text, last.completion_tokens, last.finish_reason, tuple(ids))
+            return EngineDelta(text, last.completion_tokens, last.finish_reason, tuple(ids), last.prompt_tokens)
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
 

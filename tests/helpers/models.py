@@ -12,6 +12,8 @@ ONEVISION_PINPOINTS = [(56 * rows, 56 * cols) for rows in (1, 2, 3) for cols in 
 """OneVision's 1x1..6x6 grids of 384 px, as 1x1..3x3 grids of 56 px tiles."""
 ONEVISION_MAX_TILES = 2
 """anyres_max_2: small enough that the tiny grids get scaled down too."""
+VLLM_ONEVISION_MAX_TILES = 9
+"""anyres_max_9, the published setting and the only one vLLM 0.32 runs (``vllm_engine.VLLM_ONEVISION_ASPECT_RATIO``)."""
 
 
 def compose(towers: dict[str, str], arch: str, family: str = "clip", projector: str = "mlp2x_gelu",
@@ -24,10 +26,10 @@ def compose(towers: dict[str, str], arch: str, family: str = "clip", projector: 
     )
 
 
-def compose_onevision(towers: dict[str, str]):
+def compose_onevision(towers: dict[str, str], max_tiles: int = ONEVISION_MAX_TILES):
     """``(model, processor)`` of a tiny LLaVA-OneVision: SigLIP + Qwen2, as OneVision pairs them."""
     return compose_llava(
         towers["siglip"], towers["qwen2"], arch="llava_onevision", projector="mlp2x_gelu", vision_feature_layer=-2,
         image_size=TILE, image_mode="anyres", template="qwen_1_5", pinpoints=ONEVISION_PINPOINTS,
-        anyres_max_tiles=ONEVISION_MAX_TILES,
+        anyres_max_tiles=max_tiles,
     )

@@ -9,11 +9,13 @@ import pytest
 import ray
 
 from jobs import deploy
+from llava_platform.model.compose import save_llava
 from serve.engines import VllmGenerator
 from serve.generation import Generator
 from serve.openai_api import Limits, parse_chat_request
 from tests.helpers.endpoint import KEY, MODEL, VLLM_TEST_SETTINGS, client, config
 from tests.helpers.media import encode_video, grey_ramp
+from tests.helpers.models import VLLM_ONEVISION_MAX_TILES, compose_onevision
 from tests.helpers.requests import chat, data_url, image_part, text_part, video_data_url, video_part
 
 FRAMES = 4
@@ -102,22 +104,33 @@ LIMITS = Limits(max_tokens=64, max_images=3, max_image_bytes=200_000, max_image_
 
 
 @pytest.fixture(scope="module")
-def onevision_vllm(ray_cluster, onevision_checkpoint):
+def onevision_vllm_checkpoint(towers, tmp_path_factory):
+    """A tiny OneVision checkpoint as vLLM runs OneVision: ``anyres_max_9`` (the session's ``onevision_checkpoint``
+    is ``anyres_max_2``, which vLLM refuses: see the engine-start fault test)."""
+    return save_llava(*compose_onevision(towers, VLLM_ONEVISION_MAX_TILES),
+                      tmp_path_factory.mktemp("checkpoints") / "ckpt_onevision_max9")
+
+
+@pytest.fixture(scope="module")
+def onevision_vllm(ray_cluster, onevision_vllm_checkpoint):
     from llava_platform.vllm_engine import VllmSettings
 
-    generator = VllmGenerator(onevision_checkpoint, "tiny-onevision", VllmSettings.from_args(VLLM_TEST_SETTINGS))
+    generator = VllmGenerator(onevision_vllm_checkpoint, "tiny-onevision", VllmSettings.from_args(VLLM_TEST_SETTINGS))
     yield generator
     ray.kill(generator.engine)
 
 
-@pytest.mark.chaos  # a vLLM engine of its own (~60 s); the suite's vLLM tests run the LLaVA checkpoints
+@pytest.mark.chaos  # a vLLM engine of its own (~25 s); the suite's vLLM tests run the LLaVA checkpoints
 @pytest.mark.parametrize("parts", [
     [image_part(data_url((40, 30)))],
     [image_part(data_url((130, 50)))],
+    [image_part(data_url((50, 160)))],
+    [image_part(data_url((160, 150)))],
     [video_part(CLIP)],
-], ids=["image", "wide-image", "video"])
-def test_onevision_answers_token_for_token_on_vllm(onevision_vllm, onevision_checkpoint, parts):
-    reference = Generator(onevision_checkpoint)
+], ids=["image", "wide-image", "tall-image", "3x3-tiles", "video"])
+def test_onevision_answers_token_for_token_on_vllm(onevision_vllm, onevision_vllm_checkpoint, parts):
+    """The same prompt (vLLM counts the image tokens with its own processor), the same greedy tokens."""
+    reference = Generator(onevision_vllm_checkpoint)
     request = parse_chat_request(chat(*parts, text_part("Which one?"), max_tokens=12, temperature=0), LIMITS)
     expected = reference.generate([reference.prepare(request)])[0]
     got = asyncio.run(onevision_vllm.complete(onevision_vllm.prepare(request)))

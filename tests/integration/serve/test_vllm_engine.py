@@ -63,11 +63,16 @@ def test_a_cancelled_request_is_aborted_in_the_engine(next_engine):
 
 
 @pytest.mark.chaos  # 23 s of engines failing to start; make chaos runs it with every fault test
-@pytest.mark.fault("vllm: an engine that cannot start (no checkpoint, a head size the CPU build lacks)")
-def test_an_engine_that_cannot_start_names_the_model_and_the_reason(ray_cluster, towers, tmp_path, serve_port):
+@pytest.mark.fault("vllm: an engine that cannot start (no checkpoint, a head size the CPU build lacks, "
+                   "OneVision other than anyres_max_9)")
+def test_an_engine_that_cannot_start_names_the_model_and_the_reason(ray_cluster, towers, onevision_checkpoint,
+                                                                   tmp_path, serve_port):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EngineStartError, match=r"model empty-folder: .*empty has no config.json"):
         start_vllm_engine(tmp_path / "empty", "empty-folder", SETTINGS)
+    # vLLM 0.32 would run it as anyres_max_9: other image features than the model was trained on
+    with pytest.raises(EngineStartError, match=r"model max2: its vision_aspect_ratio is anyres_max_2.*engine: transf"):
+        start_vllm_engine(onevision_checkpoint, "max2", SETTINGS)
     sixteen = save_tiny_language_model(tmp_path / "llama16", heads=2)  # hidden 32 / 2 heads: head size 16
     checkpoint = save_llava(*compose({**towers, "llama": str(sixteen)}, "llava"), tmp_path / "heads16")
     app = config("vllm-bad", "/vllm-bad", serve_port, num_replicas=1, max_constructor_retry_count=1)

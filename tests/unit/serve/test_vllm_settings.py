@@ -3,7 +3,13 @@
 import pytest
 import yaml
 
-from llava_platform.vllm_engine import CPU_HEAD_SIZES, VllmSettings, default_engine_python, text_head_size
+from llava_platform.vllm_engine import (
+    CPU_HEAD_SIZES,
+    VllmSettings,
+    default_engine_python,
+    onevision_refusal,
+    text_head_size,
+)
 from serve.app import default_config_path
 
 
@@ -21,6 +27,14 @@ def test_head_size_is_read_from_head_dim_or_hidden_over_heads():
     assert text_head_size({"text_config": {"hidden_size": 64, "num_attention_heads": 4}}) == 16
     assert text_head_size({"text_config": {"hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}}) == 32
     assert 16 not in CPU_HEAD_SIZES and 32 in CPU_HEAD_SIZES and 128 in CPU_HEAD_SIZES
+
+
+def test_only_anyres_max_9_onevision_checkpoints_run_on_vllm():
+    """vLLM 0.32 hard-codes anyres_max_9 for OneVision (token count and feature merge): any other N is refused."""
+    assert onevision_refusal({"model_type": "llava_onevision", "vision_aspect_ratio": "anyres_max_9"}) is None
+    assert onevision_refusal({"model_type": "llava_next", "vision_aspect_ratio": "anyres_max_2"}) is None
+    refusal = onevision_refusal({"model_type": "llava_onevision", "vision_aspect_ratio": "anyres_max_2"})
+    assert "anyres_max_2" in refusal and "engine: transformers" in refusal
 
 
 def test_engine_python_is_the_env_variable_else_the_checkouts_venv(monkeypatch, tmp_path):
