@@ -1,7 +1,9 @@
 # Two entry points, both self-installing into .venv/ (reused while pyproject.toml is unchanged):
 #   make demo   - install, then run the main job (jobs.pipeline) on the tiny CPU recipe
-#   make test   - install, then run the test suite
-#   make chaos  - install, then run every fault-injection test and every slow test make test skips; print the table
+#   make test   - install, then run the test suite (unit + integration layers)
+#   make chaos  - install, then run the chaos layer: every @pytest.mark.chaos test (node loss, vLLM under load,
+#                 the benchmarks' --quick runs, ...); prints the whole fault table with make test's rows
+#   make ci     - make test, then make chaos: what CI runs (.ci/run)
 #   make walkthrough - README "After the demo", every command as written, on a fresh clone (~6 min)
 #   make gpu-smoke - on a GPU machine: stage 1 + 2 of a ~0.5B model on one GPU, samples/s, tokens/s, MFU
 #   make vllm    - the vLLM engine's own environment in .venv-vllm/ (make test builds it; README "The vLLM engine")
@@ -17,7 +19,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # Set TORCH_INDEX_URL to a CUDA wheel index for GPU machines; the default takes the index's build.
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test chaos walkthrough gpu-smoke install vllm browser lint clean
+.PHONY: demo test chaos ci walkthrough gpu-smoke install vllm browser lint clean
 
 install: $(STAMP)
 
@@ -38,14 +40,23 @@ $(VLLM_STAMP): pyproject.toml Makefile infra/install-vllm.sh
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --recipe tiny_cpu_demo $(ARGS)
 
+# make test saves its fault table rows and layer times here; make chaos prints them with its own
+REPORT := outputs/test-report
+
 # the two environments install side by side (each mostly waits on downloads and disk)
 test:
 	$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP) browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --report-file $(REPORT)/make-test.json $(PYTEST_ARGS)
 
+# only the chaos-marked tests: make test's fault tests are not run twice (their rows come from its report)
 chaos:
 	$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP) browser
-	$(PY) -m pytest -m "fault or chaos" --chaos $(PYTEST_ARGS)
+	$(PY) -m pytest -m chaos --chaos --report-file $(REPORT)/make-chaos.json \
+	    --merge-report $(REPORT)/make-test.json $(PYTEST_ARGS)
+
+# .ci/run: make test, then make chaos, timed against their budgets
+ci:
+	bash .ci/run
 
 walkthrough: $(STAMP)
 	$(PY) -m pytest tests/walkthrough $(PYTEST_ARGS)

@@ -103,23 +103,26 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
                                                                       batch_format="numpy") for shard in shards]),
                          first_epoch=position.epoch, epochs=loop.epochs, depth=READ_AHEAD_WINDOWS)
     probe = None
+    ledger = faults.row_ledger(position.step, rank, world)  # a test facility: off unless armed
 
     checkpointed_step, first_step = position.step, position.step
     started = printed = time.perf_counter()
     for epoch in range(position.epoch, loop.epochs):
         # position.steps_in_epoch is 0 unless resuming inside this epoch
         raw = micro_batch_rows(reader.items(epoch), loop, epoch, skip=position.steps_in_epoch * accumulation)
-        batches = (collate_rows(rows, processor, settings, loop.anyres, device) for rows in raw)
+        batches = ((rows["id"], collate_rows(rows, processor, settings, loop.anyres, device)) for rows in raw)
         step_started = time.perf_counter()  # wall time between steps: a step's logging counts towards the next
         while position.step < total_steps:
             waited = time.perf_counter()
-            step_batches = [b for _, b in zip(range(accumulation), batches, strict=False)]
+            step_rows = [b for _, b in zip(range(accumulation), batches, strict=False)]
             waited = time.perf_counter() - waited
-            if not all_ranks_have(len(step_batches) == accumulation, device):
+            if not all_ranks_have(len(step_rows) == accumulation, device):
                 break  # a rank ran out of data: everyone ends the epoch together (no hung collectives)
+            step_batches = [batch for _, batch in step_rows]
             probe = probe or step_batches[0]
             result = train_step(engine, step_batches)
             position = position.after_step(epoch)
+            ledger.record(position.step, epoch, [row_id for ids, _ in step_rows for row_id in ids])
             faults.after_step(position.step, rank)
             samples, tokens, loss = summed_over_ranks([result.samples, result.tokens, result.loss], device)
             step_time, step_started = time.perf_counter() - step_started, time.perf_counter()

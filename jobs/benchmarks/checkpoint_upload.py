@@ -1,6 +1,7 @@
 """Benchmark: how long training stands still per checkpoint, uploads in the background vs waited for.
 
     python -m jobs.benchmarks.checkpoint_upload [--delay-ms 150] [--steps 12] [--out /tmp/bench-ckpt]
+    python -m jobs.benchmarks.checkpoint_upload --quick       # the same measurement, 3 steps, 1 checkpoint each
     python -m jobs.benchmarks.checkpoint_upload --dry-run     # resolve both recipes and pass preflight
 
 One run: moto's S3 server behind a loopback proxy that holds every request for ``--delay-ms`` (a
@@ -50,8 +51,11 @@ def main(argv: list[str] | None = None) -> float | None:
     parser.add_argument("--delay-ms", type=float, default=150)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-ckpt"))
+    parser.add_argument("--quick", action="store_true", help="3 steps (one checkpoint per mode), 50 ms per request")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.delay_ms = 3, 50
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")
     data = write_synthetic_dataset(run_dir / "data", train=8 * args.steps, eval=1, seed=0)
     initial = compose.run(load_recipe("tiny_cpu_demo"), run_dir / "initial")
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> float | None:
             print(f"{mode:<6} stall per checkpoint: median {medians[mode]:.3f} s over {len(seconds)} checkpoints "
                   f"({', '.join(f'{s:.2f}' for s in seconds)})", flush=True)
     finally:
+        ray.shutdown()  # nothing of Ray's prints after the figures: the last line is the README's
         proxy.close()
         moto.stop()
     ratio = medians["async"] / medians["sync"]

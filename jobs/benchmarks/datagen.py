@@ -1,6 +1,7 @@
 """Benchmark: the data generation job's request throughput against a teacher with a fixed service time.
 
     python -m jobs.benchmarks.datagen [--service-time 0.25] [--waves 16] [--levels 8,32,64] [--repeats 3]
+    python -m jobs.benchmarks.datagen --quick          # c=32 only, 2 waves of 0.05 s answers, one run
     python -m jobs.benchmarks.datagen --dry-run        # write the inputs, start and stop the server
 
 Runs ``jobs.generate_data`` (local Ray, one actor) against the tests' scripted OpenAI-protocol server
@@ -23,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
+
 from jobs import generate_data
 from tests.helpers.chat_server import ChatServer
 
@@ -33,8 +36,11 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
     parser.add_argument("--waves", type=int, default=16, help="requests per level = concurrency x waves")
     parser.add_argument("--levels", default="8,32,64", help="concurrency levels")
     parser.add_argument("--repeats", type=int, default=3, help="runs per level, interleaved; medians are printed")
+    parser.add_argument("--quick", action="store_true", help="c=32 only, 2 waves of 0.05 s answers, one run")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.levels, args.waves, args.service_time, args.repeats = "32", 2, 0.05, 1
     levels = [int(level) for level in args.levels.split(",")]
     root = Path(tempfile.mkdtemp(prefix="bench-datagen-"))
     ratios = {}
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
                 rate, whole = one_run(server, root / f"r{repeat}-c{level}", level, level * args.waves)
                 rates[level].append(rate)
                 wholes[level].append(whole)
+        ray.shutdown()  # nothing of Ray's prints after the figures: the last line is the README's
         print(f"{'c':>4} {'requests':>9} {'req/s':>8} {'ideal':>8} {'ratio':>6} {'whole run s':>12}   "
               f"(medians of {args.repeats})")
         for level in levels:

@@ -1,6 +1,7 @@
 """Benchmark: ``jobs.evaluate`` batch inference on its two engines, questions/s side by side.
 
     python -m jobs.benchmarks.evaluate [--questions 256] [--max-new-tokens 32]
+    python -m jobs.benchmarks.evaluate --quick       # 8 questions of 4 tokens
     python -m jobs.benchmarks.evaluate --dry-run     # compose the model and write the questions only
 
 Composes the serving benchmark's bench-sized model (``jobs.benchmarks.serve.MODEL``: a ~22M-parameter
@@ -33,8 +34,11 @@ def main(argv: list[str] | None = None) -> float | None:
     parser.add_argument("--questions", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="8 questions of up to 4 tokens, batches of 8")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.questions, args.max_new_tokens, args.batch_size = 8, 4, 8
 
     root = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
     model = compose.run(load_recipe("tiny_cpu_demo", MODEL), root / "model")
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> float | None:
     if args.dry_run:
         print(f"dry run: {args.questions} questions in {files['eval']}, model {model}")
         return None
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # the figures are the output; logs: Ray's folder
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     vllm = VllmSettings(enforce_eager=True)
     timings, answers = {}, {}
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> float | None:
         timings[engine] = time.perf_counter() - started
         answers[engine] = {r["id"]: r["prediction"] for r in map(json.loads,
                                                                   result.predictions.read_text().splitlines())}
+    ray.shutdown()  # nothing of Ray's prints after the figures: the last line is the README's
     same = sum(answers["vllm"][k] == answers["transformers"][k] for k in answers["vllm"])
     print(f"\n{args.questions} questions, greedy answers of up to {args.max_new_tokens} tokens, batches of "
           f"{args.batch_size}, 1 replica on 2 CPUs (whole runs: Ray Data start, model load or engine start included)")

@@ -2,6 +2,7 @@
 
     python -m jobs.benchmarks.serve [--requests 96] [--seed 0]
     python -m jobs.benchmarks.serve --unbatched          # also the transformers engine one request at a time
+    python -m jobs.benchmarks.serve --quick              # 32 requests per level (one wave at c=32), 8-16 tokens
     python -m jobs.benchmarks.serve --dry-run            # compose the model and build the apps, serve nothing
     # on a GPU machine (vLLM's CUDA build in $LLAVA_VLLM_PYTHON, see README "The vLLM engine"):
     python -m jobs.benchmarks.serve --device cuda --requests 512
@@ -128,16 +129,20 @@ def main(argv: list[str] | None = None) -> float | None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--unbatched", action="store_true", help="also the transformers engine unbatched")
     parser.add_argument("--in-process", action="store_true", help="vLLM's engine core in the actor's process")
+    parser.add_argument("--quick", action="store_true", help="32 requests + 8 streamed per level, 8-16 tokens each")
     parser.add_argument("--dry-run", action="store_true", help="compose the model and build the apps, then exit")
     args = parser.parse_args(argv)
+    answer_tokens = (ANSWER_TOKENS[0], 16) if args.quick else ANSWER_TOKENS
+    if args.quick:
+        args.requests, args.stream_requests = 32, 8
 
     model = compose.run(load_recipe("tiny_cpu_demo", MODEL), Path(tempfile.mkdtemp()) / "model")
     applications = deployments(model, args.device, args.unbatched, args.in_process)
     if args.dry_run:
         print(f"dry run: {', '.join(applications)} applications of {model}")
         return None
-    lengths = [random.Random(args.seed + i).randint(*ANSWER_TOKENS) for i in range(args.requests)]
-    ray.init(num_cpus=4, include_dashboard=False)  # logical: a replica plus its engine actor
+    lengths = [random.Random(args.seed + i).randint(*answer_tokens) for i in range(args.requests)]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical CPUs: a replica + its engine
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     results = {}
     for name, application in applications.items():
@@ -152,8 +157,9 @@ def main(argv: list[str] | None = None) -> float | None:
             print(f"{name} c={concurrency}: {load['tps']:.0f} tokens/s", flush=True)
         serve.delete(name)
 
+    ray.shutdown()  # nothing of Ray's prints after the figures: the last line is the README's
     print(f"\n{args.requests} requests per level (+{args.stream_requests} streamed for TTFT), image + "
-          f"{ANSWER_TOKENS[0]}-{ANSWER_TOKENS[1]} greedy tokens, 1 replica, {args.device}")
+          f"{answer_tokens[0]}-{answer_tokens[1]} greedy tokens, 1 replica, {args.device}")
     print(f"{'engine':<13}{'conc':>5}{'req/s':>8}{'tok/s':>8}{'p50 s':>8}{'p99 s':>8}{'ttft s':>8}{'errors':>8}"
           f"{'done':>6}")
     for (name, concurrency), r in results.items():

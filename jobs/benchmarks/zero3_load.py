@@ -1,6 +1,7 @@
 """Benchmark: per-rank peak memory of building a ZeRO-3 engine, partitioned loading vs loading the whole model.
 
     python -m jobs.benchmarks.zero3_load [--out /tmp/bench-zero3] [--ranks 2]
+    python -m jobs.benchmarks.zero3_load --quick       # a ~30M-parameter model
     python -m jobs.benchmarks.zero3_load --dry-run     # compose and size the model, run no rank (the test suite's)
 
 A random LLaVA of about 0.5B parameters is composed from a config (tiny-recipe towers, scaled up; no
@@ -32,6 +33,9 @@ RECIPE = "tiny_cpu_demo"
 MODEL = ("model.tiny.text_hidden_size=1792", "model.tiny.text_layers=16", "model.tiny.text_heads=16",
          "model.tiny.vision_hidden_size=256", "model.tiny.vision_layers=4", "model.tiny.vision_heads=4")
 """About 0.5B parameters, nearly all in the language model."""
+QUICK_MODEL = ("model.tiny.text_hidden_size=512", "model.tiny.text_layers=8", "model.tiny.text_heads=8",
+               "model.tiny.vision_hidden_size=64", "model.tiny.vision_layers=2", "model.tiny.vision_heads=2")
+"""``--quick``: about 30M parameters."""
 STAGE = ("stage1.deepspeed.zero_stage=3", "stage1.deepspeed.zero3_param_persistence_threshold=0",
          "stage1.tunable=[projector]")
 
@@ -55,10 +59,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-zero3"))
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a ~30M-parameter model")
     parser.add_argument("--dry-run", action="store_true", help="compose and size the model; run no rank")
     args = parser.parse_args(argv)
 
-    overrides = (*MODEL, *STAGE)
+    overrides = (*(QUICK_MODEL if args.quick else MODEL), *STAGE)
     recipe = load_recipe(RECIPE, [*overrides, f"scaling.num_workers={args.ranks}"])
     lm, tower = memory.recipe_shapes(recipe)
     params = lm.params + tower.params

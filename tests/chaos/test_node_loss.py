@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO_ROOT
+from tests.helpers.losses import Loss, record_loss, rows_loss, steps_loss
 
 
-def lose_a_node(work_dir: Path, *options: str) -> dict:
-    """Run the node-loss scenario and check what every one promises; return its result."""
+def lose_a_node(work_dir: Path, *options: str) -> tuple[dict, Loss, Loss]:
+    """Run the node-loss scenario and check what every one promises; return its result and what the final
+    model lost: optimizer steps in MLflow's history, rows in the row ledger (one epoch: 32 rows, 8 steps of 4)."""
     completed = subprocess.run([sys.executable, "-m", "tests.helpers.node_loss", str(work_dir), *options],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -26,35 +28,40 @@ def lose_a_node(work_dir: Path, *options: str) -> dict:
     # one restart, from a checkpoint taken before the fault (step 2 or 4: Ray Train registers a checkpoint
     # once every rank's upload is done, and the step-4 one may not be when the node goes)
     assert len(result["resumed_at_step"]) == 1 and result["resumed_at_step"][0] in (2.0, 4.0), result
-    assert result["loss_steps"] == list(range(1, 9)), f"not one continuous history: {result['loss_steps']}"
+    steps = steps_loss(result["loss_steps"], range(1, 9))
+    assert not steps.count, f"not one continuous history: {steps}"
     assert result["optimizer_steps"] == 8
-    return result
+    return result, steps, rows_loss(result["ledger"], result["rows"], global_batch=4, steps=8)
 
 
 @pytest.mark.chaos
 @pytest.mark.fault("training: the node hosting the training workers removed mid-run (3-node Cluster)")
 def test_losing_a_node_restarts_training_on_the_rest_with_one_continuous_history(tmp_path, record_property):
-    result = lose_a_node(tmp_path)
+    result, steps, rows = lose_a_node(tmp_path)
+    record_loss(record_property, steps, rows)
     assert result["alive_nodes"] == 2
-    record_property("lost", 0)
+    assert not rows.count, rows
 
 
 @pytest.mark.chaos
 @pytest.mark.fault("training: a node lost under STRICT_SPREAD; the run waits for its replacement")
 def test_with_one_worker_per_node_training_waits_for_a_replacement_node(tmp_path, record_property):
-    result = lose_a_node(tmp_path, "--wait-for-replacement")
+    result, steps, rows = lose_a_node(tmp_path, "--wait-for-replacement")
+    record_loss(record_property, steps, rows)
     assert result["alive_nodes"] == 3 and "replacement_added_at" in result["removed"], result
     assert result["resumed_at"][0] > result["removed"]["replacement_added_at"], \
         "training resumed before the replacement node joined: it did not wait"
-    record_property("lost", 0)
+    assert not rows.count, rows
 
 
 @pytest.mark.chaos
 @pytest.mark.fault("training: a node lost with no replacement; the elastic run goes on with the workers left")
 def test_an_elastic_run_that_loses_a_node_finishes_on_the_remaining_worker(tmp_path, record_property):
-    result = lose_a_node(tmp_path, "--elastic")
+    result, steps, rows = lose_a_node(tmp_path, "--elastic")
+    # rows: measured and reported, not asserted: a smaller group re-splits the full group's shares, which
+    # skips some rows and repeats others after a resize (jobs/README.md, Known limits)
+    record_loss(record_property, steps, rows)
     assert result["alive_nodes"] == 2 and "replacement_added_at" not in result["removed"], result
     # two workers, then one (scaling.min_workers: 1); the global batch holds (accumulation 1 -> 2)
     assert result["world_sizes"] == [2.0, 1.0], result
     assert result["global_batch_sizes"] == [4.0, 4.0], result
-    record_property("lost", 0)

@@ -106,6 +106,7 @@ def main(root: Path, mode: str) -> dict:
     initial = compose.main(["--recipe", "tiny_cpu_demo", "--output", str(root / "initial")])
     uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ[faults.KILL_AT_STEP_ENV] = f"{KILL_AT}:0:hang"
+    os.environ[faults.ROW_LEDGER_ENV] = "1"  # the rows each step trained: what the test measures
     removed: dict = {}
     replacements: list[subprocess.Popen] = []
     marker = root / "out" / "stage1" / faults.FAULT_MARKER.format(action="hang", step=KILL_AT, rank=0)
@@ -132,6 +133,8 @@ def main(root: Path, mode: str) -> dict:
         "world_sizes": [m.value for m in sorted(client.get_metric_history(run_id, "world_size"),
                                                 key=lambda m: m.timestamp)],
         "global_batch_sizes": [m.value for m in client.get_metric_history(run_id, "global_batch_size")],
+        "ledger": str(out.stage_dirs["stage1"] / faults.ROW_LEDGER_DIR),
+        "rows": [record["id"] for record in json.loads(files["stage1"].read_text())],
         "mlflow_version": mlflow.__version__,
     }
     ray.shutdown()

@@ -42,3 +42,13 @@ def test_checkpoint_upload_benchmark_resolves_both_modes(tmp_path, capsys):
 def test_benchmark_dry_runs(bench, argv, expected, capsys):
     bench.main([*argv, "--dry-run"])
     assert expected in capsys.readouterr().out
+
+
+def test_every_benchmark_script_has_a_quick_run_that_make_chaos_runs():
+    from tests.chaos.test_benchmark_scripts import LAST_LINES
+    from tests.helpers import REPO_ROOT
+
+    scripts = {p.stem for p in (REPO_ROOT / "jobs" / "benchmarks").glob("*.py")} - {"__init__", "ranks", "gpu_smoke"}
+    assert scripts == set(LAST_LINES)
+    for name in scripts:
+        assert "--quick" in (REPO_ROOT / "jobs" / "benchmarks" / f"{name}.py").read_text(), name

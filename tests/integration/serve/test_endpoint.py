@@ -20,6 +20,7 @@ import pytest
 
 from jobs import deploy
 from tests.helpers.endpoint import KEY, MODEL, VLLM_TEST_SETTINGS, ask, client, config, data_url
+from tests.helpers.losses import Loss, chat_outcome, http_outcome, record_loss, requests_loss
 
 
 def post(url, body, key=KEY, raw=False):
@@ -63,7 +64,7 @@ def test_openai_client_plain_and_streaming_with_an_image(endpoint):
 
 
 @pytest.mark.fault("serve: 14 kinds of malformed request (bad JSON, base64, image bombs, remote URLs...)")
-def test_bad_input_gets_4xx_and_the_replica_keeps_serving(endpoint):
+def test_bad_input_gets_4xx_and_the_replica_keeps_serving(endpoint, record_property):
     server = endpoint
     good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     bad_image = base64.b64encode(b"not an image at all").decode()
@@ -91,22 +92,34 @@ def test_bad_input_gets_4xx_and_the_replica_keeps_serving(endpoint):
             {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]}]}, 400, "remote URLs"),
         ({**good, "model": "gpt-4o"}, 404, "not served here"),
     ]
+    outcomes, expected, payloads = [], [], []
     for body, status, message in cases:
         got, payload = post(server, body, raw=isinstance(body, bytes))
-        assert (got, message in payload["error"]["message"]) == (status, True), (body if not isinstance(
-            body, dict) else list(body), payload)
-    assert post(server, good)[0] == 200
+        named = message in payload.get("error", {}).get("message", "")  # a 4xx that does not say why is wrong
+        outcomes.append(str(got) if got != status or named else "wrong")
+        expected.append(str(status))
+        payloads.append(payload)
+    outcomes.append(http_outcome(post(server, good)[0]))  # then a valid one, on the same replica
+    expected.append("ok")
+    loss, = record_loss(record_property, requests_loss(outcomes, expected))
+    assert not loss.count, f"{loss}: {list(zip(outcomes, expected, payloads, strict=False))}"
 
 
 @pytest.mark.fault("security: requests without or with a wrong API key")
-def test_wrong_or_missing_api_key_gets_401(endpoint):
+def test_wrong_or_missing_api_key_gets_401(endpoint, record_property):
     server = endpoint
-    with pytest.raises(openai.AuthenticationError):
+    try:
         client(server, key="wrong").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
-    request = urllib.request.Request(f"{server}/v1/models")
-    with pytest.raises(urllib.error.HTTPError) as error:
-        urllib.request.urlopen(request, timeout=30)
-    assert error.value.code == 401
+        outcomes = ["ok"]
+    except openai.APIStatusError as error:
+        outcomes = [http_outcome(error.status_code)]
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{server}/v1/models"), timeout=30) as response:
+            outcomes.append(http_outcome(response.status))
+    except urllib.error.HTTPError as error:
+        outcomes.append(http_outcome(error.code))
+    loss, = record_loss(record_property, requests_loss(outcomes, "401"))  # "ok": let in without the key
+    assert not loss.count, loss
 
 
 def test_concurrent_requests_are_batched(endpoint):
@@ -176,10 +189,18 @@ class LoadScenario:
     peak: int = 1
     """The most RUNNING replicas seen under load (autoscaling bounds 1 to 2)."""
     victim: str = ""
+    killed_at: float | None = None
     replaced_at: float | None = None
     """When two replicas were running again, the killed one not among them (load still on)."""
-    outcomes: list[str] = field(default_factory=list)
-    """Per request: ``ok``, ``malformed-4xx``, or what went wrong."""
+    reference: str = ""
+    """The greedy answer to the valid request, asked once before the load: every answer under load must be it."""
+    requests: list[tuple[float, str, str]] = field(default_factory=list)
+    """Per request: (time it ended, expected outcome, outcome) in ``losses.http_outcome``'s words."""
+
+    def loss(self, before_kill: bool) -> Loss:
+        """The requests that ended before the kill (autoscaling up under load), or after it (the kill)."""
+        chosen = [r for r in self.requests if (self.killed_at is None or r[0] < self.killed_at) == before_kill]
+        return requests_loss([got for _, _, got in chosen], [want for _, want, _ in chosen])
     idle_replicas: int = 0
     """RUNNING replicas once the load had stopped and the downscale delay passed."""
 
@@ -233,30 +254,31 @@ def run_load_scenario(serve_base, serve_port, saved_checkpoints, engine_args: di
         except urllib.error.HTTPError as error:
             return error.code
 
-    def one(i: int) -> str:
+    def valid() -> str:
+        content = [{"type": "text", "text": "What colour?"}, {"type": "image_url", "image_url": {"url": data_url()}}]
+        reply = retrying.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                                 max_tokens=4, temperature=0)
+        return reply.choices[0].message.content if reply.choices else None
+
+    def one(i: int) -> tuple[str, str]:
+        """``(expected, outcome)`` of request ``i``."""
         if i % 4 == 3:  # a quarter of the traffic is malformed: it must end in a 4xx
             for attempt in range(4):  # a request in flight on the killed replica gets the proxy's 500:
                 status = status_of(malformed)  # retried, as the openai client retries 5xx
                 if status < 500:
                     break
                 time.sleep(0.5 * 2**attempt)
-            return "malformed-4xx" if 400 <= status < 500 else f"malformed-{status}"
-        try:
-            content = [{"type": "text", "text": "What colour?"},
-                       {"type": "image_url", "image_url": {"url": data_url()}}]
-            reply = retrying.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
-                                                     max_tokens=4, temperature=0)
-            return "ok" if reply.choices else "empty"
-        except openai.APIError as error:
-            return f"failed-{type(error).__name__}"
+            return "4xx", http_outcome(status)
+        return "ok", chat_outcome(valid, scenario.reference)
 
     scenario, stop = LoadScenario(), threading.Event()
-
+    scenario.reference = valid()
     numbers = itertools.count()  # one sequence for all clients: every fourth request is malformed
 
     def client() -> None:
         while not stop.is_set():
-            scenario.outcomes.append(one(next(numbers)))  # list.append is atomic
+            expected, outcome = one(next(numbers))
+            scenario.requests.append((time.time(), expected, outcome))  # list.append is atomic
 
     with ThreadPoolExecutor(32) as pool:
         clients = [pool.submit(client) for _ in range(32)]
@@ -265,7 +287,7 @@ def run_load_scenario(serve_base, serve_port, saved_checkpoints, engine_args: di
             scenario.peak = max(scenario.peak, len(running()))
             time.sleep(0.25)
         if scenario.peak == 2:
-            scenario.victim = running()[0]
+            scenario.victim, scenario.killed_at = running()[0], time.time()
             ray.kill(ray.get_actor(scenario.victim, namespace="serve"), no_restart=True)
             deadline = time.time() + 120
             while time.time() < deadline and scenario.replaced_at is None:
@@ -273,7 +295,7 @@ def run_load_scenario(serve_base, serve_port, saved_checkpoints, engine_args: di
                 if len(replicas) == 2 and scenario.victim not in replicas:
                     scenario.replaced_at = time.time()
                 time.sleep(0.5)
-            while time.time() < deadline and len(scenario.outcomes) < 320:  # at least 320 requests in all
+            while time.time() < deadline and len(scenario.requests) < 320:  # at least 320 requests in all
                 time.sleep(0.5)
             time.sleep(2)  # requests keep flowing to the new replica
         stop.set()
@@ -292,9 +314,11 @@ def run_load_scenario(serve_base, serve_port, saved_checkpoints, engine_args: di
 
 
 @pytest.mark.fault("serve: sustained load, then none (autoscaling up to max, back to min)")
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(load_scenario):
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(load_scenario, record_property):
+    loss, = record_loss(record_property, load_scenario.loss(before_kill=True))
     assert load_scenario.peak == 2, "no second replica under load"
-    assert load_scenario.outcomes.count("ok") > 0
+    assert loss.total > loss.count, "no request was answered while scaling up"
+    assert not loss.count, f"requests lost while scaling up: {loss}"
     assert load_scenario.idle_replicas == 1, "the extra replica was not removed when idle"
 
 
@@ -312,12 +336,15 @@ def test_a_vllm_replica_killed_under_load_is_replaced_and_valid_requests_are_ans
 
 
 def assert_survived_the_kill(scenario: LoadScenario, record_property) -> None:
+    """After the kill: every malformed request a 4xx, fewer than 1% of the valid ones failed (a request in
+    flight on the killed replica can fail after the client's retries), no wrong answer, the replica replaced."""
+    loss, = record_loss(record_property, scenario.loss(before_kill=False))
     assert scenario.victim, "no replica was killed: the fault was not injected"
-    outcomes = scenario.outcomes
-    valid = [o for o in outcomes if not o.startswith("malformed")]
-    record_property("lost", sum(o != "ok" for o in valid))
-    assert len(outcomes) >= 320, f"only {len(outcomes)} requests under load"
-    assert all(o == "malformed-4xx" for o in outcomes if o.startswith("malformed")), outcomes
-    failed_share = sum(o != "ok" for o in valid) / len(valid)
-    assert failed_share < 0.01, f"{failed_share:.1%} of valid requests failed"
+    assert len(scenario.requests) >= 320, f"only {len(scenario.requests)} requests under load"
+    after = [(want, got) for at, want, got in scenario.requests if at >= scenario.killed_at]
+    assert all(got == "4xx" for want, got in after if want == "4xx"), after
+    assert not [got for want, got in after if got == "wrong"], f"wrong answers under load: {loss}"
+    valid = [got for want, got in after if want == "ok"]
+    failed_share = sum(got != "ok" for got in valid) / len(valid)
+    assert failed_share < 0.01, f"{failed_share:.1%} of valid requests failed: {loss}"
     assert scenario.replaced_at is not None, "the killed replica was not replaced"

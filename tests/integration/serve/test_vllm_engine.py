@@ -8,6 +8,7 @@ checkpoint; here the engine is driven directly, as a Serve replica or a Ray Data
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -21,6 +22,7 @@ from serve.engines import VllmGenerator, start_vllm_engine
 from serve.generation import Generator
 from serve.openai_api import Limits, parse_chat_request
 from tests.helpers.endpoint import KEY, VLLM_TEST_SETTINGS, config
+from tests.helpers.losses import found_loss, record_loss
 from tests.helpers.models import compose
 from tests.helpers.requests import chat, data_url, image_part, text_part
 
@@ -66,19 +68,36 @@ def test_a_cancelled_request_is_aborted_in_the_engine(next_engine):
 @pytest.mark.fault("vllm: an engine that cannot start (no checkpoint, a head size the CPU build lacks, "
                    "OneVision other than anyres_max_9)")
 def test_an_engine_that_cannot_start_names_the_model_and_the_reason(ray_cluster, towers, onevision_checkpoint,
-                                                                   tmp_path, serve_port):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(EngineStartError, match=r"model empty-folder: .*empty has no config.json"):
-        start_vllm_engine(tmp_path / "empty", "empty-folder", SETTINGS)
-    # vLLM 0.32 would run it as anyres_max_9: other image features than the model was trained on
-    with pytest.raises(EngineStartError, match=r"model max2: its vision_aspect_ratio is anyres_max_2.*engine: transf"):
-        start_vllm_engine(onevision_checkpoint, "max2", SETTINGS)
-    sixteen = save_tiny_language_model(tmp_path / "llama16", heads=2)  # hidden 32 / 2 heads: head size 16
-    checkpoint = save_llava(*compose({**towers, "llama": str(sixteen)}, "llava"), tmp_path / "heads16")
-    app = config("vllm-bad", "/vllm-bad", serve_port, num_replicas=1, max_constructor_retry_count=1)
-    app["applications"][0]["args"]["vllm"] = VLLM_TEST_SETTINGS
-    with pytest.raises(RuntimeError, match=r"(?s)failed.*model heads-16: its attention head size is 16"):
-        deploy.run(app, model=str(checkpoint), model_name="heads-16", api_key=KEY, engine="vllm")
+                                                                   tmp_path, serve_port, record_property):
+    """Each start must fail with an error naming the model and the reason: one that starts (or hangs past
+    the engine's start timeout) instead is a lost start."""
     from ray import serve
 
+    (tmp_path / "empty").mkdir()
+    sixteen = save_tiny_language_model(tmp_path / "llama16", heads=2)  # hidden 32 / 2 heads: head size 16
+    heads16 = save_llava(*compose({**towers, "llama": str(sixteen)}, "llava"), tmp_path / "heads16")
+    app = config("vllm-bad", "/vllm-bad", serve_port, num_replicas=1, max_constructor_retry_count=1)
+    app["applications"][0]["args"]["vllm"] = VLLM_TEST_SETTINGS
+    starts = {
+        "no checkpoint": (lambda: start_vllm_engine(tmp_path / "empty", "empty-folder", SETTINGS),
+                          r"model empty-folder: .*empty has no config.json"),
+        # vLLM 0.32 would run it as anyres_max_9: other image features than the model was trained on
+        "anyres_max_2": (lambda: start_vllm_engine(onevision_checkpoint, "max2", SETTINGS),
+                         r"model max2: its vision_aspect_ratio is anyres_max_2.*engine: transformers"),
+        "head size 16, deployed": (lambda: deploy.run(app, model=str(heads16), model_name="heads-16", api_key=KEY,
+                                                      engine="vllm"),
+                                   r"(?s)failed.*model heads-16: its attention head size is 16"),
+    }
+    started = []
+    for name, (start, reason) in starts.items():
+        try:
+            engine = start()
+            started.append(name)
+            if isinstance(engine, ray.actor.ActorHandle):
+                ray.kill(engine)
+        except (EngineStartError, RuntimeError) as error:
+            if not re.search(reason, str(error)):
+                started.append(f"{name} (refused, but: {error})")
     serve.delete("vllm-bad")
+    loss, = record_loss(record_property, found_loss("engine starts", started, checked=len(starts)))
+    assert not loss.count, loss

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from tests.helpers.flaky_s3 import FlakyS3Proxy
+from tests.helpers.losses import files_loss, record_loss
 
 
 @pytest.mark.fault("storage: S3 throttles checkpoint uploads (503 SlowDown on the first writes)")
@@ -36,5 +37,5 @@ def test_a_throttled_checkpoint_upload_is_retried_to_completion(s3_server, tmp_p
     uploaded = {o["Key"].removeprefix(f"runs/{checkpoint.name}/"): o["Size"] for o in objects
                 if not o["Key"].endswith("/")}  # pyarrow's directory markers
     expected = {str(p.relative_to(checkpoint)): p.stat().st_size for p in checkpoint.rglob("*") if p.is_file()}
-    assert uploaded == expected, "a checkpoint file is missing or incomplete after the retries"
-    record_property("lost", len(set(expected) - set(uploaded)))
+    loss, = record_loss(record_property, files_loss(expected, uploaded))
+    assert not loss.count, f"a checkpoint file is missing or incomplete after the retries: {loss}"

@@ -24,6 +24,7 @@ from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.model.trainability import part_of
 from llava_platform.train.checkpoint import PROJECTOR_FILE, save_projector
 from llava_platform.train.engine import CHECKPOINT_TAG
+from tests.helpers.losses import Loss, mlflow_steps, record_loss, resumes_loss, rows_loss, steps_loss
 from tests.helpers.recipes import RECIPE, REGISTERED_NAME, STEPS, data_overrides, zero3
 from tests.helpers.training import assert_export_reproduces_engine, losses, weights
 
@@ -178,6 +179,8 @@ class FaultRun:
     run_id: str
     bucket: str
     initial: Path
+    rows: list[str]
+    """The ids of the rows stage 1 reads (the row ledger is armed: ``stage_dir/row-ledger``)."""
 
     def marker(self, action: str, step: int, rank: int) -> dict:
         path = self.stage_dir / faults.FAULT_MARKER.format(action=action, step=step, rank=rank)
@@ -193,11 +196,20 @@ def fault_run(ray_cluster, pipeline_recipe, s3_server, mlflow_server, tmp_path_f
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="checkpoints")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(faults.KILL_AT_STEP_ENV, f"3:1,{STEPS}:1:checkpoint")
+        patch.setenv(faults.ROW_LEDGER_ENV, "1")
         out = train.main(["--recipe", RECIPE, "--model", str(pipeline_recipe.initial), "--output", str(root),
                           *pipeline_recipe.overrides, "--stage", "1", "stage1.deepspeed.zero_stage=2",
                           "stage1.data.materialize=true",
                           "checkpoint.storage_path=s3://checkpoints/runs", f"checkpoint.s3_endpoint_url={s3_server}"])
-    return FaultRun(out.stage_dirs["stage1"], mlflow_runs(root)["stage1"], "checkpoints", pipeline_recipe.initial)
+    rows = [record["id"] for record in json.loads((pipeline_recipe.root / "data" / "stage1.json").read_text())]
+    return FaultRun(out.stage_dirs["stage1"], mlflow_runs(root)["stage1"], "checkpoints", pipeline_recipe.initial,
+                    rows)
+
+
+def training_losses(fault_run: FaultRun, client) -> tuple[Loss, Loss]:
+    """What the faulted run's final model lost: optimizer steps in MLflow, rows in the row ledger."""
+    return (steps_loss(mlflow_steps(client, fault_run.run_id), range(1, STEPS + 1)),
+            rows_loss(fault_run.stage_dir / faults.ROW_LEDGER_DIR, fault_run.rows, global_batch=4, steps=STEPS))
 
 
 def resumes(client, run_id) -> list[tuple[float, float]]:
@@ -240,22 +252,28 @@ def test_the_faulted_run_ends_with_one_continuous_history_and_registers_nothing(
 
 @pytest.mark.fault("training: a worker SIGKILLed mid-run, checkpoints on S3 (moto)")
 def test_killed_worker_resumes_from_s3_checkpoint_at_the_same_step(fault_run, pipeline_run, s3_server,
-                                                                  mlflow_server):
+                                                                  mlflow_server, record_property):
     killed = fault_run.marker("kill", 3, 1)
     assert killed["what"] == "kill rank 1 at step 3"
     assert any(key.startswith(f"{CHECKPOINT_TAG}/") for key in step4_checkpoint_files(s3_server, fault_run))
     client = tracking.client_for(mlflow_server)
+    steps, rows = record_loss(record_property, *training_losses(fault_run, client))
+    assert not steps.count and not rows.count, f"{steps}; {rows}"
     resumed, reference = losses(client, fault_run.run_id), losses(client, pipeline_run.runs["stage1"])
-    assert sorted(resumed) == list(range(1, STEPS + 1)), "the resumed run did not end at the same step count"
     for step in resumed:  # same data order and restored optimizer state: the same losses as the run without failure
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}: {resumed} vs {reference}"
 
 
 @pytest.mark.fault("storage: a worker killed halfway through writing its part of a checkpoint (S3)")
-def test_a_half_written_checkpoint_is_never_resumed_from(fault_run, pipeline_run, s3_server, mlflow_server):
+def test_a_half_written_checkpoint_is_never_resumed_from(fault_run, pipeline_run, s3_server, mlflow_server,
+                                                         record_property):
     interrupted = fault_run.marker("checkpoint", STEPS, 1)
     assert interrupted["what"].startswith(f"killed rank 1 writing stage1-step{STEPS:08d}") and interrupted["written"]
     client = tracking.client_for(mlflow_server)
+    resumed_from = [int(step) for step, _ in resumes(client, fault_run.run_id)]
+    half, steps, rows = record_loss(record_property, resumes_loss(resumed_from, [STEPS], len(resumed_from)),
+                                    *training_losses(fault_run, client))
+    assert not half.count and not steps.count and not rows.count, f"{half}; {steps}; {rows}"
     after = [step for step, at in resumes(client, fault_run.run_id) if at > interrupted["at"]]
     assert after == [STEPS - 2], f"not resumed from the last complete checkpoint (step 2): {after}"
     reference = losses(client, pipeline_run.runs["stage1"])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.losses import found_loss, record_loss
+
 
 class _RunsCodeWhenUnpickled:
     def __init__(self, marker: Path):
@@ -17,7 +19,7 @@ class _RunsCodeWhenUnpickled:
 
 
 @pytest.mark.fault("security: a checkpoint whose weights are a code-running pickle")
-def test_a_pickle_bearing_checkpoint_is_refused(saved_checkpoints, tmp_path):
+def test_a_pickle_bearing_checkpoint_is_refused(saved_checkpoints, tmp_path, record_property):
     import torch
     from safetensors.torch import load_file
 
@@ -31,8 +33,14 @@ def test_a_pickle_bearing_checkpoint_is_refused(saved_checkpoints, tmp_path):
     torch.save({**weights, "payload": _RunsCodeWhenUnpickled(marker)}, checkpoint / "pytorch_model.bin")
     with pytest.raises(ModelCompositionError, match=r"refusing pickled weights \(pytorch_model.bin\)"):
         load_pretrained_llava(str(checkpoint))
-    assert not marker.exists(), "the pickle was opened"
+    ran = []
+    if marker.exists():
+        ran.append("pickle alone")
+        marker.unlink()
 
     shutil.copy(Path(saved_checkpoints["llava"]) / "model.safetensors", checkpoint)  # both: safetensors only
     load_pretrained_llava(str(checkpoint))
-    assert not marker.exists(), "the pickle was opened next to a safetensors file"
+    if marker.exists():
+        ran.append("pickle beside safetensors")
+    loss, = record_loss(record_property, found_loss("code executions", ran, checked=2))
+    assert not loss.count, f"the pickle's code ran: {loss}"

@@ -1,0 +1,48 @@
+"""Every benchmark script's ``--quick`` run (``make chaos``): the real measurement end to end at tiny sizes, so
+no script rots unseen. Each prints its last line in the README's format; the test checks only that its
+figures parse and are finite: never a timing threshold (these machines are noisy, and figures are the
+scripts' output, not assertions). The README's figures come from full runs.
+
+The GPU smoke test (``jobs.benchmarks.gpu_smoke``) needs a GPU: the unit layer dry-runs it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+NUMBER = r"(-?[0-9.]+|nan|inf)"
+LAST_LINES = {
+    "checkpoint_upload": rf"checkpoint-stall async/sync: {NUMBER}",
+    "datagen": rf"datagen throughput/ideal at c=32: {NUMBER}",
+    "evaluate": rf"vllm/transformers questions/s: {NUMBER}",
+    "padding": rf"padding fraction arrival -> grouped: {NUMBER}% -> {NUMBER}%",
+    "preprocess": rf"preprocess ours/transformers images/s: {NUMBER}, bytes uint8/float32: {NUMBER}, "
+                  rf"peak memory at 10x records: x{NUMBER}",
+    "serve": rf"vllm/transformers tokens/s at c=32: {NUMBER}",
+    "train": rf"train s/step vs bare: streamed {NUMBER}, materialised {NUMBER}",
+    "zero3_load": rf"zero3-load per-rank-peak/full-model: {NUMBER} \(before: {NUMBER}\)",
+}
+"""Each script's last line, as the README quotes it (README "Figures" and the layer READMEs)."""
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("script", sorted(LAST_LINES))
+def test_the_quick_run_prints_finite_figures_in_the_readme_format(script, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
+    completed = subprocess.run([sys.executable, "-m", f"jobs.benchmarks.{script}", "--quick"], cwd=tmp_path,
+                               env={**env, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    last = completed.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(LAST_LINES[script], last)
+    assert match, f"the last line is not in the README's format: {last!r}"
+    figures = [float(group) for group in match.groups()]
+    assert all(math.isfinite(x) for x in figures), last
