@@ -46,13 +46,13 @@ REPORT := outputs/test-report
 # the two environments install side by side (each mostly waits on downloads and disk)
 test:
 	$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP) browser
-	$(PY) -m pytest --report-file $(REPORT)/make-test.json $(PYTEST_ARGS)
+	$(PY) -m pytest --report-file=$(REPORT)/make-test.json $(PYTEST_ARGS)
 
 # only the chaos-marked tests: make test's fault tests are not run twice (their rows come from its report)
 chaos:
 	$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP) browser
-	$(PY) -m pytest -m chaos --chaos --report-file $(REPORT)/make-chaos.json \
-	    --merge-report $(REPORT)/make-test.json $(PYTEST_ARGS)
+	$(PY) -m pytest -m chaos --chaos --report-file=$(REPORT)/make-chaos.json \
+	    --merge-report=$(REPORT)/make-test.json $(PYTEST_ARGS)
 
 # .ci/run: make test, then make chaos, timed against their budgets
 ci:

@@ -15,7 +15,6 @@ two cannot drift apart (the tests re-render and compare).
 from __future__ import annotations
 
 import argparse
-import ast
 import difflib
 import re
 import sys
@@ -23,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
+
+from llava_platform.config.schema import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "serve" / "config.yaml"
-SERVE_APP = ROOT / "serve" / "app.py"
 CLUSTER_OVERRIDES = ROOT / "infra" / "serve-cluster.yaml"
 RAYSERVICE = ROOT / "infra" / "k8s" / "rayservice.yaml"
 BLOCK_START = "  serveConfigV2: |"
@@ -42,15 +43,18 @@ def merge(base: Any, override: Any, where: str) -> Any:
     """``override`` laid over ``base``: mappings by key, lists of named entries by name, values replaced.
 
     Every key and name in ``override`` must already exist in ``base``, so a typo cannot add a setting
-    that Ray Serve would silently ignore.
+    that Ray Serve would silently ignore; except under an application's ``args`` (the app's
+    ``ServeConfig``, which names every key it does not know: ``cluster_serve_config``), where
+    ``serve/config.yaml`` writes only what differs from the defaults.
     """
     if isinstance(override, dict):
+        base = {} if base is None and ".args" in where else base
         if not isinstance(base, dict):
             raise RenderError(f"{where}: is a value in {SERVE_CONFIG.name}, not a section")
         unknown = sorted(set(override) - set(base))
-        if unknown:
+        if unknown and ".args" not in where:
             raise RenderError(f"{where}: {unknown} not in {SERVE_CONFIG.name}; keys there: {sorted(base)}")
-        return {**base, **{key: merge(base[key], value, f"{where}.{key}") for key, value in override.items()}}
+        return {**base, **{key: merge(base.get(key), value, f"{where}.{key}") for key, value in override.items()}}
     if isinstance(override, list) and override and all(isinstance(i, dict) and "name" in i for i in override):
         entries = {item["name"]: item for item in base or []}
         unknown = [item["name"] for item in override if item["name"] not in entries]
@@ -61,16 +65,6 @@ def merge(base: Any, override: Any, where: str) -> Any:
     return override
 
 
-def server_parameters() -> set[str]:
-    """The arguments ``LlavaServer.__init__`` takes, read from serve/app.py without importing it."""
-    for node in ast.walk(ast.parse(SERVE_APP.read_text())):
-        if isinstance(node, ast.ClassDef) and node.name == "LlavaServer":
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
-                    return {arg.arg for arg in item.args.args + item.args.kwonlyargs} - {"self"}
-    raise RenderError(f"{SERVE_APP}: no LlavaServer.__init__ found")
-
-
 def cluster_serve_config() -> dict[str, Any]:
     """serve/config.yaml with the cluster's overrides, checked the way Ray Serve and our app will read it."""
     from ray.serve.schema import ServeDeploySchema
@@ -78,12 +72,12 @@ def cluster_serve_config() -> dict[str, Any]:
     base = yaml.safe_load(SERVE_CONFIG.read_text())
     config = merge(base, yaml.safe_load(CLUSTER_OVERRIDES.read_text()), CLUSTER_OVERRIDES.name)
     ServeDeploySchema.model_validate(config)
-    accepted = server_parameters()
     for app in config["applications"]:
-        unknown = sorted(set(app.get("args", {})) - accepted)
-        if unknown:
-            raise RenderError(f"applications[{app['name']}].args: {unknown} are not LlavaServer arguments "
-                              f"({sorted(accepted)})")
+        try:
+            ServeConfig.model_validate(app.get("args", {}))
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise RenderError(f"applications[{app['name']}].args: {problems} (config.schema.ServeConfig)") from error
     return config
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args, recipe_to_yaml
-from llava_platform.model.build import write_model
+from llava_platform.config.build import write_model
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -23,6 +23,7 @@ import ray
 import yaml
 from ray import serve
 
+from llava_platform.config.schema import ServeConfig
 from serve.app import API_KEY_ENV, LlavaServer, default_config_path, exposure_warning
 
 
@@ -55,6 +56,7 @@ def run(config: dict[str, Any], *, model: str | None = None, model_name: str | N
     args = dict(application.get("args", {}))
     args.update({k: v for k, v in {"model": model, "model_name": model_name, "api_key": api_key,
                                    "tracking_uri": tracking_uri, "engine": engine}.items() if v})
+    ServeConfig.model_validate(args)  # a wrong key or value fails here, named, before Serve starts a replica
     deployment = next(iter(application.get("deployments", [])), {})
     options = {k: v for k, v in deployment.items() if k != "name"}
     name = application.get("name", "llava")

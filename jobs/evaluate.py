@@ -34,22 +34,23 @@ import argparse
 import json
 import sys
 import tempfile
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
+from pydantic import ValidationError
 
 from jobs.console import quiet_ray_data
 from jobs.score import add_judge_arguments, judge_from_args, judge_problems, score_and_write
 from llava_platform import tracking
 from llava_platform.benchmarks import BENCHMARKS, BenchmarkFormatError, ScoreReport, comparison_table, load_benchmark
 from llava_platform.benchmarks.judge import EndpointJudge
-from llava_platform.data.video import VideoLimits
+from llava_platform.config.schema import InferenceConfig, VllmConfig
 from llava_platform.evaluation import summarize
 from llava_platform.model.sources import CheckpointSourceError, source_run_id
 from llava_platform.storage import is_remote
-from llava_platform.vllm_engine import VllmSettings
 from pipelines.evaluate import answer_benchmarks, predict
 from pipelines.preprocess import finish
 from pipelines.quarantine import PreprocessReport
@@ -76,21 +77,7 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
                         help="a benchmark's image folder, where it is not the usual subfolder of its annotations")
     parser.add_argument("--image-root", help="folder or s3:// prefix of the records' relative image paths")
     parser.add_argument("--output", type=Path, default=Path("outputs/evaluation"), help="where result files go")
-    parser.add_argument("--replicas", type=int, default=1, help="model replicas (Ray Data actors)")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
-    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="0: CPU replicas")
-    parser.add_argument("--video-frames", type=int, default=8,
-                        help="frames sampled per video record: the count the model trained with (data.video.frames)")
-    parser.add_argument("--max-new-tokens", type=int,
-                        help="answer length cap (default 16 for --data; for benchmarks each one's own LLaVA-1.5 "
-                             "cap, which this lowers)")
-    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                        help="what generates: transformers in each replica, or a vLLM engine per replica "
-                             "(continuous batching; its own environment, README 'The vLLM engine')")
-    parser.add_argument("--vllm", type=json.loads, default={}, metavar="JSON",
-                        help='vLLM engine settings, e.g. \'{"max_model_len": 4096, "enforce_eager": true}\' '
-                             "(llava_platform.vllm_engine.VllmSettings; resources come from --*-per-replica)")
+    add_inference_arguments(parser)
     parser.add_argument("--tracking-uri", help="MLflow (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--run-id", help="MLflow run to log into when the model URI names none")
     parser.add_argument("--experiment", default="evaluation", help="experiment of a new run")
@@ -98,24 +85,65 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
     add_judge_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        inference = inference_from_args(args)
         if args.benchmark:
             return run_benchmarks(
                 model=args.model, benchmarks=benchmark_specs(args.benchmark, args.annotations, args.images),
                 output=args.output, tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri),
-                judge=judge_from_args(args), replicas=args.replicas, batch_size=args.batch_size,
-                cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-                max_new_tokens=args.max_new_tokens, run_id=args.run_id, experiment=args.experiment,
-                s3_endpoint_url=args.s3_endpoint_url, engine=args.engine, vllm=VllmSettings.from_args(args.vllm))
+                judge=judge_from_args(args), inference=inference, max_new_tokens=args.max_new_tokens,
+                run_id=args.run_id, experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url)
         return run(
-            model=args.model, data=args.data, image_root=args.image_root, output=args.output,
-            replicas=args.replicas, batch_size=args.batch_size, cpus_per_replica=args.cpus_per_replica,
-            gpus_per_replica=args.gpus_per_replica, max_new_tokens=args.max_new_tokens or 16,
+            model=args.model, data=args.data, image_root=args.image_root, output=args.output, inference=inference,
             tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri), run_id=args.run_id,
-            experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url, engine=args.engine,
-            vllm=VllmSettings.from_args(args.vllm), video_frames=args.video_frames,
+            experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url,
         )
     except PreflightError as error:
         parser.exit(2, str(error))
+
+
+INFERENCE_FLAGS = {"replicas": "num_replicas", "batch_size": "batch_size", "cpus_per_replica": "cpus_per_replica",
+                   "gpus_per_replica": "gpus_per_replica", "video_frames": "video_frames",
+                   "max_image_pixels": "max_image_pixels", "engine": "engine"}
+"""``jobs.evaluate``'s flags (argparse dest) of ``InferenceConfig``'s settings: each flag's default and help are
+the setting's (``--max-new-tokens`` and ``--vllm`` below)."""
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The batch-inference flags, their defaults and help taken from ``InferenceConfig``."""
+    for dest, name in INFERENCE_FLAGS.items():
+        field = InferenceConfig.model_fields[name]
+        choices = list(typing.get_args(field.annotation)) or None
+        kind = None if choices else type(InferenceConfig.default(name))
+        parser.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=kind, choices=choices,
+                            default=InferenceConfig.default(name), help=InferenceConfig.doc(name))
+    parser.add_argument("--max-new-tokens", type=int, help=f"answer length cap (--data: default "
+                        f"{InferenceConfig.default('max_new_tokens')}; benchmarks: each one's own LLaVA-1.5 cap, "
+                        "which this lowers)")
+    parser.add_argument("--vllm", type=json.loads, default={}, metavar="JSON",
+                        help='vLLM engine settings, e.g. \'{"max_model_len": 4096, "enforce_eager": true}\' '
+                             "(config.schema.VllmConfig; resources come from --*-per-replica)")
+
+
+def inference_from_args(args: argparse.Namespace) -> InferenceConfig:
+    """The flags as an ``InferenceConfig``, validated.
+
+    Raises:
+        PreflightError: a value the setting refuses (named by its flag).
+    """
+    values = {name: getattr(args, dest) for dest, name in INFERENCE_FLAGS.items()}
+    if args.max_new_tokens:
+        values["max_new_tokens"] = args.max_new_tokens
+    try:
+        vllm = VllmConfig.model_validate(args.vllm)
+    except ValidationError as error:
+        raise PreflightError([f"--vllm: {e['loc'][0] if e['loc'] else ''}: {e['msg']}" for e in error.errors()]
+                             ) from error
+    try:
+        return InferenceConfig(**values, vllm=vllm)
+    except ValidationError as error:
+        flags = {name: dest for dest, name in INFERENCE_FLAGS.items()} | {"max_new_tokens": "max_new_tokens"}
+        raise PreflightError([f"--{flags[e['loc'][0]].replace('_', '-')}: {e['msg']}" for e in error.errors()]
+                             ) from error
 
 
 @dataclass(frozen=True)
@@ -139,12 +167,10 @@ class PreflightError(ValueError):
         self.problems = problems
 
 
-def run(*, model: str, data: list[str], output: Path, tracking_uri: str, image_root: str | None = None,
-        replicas: int = 1, batch_size: int = 16, cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0,
-        max_new_tokens: int = 16, run_id: str | None = None, experiment: str = "evaluation",
-        s3_endpoint_url: str | None = None, engine: str = "transformers",
-        vllm: VllmSettings | None = None, video_frames: int = 8) -> EvaluationResult:
-    """Answer, score, write and log.
+def run(*, model: str, data: list[str], output: Path, tracking_uri: str, inference: InferenceConfig,
+        image_root: str | None = None, run_id: str | None = None, experiment: str = "evaluation",
+        s3_endpoint_url: str | None = None) -> EvaluationResult:
+    """Answer, score, write and log (``inference``: the engine, replicas, batch size, answer length, media limits).
 
     Raises:
         PreflightError: a missing file or folder, or a model URI that does not resolve.
@@ -156,13 +182,13 @@ def run(*, model: str, data: list[str], output: Path, tracking_uri: str, image_r
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     quiet_ray_data()
-    log(f"{model}: {', '.join(data)} on {replicas} {engine} replica(s) ({'GPU' if gpus_per_replica else 'CPU'})")
+    plan = inference.build()
+    log(f"{model}: {', '.join(data)} on {plan.num_replicas} {plan.engine} replica(s) "
+        f"({'GPU' if plan.gpus_per_replica else 'CPU'})")
     predictions, quarantine = predict(
-        read_records(data, s3_endpoint_url, cpus_per_task=min(1.0, cpus_per_replica)), model=model,
+        read_records(data, s3_endpoint_url, cpus_per_task=min(1.0, plan.cpus_per_replica)), model=model,
         cache_dir=str(Path(tempfile.gettempdir()) / "llava-model-cache"), tracking_uri=tracking_uri,
-        image_root=image_root, s3_endpoint_url=s3_endpoint_url, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        num_replicas=replicas, cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, engine=engine,
-        vllm=vllm, video=VideoLimits(frames=video_frames),
+        image_root=image_root, s3_endpoint_url=s3_endpoint_url, plan=plan,
     )
     rows = sorted(predictions.take_all(), key=lambda row: row["id"])
     output.mkdir(parents=True, exist_ok=True)
@@ -244,12 +270,12 @@ class BenchmarkResult:
 
 
 def run_benchmarks(*, model: str, benchmarks: list[BenchmarkSpec], output: Path, tracking_uri: str,
-                   judge: EndpointJudge | None = None, replicas: int = 1, batch_size: int = 16,
-                   cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0, max_new_tokens: int | None = None,
-                   run_id: str | None = None, experiment: str = "evaluation", s3_endpoint_url: str | None = None,
-                   engine: str = "transformers", vllm: VllmSettings | None = None) -> BenchmarkResult:
+                   inference: InferenceConfig, judge: EndpointJudge | None = None, max_new_tokens: int | None = None,
+                   run_id: str | None = None, experiment: str = "evaluation",
+                   s3_endpoint_url: str | None = None) -> BenchmarkResult:
     """Read every benchmark (before any model loads), answer all questions in one Ray Data pass, score each
-    as ``jobs.score`` does, write and log.
+    as ``jobs.score`` does, write and log. Each benchmark answers with its own LLaVA-1.5 token cap, lowered to
+    ``max_new_tokens`` when given (``inference.max_new_tokens`` is not used).
 
     Raises:
         PreflightError: a benchmark file missing or not in its published format, a judge-scored benchmark
@@ -272,11 +298,11 @@ def run_benchmarks(*, model: str, benchmarks: list[BenchmarkSpec], output: Path,
              "image_bytes": q.image_bytes,
              "max_new_tokens": min(q.max_new_tokens, max_new_tokens) if max_new_tokens else q.max_new_tokens}
             for name, benchmark in loaded.items() for q in benchmark.questions]
-    log(f"{model}: {len(rows)} questions of {', '.join(loaded)} on {replicas} {engine} replica(s)")
+    plan = inference.build()
+    log(f"{model}: {len(rows)} questions of {', '.join(loaded)} on {plan.num_replicas} {plan.engine} replica(s)")
     answers, quarantine = answer_benchmarks(
         ray.data.from_items(rows), model=model, cache_dir=str(Path(tempfile.gettempdir()) / "llava-model-cache"),
-        tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url, batch_size=batch_size, num_replicas=replicas,
-        cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, engine=engine, vllm=vllm)
+        tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url, plan=plan)
     by_benchmark: dict[str, list[dict[str, Any]]] = {name: [] for name in loaded}
     for answer in answers.take_all():
         by_benchmark[answer.pop("benchmark")].append(answer | {"model_id": model})

@@ -205,9 +205,7 @@ def evaluate_stages(settings: EvaluationConfig, trained: train.TrainResult, init
                     output: Path) -> dict[str, dict[str, float]]:
     """Scores of the final model and, with ``score_stage1``, of the stage-1 model, each on its stage's run."""
     common = dict(data=settings.data_files, image_root=settings.image_root, tracking_uri=trained.tracking_uri,
-                  replicas=settings.num_replicas, batch_size=settings.batch_size,
-                  cpus_per_replica=settings.cpus_per_replica, gpus_per_replica=settings.gpus_per_replica,
-                  max_new_tokens=settings.max_new_tokens, video_frames=settings.video_frames)
+                  inference=settings.inference())
     stage_dirs, runs = trained.stage_dirs, trained.runs
     scores = {}
     if settings.score_stage1 and {"stage1", "stage2"} <= set(stage_dirs):

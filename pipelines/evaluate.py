@@ -6,17 +6,16 @@
     report = finish(quarantine)                                      # read / kept / quarantined counts
 
 The model replicas are an actor pool: each actor resolves the model URI itself (a folder, ``s3://``,
-``models:/``, ``runs:/``; downloads are cached per node) and answers its batches greedily through the
-checkpoint's own chat template and processor, on one of two engines: ``transformers`` (the checkpoint
-loaded in the actor, one ``generate`` call per batch) or ``vllm`` (the actor starts a vLLM engine actor
-in vLLM's own environment, ``serve/engines.py``, and sends each batch there to be batched continuously). A record
-that cannot be evaluated (malformed JSON, no question or gold answer, a missing or broken image) is
-quarantined with its reason, exactly as in preprocessing, and the run goes on.
+``models:/``, ``runs:/``; downloads are cached per node), opens the plan's engine on it
+(``llava_platform.generation``: ``transformers`` in the actor, or a vLLM engine actor in vLLM's own
+environment; the same ``GenerationEngine`` calls either way) and answers its batches greedily through the
+checkpoint's own chat template and processor. A record that cannot be evaluated (malformed JSON, no
+question or gold answer, a missing or broken image) is quarantined with its reason, exactly as in
+preprocessing, and the run goes on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -25,23 +24,15 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from llava_platform.data.errors import SampleError
-from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.images import decode_image
 from llava_platform.data.records import MalformedRecordError, modality_of, parse_record
-from llava_platform.data.video import VideoLimits, sample_video
+from llava_platform.data.video import sample_video
 from llava_platform.evaluation import eval_fields, is_correct
-from llava_platform.inference import (
-    Media,
-    answer_questions,
-    engine_video,
-    media_parts,
-    prompt_token_ids,
-    question_conversation,
-)
-from llava_platform.model.compose import load_pretrained_llava, load_processor
+from llava_platform.generation.engine import GenerationEngine, answer_questions, engine_kinds, open_engine
+from llava_platform.generation.plan import InferencePlan
+from llava_platform.inference import Media, media_parts
 from llava_platform.model.sources import resolve_checkpoint
 from llava_platform.storage import filesystem_for
-from llava_platform.vllm_engine import SEVERAL_IMAGES_ON_VLLM, EngineRequest, VllmSettings
 from pipelines.preprocess import MissingImageError, quarantine_entry, record_key, record_media
 from pipelines.quarantine import start_quarantine_log
 from pipelines.storage import ImageReader
@@ -61,15 +52,10 @@ class Predictor:
     """The per-actor callable of ``map_batches``: raw evaluation rows -> ``PREDICTION_SCHEMA`` rows."""
 
     def __init__(self, *, model: str, cache_dir: str, tracking_uri: str | None, image_root: str | None,
-                 s3_endpoint_url: str | None, max_image_pixels: int, max_new_tokens: int, device: str,
-                 video: VideoLimits | None = None,
-                 quarantine: ray.actor.ActorHandle, engine: str = "transformers", vllm: VllmSettings | None = None):
-        self.answer = load_answerer(model, cache_dir=cache_dir, tracking_uri=tracking_uri,
-                                    s3_endpoint_url=s3_endpoint_url, device=device, engine=engine, vllm=vllm)
+                 s3_endpoint_url: str | None, plan: InferencePlan, quarantine: ray.actor.ActorHandle):
+        self.engine = open_replica_engine(model, cache_dir, tracking_uri, s3_endpoint_url, plan)
         self.images = ImageReader(image_root, s3_endpoint_url)
-        self.max_image_pixels = max_image_pixels
-        self.video = video or VideoLimits()
-        self.max_new_tokens = max_new_tokens
+        self.plan = plan
         self.quarantine = quarantine
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -91,7 +77,7 @@ class Predictor:
                          "modality": modality_of(len(images), bool(videos))})
             inputs.append((media, question))
         if inputs:
-            answers = self.answer(inputs, self.max_new_tokens)
+            answers = answer_questions(self.engine, inputs, max_new_tokens=self.plan.max_new_tokens)
             for row, prediction in zip(good, answers, strict=True):
                 row.update(prediction=prediction, correct=is_correct(prediction, row["answer"], row["type"]))
         ray.get(self.quarantine.add.remote(keys, bad))
@@ -101,56 +87,23 @@ class Predictor:
         """The record's image, images (a list, OneVision) or video's sampled frames, or ``None``."""
         images, video = record_media(record, inline, self.images)
         if video is not None:
-            return sample_video(video, self.video)
-        decoded = [decode_image(data, self.max_image_pixels) for data in images]
+            return sample_video(video, self.plan.video)
+        decoded = [decode_image(data, self.plan.max_image_pixels) for data in images]
         if not decoded:
             return None
         return decoded if isinstance(record.get("image"), list) else decoded[0]
 
 
-Answerer = Callable[[Sequence[tuple[Any, str]], int], list[str]]
-"""(image or ``None``, prompt) pairs and a token cap -> greedy answers, in order."""
-
-
-def load_answerer(model: str, *, cache_dir: str, tracking_uri: str | None, s3_endpoint_url: str | None, device: str,
-                  engine: str, vllm: VllmSettings | None) -> Answerer:
-    """Resolve the model URI (downloads cached per node) and start its engine: the checkpoint loaded here
-    (``transformers``), or a vLLM engine actor in vLLM's own environment (``vllm``)."""
+def open_replica_engine(model: str, cache_dir: str, tracking_uri: str | None, s3_endpoint_url: str | None,
+                        plan: InferencePlan) -> GenerationEngine:
+    """Resolve the model URI (downloads cached per node) and open the plan's engine on it, with the replica's
+    share of the resources (``replica_pool`` split them: the engine kind says how)."""
     checkpoint = resolve_checkpoint(model, cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
-    if engine == "vllm":
-        return VllmAnswers(checkpoint, vllm or VllmSettings())
-    llava, processor = load_pretrained_llava(str(checkpoint))
-    llava.to(device).eval()
-    return lambda items, max_new_tokens: answer_questions(llava, processor, items, max_new_tokens=max_new_tokens)
-
-
-class VllmAnswers:
-    """Greedy answers from a vLLM engine actor, as ``answer_questions`` gives them from transformers: the same
-    prompt (the checkpoint's template, single BOS), and the answer's tokens decoded here, whole, by the
-    checkpoint's tokenizer (special tokens dropped, whitespace stripped). vLLM's own text comes from its
-    incremental detokenizer, which renders bytes that are not valid UTF-8 differently."""
-
-    def __init__(self, checkpoint, settings: VllmSettings):
-        from serve.engines import start_vllm_engine
-
-        self.engine = start_vllm_engine(checkpoint, "evaluate", settings)
-        self.processor = load_processor(str(checkpoint))
-        self.onevision = ImageSettings.from_processor(self.processor).onevision
-
-    def __call__(self, items: Sequence[tuple[Media, str]], max_new_tokens: int) -> list[str]:
-        requests = []
-        for i, (media, question) in enumerate(items):
-            images, videos = media_parts(media)
-            conversation = question_conversation(question, len(images), len(videos))
-            if len(images) > 1 and self.onevision:
-                raise ValueError(f"question {i} of this batch: {SEVERAL_IMAGES_ON_VLLM}")
-            videos = [engine_video(self.processor, frames) for frames in videos]
-            requests.append(EngineRequest(request_id=f"q{i}", images=images, videos=videos,
-                                          prompt_token_ids=prompt_token_ids(self.processor, conversation),
-                                          max_tokens=max_new_tokens, temperature=0.0))
-        tokenizer = self.processor.tokenizer
-        return [tokenizer.decode(list(result.token_ids), skip_special_tokens=True).strip()
-                for result in ray.get(self.engine.answer.remote(requests))]
+    share = engine_kinds()[plan.engine].resources(plan.cpus_per_replica, plan.gpus_per_replica)
+    vllm = replace(plan.vllm, num_cpus=share.engine_cpus, num_gpus=share.engine_gpus)
+    device = "cuda" if share.caller_gpus > 0 else "cpu"
+    # transformers scores in float32 as it always has (vLLM runs vllm.dtype)
+    return open_engine(plan.engine, checkpoint, model_name="evaluate", device=device, dtype="float32", vllm=vllm)
 
 
 ANSWER_SCHEMA = pa.schema([
@@ -167,12 +120,10 @@ class BenchmarkAnswerer:
     quarantined with its reason (and reported missing by the scoring)."""
 
     def __init__(self, *, model: str, cache_dir: str, tracking_uri: str | None, s3_endpoint_url: str | None,
-                 max_image_pixels: int, device: str, quarantine: ray.actor.ActorHandle, engine: str = "transformers",
-                 vllm: VllmSettings | None = None):
-        self.answer = load_answerer(model, cache_dir=cache_dir, tracking_uri=tracking_uri,
-                                    s3_endpoint_url=s3_endpoint_url, device=device, engine=engine, vllm=vllm)
+                 plan: InferencePlan, quarantine: ray.actor.ActorHandle):
+        self.engine = open_replica_engine(model, cache_dir, tracking_uri, s3_endpoint_url, plan)
         self.s3_endpoint_url = s3_endpoint_url
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels = plan.max_image_pixels
         self.quarantine = quarantine
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -191,7 +142,8 @@ class BenchmarkAnswerer:
             groups.setdefault(row["max_new_tokens"], []).append((row, image))
         answered = []
         for max_new_tokens, items in groups.items():  # one generate call per token cap
-            replies = self.answer([(image, row["prompt"]) for row, image in items], max_new_tokens)
+            replies = answer_questions(self.engine, [(image, row["prompt"]) for row, image in items],
+                                       max_new_tokens=max_new_tokens)
             answered += [{"benchmark": row["benchmark"], "question_id": row["question_id"], "prompt": row["prompt"],
                           "text": reply} for (row, _), reply in zip(items, replies, strict=True)]
         ray.get(self.quarantine.add.remote(keys, bad))
@@ -208,21 +160,9 @@ class BenchmarkAnswerer:
             raise MissingImageError(f"{uri}: {err}") from err
 
 
-def answer_benchmarks(
-    questions: ray.data.Dataset,
-    *,
-    model: str,
-    cache_dir: str,
-    tracking_uri: str | None = None,
-    s3_endpoint_url: str | None = None,
-    max_image_pixels: int = 50_000_000,
-    batch_size: int = 16,
-    num_replicas: int = 1,
-    cpus_per_replica: float = 1.0,
-    gpus_per_replica: float = 0.0,
-    engine: str = "transformers",
-    vllm: VllmSettings | None = None,
-) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+def answer_benchmarks(questions: ray.data.Dataset, *, model: str, cache_dir: str, tracking_uri: str | None,
+                      s3_endpoint_url: str | None,
+                      plan: InferencePlan) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """Lazily answer benchmark questions greedily; returns (answers, the quarantine log actor).
 
     Args:
@@ -231,52 +171,31 @@ def answer_benchmarks(
         The others: as ``predict``'s.
     """
     return replica_pool(questions, BenchmarkAnswerer, dict(
-        model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url,
-        max_image_pixels=max_image_pixels), batch_size=batch_size, num_replicas=num_replicas,
-        cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, engine=engine, vllm=vllm)
+        model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url), plan)
 
 
-def replica_pool(rows: ray.data.Dataset, answerer: type, kwargs: dict[str, Any], *, batch_size: int,
-                 num_replicas: int, cpus_per_replica: float, gpus_per_replica: float, engine: str,
-                 vllm: VllmSettings | None) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
-    """``rows`` mapped by an actor pool of ``answerer`` (built with ``kwargs`` plus the device, engine and a
-    quarantine log); with vLLM the replica's resources go to its engine actor and the Ray Data actor that
-    feeds it takes a quarter CPU. Returns (the mapped rows, the quarantine log)."""
+def replica_pool(rows: ray.data.Dataset, answerer: type, kwargs: dict[str, Any],
+                 plan: InferencePlan) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+    """``rows`` mapped by an actor pool of ``answerer`` (built with ``kwargs`` plus the plan and a quarantine log);
+    each Ray Data actor takes the resources its engine kind leaves it (all of a replica's for transformers, a
+    quarter CPU for an engine actor of its own). Returns (the mapped rows, the quarantine log)."""
     quarantine = start_quarantine_log()
-    if engine == "vllm":
-        vllm = replace(vllm or VllmSettings(), num_cpus=cpus_per_replica, num_gpus=gpus_per_replica)
-        cpus_per_replica, gpus_per_replica = 0.25, 0.0
+    share = engine_kinds()[plan.engine].resources(plan.cpus_per_replica, plan.gpus_per_replica)
     mapped = rows.map_batches(
         answerer,
-        fn_constructor_kwargs=dict(kwargs, device="cuda" if gpus_per_replica > 0 else "cpu",
-                                   quarantine=quarantine, engine=engine, vllm=vllm),
+        fn_constructor_kwargs=dict(kwargs, plan=plan, quarantine=quarantine),
         batch_format="pyarrow",
-        batch_size=batch_size,
-        compute=ActorPoolStrategy(size=num_replicas),
-        num_cpus=cpus_per_replica,
-        num_gpus=gpus_per_replica,
+        batch_size=plan.batch_size,
+        compute=ActorPoolStrategy(size=plan.num_replicas),
+        num_cpus=share.caller_cpus,
+        num_gpus=share.caller_gpus,
     )
     return mapped, quarantine
 
 
-def predict(
-    records: ray.data.Dataset,
-    *,
-    model: str,
-    cache_dir: str,
-    tracking_uri: str | None = None,
-    image_root: str | None = None,
-    s3_endpoint_url: str | None = None,
-    max_image_pixels: int = 50_000_000,
-    max_new_tokens: int = 16,
-    batch_size: int = 16,
-    num_replicas: int = 1,
-    cpus_per_replica: float = 1.0,
-    gpus_per_replica: float = 0.0,
-    engine: str = "transformers",
-    vllm: VllmSettings | None = None,
-    video: VideoLimits | None = None,
-) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+def predict(records: ray.data.Dataset, *, model: str, cache_dir: str, tracking_uri: str | None,
+            image_root: str | None, s3_endpoint_url: str | None,
+            plan: InferencePlan) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """Lazily answer and score every evaluation record; returns (predictions, the quarantine log actor).
 
     Args:
@@ -285,17 +204,9 @@ def predict(
         cache_dir: where each node keeps downloaded checkpoints.
         tracking_uri: MLflow tracking URI for ``models:/`` and ``runs:/``.
         image_root: folder or ``s3://`` prefix of the records' relative image paths.
-        max_new_tokens: answer length cap (short answers and option letters need few).
-        batch_size: questions per ``generate`` call.
-        num_replicas: model replicas (actors); each holds one copy of the model.
-        cpus_per_replica, gpus_per_replica: resources per replica; with GPUs the model runs on ``cuda``.
-        engine: ``transformers`` or ``vllm``; with vLLM the resources go to each replica's engine actor
-            (``vllm``'s other settings apply) and the Ray Data actor that feeds it takes a quarter CPU.
-        video: frames sampled per video record (the frame count the model trained with) and the video limits.
+        s3_endpoint_url: S3-compatible endpoint for ``s3://`` models, records and images.
+        plan: the engine, answer length, batch size, replicas and their resources, and the media limits.
     """
     return replica_pool(records, Predictor, dict(
         model=model, cache_dir=cache_dir, tracking_uri=tracking_uri, image_root=image_root,
-        s3_endpoint_url=s3_endpoint_url, max_image_pixels=max_image_pixels, max_new_tokens=max_new_tokens,
-        video=video),
-        batch_size=batch_size, num_replicas=num_replicas, cpus_per_replica=cpus_per_replica,
-        gpus_per_replica=gpus_per_replica, engine=engine, vllm=vllm)
+        s3_endpoint_url=s3_endpoint_url), plan)

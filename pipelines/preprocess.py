@@ -141,7 +141,7 @@ def preprocess(
     quarantine: ray.actor.ActorHandle | None = None,
     num_actors: int | tuple[int, int] = (1, 4),
     cpus_per_actor: float = 1.0,
-    batch_size: int = 16,
+    records_per_call: int = 16,
 ) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """Lazily map raw records to training rows; returns (rows, the quarantine log actor).
 
@@ -153,8 +153,8 @@ def preprocess(
         num_actors: actor pool size, fixed or (min, max).
         cpus_per_actor: logical CPUs each actor reserves; below 1 shares cores with training workers
             on a single machine (Ray Train leaves Ray Data only the CPUs its workers do not reserve).
-        batch_size: records per task; keeps blocks far below Arrow's 2 GiB offset limit
-            (an anyres row at 336 px is 1.7 MB).
+        records_per_call: records per ``map_batches`` call of an actor; keeps blocks far below Arrow's 2 GiB
+            offset limit (an anyres row at 336 px is 1.7 MB).
     """
     quarantine = quarantine or start_quarantine_log()
     low, high = num_actors if isinstance(num_actors, tuple) else (num_actors, num_actors)
@@ -162,7 +162,7 @@ def preprocess(
         Preprocessor,
         fn_constructor_kwargs=dict(processor_path=processor_path, spec=spec, quarantine=quarantine),
         batch_format="pyarrow",
-        batch_size=batch_size,
+        batch_size=records_per_call,
         compute=ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=cpus_per_actor,
     )

@@ -5,13 +5,15 @@
 
 Routes: ``GET /`` (the chat page, ``serve/chat.html``), ``POST /v1/chat/completions`` (text and
 ``image_url`` parts, ``stream: true`` as server-sent events), ``GET /v1/models``, ``GET /healthz``,
-``GET /v1/stats``. ``args.engine`` picks what generates: ``transformers`` (the default) queues
-non-streaming requests with ``@serve.batch`` and answers them in one ``generate`` (streaming ones
-generate on their own); ``vllm`` hands every request to a vLLM engine actor (``serve/engines.py``:
-continuous batching, paged KV cache, prefix caching). Everything else is the same code on both. The ``/v1`` routes
-take the API key through one FastAPI dependency (``require_api_key``). Every request the server
-refuses raises ``ApiError``, which an exception handler turns into OpenAI's error JSON with its 4xx
-status (anything unexpected: a 500 in the same shape), and the replica keeps serving.
+``GET /v1/stats``. The config's ``args`` are a ``config.schema.ServeConfig`` (validated once, at the
+replica's start); ``args.engine`` picks what generates (``llava_platform.generation``: ``transformers`` or
+``vllm``), and the replica holds it as a ``GenerationEngine``: everything here is the same code on both.
+Non-streaming requests queue through ``@serve.batch`` in groups of the engine's ``batch_size`` (the
+configured ``max_batch_size`` for static batches; one at a time for an engine that batches continuously);
+streaming ones generate on their own. The ``/v1`` routes take the API key through one FastAPI dependency
+(``require_api_key``). Every request the server refuses raises ``RequestError``, which an exception handler
+turns into OpenAI's error JSON with its 4xx status (anything unexpected: a 500 in the same shape), and the
+replica keeps serving.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type on the
 routes that Ray Serve's ingress wraps. The ingress serialises the class when it is decorated, so
@@ -30,19 +32,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
+from llava_platform.config.schema import ServeConfig
+from llava_platform.generation.engine import open_engine
+from llava_platform.generation.request import Completion, Prepared, RequestError
 from llava_platform.model.sources import resolve_checkpoint
-from serve.generation import Completion, Generator, Prepared
-from serve.openai_api import ApiError, Limits, chat_chunk, chat_completion, completion_id, parse_chat_request
-
-ENGINES = ("transformers", "vllm")
-"""What ``args.engine`` may name."""
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from serve.openai_api import chat_chunk, chat_completion, completion_id, parse_chat_request
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 """The page ``GET /`` serves: a static client of this API (no key needed to load it; its requests send one)."""
@@ -57,15 +55,15 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
     """The decoded JSON body; 413 above ``max_bytes``, 400 for anything that is not JSON."""
     body = await request.body()
     if len(body) > max_bytes:
-        raise ApiError(413, f"the body is {len(body):,} bytes; this server takes at most {max_bytes:,}")
+        raise RequestError(413, f"the body is {len(body):,} bytes; this server takes at most {max_bytes:,}")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"the body is not valid JSON: {error}") from error
+        raise RequestError(400, f"the body is not valid JSON: {error}") from error
 
 
-@api.exception_handler(ApiError)
-def _refused(request: Request, error: ApiError) -> JSONResponse:
+@api.exception_handler(RequestError)
+def _refused(request: Request, error: RequestError) -> JSONResponse:
     """A request the server refuses: OpenAI's error JSON with the error's 4xx status."""
     return JSONResponse(error.body(), status_code=error.status)
 
@@ -73,7 +71,7 @@ def _refused(request: Request, error: ApiError) -> JSONResponse:
 @api.exception_handler(Exception)
 def _server_error(request: Request, error: Exception) -> JSONResponse:
     """Anything unexpected still answers in OpenAI's error shape (and the replica keeps serving)."""
-    return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}", type="server_error").body(),
+    return JSONResponse(RequestError(500, f"internal error: {type(error).__name__}", type="server_error").body(),
                         status_code=500)
 
 
@@ -94,14 +92,14 @@ async def require_api_key(request: Request) -> None:
     every request passes.
 
     Raises:
-        ApiError: 401 ``invalid_api_key``, answered by the ``ApiError`` handler above.
+        RequestError: 401 ``invalid_api_key``, answered by the ``RequestError`` handler above.
     """
     key = _replica().api_key
     if not key:
         return
     header = request.headers.get("authorization", "")
     if not hmac.compare_digest(header.encode(), f"Bearer {key}".encode()):
-        raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+        raise RequestError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
 
 
 def exposure_warning(host: str | None, api_key: str | None) -> str | None:
@@ -124,15 +122,6 @@ def exposure_warning(host: str | None, api_key: str | None) -> str | None:
             f"set {API_KEY_ENV} (or args.api_key in the Serve config), or bind 127.0.0.1")
 
 
-def serving_dtype(name: str, device: str) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU that supports it (what training used there), float32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"args.dtype is {name!r}; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -142,66 +131,51 @@ def _event(payload: dict[str, Any]) -> str:
 class LlavaServer:
     """One replica: a loaded checkpoint, a request queue that batches, and the HTTP routes."""
 
-    def __init__(self, model: str, model_name: str | None = None, device: str = "cpu", dtype: str = "auto",
-                 api_key: str | None = None, limits: dict[str, Any] | None = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.05, tracking_uri: str | None = None,
-                 s3_endpoint_url: str | None = None, cache_dir: str | None = None, engine: str = "transformers",
-                 vllm: dict[str, Any] | None = None, lora_adapters: dict[str, str] | None = None):
-        if engine not in ENGINES:
-            raise ValueError(f"args.engine is {engine!r}; use one of {', '.join(ENGINES)}")
-        if lora_adapters and engine != "vllm":
-            raise ValueError("args.lora_adapters: unmerged LoRA adapters are served by the vllm engine only "
-                             "(set args.engine: vllm, or serve the merged export)")
-        cache = cache_dir or os.path.join(tempfile.gettempdir(), "llava-serve-cache")
-        checkpoint = resolve_checkpoint(model, cache, tracking_uri=tracking_uri, s3_endpoint_url=s3_endpoint_url)
-        self.model_name = model_name or model
-        self.engine = engine
-        self.served = [self.model_name, *(lora_adapters or {})]
+    def __init__(self, **args: Any):
+        """``args``: a ``ServeConfig`` (``serve/config.yaml``'s ``args``), validated here: a wrong key is named."""
+        config = ServeConfig.model_validate(args)
+        cache = config.cache_dir or os.path.join(tempfile.gettempdir(), "llava-serve-cache")
+        checkpoint = resolve_checkpoint(config.model, cache, tracking_uri=config.tracking_uri,
+                                        s3_endpoint_url=config.s3_endpoint_url)
+        self.model_name = config.model_name or config.model
+        self.served = [self.model_name, *config.lora_adapters]
         """What clients may send as ``model``: the checkpoint, then each LoRA adapter by name."""
-        if engine == "vllm":
-            from llava_platform.vllm_engine import VllmSettings
-            from serve.engines import VllmGenerator
-
-            self.generator = VllmGenerator(checkpoint, self.model_name, VllmSettings.from_args(vllm), lora_adapters)
-        else:
-            self.generator = Generator(checkpoint, device=device, dtype=serving_dtype(dtype, device))
-        self.limits = Limits(**{k: tuple(v) if isinstance(v, list) else v for k, v in (limits or {}).items()})
-        self.api_key = api_key or os.environ.get(API_KEY_ENV)
+        self.engine = open_engine(config.engine, checkpoint, model_name=self.model_name, device=config.device,
+                                  dtype=config.dtype, vllm=config.vllm.build(), adapters=config.lora_adapters)
+        self.limits = config.limits
+        self.api_key = config.api_key or os.environ.get(API_KEY_ENV)
         self.requests = 0
         self.chat_page = CHAT_PAGE.read_text()
         # a request holds at most max_images base64 images, max_videos videos and text: refuse bigger bodies unread
         limits = self.limits
         media = limits.max_images * limits.max_image_bytes + limits.max_videos * limits.max_video_bytes
         self.max_body_bytes = media * 4 // 3 + 1_000_000
-        self.generate_batch.set_max_batch_size(max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.generate_batch.set_max_batch_size(self.engine.batch_size(config.max_batch_size))
+        self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate_batch(self, items: list[Prepared]) -> list[Completion | Exception]:
-        return await asyncio.to_thread(self.generator.generate, items)
+        return await self.engine.complete(items)
 
     @api.post("/v1/chat/completions", dependencies=[Depends(count_request), Depends(require_api_key)])
     async def chat_completions(self, request: Request):
         body = await _json_body(request, self.max_body_bytes)
         if isinstance(body, dict) and "model" in body and body["model"] not in self.served:
-            raise ApiError(404, f"model {body['model']!r} is not served here; GET /v1/models lists "
+            raise RequestError(404, f"model {body['model']!r} is not served here; GET /v1/models lists "
                                 f"{', '.join(map(repr, self.served))}", param="model", code="model_not_found")
         prepared = await asyncio.to_thread(self._prepare, body)  # image decoding stays off the event loop
         if body.get("model", self.model_name) != self.model_name:
             prepared.adapter = body["model"]
         if prepared.request.stream:
             return StreamingResponse(self._events(prepared), media_type="text/event-stream")
-        if self.engine == "vllm":
-            answer = await self.generator.complete(prepared)  # the engine batches continuously
-        else:
-            answer = await self.generate_batch(prepared)
+        answer = await self.generate_batch(prepared)
         if isinstance(answer, Exception):
             raise answer
         return chat_completion(prepared.adapter or self.model_name, answer.text, answer.finish_reason,
                                answer.prompt_tokens, answer.completion_tokens)
 
     def _prepare(self, body: Any) -> Prepared:
-        return self.generator.prepare(parse_chat_request(body, self.limits))
+        return self.engine.prepare(parse_chat_request(body, self.limits))
 
     async def _events(self, prepared: Prepared) -> AsyncIterator[str]:
         """Server-sent events: the role, the text pieces, the finish reason with usage, then ``[DONE]``.
@@ -211,7 +185,7 @@ class LlavaServer:
         """
         chunk_id, stops = completion_id(), [s for s in prepared.request.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
-        pieces = self.generator.stream(prepared)
+        pieces = self.engine.stream(prepared)
         sent, text, stopped = 0, "", False
         try:
             yield _event(chat_chunk(chunk_id, self.model_name, {"role": "assistant", "content": ""}))
@@ -252,22 +226,19 @@ class LlavaServer:
 
     @api.get("/v1/stats", dependencies=[Depends(require_api_key)])
     async def stats(self):
-        """Requests received, and this replica's generation counts: ``model.generate`` calls (transformers:
-        batching shows as fewer calls than requests) or the engine's finished and aborted requests (vLLM)."""
-        if self.engine == "vllm":
-            return {"requests": self.requests, "engine": await self.generator.stats()}
-        return {"requests": self.requests, "generate_calls": self.generator.generate_calls}
+        """Requests received, and the engine's counters: ``generate_calls`` (static batches: batching shows as
+        fewer calls than requests), or ``finished`` and ``aborted`` requests (an engine that batches continuously)."""
+        return {"requests": self.requests, "engine": await self.engine.stats()}
 
     async def check_health(self) -> None:
         """Ray Serve's health probe: a replica whose model or engine is gone gets replaced."""
-        if self.engine == "vllm":
-            await self.generator.check_health()
-        elif self.generator.model is None:
-            raise RuntimeError("model not loaded")
+        await self.engine.check_health()
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The application builder that ``serve run`` / ``serve deploy`` call with the config's ``args``."""
+    """The application builder that ``serve run`` / ``serve deploy`` call with the config's ``args`` (checked here
+    first, so that a wrong key fails the deploy command, naming it, before any replica starts)."""
+    ServeConfig.model_validate(args)
     return LlavaServer.bind(**args)
 
 

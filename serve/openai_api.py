@@ -1,8 +1,9 @@
 """The OpenAI-compatible request and response shapes, and the errors a client can cause.
 
-Requests are validated here, before anything touches the model: every problem becomes an
-``ApiError`` that the HTTP layer turns into OpenAI's error JSON
-(``{"error": {"message", "type", "param", "code"}}``) with a 4xx status.
+Requests are validated here, before anything touches the model, into the core's ``GenerationRequest``:
+every problem becomes a ``RequestError`` that the HTTP layer turns into OpenAI's error JSON
+(``{"error": {"message", "type", "param", "code"}}``) with its 4xx status. The limits are the Serve
+config's (``config.schema.ServeLimits``).
 """
 
 from __future__ import annotations
@@ -11,24 +12,15 @@ import base64
 import binascii
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llava_platform.config.schema import ServeLimits
+from llava_platform.generation.request import GenerationRequest, RequestError
+
 ROLES = ("system", "user", "assistant")
-
-
-class ApiError(Exception):
-    """A request the server refuses: HTTP ``status`` and OpenAI's error fields."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):  # noqa: A002 - OpenAI's field name
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 NOT_IMPLEMENTED = ("tools", "tool_choice", "functions", "function_call", "top_logprobs", "logit_bias", "modalities",
@@ -36,7 +28,7 @@ NOT_IMPLEMENTED = ("tools", "tool_choice", "functions", "function_call", "top_lo
 """OpenAI request fields this server does not implement: a request that sets one gets a 400 naming it."""
 
 
-class ChatRequest(BaseModel):
+class ChatCompletionBody(BaseModel):
     """``POST /v1/chat/completions``: every field we honour, and the few we accept because they cannot change
     the answer (``user``, ``metadata``, ...). Any other field is a 400 that names it (``parse_chat_request``):
     nothing a client asks for is silently ignored."""
@@ -71,67 +63,15 @@ class ChatRequest(BaseModel):
     """Accepted and without effect: who asks, how the client files the call, and (without ``tools``) nothing."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; set by the operator in the deployment's config."""
-
-    max_tokens: int = 256
-    """Cap on ``max_tokens``; also the default when a request gives none."""
-    max_images: int = 4
-    max_image_bytes: int = 10_000_000
-    max_image_pixels: int = 50_000_000
-    max_image_aspect_ratio: float = 20.0
-    """Longer side / shorter side; beyond it an image is refused from its header, before decoding."""
-    allowed_image_hosts: tuple[str, ...] = ()
-    """``http(s)`` image URLs are refused unless their host is listed here (then fetched with a timeout,
-    no redirects and the byte limit); ``data:`` URLs always work."""
-    max_videos: int = 1
-    """``video_url`` parts per request (OneVision models; a model without video refuses any)."""
-    max_video_bytes: int = 50_000_000
-    max_video_duration_s: float = 120.0
-    max_video_frames: int = 10_000
-    """Frames in the video's stream: a video with more is refused from its header, before decoding."""
-    video_frames: int = 8
-    """Frames sampled from each video, uniformly: the count the model trained with (``data.video.frames``)."""
-    allowed_video_hosts: tuple[str, ...] = ()
-    """As ``allowed_image_hosts``, for ``video_url`` parts."""
-
-    def video_limits(self):
-        """The ``data.video`` limits a video of a request is sampled under."""
-        from llava_platform.data.video import VideoLimits
-
-        return VideoLimits(frames=self.video_frames, max_duration_s=self.max_video_duration_s,
-                           max_source_frames=self.max_video_frames, max_bytes=self.max_video_bytes,
-                           max_frame_pixels=self.max_image_pixels)
-
-
-@dataclass
-class ParsedChat:
-    """A validated request: the conversation for the chat template and the decoded images, in order."""
-
-    conversation: list[dict[str, Any]]
-    images: list[Any] = field(default_factory=list)
-    """PIL images, in the order their parts appear."""
-    videos: list[list[Any]] = field(default_factory=list)
-    """Each ``video_url`` part's sampled frames (PIL images), in order."""
-    max_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    """Seeds ``torch`` before sampling; ``ChatRequest`` has checked its range."""
-    stream: bool = False
-
-
-def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
-    """Validate a decoded JSON body into a ``ParsedChat``.
+def parse_chat_request(body: Any, limits: ServeLimits, fetcher=None) -> GenerationRequest:
+    """Validate a decoded JSON body into a ``GenerationRequest``.
 
     Args:
         body: the JSON body (anything: a list or a string is refused too).
-        fetcher: ``(url, max_bytes) -> bytes`` for allow-listed ``http(s)`` URLs (default: ``fetch_image``).
+        fetcher: ``(url, max_bytes, kind) -> bytes`` for allow-listed ``http(s)`` URLs (default: ``fetch_media``).
 
     Raises:
-        ApiError: 400 for any malformed field, unknown role, bad or oversized image, or a
+        RequestError: 400 for any malformed field, unknown role, bad or oversized image, or a
             ``max_tokens`` above the cap.
     """
     from llava_platform.data.errors import SampleError
@@ -139,34 +79,34 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
     from llava_platform.data.video import sample_video
 
     if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+        raise RequestError(400, "the request body must be a JSON object")
     for name in NOT_IMPLEMENTED:
         if body.get(name) is not None:
-            raise ApiError(400, f"{name}: not implemented by this server (a LLaVA model answering in text); remove "
+            raise RequestError(400, f"{name}: not implemented by this server (a LLaVA model answering in text); remove "
                                 "the field", param=name, code="unsupported_parameter")
     try:
-        request = ChatRequest.model_validate(body)
+        request = ChatCompletionBody.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
-            raise ApiError(400, f"{param}: not a field this server knows (serve/README.md lists them)",
+            raise RequestError(400, f"{param}: not a field this server knows (serve/README.md lists them)",
                            param=param, code="unknown_parameter") from error
-        raise ApiError(400, f"{param}: {first['msg']}", param=param) from error
+        raise RequestError(400, f"{param}: {first['msg']}", param=param) from error
     if request.response_format not in (None, {"type": "text"}):
-        raise ApiError(400, f"response_format: only {{'type': 'text'}} is supported, not {request.response_format}",
+        raise RequestError(400, f"response_format: only {{'type': 'text'}} is supported, not {request.response_format}",
                        param="response_format", code="unsupported_parameter")
     if not request.messages:
-        raise ApiError(400, "messages must hold at least one message", param="messages")
+        raise RequestError(400, "messages must hold at least one message", param="messages")
     max_tokens = request.max_completion_tokens or request.max_tokens or limits.max_tokens
     if max_tokens > limits.max_tokens:
-        raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {limits.max_tokens}",
+        raise RequestError(400, f"max_tokens {max_tokens} is over this server's cap of {limits.max_tokens}",
                        param="max_tokens")
     conversation, image_bytes, video_bytes = [], [], []
     for index, message in enumerate(request.messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
-            raise ApiError(400, f"messages.{index}.role: {role!r} is not one of {', '.join(ROLES)}",
+            raise RequestError(400, f"messages.{index}.role: {role!r} is not one of {', '.join(ROLES)}",
                            param=f"messages.{index}.role")
         parts = _content_parts(message.get("content"), f"messages.{index}.content")
         content = []
@@ -177,21 +117,21 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
             elif part.get("type") == "image_url":
                 url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
                 if len(image_bytes) == limits.max_images:
-                    raise ApiError(400, f"more than {limits.max_images} images; this server takes at most "
+                    raise RequestError(400, f"more than {limits.max_images} images; this server takes at most "
                                         f"{limits.max_images} per request", param="messages")
                 image_bytes.append((where, _media_bytes(url, where, IMAGE, limits.max_image_bytes,
-                                                        limits.allowed_image_hosts, fetcher or fetch_image)))
+                                                        limits.allowed_image_hosts, fetcher or fetch_media)))
                 content.append({"type": "image"})
             elif part.get("type") == "video_url":
                 url = part["video_url"].get("url") if isinstance(part.get("video_url"), dict) else None
                 if len(video_bytes) == limits.max_videos:
-                    raise ApiError(400, f"more than {limits.max_videos} video(s); this server takes at most "
+                    raise RequestError(400, f"more than {limits.max_videos} video(s); this server takes at most "
                                         f"{limits.max_videos} per request", param="messages")
                 video_bytes.append((where, _media_bytes(url, where, VIDEO, limits.max_video_bytes,
-                                                        limits.allowed_video_hosts, fetcher or fetch_image)))
+                                                        limits.allowed_video_hosts, fetcher or fetch_media)))
                 content.append({"type": "video"})
             else:
-                raise ApiError(400, f"{where}: a part must be {{type: text, text}}, {{type: image_url, image_url: "
+                raise RequestError(400, f"{where}: a part must be {{type: text, text}}, {{type: image_url, image_url: "
                                     "{url}} or {type: video_url, video_url: {url}}", param=where)
         conversation.append({"role": role, "content": content})
     images = []
@@ -199,15 +139,15 @@ def parse_chat_request(body: Any, limits: Limits, fetcher=None) -> ParsedChat:
         try:
             images.append(decode_image(data, limits.max_image_pixels, limits.max_image_aspect_ratio))
         except SampleError as error:
-            raise ApiError(400, f"{where}: {error}", param=where, code=error.reason) from error
+            raise RequestError(400, f"{where}: {error}", param=where, code=error.reason) from error
     videos = []
     for where, data in video_bytes:
         try:
             videos.append(sample_video(data, limits.video_limits()).frames)
         except SampleError as error:
-            raise ApiError(400, f"{where}: {error}", param=where, code=error.reason) from error
+            raise RequestError(400, f"{where}: {error}", param=where, code=error.reason) from error
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    return ParsedChat(conversation=conversation, images=images, videos=videos, max_tokens=max_tokens,
+    return GenerationRequest(conversation=conversation, images=images, videos=videos, max_tokens=max_tokens,
                       temperature=request.temperature, top_p=request.top_p, stop=stop, seed=request.seed,
                       stream=request.stream)
 
@@ -219,12 +159,12 @@ def _checked_text(text: str, where: str) -> str:
 
     for placeholder, part in ((IMAGE_PLACEHOLDER, "image_url"), (VIDEO_TOKEN, "video_url")):
         if placeholder in text:
-            raise ApiError(400, f"{where}: text may not contain {placeholder}; send media as {part} parts",
+            raise RequestError(400, f"{where}: text may not contain {placeholder}; send media as {part} parts",
                            param=where)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ApiError(400, f"{where}: text is not valid Unicode ({error.reason})", param=where) from error
+        raise RequestError(400, f"{where}: text is not valid Unicode ({error.reason})", param=where) from error
     return text
 
 
@@ -233,7 +173,7 @@ def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
         return [{"type": "text", "text": content}]
     if isinstance(content, list) and all(isinstance(part, dict) for part in content):
         return content
-    raise ApiError(400, f"{where}: content must be a string or a list of parts", param=where)
+    raise RequestError(400, f"{where}: content must be a string or a list of parts", param=where)
 
 
 @dataclass(frozen=True)
@@ -251,29 +191,30 @@ def _media_bytes(url: Any, where: str, kind: MediaKind, max_bytes: int, allowed_
                  fetcher) -> bytes:
     """The bytes of a ``data:`` URL, or of an allow-listed ``http(s)`` URL; everything else is refused."""
     if not isinstance(url, str) or not url:
-        raise ApiError(400, f"{where}.{kind.name}_url.url is missing", param=where)
+        raise RequestError(400, f"{where}.{kind.name}_url.url is missing", param=where)
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if not header.endswith(";base64"):
-            raise ApiError(400, f"{where}: only base64 data URLs are supported ({kind.example})", param=where)
+            raise RequestError(400, f"{where}: only base64 data URLs are supported ({kind.example})", param=where)
         if len(payload) * 3 // 4 > max_bytes:
-            raise ApiError(400, f"{where}: {kind.name} is over the {max_bytes:,}-byte limit", param=where,
+            raise RequestError(400, f"{where}: {kind.name} is over the {max_bytes:,}-byte limit", param=where,
                            code=f"{kind.name}_too_large")
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as error:
-            raise ApiError(400, f"{where}: the data URL is not valid base64", param=where) from error
+            raise RequestError(400, f"{where}: the data URL is not valid base64", param=where) from error
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https") and parsed.hostname in allowed_hosts:
-        return fetcher(url, max_bytes)
-    raise ApiError(400, f"{where}: {kind.name} URLs must be base64 data: URLs (this server fetches no remote URLs"
+        return fetcher(url, max_bytes, kind.name)
+    raise RequestError(400, f"{where}: {kind.name} URLs must be base64 data: URLs (this server fetches no remote URLs"
                         f"{'' if not allowed_hosts else ' outside its allow-list'})", param=where)
 
 
-def fetch_image(url: str, max_bytes: int, timeout_s: float = 10.0) -> bytes:
-    """GET an allow-listed image URL: no redirects (they could leave the allow-list), at most ``max_bytes``."""
+def fetch_media(url: str, max_bytes: int, kind: str, timeout_s: float = 10.0) -> bytes:
+    """GET an allow-listed ``kind`` (``image``, ``video``) URL: no redirects (they could leave the allow-list), at
+    most ``max_bytes``."""
     import urllib.error
     import urllib.request
 
@@ -285,9 +226,9 @@ def fetch_image(url: str, max_bytes: int, timeout_s: float = 10.0) -> bytes:
         with urllib.request.build_opener(NoRedirect).open(url, timeout=timeout_s) as response:
             data = response.read(max_bytes + 1)
     except (urllib.error.URLError, OSError) as error:
-        raise ApiError(400, f"cannot fetch {url}: {error}") from error
+        raise RequestError(400, f"cannot fetch {url}: {error}") from error
     if len(data) > max_bytes:
-        raise ApiError(400, f"{url}: image is over the {max_bytes:,}-byte limit", code="image_too_large")
+        raise RequestError(400, f"{url}: {kind} is over the {max_bytes:,}-byte limit", code=f"{kind}_too_large")
     return data
 
 

@@ -27,8 +27,8 @@ from jobs.console import quiet_ray_data
 from llava_platform import tracking
 from llava_platform.config import load_recipe
 from llava_platform.data.synthetic import write_synthetic_dataset
-from tests.helpers.flaky_s3 import FlakyS3Proxy
-from tests.helpers.servers import S3_TEST_ENV, MotoServer
+from llava_platform.testing.flaky_s3 import FlakyS3Proxy
+from llava_platform.testing.local_servers import S3_TEST_ENV, MotoServer
 
 BUCKET = "bench-checkpoints"
 

@@ -4,8 +4,8 @@
     python -m jobs.benchmarks.datagen --quick          # c=32 only, 2 waves of 0.05 s answers, one run
     python -m jobs.benchmarks.datagen --dry-run        # write the inputs, start and stop the server
 
-Runs ``jobs.generate_data`` (local Ray, one actor) against the tests' scripted OpenAI-protocol server
-(``tests/helpers/chat_server.py``, its own process on 127.0.0.1) that answers every request after exactly
+Runs ``jobs.generate_data`` (local Ray, one actor) against the scripted OpenAI-protocol teacher
+(``llava_platform.testing.chat_server``, its own process on 127.0.0.1) that answers every request after exactly
 ``--service-time`` seconds with a well-formed description. At concurrency c, a perfect client keeps c
 requests in flight and finishes c / service-time requests per second: the ideal. Each level asks for
 c x ``--waves`` descriptions (one per image) and measures the job's throughput in steady state, from
@@ -27,7 +27,7 @@ from pathlib import Path
 import ray
 
 from jobs import generate_data
-from tests.helpers.chat_server import ChatServer
+from llava_platform.testing.chat_server import ChatServer
 
 
 def main(argv: list[str] | None = None) -> dict[int, float]:

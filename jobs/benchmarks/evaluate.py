@@ -25,8 +25,8 @@ import ray
 from jobs import compose, evaluate
 from jobs.benchmarks.serve import MODEL
 from llava_platform.config import load_recipe
+from llava_platform.config.schema import InferenceConfig
 from llava_platform.data.synthetic import write_synthetic_dataset
-from llava_platform.vllm_engine import VllmSettings
 
 
 def main(argv: list[str] | None = None) -> float | None:
@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None) -> float | None:
         return None
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # the figures are the output; logs: Ray's folder
     tracking = f"sqlite:///{root / 'mlflow.db'}"
-    vllm = VllmSettings(enforce_eager=True)
     timings, answers = {}, {}
     for engine in ("transformers", "vllm"):
         started = time.perf_counter()
+        inference = InferenceConfig(engine=engine, vllm={"enforce_eager": True}, num_replicas=1, cpus_per_replica=2,
+                                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         result = evaluate.run(model=str(model), data=[str(files["eval"])], image_root=str(root / "data"),
-                              output=root / engine, tracking_uri=tracking, replicas=1, batch_size=args.batch_size,
-                              cpus_per_replica=2, max_new_tokens=args.max_new_tokens, engine=engine, vllm=vllm)
+                              output=root / engine, tracking_uri=tracking, inference=inference)
         timings[engine] = time.perf_counter() - started
         answers[engine] = {r["id"]: r["prediction"] for r in map(json.loads,
                                                                   result.predictions.read_text().splitlines())}

@@ -25,9 +25,8 @@ import ray
 from jobs import compose, train
 from jobs.console import quiet_ray_data
 from llava_platform import tracking
-from llava_platform.config import load_recipe
+from llava_platform.config import load_recipe, memory_plan
 from llava_platform.data.synthetic import write_synthetic_dataset
-from llava_platform.train import memory
 
 MODEL = ["model.tiny.text_hidden_size=1792", "model.tiny.text_layers=16", "model.tiny.text_heads=16",
          "model.tiny.vision_hidden_size=256", "model.tiny.vision_layers=4", "model.tiny.vision_heads=4"]
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.dry_run:
         files = {"stage1": run_dir / "data" / "stage1.json", "stage2": run_dir / "data" / "stage2.jsonl"}
         recipe = load_recipe("tiny_cpu_demo", overrides(run_dir / "data", files, args.steps, args.batch, tracking_uri))
-        lm, tower = memory.recipe_shapes(recipe)
+        lm, tower = memory_plan.recipe_shapes(recipe)
         print(f"dry run: {(lm.params + tower.params) / 1e9:.2f}B parameters, stage 1 + stage 2 x {args.steps} steps "
               f"of {args.batch} on 1 GPU, {recipe.stage1.deepspeed.precision} + tf32")
         return {}
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     ray.init(include_dashboard=False, log_to_driver=False)
     quiet_ray_data()
     result = train.run(recipe, model=str(initial), output=run_dir / "train", stage="all")
-    lm, tower = memory.recipe_shapes(recipe)
+    lm, tower = memory_plan.recipe_shapes(recipe)
     params = lm.params + tower.params
     device, peak = peak_flops()
     client = tracking.client_for(tracking_uri)

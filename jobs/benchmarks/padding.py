@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(args.records // 4)))
     checkpoint = str(root / "checkpoint")
     save_llava(*compose_llava(
-        str(save_tiny_vision_tower(root / "clip", image_size=336)), str(save_tiny_language_model(root / "llama")),
+        str(save_tiny_vision_tower(root / "clip", image_size=336, patch_size=14)),
+        str(save_tiny_language_model(root / "llama")),
         arch="llava_next", projector="mlp2x_gelu", vision_feature_layer=-2, image_size=336, image_mode="anyres",
         template="vicuna_v1", pinpoints=PINPOINTS), checkpoint)
     if args.dry_run:

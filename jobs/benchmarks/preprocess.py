@@ -141,7 +141,7 @@ def pipeline_run(root: Path, images: list[Path], records: int, checkpoint: str) 
                     + "\n")
     spec = RowSpec(template="plain", image_mode="anyres", max_length=4096, image_root=str(images[0].parent))
     rows, _ = preprocess(read_records([str(data)]), processor_path=checkpoint, spec=spec, num_actors=(1, 2),
-                         batch_size=8)
+                         records_per_call=8)
     seen = 0
     with PeakMemory() as memory:
         started = time.perf_counter()
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(include_dashboard=False, log_to_driver=False)  # the figures are the output; logs: Ray's folder
     checkpoint = str(root / "checkpoint")
     save_llava(*compose_llava(
-        str(save_tiny_vision_tower(root / "clip", image_size=336)), str(save_tiny_language_model(root / "llama")),
+        str(save_tiny_vision_tower(root / "clip", image_size=336, patch_size=14)),
+        str(save_tiny_language_model(root / "llama")),
         arch="llava_next", projector="mlp2x_gelu", vision_feature_layer=-2, image_size=336, image_mode="anyres",
         template="plain", pinpoints=PINPOINTS), checkpoint)
     print(f"\n3. Ray Data pipeline (anyres, 336 px), {int(ray.cluster_resources()['CPU'])} CPUs")

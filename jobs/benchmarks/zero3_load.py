@@ -26,8 +26,7 @@ from pathlib import Path
 
 from jobs import compose
 from jobs.benchmarks.ranks import EngineTask, rank_memory, spawn_ranks
-from llava_platform.config import load_recipe
-from llava_platform.train import memory
+from llava_platform.config import load_recipe, memory_plan
 
 RECIPE = "tiny_cpu_demo"
 MODEL = ("model.tiny.text_hidden_size=1792", "model.tiny.text_layers=16", "model.tiny.text_heads=16",
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     overrides = (*(QUICK_MODEL if args.quick else MODEL), *STAGE)
     recipe = load_recipe(RECIPE, [*overrides, f"scaling.num_workers={args.ranks}"])
-    lm, tower = memory.recipe_shapes(recipe)
+    lm, tower = memory_plan.recipe_shapes(recipe)
     params = lm.params + tower.params
     print(f"model: ~{params / 1e9:.2f}B parameters, {4 * params / 2**30:.2f} GiB in float32; "
           f"{args.ranks} ranks, ZeRO-3, every weight sharded")

@@ -1,4 +1,4 @@
-"""Scoring of generated answers: VQA-style normalised exact match and multiple-choice letters.
+"""Scoring of generated answers: VQA-normalised exact match and multiple-choice letters.
 
 An evaluation record is a LLaVA-format record whose first human turn is the question, with a gold
 ``answer`` (else the first assistant turn) and a ``type``: ``short`` (exact match after
@@ -11,17 +11,10 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from llava_platform.benchmarks.rules import vqa_normalize
 from llava_platform.data.errors import SampleError
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = re.compile(r"[^\w\s]")
 _LETTER = re.compile(r"^\s*\(?([A-Z])[\).:\s]|^\s*([A-Z])\s*$|answer is \(?([A-Z])\)?", re.IGNORECASE)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, squeeze spaces (VQA-style)."""
-    text = _PUNCTUATION.sub(" ", text.lower())
-    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def extract_choice(text: str) -> str | None:
@@ -33,10 +26,11 @@ def extract_choice(text: str) -> str | None:
 
 
 def is_correct(prediction: str, gold: str, kind: str) -> bool:
-    """``kind``: ``mc`` compares option letters, anything else normalised exact match."""
+    """``kind``: ``mc`` compares option letters, anything else exact match after the VQA normalisation
+    (``benchmarks.rules.vqa_normalize``: the one answer normaliser)."""
     if kind == "mc":
         return extract_choice(prediction) == gold.strip().upper()
-    return normalize_answer(prediction) == normalize_answer(gold)
+    return vqa_normalize(prediction) == vqa_normalize(gold)
 
 
 KINDS = ("short", "mc")

@@ -1,4 +1,4 @@
-"""Model inputs and greedy answers from a LLaVA checkpoint, shared by the server and the evaluation job.
+"""Model inputs from a LLaVA checkpoint, shared by the engines (``generation/``), training's checks and tests.
 
 Prompts are built by the checkpoint's own chat template and images tiled by its own processor, so
 inference sees exactly what training produced (the template and tiling are saved with the export).
@@ -157,24 +157,3 @@ def end_token_ids(generation_config) -> set[int]:
     if ids is None:
         return set()
     return set(ids) if isinstance(ids, list | tuple) else {ids}
-
-
-def answer_questions(model, processor, items: Sequence[tuple[Media, str]], *,
-                     max_new_tokens: int) -> list[str]:
-    """Greedy answers to (media, question) pairs, all in one ``generate`` call (media: ``Media``).
-
-    Answers end at the template's end-of-turn token (the checkpoint's ``generation_config``); special
-    tokens are dropped and whitespace stripped.
-    """
-    tokenizer = processor.tokenizer
-    encoded = []
-    for media, question in items:
-        images, videos = media_parts(media)
-        conversation = question_conversation(question, len(images), len(videos))
-        encoded.append(encode_chat(processor, conversation, images, videos))
-    inputs = merge_inputs(encoded, tokenizer.pad_token_id)
-    with torch.no_grad():
-        output = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:].cpu()
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]

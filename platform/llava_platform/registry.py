@@ -15,14 +15,11 @@ from pathlib import Path
 
 import mlflow
 
-from llava_platform.inference import answer_questions
-from llava_platform.model.compose import load_pretrained_llava
+from llava_platform.model.sources import CHECKPOINT_ARTIFACT
 from llava_platform.tracking import client_for
 
 EXPORT_ARTIFACT = "export"
 """The logged model's name inside its run (``<run>/export``)."""
-CHECKPOINT_ARTIFACT = "checkpoint"
-"""The registered pyfunc model's artifact that holds the Hugging Face folder."""
 
 
 class LlavaCheckpoint(mlflow.pyfunc.PythonModel):
@@ -34,17 +31,20 @@ class LlavaCheckpoint(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
+        from llava_platform.generation.transformers import TransformersEngine
+
         self.checkpoint_path = context.artifacts[CHECKPOINT_ARTIFACT]
-        self.model, self.processor = load_pretrained_llava(self.checkpoint_path)
-        self.model.eval()
+        self.engine = TransformersEngine.open(self.checkpoint_path, model_name="registry", device="cpu",
+                                              dtype="float32", vllm=None, adapters={})
 
     def predict(self, context, model_input, params=None) -> list[str]:
         from PIL import Image
 
+        from llava_platform.generation.engine import answer_questions
+
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         items = [(Image.open(row["image"]).convert("RGB") if row.get("image") else None, row["prompt"]) for row in rows]
-        return answer_questions(self.model, self.processor, items,
-                                max_new_tokens=int((params or {}).get("max_new_tokens", 32)))
+        return answer_questions(self.engine, items, max_new_tokens=int((params or {}).get("max_new_tokens", 32)))
 
 
 def register_export(tracking_uri: str, run_id: str, export_dir: str | Path, model_name: str) -> str:

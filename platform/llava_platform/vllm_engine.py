@@ -32,43 +32,25 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 @dataclass(frozen=True)
 class VllmSettings:
-    """How the engine runs; ``serve/config.yaml``'s ``args.vllm`` and ``jobs.evaluate`` set these."""
+    """How the engine runs (``config.schema.VllmConfig.build()``: each setting's meaning and default are there)."""
 
-    dtype: str = "auto"
-    """``auto``: the checkpoint's dtype on GPUs; vLLM's CPU build runs bfloat16 or float32."""
-    max_model_len: int | None = None
-    """Context the KV cache is sized for (default: the checkpoint's)."""
-    gpu_memory_utilization: float = 0.9
-    """Share of the GPU's memory for weights and KV cache (ignored when ``kv_cache_memory_bytes`` is set)."""
-    kv_cache_memory_bytes: int | None = None
-    """A fixed KV cache size; ``None``: ``gpu_memory_utilization`` on GPUs, ``CPU_KV_CACHE_BYTES`` on CPUs."""
-    max_num_seqs: int = 256
-    """Sequences batched together at most (continuous batching)."""
-    max_lora_rank: int | None = None
-    """LoRA adapters served unmerged up to this rank (``None``: no LoRA; the Serve app sets it from its
-    ``lora_adapters``)."""
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    """No CUDA graphs / torch.compile: starts in seconds instead of a minute (tests, CPU)."""
-    in_process: bool = False
-    """Run the engine core in the actor's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): one process
-    less per engine; the default (a separate engine-core process) overlaps scheduling with the forward pass."""
-    python: str | None = None
+    dtype: str
+    max_model_len: int | None
+    gpu_memory_utilization: float
+    kv_cache_memory_bytes: int | None
+    """``None``: ``gpu_memory_utilization`` on GPUs, ``CPU_KV_CACHE_BYTES`` on CPUs."""
+    max_num_seqs: int
+    max_lora_rank: int | None
+    """LoRA adapters served unmerged up to this rank (``None``: no LoRA)."""
+    enable_prefix_caching: bool
+    enforce_eager: bool
+    in_process: bool
+    """The engine core in the actor's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    python: str | None
     """The engine environment's interpreter; ``None``: ``default_engine_python()``."""
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    env: dict[str, str] = field(default_factory=dict)
-    """Extra environment variables for the engine process (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any] | None) -> VllmSettings:
-        """From a config mapping, refusing unknown keys by name (a config error names the key)."""
-        args = dict(args or {})
-        unknown = sorted(set(args) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"vllm: unknown setting(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(cls.__dataclass_fields__)}")
-        return cls(**args)
+    num_cpus: float
+    num_gpus: float
+    env: dict[str, str]
 
 
 SEVERAL_IMAGES_ON_VLLM = (

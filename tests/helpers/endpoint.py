@@ -16,6 +16,20 @@ VLLM_TEST_SETTINGS = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory
 compilation, the engine core in the actor's process (one process and ~1 GiB per engine)."""
 
 
+def vllm_test_settings():
+    """``VLLM_TEST_SETTINGS`` as the engine takes them (``VllmConfig(...).build()``)."""
+    from llava_platform.config.schema import VllmConfig
+
+    return VllmConfig(**VLLM_TEST_SETTINGS).build()
+
+
+def reference_engine(checkpoint):
+    """The transformers engine in this process, float32: what the vLLM engine's answers are compared with."""
+    from llava_platform.generation.engine import open_engine
+
+    return open_engine("transformers", checkpoint, model_name="reference", device="cpu", dtype="float32")
+
+
 def data_url(size=(40, 30)) -> str:
     return bodies.data_url(size, colour=(30, 200, 30))
 

@@ -26,8 +26,8 @@ RAY_LOGICAL_CPUS = 8
 def towers(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("towers")
     return {
-        "clip": str(save_tiny_vision_tower(root / "clip", family="clip", image_size=TILE)),
-        "siglip": str(save_tiny_vision_tower(root / "siglip", family="siglip", image_size=TILE)),
+        "clip": str(save_tiny_vision_tower(root / "clip", family="clip", image_size=TILE, patch_size=14)),
+        "siglip": str(save_tiny_vision_tower(root / "siglip", family="siglip", image_size=TILE, patch_size=14)),
         # one head of 32: vLLM's CPU attention runs head sizes from 32 up (llava_platform.vllm_engine.CPU_HEAD_SIZES)
         "llama": str(save_tiny_language_model(root / "llama", heads=1)),
         "qwen2": str(save_tiny_language_model(root / "qwen2", family="qwen2", heads=1)),

@@ -28,9 +28,9 @@ KINDS = {
     "quarantine entries": "a bad record without its quarantine entry, or with the wrong reason",
     "metric entries": "missing from the tracking server, or delivered twice",
     "files": "missing from storage, or not whole",
-    "code executions": "code of an untrusted file that ran",
-    "leaked secrets": "a secret's value found in MLflow or in the output",
-    "engine starts": "an engine that started (or hung) where it should have refused, naming the reason",
+    "loads that ran untrusted code": "code of an untrusted file that ran",
+    "places leaking a secret": "a secret's value found in MLflow or in the output",
+    "engine starts not refused": "an engine that started (or hung) where it should have refused, naming the reason",
 }
 """Every kind of loss the table measures, and what counts as one."""
 

@@ -27,7 +27,8 @@ def micro_batch(processor, recipe, image: bool, seed: int) -> dict[str, torch.Te
         tiles, size, tokens = None, None, []
     sample = tokenize_conversation(turns, processor.tokenizer, resolve_chat_template(data.template,
                                                                                      processor.chat_template),
-                                   tokens_per_image=tokens, image_token="<image>", max_length=256)
+                                   tokens_per_image=tokens, image_token="<image>", max_length=256,
+                                   truncation="drop")
     return collate([sample.input_ids], [sample.labels], [tiles], [size], pad_token_id=processor.tokenizer.pad_token_id,
                    anyres=data.image_mode == "anyres", image_mean=settings.image_mean, image_std=settings.image_std)
 

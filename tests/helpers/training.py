@@ -38,7 +38,7 @@ LLAVA_HF_PREFIXES = ("vision_tower.vision_model.", "language_model.model.", "lan
 
 def assert_llava_hf_layout(folder: Path) -> None:
     """Every tensor of the checkpoint in ``folder`` is named as in llava-hf checkpoints on the hub."""
-    from llava_platform.train.partitioned import tensor_index
+    from llava_platform.model.checkpoint_index import tensor_index
 
     names = list(tensor_index(folder))
     assert names and any(n.startswith("vision_tower.vision_model.") for n in names), names[:5]

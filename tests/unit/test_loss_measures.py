@@ -182,18 +182,19 @@ class _Payload:
         return (type(self.marker).write_text, (self.marker, "ran"))
 
 
-@pytest.mark.loss_control("code executions: a pickle opened with weights_only=False")
+@pytest.mark.loss_control("loads that ran untrusted code: a pickle opened with weights_only=False")
 def test_a_pickle_that_ran_is_read(tmp_path, record_property):
     import torch
 
     marker = tmp_path / "marker"
     torch.save({"payload": _Payload(marker)}, tmp_path / "weights.bin")
     torch.load(tmp_path / "weights.bin", weights_only=False)  # what the safe loader never does
-    loss, = record_loss(record_property, found_loss("code executions", ["weights.bin"] if marker.exists() else [], 1))
+    ran = ["weights.bin"] if marker.exists() else []
+    loss, = record_loss(record_property, found_loss("loads that ran untrusted code", ran, checked=1))
     assert loss.count == 1
 
 
-@pytest.mark.loss_control("leaked secrets: a secret logged as an MLflow param")
+@pytest.mark.loss_control("places leaking a secret: a secret logged as an MLflow param")
 def test_a_secret_in_a_param_is_read(mlflow_store, record_property):
     from llava_platform import tracking
 
@@ -201,11 +202,11 @@ def test_a_secret_in_a_param_is_read(mlflow_store, record_property):
     tracking.log_params(uri, run_id, {"endpoint_key": "s3cr3t-planted"})
     params = tracking.client_for(uri).get_run(run_id).data.params
     leaked = [key for key, value in params.items() if "s3cr3t-planted" in value]
-    loss, = record_loss(record_property, found_loss("leaked secrets", leaked, checked=len(params)))
+    loss, = record_loss(record_property, found_loss("places leaking a secret", leaked, checked=len(params)))
     assert loss.count == 1
 
 
-@pytest.mark.loss_control("engine starts: an engine that starts where it should have refused")
+@pytest.mark.loss_control("engine starts not refused: an engine that starts where it should have refused")
 def test_an_engine_that_started_is_read(record_property):
     starts = {"refuses": lambda: (_ for _ in ()).throw(RuntimeError("model m: its head size is 16")),
               "starts anyway": lambda: "an engine"}
@@ -216,7 +217,7 @@ def test_an_engine_that_started_is_read(record_property):
             started.append(name)
         except RuntimeError:
             pass
-    loss, = record_loss(record_property, found_loss("engine starts", started, checked=len(starts)))
+    loss, = record_loss(record_property, found_loss("engine starts not refused", started, checked=len(starts)))
     assert loss.count == 1
 
 

@@ -148,7 +148,7 @@ def recipe_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     except RecipeError as err:
         parser.exit(2, f"{err}\n")
     if args.dry_run:
-        from llava_platform.train.memory import plan_recipe
+        from llava_platform.config.memory_plan import plan_recipe
 
         print(recipe_to_yaml(recipe))
         print(plan_recipe(recipe))

@@ -1,19 +1,35 @@
-"""The typed recipe: one root model per job, nested sections, a docstring per field.
+"""The typed recipe and configs: one root model per job, nested sections, a docstring per field.
 
-A recipe is resolved once on the driver (YAML + ``key.sub=value`` overrides, see ``load.py``),
-validated here, and then passed down as flat arguments: nothing below the job entrypoints reads a
-recipe object. Cross-field rules live in ``Recipe.problems`` so that every mistake is reported at
-once, each under its dotted path.
+Every setting and its default is written here, once (``tests/unit/config/test_one_home_per_setting.py``
+holds that): the training recipe (``Recipe``), batch inference (``InferenceConfig``, ``jobs.evaluate``'s
+flags take their defaults from it), the Serve application (``ServeConfig``, ``serve/config.yaml``'s
+``args``) and the vLLM engine (``VllmConfig``). A recipe is resolved once on the driver (YAML +
+``key.sub=value`` overrides, see ``load.py``) and validated here; below the job entrypoints nothing
+reads a config object: each section's ``build()`` (or ``row_spec()``) turns it into the typed spec the
+code below takes (``RowSpec``, ``VideoLimits``, ``LoraSpec``, ``VllmSettings``). Cross-field rules live
+in ``Recipe.problems`` so that every mistake is reported at once, each under its dotted path.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from llava_platform.archs import image_modes_for, takes_video, tiles_anyres
 from llava_platform.data.rows import RowSpec
+from llava_platform.data.video import VideoLimits
+from llava_platform.generation.plan import InferencePlan
 from llava_platform.train.deepspeed_config import DeepSpeedConfigError, gradient_accumulation_steps
+from llava_platform.train.plan import LoraSpec
+from llava_platform.vllm_engine import VllmSettings
+
+MAX_IMAGE_PIXELS = 50_000_000
+"""The decompression-bomb guard: images (and video frames) with more pixels are refused from their header,
+before decoding. The default of every image-pixel limit: training data, evaluation data, served requests."""
+
+ONEVISION_ANYRES_MAX_TILES = 9
+"""OneVision's published ``anyres_max_9`` (``model.anyres_max_tiles``'s default; vLLM runs no other)."""
 
 Arch = Literal["llava", "llava_next", "llava_onevision"]
 """``llava``: LlavaForConditionalGeneration (LLaVA-1.5). ``llava_next``: LlavaNextForConditionalGeneration.
@@ -27,22 +43,22 @@ Scheduler = Literal["cosine", "linear", "constant"]
 TruncationPolicy = Literal["drop", "truncate"]
 VisionFamily = Literal["clip", "siglip"]
 AttentionImplementation = Literal["eager", "sdpa", "flash_attention_2"]
-IMAGE_MODES: dict[str, tuple[str, ...]] = {"llava": ("square", "pad"), "llava_next": ("anyres",),
-                                           "llava_onevision": ("anyres",)}
-"""The image modes each arch serves: LLaVA-1.5 tiles one square image, LLaVA-NeXT tiles anyres grids,
-OneVision tiles a lone image anyres (``anyres_max_<N>``, ``model.anyres_max_tiles``); the images of a
-several-image record and a video's frames always take one base-size tile each."""
-
-
-def image_modes_for(arch: str) -> tuple[str, ...]:
-    """The image modes ``arch`` can train and serve (the one arch <-> mode rule; ``()`` for unknown archs)."""
-    return IMAGE_MODES.get(arch, ())
 
 
 class Section(BaseModel):
     """Base for every recipe section: unknown keys are errors, values are immutable once resolved."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @classmethod
+    def default(cls, name: str):
+        """A field's default (what a command-line flag of the same setting defaults to)."""
+        return cls.model_fields[name].get_default(call_default_factory=True)
+
+    @classmethod
+    def doc(cls, name: str) -> str:
+        """A field's docstring, for a command-line flag's help."""
+        return " ".join((cls.model_fields[name].description or "").split())
 
 
 class TinyTowers(Section):
@@ -62,9 +78,9 @@ class TinyTowers(Section):
     text_layers: PositiveInt = 2
     text_heads: PositiveInt = 2
     text_vocab_size: PositiveInt = 320
+    """Byte-level BPE vocabulary size of the tiny tokenizer (256 bytes + merges + specials)."""
     text_family: Literal["llama", "mistral", "qwen2"] = "llama"
     """Which causal LM architecture to build (OneVision pairs SigLIP with ``qwen2``)."""
-    """Byte-level BPE vocabulary size of the tiny tokenizer (256 bytes + merges + specials)."""
     seed: int = 0
     """Weights are a pure function of this seed and the sizes above."""
 
@@ -92,10 +108,14 @@ class ModelConfig(Section):
     """``anyres`` candidate resolutions as (height, width); multiples of ``image_size``."""
     anyres_max_tiles: PositiveInt | None = None
     """``llava_onevision`` only: ``anyres_max_<N>``, the lone image's grid features are scaled down to about
-    N tiles' worth when larger (OneVision: 9); default 9 for that arch."""
+    N tiles' worth when larger; ``None``: ``ONEVISION_ANYRES_MAX_TILES`` (``max_tiles()`` resolves it)."""
     attn_implementation: AttentionImplementation = "sdpa"
     """transformers' attention kernel for training and serving: ``sdpa`` (PyTorch's, everywhere),
     ``flash_attention_2`` (GPUs with the ``flash-attn`` package installed), ``eager``."""
+
+    def max_tiles(self) -> int | None:
+        """N of OneVision's ``anyres_max_N`` for this arch (``None`` for the archs without it)."""
+        return (self.anyres_max_tiles or ONEVISION_ANYRES_MAX_TILES) if takes_video(self.arch) else None
 
 
 class LoraConfig(Section):
@@ -106,6 +126,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     """Module names inside the language model that receive adapters."""
+
+    def build(self) -> LoraSpec:
+        return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=tuple(self.target_modules))
 
 
 class VideoConfig(Section):
@@ -121,6 +144,12 @@ class VideoConfig(Section):
     them is the cost, whatever the sample count."""
     max_bytes: PositiveInt = 200_000_000
     """Larger video files are quarantined (``video_too_large``) before decoding."""
+
+    def build(self, max_frame_pixels: int) -> VideoLimits:
+        """The limits a video is sampled under; frames obey the images' pixel guard."""
+        return VideoLimits(frames=self.frames, max_duration_s=self.max_duration_s,
+                           max_source_frames=self.max_source_frames, max_bytes=self.max_bytes,
+                           max_frame_pixels=max_frame_pixels)
 
 
 class DataConfig(Section):
@@ -140,7 +169,7 @@ class DataConfig(Section):
     """Longest sequence in tokens, image tokens included."""
     truncation: TruncationPolicy = "drop"
     """Over-long samples: ``drop`` quarantines them, ``truncate`` cuts text (never an image)."""
-    max_image_pixels: PositiveInt = 50_000_000
+    max_image_pixels: PositiveInt = MAX_IMAGE_PIXELS
     """Refuse images with more pixels than this before decoding (decompression-bomb guard)."""
     max_images: PositiveInt = 16
     """``llava_onevision``: records with more images than this are quarantined (``too_many_images``)."""
@@ -162,9 +191,7 @@ class DataConfig(Section):
         return RowSpec(template=self.template, image_mode=self.image_mode, max_length=self.model_max_length,
                        truncation=self.truncation, max_image_pixels=self.max_image_pixels,
                        image_root=self.image_root, s3_endpoint_url=self.s3_endpoint_url,
-                       max_images=self.max_images, video_frames=self.video.frames,
-                       max_video_duration_s=self.video.max_duration_s,
-                       max_video_source_frames=self.video.max_source_frames, max_video_bytes=self.video.max_bytes)
+                       max_images=self.max_images, video=self.video.build(self.max_image_pixels))
 
 
 class OptimConfig(Section):
@@ -313,14 +340,52 @@ class SyntheticDataConfig(Section):
     to this many frames: set it to the stages' ``data.video.frames``); ``None``: single-image questions."""
 
 
-class EvaluationConfig(Section):
-    """The held-out evaluation that ``jobs.pipeline`` runs after training (through ``jobs.evaluate``)."""
+class VllmConfig(Section):
+    """The vLLM engine (``engine: vllm``): how it runs. ``build()`` gives the ``VllmSettings`` its actor takes."""
 
-    data_files: list[str] = Field(min_length=1)
-    """LLaVA-format evaluation files with gold ``answer`` and ``type`` (``short`` or ``mc``) per record."""
-    image_root: str | None = None
-    """Folder or ``s3://`` prefix of the records' relative image paths."""
+    dtype: str = "auto"
+    """vLLM's ``dtype``: ``auto`` (the checkpoint's on GPUs; vLLM's CPU build runs bfloat16 or float32),
+    ``float32``, ``bfloat16``, ``float16``."""
+    max_model_len: PositiveInt | None = None
+    """Context the KV cache is sized for (default: the checkpoint's)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    """Share of the GPU's memory for weights and KV cache (ignored when ``kv_cache_memory_bytes`` is set)."""
+    kv_cache_memory_bytes: PositiveInt | None = None
+    """A fixed KV cache size; ``None``: ``gpu_memory_utilization`` on GPUs, ``CPU_KV_CACHE_BYTES`` (1 GiB) on CPUs."""
+    max_num_seqs: PositiveInt = 256
+    """Sequences batched together at most (continuous batching)."""
+    max_lora_rank: PositiveInt | None = None
+    """LoRA adapters served unmerged up to this rank (``None``: no LoRA, or the served adapters' own rank)."""
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    """No CUDA graphs / torch.compile: starts in seconds instead of a minute (tests, CPU)."""
+    in_process: bool = False
+    """Run the engine core in the actor's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): one process
+    less per engine; the default (a separate engine-core process) overlaps scheduling with the forward pass."""
+    python: str | None = None
+    """The engine environment's interpreter; ``None``: ``$LLAVA_VLLM_PYTHON``, else the checkout's ``.venv-vllm/``."""
+    num_cpus: PositiveFloat = 1.0
+    num_gpus: float = Field(0.0, ge=0.0)
+    env: dict[str, str] = {}
+    """Extra environment variables for the engine process (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
+
+    def build(self) -> VllmSettings:
+        return VllmSettings(**self.model_dump())
+
+
+Engine = Literal["transformers", "vllm"]
+"""What generates: ``transformers`` (``model.generate`` in static batches) or ``vllm`` (continuous batching)."""
+
+
+class InferenceConfig(Section):
+    """How batch inference answers questions (``jobs.evaluate``: its flags default to these)."""
+
+    engine: Engine = "transformers"
+    """``transformers`` in each replica, or a vLLM engine per replica (its own environment, ``make vllm``)."""
+    vllm: VllmConfig = VllmConfig()
+    """The vLLM engine's settings (resources come from ``cpus_per_replica``/``gpus_per_replica``)."""
     max_new_tokens: PositiveInt = 16
+    """Answer length cap (short answers and option letters need few)."""
     batch_size: PositiveInt = 16
     """Questions per ``generate`` call."""
     num_replicas: PositiveInt = 1
@@ -330,8 +395,101 @@ class EvaluationConfig(Section):
     """0: CPU replicas; 1 puts each replica on its own GPU."""
     video_frames: PositiveInt = 8
     """Frames sampled per video record (OneVision): the count the model trained with (``data.video.frames``)."""
+    max_image_pixels: PositiveInt = MAX_IMAGE_PIXELS
+    """Images (and video frames) with more pixels are quarantined from their header, before decoding."""
+
+    def build(self) -> InferencePlan:
+        return InferencePlan(
+            engine=self.engine, vllm=self.vllm.build(), max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size, num_replicas=self.num_replicas, cpus_per_replica=self.cpus_per_replica,
+            gpus_per_replica=self.gpus_per_replica, max_image_pixels=self.max_image_pixels,
+            video=VideoConfig(frames=self.video_frames).build(self.max_image_pixels))
+
+
+class EvaluationConfig(InferenceConfig):
+    """The held-out evaluation that ``jobs.pipeline`` runs after training (through ``jobs.evaluate``)."""
+
+    data_files: list[str] = Field(min_length=1)
+    """LLaVA-format evaluation files with gold ``answer`` and ``type`` (``short`` or ``mc``) per record."""
+    image_root: str | None = None
+    """Folder or ``s3://`` prefix of the records' relative image paths."""
     score_stage1: bool = True
     """Also score the stage-1 model (starting checkpoint + aligned projector), to show what stage 2 adds."""
+
+    def inference(self) -> InferenceConfig:
+        """The batch-inference settings alone."""
+        return InferenceConfig(**{name: getattr(self, name) for name in InferenceConfig.model_fields})
+
+
+class ServeLimits(Section):
+    """What one request to the endpoint may ask for (``serve/config.yaml``'s ``args.limits``)."""
+
+    max_tokens: PositiveInt = 256
+    """Cap on ``max_tokens``; also the default when a request gives none."""
+    max_images: PositiveInt = 4
+    max_image_bytes: PositiveInt = 10_000_000
+    max_image_pixels: PositiveInt = MAX_IMAGE_PIXELS
+    max_image_aspect_ratio: PositiveFloat = 20.0
+    """Longer side / shorter side; beyond it an image is refused from its header, before decoding."""
+    allowed_image_hosts: tuple[str, ...] = ()
+    """``http(s)`` image URLs are refused unless their host is listed here (then fetched with a timeout,
+    no redirects and the byte limit); ``data:`` URLs always work."""
+    max_videos: PositiveInt = 1
+    """``video_url`` parts per request (OneVision models; a model without video refuses any)."""
+    max_video_bytes: PositiveInt = 50_000_000
+    max_video_duration_s: PositiveFloat = 120.0
+    max_video_frames: PositiveInt = 10_000
+    """Frames in the video's stream: a video with more is refused from its header, before decoding."""
+    video_frames: PositiveInt = 8
+    """Frames sampled from each video, uniformly: the count the model trained with (``data.video.frames``)."""
+    allowed_video_hosts: tuple[str, ...] = ()
+    """As ``allowed_image_hosts``, for ``video_url`` parts."""
+
+    def video_limits(self) -> VideoLimits:
+        """The limits a request's video is sampled under."""
+        return VideoConfig(frames=self.video_frames, max_duration_s=self.max_video_duration_s,
+                           max_source_frames=self.max_video_frames, max_bytes=self.max_video_bytes,
+                           ).build(self.max_image_pixels)
+
+
+class ServeConfig(Section):
+    """The Serve application's ``args`` (``serve/config.yaml``; ``jobs.deploy`` replaces a few)."""
+
+    model: str
+    """The checkpoint: a folder, ``s3://...``, ``models:/<name>/<version|@alias>``, ``runs:/<id>/<path>``."""
+    model_name: str | None = None
+    """What clients send as ``model`` (default: ``model``)."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda`` (the transformers engine; vLLM's resources are ``vllm.num_gpus``)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The transformers engine's dtype: ``auto`` is bfloat16 on GPUs that support it, else float32."""
+    api_key: str | None = None
+    """Clients must send ``Authorization: Bearer <key>``; default: ``$LLAVA_SERVE_API_KEY``, else none."""
+    limits: ServeLimits = ServeLimits()
+    engine: Engine = "transformers"
+    """What generates: static batches of ``max_batch_size`` (``transformers``), or an engine actor per replica
+    that batches continuously (``vllm``, in ``.venv-vllm/`` or ``$LLAVA_VLLM_PYTHON``)."""
+    vllm: VllmConfig = VllmConfig()
+    lora_adapters: dict[str, str] = {}
+    """``engine: vllm`` only: peft LoRA adapters served unmerged, each under its own model name, on ``model`` (a
+    LoRA run's ``<stage>/adapter_base``)."""
+    max_batch_size: PositiveInt = 8
+    """Requests queued together for one ``generate`` (an engine that batches continuously takes them one by one)."""
+    batch_wait_timeout_s: float = Field(0.05, ge=0.0)
+    """How long the first request of a batch waits for more."""
+    tracking_uri: str | None = None
+    """MLflow for ``models:/`` and ``runs:/`` URIs (default: ``MLFLOW_TRACKING_URI``)."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for ``s3://`` models (default: ``AWS_ENDPOINT_URL`` or AWS)."""
+    cache_dir: str | None = None
+    """Where downloaded checkpoints are kept (default: ``<temp>/llava-serve-cache``)."""
+
+    @model_validator(mode="after")
+    def _adapters_need_vllm(self) -> ServeConfig:
+        if self.lora_adapters and self.engine != "vllm":
+            raise ValueError("lora_adapters: unmerged LoRA adapters are served by the vllm engine only "
+                             "(set engine: vllm, or serve the merged export)")
+        return self
 
 
 class Recipe(Section):
@@ -401,7 +559,7 @@ def _model_problems(model: ModelConfig) -> list[str]:
             f"model.image_size: {model.image_size} is not a multiple of model.tiny.patch_size "
             f"{model.tiny.patch_size}"
         )
-    if model.arch in ("llava_next", "llava_onevision"):
+    if tiles_anyres(model.arch):
         if not model.image_grid_pinpoints:
             found.append(f"model.image_grid_pinpoints: {model.arch} needs anyres pinpoints, e.g. [[336, 672], ...]")
         for i, (height, width) in enumerate(model.image_grid_pinpoints or []):
@@ -413,7 +571,7 @@ def _model_problems(model: ModelConfig) -> list[str]:
     elif model.image_grid_pinpoints:
         found.append("model.image_grid_pinpoints: only used by archs llava_next and llava_onevision; remove it or "
                      "set model.arch")
-    if model.anyres_max_tiles is not None and model.arch != "llava_onevision":
+    if model.anyres_max_tiles is not None and not takes_video(model.arch):
         found.append("model.anyres_max_tiles: only used by arch llava_onevision; remove it or set model.arch")
     return found
 

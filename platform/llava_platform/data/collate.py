@@ -54,7 +54,7 @@ def collate(
     anyres: bool,
     image_mean: Sequence[float],
     image_std: Sequence[float],
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Build a model batch from per-sample token lists and uint8 tiles.
 
@@ -65,7 +65,7 @@ def collate(
         pad_token_id: id used to right-pad ``input_ids``; labels pad with ``IGNORE_INDEX``.
         anyres: LLaVA-NeXT layout (``pixel_values`` (images, max_tiles, 3, T, T) + ``image_sizes``).
         image_mean, image_std: the tower's normalisation.
-        device: where tensors are built and normalised.
+        device: where tensors are built and normalised (``None``: where they are, the CPU).
 
     Returns:
         ``input_ids``, ``attention_mask``, ``labels`` of shape (batch, longest); for batches with images
@@ -106,7 +106,7 @@ def collate_onevision(
     pad_token_id: int,
     image_mean: Sequence[float],
     image_std: Sequence[float],
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """A LLaVA-OneVision batch, whose samples have no image, one (anyres), several, or a video.
 

@@ -188,7 +188,7 @@ def tokenize_conversation(
     tokens_per_image: Sequence[int],
     image_token: str | Sequence[str],
     max_length: int,
-    truncation: Literal["drop", "truncate"] = "drop",
+    truncation: Literal["drop", "truncate"],
 ) -> TokenizedConversation:
     """Tokenise one LLaVA-format conversation and mask everything but the assistant answers.
 

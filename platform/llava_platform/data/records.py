@@ -118,8 +118,8 @@ class RowBuilder:
     max_length: int
     truncation: str
     max_image_pixels: int
-    max_images: int = 16
-    video: VideoLimits = VideoLimits()
+    max_images: int
+    video: VideoLimits
 
     @classmethod
     def from_processor(cls, processor, spec: RowSpec) -> RowBuilder:
@@ -133,9 +133,7 @@ class RowBuilder:
             truncation=spec.truncation,
             max_image_pixels=spec.max_image_pixels,
             max_images=spec.max_images,
-            video=VideoLimits(frames=spec.video_frames, max_duration_s=spec.max_video_duration_s,
-                              max_source_frames=spec.max_video_source_frames, max_bytes=spec.max_video_bytes,
-                              max_frame_pixels=spec.max_image_pixels),
+            video=spec.video,
         )
 
     def build(self, record: dict[str, Any], images: bytes | Sequence[bytes] | None,

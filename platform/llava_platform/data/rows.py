@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llava_platform.data.video import VideoLimits
+
 
 @dataclass(frozen=True)
 class RowSpec:
-    """How one raw record becomes one training row (see ``DataConfig`` for each setting's meaning)."""
+    """How one raw record becomes one training row (``DataConfig.row_spec()`` builds it; see ``DataConfig``
+    for each setting's meaning and default)."""
 
     template: str
     """Conversation template (``plain``, ``vicuna_v1``, ...)."""
@@ -19,18 +22,15 @@ class RowSpec:
     """``square``, ``pad`` or ``anyres``."""
     max_length: int
     """Longest sequence in tokens, image tokens included (``data.model_max_length``)."""
-    truncation: str = "drop"
+    truncation: str
     """``drop`` quarantines over-long samples, ``truncate`` cuts their text."""
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int
     """Images with more pixels are refused before decoding."""
-    image_root: str | None = None
+    image_root: str | None
     """Folder or ``s3://`` prefix of the records' relative image paths."""
-    s3_endpoint_url: str | None = None
-    """S3-compatible endpoint for ``s3://`` images (default: ``AWS_ENDPOINT_URL``)."""
-    max_images: int = 16
+    s3_endpoint_url: str | None
+    """S3-compatible endpoint for ``s3://`` images (``None``: ``AWS_ENDPOINT_URL``)."""
+    max_images: int
     """Records with more images are refused (several-image records: ``llava_onevision``)."""
-    video_frames: int = 8
-    """Frames sampled per video."""
-    max_video_duration_s: float = 600.0
-    max_video_source_frames: int = 100_000
-    max_video_bytes: int = 200_000_000
+    video: VideoLimits
+    """Frames sampled per video, and what a video may be."""

@@ -46,13 +46,14 @@ class VideoTooLargeError(SampleError):
 
 @dataclass(frozen=True)
 class VideoLimits:
-    """How many frames to sample and what a video may be (``data.video`` / the server's settings)."""
+    """How many frames to sample and what a video may be (``VideoConfig.build()``: ``data.video``, the server's
+    limits; the settings' meanings and defaults are there)."""
 
-    frames: int = 8
-    max_duration_s: float = 600.0
-    max_source_frames: int = 100_000
-    max_bytes: int = 200_000_000
-    max_frame_pixels: int = 50_000_000
+    frames: int
+    max_duration_s: float
+    max_source_frames: int
+    max_bytes: int
+    max_frame_pixels: int
     """Frames with more pixels are refused before decoding (the images' decompression-bomb guard)."""
 
 

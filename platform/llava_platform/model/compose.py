@@ -44,7 +44,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.utils import logging as hf_logging
 
-from llava_platform.config.schema import image_modes_for
+from llava_platform.archs import image_modes_for, takes_video, tiles_anyres
 from llava_platform.data.templates import IMAGE_PLACEHOLDER, VIDEO_TOKEN, end_of_turn_token, resolve_chat_template
 from llava_platform.inference import end_token_ids
 from llava_platform.model.layout import write_llava_hf_layout
@@ -60,10 +60,6 @@ MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava_next": LlavaNextForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
 }
-ANYRES_ARCHS = ("llava_next", "llava_onevision")
-"""The archs that tile anyres grids and carry an ``image_newline`` embedding."""
-DEFAULT_ANYRES_MAX_TILES = 9
-"""OneVision's ``anyres_max_9``."""
 PROJECTOR_ACTIVATIONS = {"mlp2x_gelu": "gelu", "linear": "linear"}
 
 
@@ -140,10 +136,12 @@ def plan_composition(
             f"model.vision_feature_layer {vision_feature_layer} is outside the tower's {depth} layers"
         )
     tokenizer = AutoTokenizer.from_pretrained(language_model)
-    add_image_token(tokenizer, video=arch == "llava_onevision")
+    add_image_token(tokenizer, video=takes_video(arch))
     chat_template = resolve_chat_template(template, tokenizer.chat_template)
     text_config = AutoConfig.from_pretrained(language_model)
-    max_tiles = (anyres_max_tiles or DEFAULT_ANYRES_MAX_TILES) if arch == "llava_onevision" else None
+    if takes_video(arch) and anyres_max_tiles is None:
+        raise ModelCompositionError(f"arch {arch}: give anyres_max_tiles, N of anyres_max_N (model.anyres_max_tiles)")
+    max_tiles = anyres_max_tiles if takes_video(arch) else None
     config = _llava_config(
         arch, tower, text_config, tokenizer, projector, vision_feature_layer, pinpoints, max_tiles,
     )
@@ -243,7 +241,7 @@ def compose_llava(
     model.model.language_model = causal_lm.base_model
     model.lm_head = causal_lm.get_output_embeddings()
     model.model.multi_modal_projector = new_projector(config, dtype)
-    if arch in ANYRES_ARCHS:
+    if tiles_anyres(arch):
         model.model.image_newline = torch.nn.Parameter(new_image_newline(config.text_config.hidden_size, dtype))
     resize_vocabulary(model, plan.vocab_size)
     model.config.pad_token_id = plan.pad_token_id
@@ -322,7 +320,7 @@ def _llava_config(
     )
     if arch == "llava":
         return LlavaConfig(image_seq_length=patches, **common)
-    if arch in ANYRES_ARCHS and not pinpoints:
+    if tiles_anyres(arch) and not pinpoints:
         raise ModelCompositionError(f"{arch} needs model.image_grid_pinpoints")
     if arch == "llava_next":
         return LlavaNextConfig(image_grid_pinpoints=[list(p) for p in pinpoints], **common)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from llava_platform.registry import CHECKPOINT_ARTIFACT
 from llava_platform.storage import filesystem_for, is_mlflow_uri, is_remote
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+"""The registered pyfunc model's artifact that holds the Hugging Face folder (``registry.register_export``)."""
 
 
 class CheckpointSourceError(ValueError):

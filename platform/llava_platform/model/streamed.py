@@ -6,7 +6,7 @@
 ``compose_llava`` loads both towers into memory and ``save_pretrained`` writes them: for Qwen1.5-72B
 that is 145 GB in bf16 on the machine that composes. Here the model exists only on the meta device
 (shapes, no storage); each output tensor is read from the towers' safetensors files when its shard is
-written (``train.partitioned.locate_parameters`` matches checkpoint keys to parameter names with
+written (``model.checkpoint_index.locate_parameters`` matches checkpoint keys to parameter names with
 transformers' own renaming rules), so memory holds one shard (``SHARD_BYTES``) at a time. The output
 is what ``compose_llava`` + ``save_llava`` write: the same tensor names (``save_pretrained``'s, through
 transformers' ``revert_weight_conversion``, in the llava-hf layout: ``model.layout``), config,
@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llava_platform.archs import tiles_anyres
+from llava_platform.model.checkpoint_index import locate_parameters, tensor_index
 from llava_platform.model.compose import (
-    ANYRES_ARCHS,
     MODEL_CLASSES,
     ModelCompositionError,
     apply_recipe_settings,
@@ -44,7 +45,6 @@ from llava_platform.model.compose import (
     save_processor,
 )
 from llava_platform.model.layout import llava_hf_name, write_llava_hf_layout
-from llava_platform.train.partitioned import locate_parameters, tensor_index
 
 SHARD_BYTES = 4 * 2**30
 """Largest safetensors shard written (and so held in memory) at a time."""
@@ -92,7 +92,7 @@ def write_composed_llava(
         save_llava(composed, processor, out_dir)
         return sum(p.numel() for p in composed.parameters())
     fresh = {f"model.multi_modal_projector.{k}": v for k, v in new_projector(plan.config, dtype).state_dict().items()}
-    if arch in ANYRES_ARCHS:
+    if tiles_anyres(arch):
         fresh["model.image_newline"] = new_image_newline(plan.config.text_config.hidden_size, dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Tiny random-weight towers saved in the same layout as their hub counterparts: the ``model.tiny`` source.
 
 A model source like ``model.pretrained`` or ``model.vision_tower`` + ``model.language_model``
-(``model/build.py`` picks it from the recipe). Tests, benchmarks and the CPU demo compose LLaVA
+(``config/build.py`` picks it from the recipe). Tests, benchmarks and the CPU demo compose LLaVA
 models from these through the very code path that loads ``openai/clip-vit-large-patch14-336`` and
 ``lmsys/vicuna-7b-v1.5``: a full CLIP (or SigLIP) model directory with its image processor, and a
 Llama causal LM directory with a fast tokenizer. Nothing is downloaded; weights are a pure function
@@ -118,7 +118,7 @@ def save_tiny_vision_tower(
     *,
     family: str = "clip",
     image_size: int = 56,
-    patch_size: int = 14,
+    patch_size: int,
     hidden_size: int = 32,
     layers: int = 2,
     heads: int = 2,

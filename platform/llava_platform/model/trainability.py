@@ -51,7 +51,7 @@ def parameter_groups(
     lr: float,
     projector_lr: float | None = None,
     vision_tower_lr: float | None = None,
-    weight_decay: float = 0.0,
+    weight_decay: float,
 ) -> list[dict]:
     """AdamW groups of the trainable parameters: one learning rate per part, no decay on biases and norms.
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from llava_platform.archs import tiles_anyres
 from llava_platform.model.compose import load_pretrained_llava, load_processor
 from llava_platform.model.trainability import apply_lora, parameter_groups, set_trainable
 from llava_platform.train.checkpoint import load_projector, projector_file
@@ -238,7 +239,7 @@ def _blank_image_features(model, device: torch.device, dtype: torch.dtype) -> to
     for LLaVA-NeXT, one tile-sized image: its overview and grid tiles, packed with ``image_newline``)."""
     config = model.config
     size = config.vision_config.image_size
-    if config.model_type in ("llava_next", "llava_onevision"):  # the same anyres slicing in both
+    if tiles_anyres(config.model_type):  # the same anyres slicing in both
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         tiles = image_size_to_num_patches((size, size), config.image_grid_pinpoints, size)  # what the model slices

@@ -1,7 +1,7 @@
 """Per-GPU memory of a training stage, before launch: will the recipe fit, and if not, what change fits.
 
-    plan = plan_stage(recipe, recipe.stage2)          # what `--dry-run` prints per stage
-    print(plan.table())
+    print(plan("stage2", setup, gpu_memory_gb=80).table())   # setup: a StageSetup (config/memory_plan.py
+                                                             # builds it from a recipe for `--dry-run`)
 
 The model states (weights, gradients, optimizer states) follow DeepSpeed's own estimators
 (``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``: 2 + 18/N
@@ -20,18 +20,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from llava_platform.data.geometry import (
-    anyres_tile_count,
-    image_token_count,
-    onevision_image_token_count,
-    stacked_image_token_count,
-    video_token_count,
-)
-
-if TYPE_CHECKING:
-    from llava_platform.config.schema import Recipe, StageConfig
 
 GB = 1024**3
 REDUCE_BUCKET_ELEMENTS = 500_000_000
@@ -339,64 +327,3 @@ def plan(stage: str, setup: StageSetup, gpu_memory_gb: float | None) -> StagePla
         if candidate.total <= gpu_memory_gb * GB * USABLE_FRACTION:
             return replace(result, fix=(name, candidate))
     return result
-
-
-def recipe_shapes(recipe: Recipe) -> tuple[TransformerShape, TransformerShape]:
-    """(language model, vision tower) shapes of the recipe's model: tiny towers, a local or known checkpoint.
-
-    Raises:
-        UnknownShapeError: a model that is neither local nor in ``KNOWN_SHAPES``.
-    """
-    model = recipe.model
-    if model.tiny is not None:
-        tiny = model.tiny
-        tokens = (model.image_size // tiny.patch_size) ** 2 + (1 if tiny.vision_family == "clip" else 0)
-        return (TransformerShape(tiny.text_hidden_size, tiny.text_layers, 2 * tiny.text_hidden_size, tiny.text_heads,
-                                 vocab=tiny.text_vocab_size),
-                TransformerShape(tiny.vision_hidden_size, tiny.vision_layers, 2 * tiny.vision_hidden_size,
-                                 tiny.vision_heads, tokens_per_tile=tokens, patch_size=tiny.patch_size,
-                                 gated_mlp=False))
-    if model.pretrained:
-        return (shape_of(model.pretrained, vision=False),
-                shape_of(model.pretrained, vision=True, image_size=model.image_size))
-    return shape_of(model.language_model, vision=False), shape_of(model.vision_tower, vision=True,
-                                                                    image_size=model.image_size)
-
-
-def stage_setup(recipe: Recipe, stage: StageConfig) -> StageSetup:
-    """The numbers ``estimate`` needs, from the recipe (shapes as ``recipe_shapes``)."""
-    lm, tower = recipe_shapes(recipe)
-    model, ds = recipe.model, stage.deepspeed
-    projector = tower.hidden * lm.hidden + (lm.hidden * lm.hidden if model.projector == "mlp2x_gelu" else 0)
-    anyres = stage.data.image_mode == "anyres" and bool(model.image_grid_pinpoints)
-    pinpoints = [tuple(p) for p in model.image_grid_pinpoints or [(model.image_size, model.image_size)]]
-    tiles = max(anyres_tile_count(p, pinpoints, model.image_size) for p in pinpoints) if anyres else 1
-    image_tokens = max(image_token_count(p, anyres=anyres, tile_size=model.image_size, patch_size=tower.patch_size,
-                                         pinpoints=pinpoints) for p in pinpoints) if tower.patch_size else 0
-    if model.arch == "llava_onevision" and tower.patch_size:  # the largest of: one image, several, a video
-        size, data = dict(tile_size=model.image_size, patch_size=tower.patch_size), stage.data
-        tiles = max(tiles, data.max_images, data.video.frames)
-        image_tokens = max(
-            *(onevision_image_token_count(p, pinpoints=pinpoints, max_tiles=model.anyres_max_tiles or 9, **size)
-              for p in pinpoints),
-            data.max_images * stacked_image_token_count(**size), video_token_count(data.video.frames, **size))
-    return StageSetup(lm=lm, tower=tower, projector_params=projector, tunable=tuple(stage.tunable),
-                      lora_rank=stage.lora.r if stage.lora else None,
-                      lora_targets=tuple(stage.lora.target_modules) if stage.lora else (),
-                      zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer, precision=ds.precision,
-                      world_size=recipe.scaling.num_workers, micro_batch_size=stage.micro_batch_size,
-                      max_length=stage.data.model_max_length, tiles_per_sample=tiles,
-                      gradient_checkpointing=ds.gradient_checkpointing, overlap_comm=recipe.scaling.use_gpu,
-                      image_tokens=image_tokens)
-
-
-def plan_recipe(recipe: Recipe) -> str:
-    """What ``--dry-run`` prints after the recipe: each stage's per-GPU estimate and verdict."""
-    try:
-        plans = [plan(name, stage_setup(recipe, stage), recipe.scaling.gpu_memory_gb)
-                 for name, stage in recipe.stages().items()]
-    except UnknownShapeError as error:
-        return f"# memory estimate: unavailable ({error})"
-    unit = "GPU" if recipe.scaling.use_gpu else "worker"
-    header = f"# memory per {unit} (llava_platform.train.memory; model states after DeepSpeed's estimators)"
-    return "\n".join([header, *(f"# {line}" for p in plans for line in p.table().splitlines())])

@@ -48,9 +48,9 @@ class EngineSpec:
     deepspeed_config: dict[str, Any]
     """DeepSpeed's own JSON config (``build_deepspeed_config``), passed to ``deepspeed.initialize`` as is."""
     gradient_checkpointing: bool
-    attn_implementation: str = "sdpa"
+    attn_implementation: str
     """transformers' attention kernel (``model.attn_implementation``)."""
-    tf32: bool = False
+    tf32: bool
     """Allow TF32 matmuls on CUDA (``deepspeed.tf32``)."""
 
     def at_world_size(self, world_size: int) -> EngineSpec:

@@ -15,6 +15,7 @@ import pytest
 from jobs import evaluate, score
 from llava_platform.benchmarks import BENCHMARKS, load_benchmark
 from llava_platform.benchmarks.judge import EndpointJudge
+from llava_platform.config.schema import InferenceConfig
 from tests.helpers.benchmark_files import JUDGE_VERDICTS, write_benchmark
 from tests.helpers.judge_server import ScriptedJudge
 from tests.helpers.servers import S3_TEST_ENV
@@ -46,8 +47,8 @@ def benchmark_run(ray_cluster, mlflow_server, s3_server, saved_checkpoints, tmp_
         result = evaluate.run_benchmarks(
             model=str(saved_checkpoints["llava"]), tracking_uri=mlflow_server, output=root / "out",
             benchmarks=[evaluate.BenchmarkSpec(name, path) for name, path in annotations.items()],
-            judge=EndpointJudge(judge.url, "scripted-judge"), max_new_tokens=4, batch_size=16,
-            cpus_per_replica=0.5, s3_endpoint_url=s3_server)
+            judge=EndpointJudge(judge.url, "scripted-judge"), max_new_tokens=4,
+            inference=InferenceConfig(batch_size=16, cpus_per_replica=0.5), s3_endpoint_url=s3_server)
         yield BenchmarkRun(result, annotations, (root / "out" / "benchmarks.md").read_text())
 
 
@@ -105,7 +106,8 @@ def test_the_comparison_table_has_every_benchmark_beside_the_paper(benchmark_run
 def test_the_answers_are_the_checkpoints_greedy_answers_to_llava_15s_prompts(benchmark_run, saved_checkpoints):
     from PIL import Image
 
-    from llava_platform.inference import answer_questions
+    from llava_platform.generation.engine import answer_questions
+    from llava_platform.generation.transformers import TransformersEngine
     from llava_platform.model.compose import load_pretrained_llava
 
     model, processor = load_pretrained_llava(str(saved_checkpoints["llava"]))
@@ -113,7 +115,9 @@ def test_the_answers_are_the_checkpoints_greedy_answers_to_llava_15s_prompts(ben
     answers = [json.loads(line) for line in benchmark_run.result.answers["vqav2"].read_text().splitlines()]
     first = next(a for a in answers if a["question_id"] == "1")
     with Image.open(path) as image:
-        expected = answer_questions(model, processor, [(image.convert("RGB"), first["prompt"])], max_new_tokens=4)
+        engine = TransformersEngine(model, processor, "cpu")
+        expected = answer_questions(engine, [(image.convert("RGB"), first["prompt"])],
+                                    max_new_tokens=4)
     assert first["text"] == expected[0]
 
 
@@ -122,15 +126,14 @@ def test_the_vllm_engine_gives_the_same_benchmark_answers(benchmark_run, mlflow_
                                                           tmp_path):
     """The same benchmarks (MMBench's embedded images, POPE's files on S3) on vLLM's CPU build: the same
     greedy answers as the transformers engine, question for question. (``make chaos``: ~30 s of engine start.)"""
-    from llava_platform.vllm_engine import VllmSettings
     from tests.helpers.endpoint import VLLM_TEST_SETTINGS
 
     names = ["pope", "mmbench", "scienceqa", "textvqa"]
     result = evaluate.run_benchmarks(
         model=str(saved_checkpoints["llava"]), tracking_uri=mlflow_server, output=tmp_path,
         benchmarks=[evaluate.BenchmarkSpec(name, benchmark_run.annotations[name]) for name in names],
-        max_new_tokens=4, batch_size=16, s3_endpoint_url=s3_server, engine="vllm",
-        vllm=VllmSettings.from_args(VLLM_TEST_SETTINGS))
+        max_new_tokens=4, s3_endpoint_url=s3_server,
+        inference=InferenceConfig(batch_size=16, engine="vllm", vllm=VLLM_TEST_SETTINGS))
     for name in names:
         def texts(path):
             return {a["question_id"]: a["text"] for a in map(json.loads, path.read_text().splitlines())}

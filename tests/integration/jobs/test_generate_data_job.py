@@ -17,13 +17,13 @@ import pytest
 
 from jobs import generate_data
 from llava_platform.data.records import RowBuilder
-from llava_platform.data.rows import RowSpec
 from llava_platform.data.synthetic import write_coco_style
 from llava_platform.datagen.annotations import read_coco
 from llava_platform.datagen.parse import REASONS
 from llava_platform.model.compose import load_processor
-from tests.helpers.chat_server import ChatServer
+from llava_platform.testing.chat_server import ChatServer
 from tests.helpers.losses import record_loss, records_loss
+from tests.helpers.specs import row_spec
 
 SCRIPTS = ["FAULT:refuse", "FAULT:leak", "FAULT:empty", "FAULT:truncated", "FAULT:unparseable", "FAULT:turns",
            "RETRY:429", "RETRY:500", "RETRY:timeout", "RETRY:malformed", "ALWAYS:500"]
@@ -104,7 +104,7 @@ def test_responses_become_records_or_are_quarantined_with_their_reason(scripted)
 def test_the_records_pass_our_own_preprocessing(scripted, saved_checkpoints):
     root, *_ = scripted
     builder = RowBuilder.from_processor(load_processor(str(saved_checkpoints["llava"])),
-                                        RowSpec(template="vicuna_v1", image_mode="pad", max_length=1024))
+                                        row_spec(template="vicuna_v1", image_mode="pad", max_length=1024))
     for kind in TYPES:
         for record in json.loads((root / "out" / f"{kind}.json").read_text()):
             row = builder.build(record, (root / record["image"]).read_bytes())  # raises SampleError if refused

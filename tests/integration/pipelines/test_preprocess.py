@@ -13,7 +13,6 @@ import ray
 from transformers import AutoProcessor
 
 from llava_platform.data.grouping import padding_fraction, regroup
-from llava_platform.data.rows import RowSpec
 from llava_platform.data.synthetic import write_synthetic_dataset
 from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport
@@ -21,6 +20,7 @@ from pipelines.shards import ManifestError, read_shards, write_shards
 from pipelines.sources import count_records, read_records
 from tests.helpers.corpus import MAX_LENGTH, PIXEL_LIMIT, good_ids, write_bad_corpus
 from tests.helpers.losses import quarantine_loss, record_loss, records_loss
+from tests.helpers.specs import row_spec
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Run:
 
 def run(records, checkpoint, mode, **kwargs) -> Run:
     """Preprocess and consume everything, checking that no row arrives twice."""
-    spec = RowSpec(template="vicuna_v1", image_mode=mode, max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT,
+    spec = row_spec(template="vicuna_v1", image_mode=mode, max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT,
                    **kwargs)
     rows, quarantine = preprocess(records, processor_path=str(checkpoint), spec=spec, num_actors=1)
     got = {}
@@ -212,7 +212,7 @@ def test_anyres_rows_materialise_as_shards_and_round_trip(ray_cluster, dataset, 
     root, files = dataset
     corpus, _ = write_bad_corpus(root, files)
     checkpoint = saved_checkpoints["llava_next"]
-    spec = RowSpec(template="vicuna_v1", image_mode="anyres", max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT,
+    spec = row_spec(template="vicuna_v1", image_mode="anyres", max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT,
                    image_root=str(root))
     rows, quarantine = preprocess(read_records([str(files["stage1"]), str(corpus)]), processor_path=str(checkpoint),
                                   spec=spec, num_actors=1)
@@ -247,7 +247,7 @@ def test_bad_records_and_vanishing_images_lose_nothing(ray_cluster, saved_checkp
     records = [json.loads(line) for line in files["stage2"].read_text().splitlines()]
     vanishing = {r["id"]: tmp_path / r["image"] for r in records[-40:]}
 
-    spec = RowSpec(template="vicuna_v1", image_mode="pad", max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT,
+    spec = row_spec(template="vicuna_v1", image_mode="pad", max_length=MAX_LENGTH, max_image_pixels=PIXEL_LIMIT,
                    image_root=str(tmp_path))
     rows, quarantine = preprocess(read_records([str(corpus)]), processor_path=str(saved_checkpoints["llava"]),
                                   spec=spec, num_actors=1)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.helpers.flaky_s3 import FlakyS3Proxy
+from llava_platform.testing.flaky_s3 import FlakyS3Proxy
 from tests.helpers.losses import files_loss, record_loss
 
 

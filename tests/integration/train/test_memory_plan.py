@@ -12,7 +12,7 @@ import pytest
 
 from jobs import compose
 from jobs.benchmarks.ranks import EngineTask, rank_memory, spawn_ranks
-from llava_platform.config import load_recipe
+from llava_platform.config import load_recipe, memory_plan
 from llava_platform.train import memory
 
 RECIPE = "tiny_cpu_demo"
@@ -31,7 +31,7 @@ def test_the_model_state_estimate_is_what_the_ranks_allocate(checkpoint, zero_st
     overrides = (*MODEL, f"stage2.deepspeed.zero_stage={zero_stage}")
     ranks = spawn_ranks(rank_memory, 2, EngineTask(RECIPE, overrides, "stage2", checkpoint))
     recipe = load_recipe(RECIPE, [*overrides, "scaling.num_workers=2"])
-    estimate = memory.estimate(memory.stage_setup(recipe, recipe.stage2))
+    estimate = memory.estimate(memory_plan.stage_setup(recipe, recipe.stage2))
     assert estimate.trainable_params > 40e6  # the states dominate, so the check means something
     grown = [rank.after_step - rank.before for rank in ranks]
     record_property("grown_mb", [round(g / 2**20) for g in grown])

@@ -106,9 +106,9 @@ def test_the_lora_adapter_is_served_unmerged_on_vllm(zero3_lora, serve_port):
     from ray import serve
 
     from jobs import deploy
-    from serve.generation import Generator
-    from serve.openai_api import Limits, parse_chat_request
-    from tests.helpers.endpoint import KEY, VLLM_TEST_SETTINGS, client, config
+    from llava_platform.config.schema import ServeLimits
+    from serve.openai_api import parse_chat_request
+    from tests.helpers.endpoint import KEY, VLLM_TEST_SETTINGS, client, config, reference_engine
     from tests.helpers.requests import chat, data_url, image_part, text_part
 
     stage2 = zero3_lora.out.stage_dirs["stage2"]
@@ -117,17 +117,17 @@ def test_the_lora_adapter_is_served_unmerged_on_vllm(zero3_lora, serve_port):
     deploy.run(app, model=str(stage2 / "adapter_base"), model_name="base", api_key=KEY, engine="vllm")
     openai_client = client(f"http://127.0.0.1:{serve_port}/lora")
     assert [m.id for m in openai_client.models.list().data] == ["base", "tuned"]
-    references = {"tuned": Generator(stage2 / "export"), "base": Generator(stage2 / "adapter_base")}
+    references = {"tuned": reference_engine(stage2 / "export"), "base": reference_engine(stage2 / "adapter_base")}
     differ = 0
     for i, size in enumerate([(40, 30), (30, 60), (56, 56)]):
         body = chat(text_part(f"What colour is shape {i}?"), image_part(data_url(size)), max_tokens=8, temperature=0)
-        request = parse_chat_request(body, Limits(max_tokens=8, max_images=1, max_image_bytes=10**6))
+        request = parse_chat_request(body, ServeLimits(max_tokens=8, max_images=1, max_image_bytes=10**6))
         answers = {}
         for name, reference in references.items():
             expected = reference.generate([reference.prepare(request)])[0]
             got = openai_client.chat.completions.create(**{**body, "model": name})
             assert got.model == name and got.usage.completion_tokens == expected.completion_tokens, (name, size)
-            assert got.choices[0].message.content == expected.text.rstrip("\ufffd"), (name, size)
+            assert got.choices[0].message.content == expected.text, (name, size)
             answers[name] = got.choices[0].message.content
         differ += answers["tuned"] != answers["base"]
     assert differ, "the adapter changed no answer: it was not applied"

@@ -31,7 +31,8 @@ END_OF_TURN = {"vicuna_v1": "</s>", "mistral": "</s>", "llama3": "<|eot_id|>", "
 def tokenize(tokenizer, conversation, template="vicuna_v1", tokens_per_image=(4,), **kwargs):
     return tokenize_conversation(
         conversation, tokenizer, CHAT_TEMPLATES[template], tokens_per_image=list(tokens_per_image),
-        image_token="<image>", max_length=kwargs.pop("max_length", 512), **kwargs,
+        image_token="<image>", max_length=kwargs.pop("max_length", 512),
+        truncation=kwargs.pop("truncation", "drop"), **kwargs,
     )
 
 
@@ -224,7 +225,7 @@ def test_templates_must_mark_every_answer(tokenizer):
     )
     with pytest.raises(LabelAlignmentError, match="marked 1 answer span"):
         tokenize_conversation(TWO_TURNS, tokenizer, only_first, tokens_per_image=[4], image_token="<image>",
-                              max_length=512)
+                              max_length=512, truncation="drop")
 
 
 def test_zero_width_offsets_inside_an_answer_are_labelled():

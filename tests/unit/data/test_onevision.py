@@ -12,12 +12,12 @@ from llava_platform.data.collate import collate_onevision
 from llava_platform.data.geometry import onevision_image_token_count, stacked_image_token_count, video_token_count
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.records import RowBuilder
-from llava_platform.data.rows import RowSpec
 from llava_platform.data.tiling import normalize_tiles
-from llava_platform.data.video import VideoLimits, sample_frame_indices, sample_video
+from llava_platform.data.video import sample_frame_indices, sample_video
 from llava_platform.model.compose import add_image_token, load_processor
 from llava_platform.model.onevision_processor import build_onevision_processor
 from tests.helpers.media import encode_video, frame_index, grey_ramp, png, random_picture
+from tests.helpers.specs import row_spec, video_limits
 
 PINPOINTS_384 = [(384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7)]
 """OneVision's published grids: 1x1 to 6x6 tiles of 384 px."""
@@ -117,22 +117,22 @@ def test_frame_indices_spread_from_first_to_last():
 def test_a_video_is_sampled_to_its_frames_in_order(container):
     codec = "mpeg4" if container == "mp4" else "libvpx-vp9"
     data = encode_video(grey_ramp(12), fps=4, container=container, codec=codec)
-    video = sample_video(data, VideoLimits(frames=4))
+    video = sample_video(data, video_limits(frames=4))
     assert [frame_index(frame) for frame in video.frames] == [0, 4, 7, 11]
     assert video.source_frames == 12 and video.duration_s == pytest.approx(3.0, abs=0.3)
     assert all(frame.mode == "RGB" and frame.size == (32, 32) for frame in video.frames)
 
 
 def test_a_short_video_repeats_frames_to_the_count():
-    video = sample_video(encode_video(grey_ramp(3)), VideoLimits(frames=5))
+    video = sample_video(encode_video(grey_ramp(3)), video_limits(frames=5))
     assert [frame_index(frame) for frame in video.frames] == [0, 0, 1, 2, 2]
 
 
 @pytest.mark.parametrize(("limits", "reason", "words"), [
-    (VideoLimits(max_bytes=100), "video_too_large", "bytes"),
-    (VideoLimits(max_duration_s=1.0), "video_too_long", "3.0 s video"),
-    (VideoLimits(max_source_frames=10), "too_many_frames", "12 frames"),
-    (VideoLimits(max_frame_pixels=32 * 32 - 1), "video_too_large", "32x32 frames"),
+    (video_limits(max_bytes=100), "video_too_large", "bytes"),
+    (video_limits(max_duration_s=1.0), "video_too_long", "3.0 s video"),
+    (video_limits(max_source_frames=10), "too_many_frames", "12 frames"),
+    (video_limits(max_frame_pixels=32 * 32 - 1), "video_too_large", "32x32 frames"),
 ])
 def test_video_limits_refuse_before_decoding(limits, reason, words):
     data = encode_video(grey_ramp(12), fps=4)
@@ -144,7 +144,7 @@ def test_video_limits_refuse_before_decoding(limits, reason, words):
 @pytest.mark.parametrize("data", [b"", b"not a video at all", encode_video(grey_ramp(4))[:200]])
 def test_undecodable_bytes_are_named(data):
     with pytest.raises(Exception) as error:
-        sample_video(data, VideoLimits())
+        sample_video(data, video_limits())
     assert error.value.reason == "undecodable_video"
 
 
@@ -154,7 +154,7 @@ def test_undecodable_bytes_are_named(data):
 @pytest.fixture(scope="module")
 def builder(ov):
     processor, _ = ov
-    return RowBuilder.from_processor(processor, RowSpec(template="qwen_1_5", image_mode="anyres", max_length=4096,
+    return RowBuilder.from_processor(processor, row_spec(template="qwen_1_5", image_mode="anyres", max_length=4096,
                                                         max_images=3, video_frames=4))
 
 
@@ -196,7 +196,7 @@ def test_bad_several_image_records_are_named(builder, value, images, reason):
 
 def test_several_images_need_a_onevision_checkpoint(saved_checkpoints):
     builder = RowBuilder.from_processor(load_processor(str(saved_checkpoints["llava"])),
-                                        RowSpec(template="vicuna_v1", image_mode="pad", max_length=4096))
+                                        row_spec(template="vicuna_v1", image_mode="pad", max_length=4096))
     with pytest.raises(Exception) as error:
         builder.build(record("<image>\n<image>\nWhich?", image=["a.png", "b.png"]), [png(random_picture(9, 9))] * 2)
     assert error.value.reason == "needs_onevision" and "llava_onevision" in str(error.value)

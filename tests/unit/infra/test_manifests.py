@@ -283,7 +283,7 @@ def test_serve_config_v2_differs_from_local_config_only_where_the_cluster_overri
     local = flat(yaml.safe_load(render.SERVE_CONFIG.read_text()))
     cluster = flat(serve_config)
     overridden = set(flat(yaml.safe_load(render.CLUSTER_OVERRIDES.read_text())))
-    assert set(cluster) == set(local)
+    assert set(cluster) == set(local) | {path for path in overridden if ".args." in path}
     assert {path for path in local if local[path] != cluster[path]} <= overridden
     assert cluster[".applications[llava].import_path"] == local[".applications[llava].import_path"]
 
@@ -305,11 +305,11 @@ def test_overrides_cannot_add_settings_serve_would_ignore(tmp_path, monkeypatch)
     with pytest.raises(render.RenderError, match="no entry named"):
         render.merge({"applications": [{"name": "llava"}]}, {"applications": [{"name": "llama"}]}, "x")
     assert render.merge({"hosts": ["a"]}, {"hosts": []}, "x") == {"hosts": []}
-    config = tmp_path / "config.yaml"
-    typo = render.SERVE_CONFIG.read_text().replace("      device: cpu", "      devcie: cpu\n      device: cpu")
-    config.write_text(typo)
-    monkeypatch.setattr(render, "SERVE_CONFIG", config)
-    with pytest.raises(render.RenderError, match="devcie"):
+    overrides = tmp_path / "serve-cluster.yaml"
+    typo = render.CLUSTER_OVERRIDES.read_text().replace("      device: cuda", "      devcie: cuda")
+    overrides.write_text(typo)
+    monkeypatch.setattr(render, "CLUSTER_OVERRIDES", overrides)
+    with pytest.raises(render.RenderError, match=r"args: devcie: Extra inputs are not permitted"):
         render.cluster_serve_config()
 
 

@@ -41,6 +41,7 @@ def make_batch(processor, image_size, mode):
     sample = tokenize_conversation(
         CONVERSATION, processor.tokenizer, resolve_chat_template("vicuna_v1", None),
         tokens_per_image=[settings.token_count(image_size, mode)], image_token="<image>", max_length=4096,
+        truncation="drop",
     )
     pixels = normalize_tiles(tiles, settings.image_mean, settings.image_std)
     batch = {
@@ -181,8 +182,8 @@ def test_generation_stops_at_the_templates_end_of_turn(towers, template, end_of_
 
 
 def test_pretrained_checkpoint_adopts_the_recipes_template_and_mode(saved_checkpoints, tmp_path):
+    from llava_platform.config.build import build_model
     from llava_platform.config.schema import ModelConfig
-    from llava_platform.model.build import build_model
 
     config = ModelConfig(arch="llava", pretrained=str(saved_checkpoints["llava"]), image_size=TILE)
     model, processor = build_model(config, image_mode="square", template="chatml", work_dir=tmp_path)

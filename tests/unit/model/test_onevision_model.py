@@ -11,11 +11,13 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 from llava_platform.data.collate import collate_onevision
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.records import RowBuilder
-from llava_platform.data.rows import RowSpec
-from llava_platform.data.video import VideoLimits, sample_video
-from llava_platform.inference import answer_questions, encode_chat, question_conversation
+from llava_platform.data.video import sample_video
+from llava_platform.generation.engine import answer_questions
+from llava_platform.generation.transformers import TransformersEngine
+from llava_platform.inference import encode_chat, question_conversation
 from llava_platform.model.compose import load_pretrained_llava, load_processor
 from tests.helpers.media import encode_video, grey_ramp, png, random_picture
+from tests.helpers.specs import row_spec, video_limits
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_the_export_is_transformers_own_onevision_in_the_llava_hf_layout(onevisi
 @pytest.fixture(scope="module")
 def rows(loaded):
     _, processor = loaded
-    builder = RowBuilder.from_processor(processor, RowSpec(template="qwen_1_5", image_mode="anyres", max_length=4096,
+    builder = RowBuilder.from_processor(processor, row_spec(template="qwen_1_5", image_mode="anyres", max_length=4096,
                                                            video_frames=4))
 
     def record(value, answer, **media):
@@ -79,7 +81,7 @@ def test_serving_inputs_are_the_training_rows_prompt(loaded, rows, kind):
     _, processor = loaded
     images = {"image": [random_picture(100, 300)], "video": [],
               "multi_image": [random_picture(60, 60, 1), random_picture(90, 50, 2)]}[kind]
-    videos = [sample_video(encode_video(grey_ramp(12)), VideoLimits(frames=4)).frames] if kind == "video" else []
+    videos = [sample_video(encode_video(grey_ramp(12)), video_limits(frames=4)).frames] if kind == "video" else []
     question = {"image": "What colour?", "multi_image": "Which?", "video": "When?"}[kind]
     served = encode_chat(processor, question_conversation(question, len(images), len(videos)), images, videos)
     row = rows[kind]
@@ -98,12 +100,13 @@ def test_serving_inputs_are_the_training_rows_prompt(loaded, rows, kind):
 
 def test_mixed_questions_answer_alike_batched_or_alone(loaded):
     model, processor = loaded
-    video = sample_video(encode_video(grey_ramp(12)), VideoLimits(frames=4))
+    video = sample_video(encode_video(grey_ramp(12)), video_limits(frames=4))
     pair = [random_picture(60, 60, 1), random_picture(90, 50, 2)]
     items = [(random_picture(100, 300), "What colour?"), (pair, "Which?"), (video, "When?"), (None, "Hello")]
     torch.manual_seed(0)
-    batched = answer_questions(model, processor, items, max_new_tokens=5)
-    alone = [answer_questions(model, processor, [item], max_new_tokens=5)[0] for item in items]
+    engine = TransformersEngine(model, processor, "cpu")
+    batched = answer_questions(engine, items, max_new_tokens=5)
+    alone = [answer_questions(engine, [item], max_new_tokens=5)[0] for item in items]
     assert batched == alone and len(batched) == 4
 
 

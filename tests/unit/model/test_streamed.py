@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+from llava_platform.model.checkpoint_index import tensor_index
 from llava_platform.model.compose import save_llava
 from llava_platform.model.streamed import write_composed_llava, write_pretrained_llava
 from llava_platform.model.tiny import save_tiny_language_model
-from llava_platform.train.partitioned import tensor_index
 from tests.helpers.models import PINPOINTS, TILE, compose
 
 CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}

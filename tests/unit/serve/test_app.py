@@ -23,9 +23,11 @@ def replica(monkeypatch):
     def prepare(body):
         raise RuntimeError("the model is on fire")
 
+    async def stats():
+        return {"generate_calls": 0}
+
     server = SimpleNamespace(api_key=KEY, requests=0, model_name="tiny", served=["tiny"], max_body_bytes=1_000,
-                             engine="transformers",
-                             generator=SimpleNamespace(generate_calls=0), _prepare=prepare)
+                             engine=SimpleNamespace(stats=stats), _prepare=prepare)
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=server))
     return server
 
@@ -70,7 +72,7 @@ def test_the_right_key_or_none_configured_passes(replica):
     status, models = call("GET", "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
     replica.api_key = None
-    assert call("GET", "/v1/stats", key=None) == (200, {"requests": 0, "generate_calls": 0})
+    assert call("GET", "/v1/stats", key=None) == (200, {"requests": 0, "engine": {"generate_calls": 0}})
     assert call("GET", "/healthz", key=None) == (200, {"status": "ok", "model": "tiny"})
 
 

@@ -4,11 +4,13 @@ import base64
 
 import pytest
 
-from serve.openai_api import ApiError, Limits, ParsedChat, parse_chat_request
+from llava_platform.config.schema import ServeLimits
+from llava_platform.generation.request import GenerationRequest, RequestError
+from serve.openai_api import parse_chat_request
 from tests.helpers.losses import http_outcome, record_loss, requests_loss
 from tests.helpers.requests import bilevel_png, chat, data_url, image_part, text_part
 
-LIMITS = Limits(max_tokens=16, max_images=2, max_image_bytes=50_000, max_image_pixels=200 * 200)
+LIMITS = ServeLimits(max_tokens=16, max_images=2, max_image_bytes=50_000, max_image_pixels=200 * 200)
 
 
 def test_valid_request_keeps_parts_and_decodes_images():
@@ -49,7 +51,7 @@ def test_valid_request_keeps_parts_and_decodes_images():
     (chat(text_part(), best_of=3), "best_of: not a field this server knows"),
 ])
 def test_bad_requests_get_a_400_that_names_the_problem(body, expected):
-    with pytest.raises(ApiError) as error:
+    with pytest.raises(RequestError) as error:
         parse_chat_request(body, LIMITS)
     assert error.value.status == 400 and expected in error.value.message
     assert error.value.body()["error"]["type"] == "invalid_request_error"
@@ -63,19 +65,19 @@ def test_fields_that_cannot_change_the_answer_are_accepted():
 
 
 def test_a_request_without_a_seed_has_none():
-    """``ParsedChat`` is a plain dataclass: its seed defaults to ``None``, not to a pydantic ``FieldInfo``."""
-    assert ParsedChat(conversation=[]).seed is None
+    """``GenerationRequest`` is a plain dataclass: its seed defaults to ``None``, not to a pydantic ``FieldInfo``."""
+    assert GenerationRequest(conversation=[]).seed is None
     assert parse_chat_request(chat(text_part()), LIMITS).seed is None
     assert parse_chat_request(chat(text_part(), seed=7), LIMITS).seed == 7
 
 
 def test_allow_listed_hosts_are_fetched_with_the_given_function():
     fetched = []
-    limits = Limits(allowed_image_hosts=("images.internal",))
+    limits = ServeLimits(allowed_image_hosts=("images.internal",))
     png = base64.b64decode(data_url().split(",")[1])
     parsed = parse_chat_request(chat(image_part("https://images.internal/a.png")), limits,
-                                fetcher=lambda url, max_bytes: fetched.append(url) or png)
-    assert fetched == ["https://images.internal/a.png"] and len(parsed.images) == 1
+                                fetcher=lambda url, max_bytes, kind: fetched.append((url, kind)) or png)
+    assert fetched == [("https://images.internal/a.png", "image")] and len(parsed.images) == 1
 
 
 @pytest.mark.fault("security: a decompression bomb (40000 x 40000 px in a 200 kB PNG)")
@@ -86,11 +88,11 @@ def test_an_image_bomb_is_refused_from_its_header_before_decoding(record_propert
     assert len(png) < 1_000_000
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    limits = Limits(max_tokens=16, max_images=2, max_image_bytes=2_000_000, max_image_pixels=200 * 200)
+    limits = ServeLimits(max_tokens=16, max_images=2, max_image_bytes=2_000_000, max_image_pixels=200 * 200)
     try:
         parse_chat_request(chat(image_part(url)), limits)
         outcome = "ok"  # accepted: the bomb would be decoded
-    except ApiError as error:
+    except RequestError as error:
         outcome = http_outcome(error.status) if "pixels" in error.message else "wrong"
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
     loss, = record_loss(record_property, requests_loss([outcome], "4xx"))

@@ -126,7 +126,7 @@ def test_stage1_engine_trains_the_projector_and_nothing_else(towers, single_proc
     stage = load_recipe("tiny_cpu_demo", [f"stage1.deepspeed.zero_stage={zero_stage}"]).stage1
     config = config_for(stage, world_size=1, use_gpu=False)
     config["gradient_accumulation_steps"], config["train_batch_size"] = 1, stage.micro_batch_size
-    groups = parameter_groups(model.named_parameters(), lr=stage.optim.lr)
+    groups = parameter_groups(model.named_parameters(), lr=stage.optim.lr, weight_decay=stage.optim.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=(
         build_lr_scheduler(stage.optim.scheduler, warmup_ratio=0.25, total_steps=8)))
 
@@ -136,7 +136,7 @@ def test_stage1_engine_trains_the_projector_and_nothing_else(towers, single_proc
     samples = [tokenize_conversation(
         [{"from": "human", "value": "<image>\nCaption?"}, {"from": "gpt", "value": f"shape {i}"}],
         processor.tokenizer, resolve_chat_template("plain", None), tokens_per_image=[16], image_token="<image>",
-        max_length=256) for i in range(4)]
+        max_length=256, truncation="drop") for i in range(4)]
     batch = collate([s.input_ids for s in samples], [s.labels for s in samples],
                     [settings.tile(im, "square") for im in images], [(40, 70)] * 4,
                     pad_token_id=processor.tokenizer.pad_token_id, anyres=False,

@@ -10,7 +10,7 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from llava_platform.config import load_recipe
+from llava_platform.config import load_recipe, memory_plan
 from llava_platform.train import memory
 from tests.helpers import REPO_ROOT
 
@@ -79,7 +79,7 @@ def test_a_stage_that_does_not_fit_gets_the_cheapest_change_that_does():
 
 def test_the_72b_card_fits_at_the_lengths_its_data_has():
     recipe = load_recipe("llava_next_72b")
-    stage1, stage2 = (memory.plan(name, memory.stage_setup(recipe, stage), 80)
+    stage1, stage2 = (memory.plan(name, memory_plan.stage_setup(recipe, stage), 80)
                       for name, stage in recipe.stages().items())
     assert stage1.fits
     assert stage2.setup.image_tokens == 2928  # LLaVA-NeXT's largest image at these pinpoints

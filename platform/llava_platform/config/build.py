@@ -77,7 +77,7 @@ def build_model(
     return compose_llava(
         vision_tower, language_model, arch=model.arch, projector=model.projector,
         vision_feature_layer=model.vision_feature_layer, image_size=model.image_size, image_mode=image_mode,
-        template=template, pinpoints=pinpoints, anyres_max_tiles=model.anyres_max_tiles, dtype=dtype,
+        template=template, pinpoints=pinpoints, anyres_max_tiles=model.max_tiles(), dtype=dtype,
     )
 
 
@@ -113,6 +113,6 @@ def write_model(
     params = write_composed_llava(
         vision_tower, language_model, out_dir, arch=model.arch, projector=model.projector,
         vision_feature_layer=model.vision_feature_layer, image_size=model.image_size, image_mode=image_mode,
-        template=template, pinpoints=model.image_grid_pinpoints, anyres_max_tiles=model.anyres_max_tiles, dtype=dtype,
+        template=template, pinpoints=model.image_grid_pinpoints, anyres_max_tiles=model.max_tiles(), dtype=dtype,
     )
     return MODEL_CLASSES[model.arch].__name__, params

@@ -2,25 +2,21 @@
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from llava_platform.vllm_engine import (
-    CPU_HEAD_SIZES,
-    VllmSettings,
-    default_engine_python,
-    onevision_refusal,
-    text_head_size,
-)
+from llava_platform.config.schema import ServeConfig, VllmConfig
+from llava_platform.vllm_engine import CPU_HEAD_SIZES, default_engine_python, onevision_refusal, text_head_size
 from serve.app import default_config_path
 
 
 def test_settings_come_from_the_serve_config_and_unknown_keys_are_named():
     args = yaml.safe_load(default_config_path().read_text())["applications"][0]["args"]
-    assert args["engine"] in ("transformers", "vllm")
-    settings = VllmSettings.from_args(args["vllm"])
-    assert settings.num_cpus == args["vllm"]["num_cpus"] and settings.enforce_eager
-    with pytest.raises(ValueError, match="unknown setting.*kv_cache_gb"):
-        VllmSettings.from_args({"kv_cache_gb": 1})
-    assert VllmSettings.from_args(None) == VllmSettings()
+    settings = ServeConfig.model_validate(args).vllm.build()
+    assert settings.enforce_eager and settings.num_cpus == VllmConfig().num_cpus
+    with pytest.raises(ValidationError, match="kv_cache_gb"):
+        VllmConfig.model_validate({"kv_cache_gb": 1})
+    with pytest.raises(ValidationError, match="vllm.kv_cache_gb"):
+        ServeConfig.model_validate({**args, "vllm": {"kv_cache_gb": 1}})
 
 
 def test_head_size_is_read_from_head_dim_or_hidden_over_heads():

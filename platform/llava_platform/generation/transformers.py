@@ -1,8 +1,7 @@
-"""Batched generation with a LLaVA checkpoint: prompts and images in, answers and token counts out.
+"""The transformers engine: a checkpoint loaded in this process, answering batches with ``model.generate``.
 
-Nothing here knows Ray Serve: the deployment (``serve/app.py``) queues requests and hands them
-over in batches. Prompts are built by the checkpoint's own chat template and images tiled by its
-own processor, exactly as in training.
+Requests with the same sampling settings share one ``generate`` call (``complete``); a streamed request
+generates on its own. ``generate_calls`` counts the calls, so callers see the batching work.
 """
 
 from __future__ import annotations
@@ -10,83 +9,79 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from jinja2 import TemplateError
 
-from llava_platform.inference import encode_chat, end_token_ids, merge_inputs
-from llava_platform.model.compose import load_pretrained_llava
+from llava_platform.generation.engine import EngineResources
+from llava_platform.generation.request import Completion, GenerationRequest, Prepared, prepare_request
+from llava_platform.inference import end_token_ids, merge_inputs
 from llava_platform.sampling import GREEDY_BELOW
-from serve.openai_api import ApiError, ParsedChat
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class Prepared:
-    """One request's model inputs (batch dimension 1) and generation settings."""
-
-    inputs: dict[str, torch.Tensor]
-    prompt_tokens: int
-    request: ParsedChat
-    generated: Completion | None = None
-    """Set by ``Generator.stream`` when the streamed generation ends: token count and finish reason."""
-    adapter: str | None = None
-    """The LoRA adapter the request names as its ``model`` (vLLM engine only), else ``None``."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    finish_reason: str
-    """``stop`` (end of turn or a stop string) or ``length`` (``max_tokens`` reached)."""
-    prompt_tokens: int
-    completion_tokens: int
-
-
-def prepare_request(processor, request: ParsedChat, context_length: int) -> Prepared:
-    """Render the prompt with the checkpoint's chat template and tile the images with its processor.
-
-    Both engines prepare requests here, so they accept and refuse exactly the same ones.
+def serving_dtype(name: str, device: str) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it (what training used there), float32 elsewhere.
 
     Raises:
-        ApiError: 400 when the template refuses the conversation (e.g. roles out of order) or the
-            prompt plus ``max_tokens`` does not fit the context.
+        ValueError: a name other than ``auto`` or one of ``DTYPES``.
     """
-    try:
-        inputs = encode_chat(processor, request.conversation, request.images, request.videos)
-    except TemplateError as error:
-        raise ApiError(400, f"messages: this model's chat template refuses the conversation: {error}",
-                       param="messages") from error
-    except ValueError as error:  # e.g. image tokens and images that do not pair up
-        raise ApiError(400, f"messages: the processor refuses this input: {error}", param="messages") from error
-    prompt_tokens = int(inputs["input_ids"].shape[1])
-    if prompt_tokens + request.max_tokens > context_length:
-        raise ApiError(400, f"the prompt is {prompt_tokens} tokens (images included) and max_tokens is "
-                            f"{request.max_tokens}: over the model's context of {context_length}",
-                       param="messages", code="context_length_exceeded")
-    return Prepared(inputs=inputs, prompt_tokens=prompt_tokens, request=request)
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype is {name!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
-class Generator:
-    """A loaded checkpoint that prepares requests and generates for several at once.
+class TransformersEngine:
+    """A loaded checkpoint that prepares requests and generates for several at once (``GenerationEngine``)."""
 
-    ``generate_calls`` counts calls to ``model.generate`` (a batch of N requests with the same
-    sampling settings is one call), so tests and operators can see the batching work.
-    """
-
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        self.model, self.processor = load_pretrained_llava(str(checkpoint), dtype=dtype)
+    def __init__(self, model, processor, device: str):
+        self.model, self.processor, self.device = model, processor, device
         self.model.to(device).eval()
-        self.device = device
-        self.tokenizer = self.processor.tokenizer
-        self.context_length = self.model.config.text_config.max_position_embeddings
+        self.tokenizer = processor.tokenizer
+        self.context_length = model.config.text_config.max_position_embeddings
         self.generate_calls = 0
         self._lock = threading.Lock()  # one generate at a time per replica: batching is the concurrency
 
-    def prepare(self, request: ParsedChat) -> Prepared:
-        """``prepare_request`` with this checkpoint's processor and context."""
+    @classmethod
+    def open(cls, checkpoint: str | Path, *, model_name: str, device: str, dtype: str, vllm: Any,
+             adapters: dict[str, str]) -> TransformersEngine:
+        """Load ``checkpoint`` on ``device`` in ``dtype`` (``auto``: ``serving_dtype``).
+
+        Raises:
+            ValueError: ``adapters`` given (unmerged LoRA adapters are the vllm engine's).
+        """
+        from llava_platform.model.compose import load_pretrained_llava
+
+        if adapters:
+            raise ValueError("lora_adapters: unmerged LoRA adapters are served by the vllm engine only "
+                             "(set engine: vllm, or serve the merged export)")
+        model, processor = load_pretrained_llava(str(checkpoint), dtype=serving_dtype(dtype, device))
+        return cls(model, processor, device)
+
+    @staticmethod
+    def resources(cpus: float, gpus: float) -> EngineResources:
+        """The model lives in the caller's process: all of a replica's resources are the caller's."""
+        return EngineResources(caller_cpus=cpus, caller_gpus=gpus, engine_cpus=0.0, engine_gpus=0.0)
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
         return prepare_request(self.processor, request, self.context_length)
+
+    def batch_size(self, configured: int) -> int:
+        return configured
+
+    async def complete(self, items: Sequence[Prepared]) -> list[Completion | Exception]:
+        return await asyncio.to_thread(self.generate, items)
+
+    async def stats(self) -> dict[str, int]:
+        return {"generate_calls": self.generate_calls}
+
+    async def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError("model not loaded")
 
     def generate(self, batch: Sequence[Prepared]) -> list[Completion | Exception]:
         """Answer every prepared request; requests with the same sampling settings share one ``generate``.
@@ -114,7 +109,7 @@ class Generator:
         new_tokens = output[:, inputs["input_ids"].shape[1]:].cpu()
         return [self._completion(item, tokens) for item, tokens in zip(group, new_tokens, strict=True)]
 
-    def _generate(self, inputs: dict[str, torch.Tensor], request: ParsedChat, **options) -> torch.Tensor:
+    def _generate(self, inputs: dict[str, torch.Tensor], request: GenerationRequest, **options) -> torch.Tensor:
         """One ``model.generate`` under the replica's lock, seeded first when the request gives a seed.
 
         Args:
@@ -142,10 +137,7 @@ class Generator:
                 break
             kept.append(token)
         finish = "stop" if len(kept) < min(len(tokens), item.request.max_tokens) else "length"
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        for stop in item.request.stop:
-            if stop and stop in text:
-                text, finish = text[: text.index(stop)], "stop"
+        text, finish = cut_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), item.request.stop, finish)
         return Completion(text=text, finish_reason=finish, prompt_tokens=item.prompt_tokens,
                           completion_tokens=len(kept))
 
@@ -164,9 +156,9 @@ class Generator:
     def stream_pieces(self, item: Prepared, cancel: threading.Event) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated (one request, outside the batches).
 
-        Setting ``cancel`` (client gone, stop string seen) ends the generation at the next token, so
-        the replica's lock is not held for tokens nobody reads. When it ends,
-        ``item.generated`` holds the token count and finish reason.
+        Setting ``cancel`` (client gone, stop string seen) ends the generation at the next token, so the
+        replica's lock is not held for tokens nobody reads. When it ends, ``item.generated`` holds the token
+        count and finish reason.
         """
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -194,14 +186,22 @@ class Generator:
             raise failure[0]
 
 
-def _sampling_key(request: ParsedChat) -> tuple:
+def cut_at_stop(text: str, stops: Sequence[str], finish: str) -> tuple[str, str]:
+    """The text up to the first stop string it holds (the finish reason then ``stop``)."""
+    for stop in stops:
+        if stop and stop in text:
+            text, finish = text[: text.index(stop)], "stop"
+    return text, finish
+
+
+def _sampling_key(request: GenerationRequest) -> tuple:
     """Requests with equal keys can share a ``generate`` call (greedy ignores the seed)."""
     if request.temperature < GREEDY_BELOW:
         return ("greedy",)
     return ("sample", request.temperature, request.top_p, request.seed)
 
 
-def _sampling_kwargs(request: ParsedChat) -> dict:
+def _sampling_kwargs(request: GenerationRequest) -> dict:
     if request.temperature < GREEDY_BELOW:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}

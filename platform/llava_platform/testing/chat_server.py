@@ -1,6 +1,6 @@
-"""A scripted OpenAI-protocol teacher of the tests' own (and of ``jobs.benchmarks.datagen``), in its own process.
+"""A scripted OpenAI-protocol teacher for the tests and ``jobs.benchmarks.datagen``, in its own process.
 
-    with ChatServer(service_time=0.05) as server:      # python -m tests.helpers.chat_server --port N ...
+    with ChatServer(service_time=0.05) as server:      # python -m llava_platform.testing.chat_server --port N ...
         server.url          # http://127.0.0.1:<port>/v1
         server.stats()      # {"requests": n, "answered": {"<first caption>|<type>|<context hash>": times answered}}
 
@@ -31,7 +31,7 @@ from collections import Counter
 
 from aiohttp import web
 
-from tests.helpers.servers import free_port
+from llava_platform.testing.local_servers import free_port
 
 GOOD = {
     "conversation": "Question:\nWhat is in the picture?\n===\nAnswer:\nThere are {c}.\n===\nQuestion:\nWhy might "
@@ -119,7 +119,7 @@ class ChatServer:
         self.url = f"http://127.0.0.1:{self.port}/v1"
 
     def __enter__(self) -> ChatServer:
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.helpers.chat_server", *self.args])
+        self.process = subprocess.Popen([sys.executable, "-m", "llava_platform.testing.chat_server", *self.args])
         deadline = time.monotonic() + 30
         while True:
             try:

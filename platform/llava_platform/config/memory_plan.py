@@ -1,0 +1,80 @@
+"""A recipe's memory plan: each stage's shapes and settings turned into ``train.memory``'s inputs.
+
+    print(plan_recipe(recipe))     # what ``--dry-run`` prints after the resolved recipe
+
+``train/memory.py`` holds the estimate (flat numbers in, bytes out); this module reads the recipe.
+"""
+
+from __future__ import annotations
+
+from llava_platform.archs import takes_video
+from llava_platform.config.schema import Recipe, StageConfig
+from llava_platform.data.geometry import (
+    anyres_tile_count,
+    image_token_count,
+    onevision_image_token_count,
+    stacked_image_token_count,
+    video_token_count,
+)
+from llava_platform.train.memory import StageSetup, TransformerShape, UnknownShapeError, plan, shape_of
+
+
+def recipe_shapes(recipe: Recipe) -> tuple[TransformerShape, TransformerShape]:
+    """(language model, vision tower) shapes of the recipe's model: tiny towers, a local or known checkpoint.
+
+    Raises:
+        UnknownShapeError: a model that is neither local nor in ``KNOWN_SHAPES``.
+    """
+    model = recipe.model
+    if model.tiny is not None:
+        tiny = model.tiny
+        tokens = (model.image_size // tiny.patch_size) ** 2 + (1 if tiny.vision_family == "clip" else 0)
+        return (TransformerShape(tiny.text_hidden_size, tiny.text_layers, 2 * tiny.text_hidden_size, tiny.text_heads,
+                                 vocab=tiny.text_vocab_size),
+                TransformerShape(tiny.vision_hidden_size, tiny.vision_layers, 2 * tiny.vision_hidden_size,
+                                 tiny.vision_heads, tokens_per_tile=tokens, patch_size=tiny.patch_size,
+                                 gated_mlp=False))
+    if model.pretrained:
+        return (shape_of(model.pretrained, vision=False),
+                shape_of(model.pretrained, vision=True, image_size=model.image_size))
+    return shape_of(model.language_model, vision=False), shape_of(model.vision_tower, vision=True,
+                                                                    image_size=model.image_size)
+
+
+def stage_setup(recipe: Recipe, stage: StageConfig) -> StageSetup:
+    """The numbers ``estimate`` needs, from the recipe (shapes as ``recipe_shapes``)."""
+    lm, tower = recipe_shapes(recipe)
+    model, ds = recipe.model, stage.deepspeed
+    projector = tower.hidden * lm.hidden + (lm.hidden * lm.hidden if model.projector == "mlp2x_gelu" else 0)
+    anyres = stage.data.image_mode == "anyres" and bool(model.image_grid_pinpoints)
+    pinpoints = [tuple(p) for p in model.image_grid_pinpoints or [(model.image_size, model.image_size)]]
+    tiles = max(anyres_tile_count(p, pinpoints, model.image_size) for p in pinpoints) if anyres else 1
+    image_tokens = max(image_token_count(p, anyres=anyres, tile_size=model.image_size, patch_size=tower.patch_size,
+                                         pinpoints=pinpoints) for p in pinpoints) if tower.patch_size else 0
+    if takes_video(model.arch) and tower.patch_size:  # the largest of: one image, several, a video
+        size, data = dict(tile_size=model.image_size, patch_size=tower.patch_size), stage.data
+        tiles = max(tiles, data.max_images, data.video.frames)
+        image_tokens = max(
+            *(onevision_image_token_count(p, pinpoints=pinpoints, max_tiles=model.max_tiles(), **size)
+              for p in pinpoints),
+            data.max_images * stacked_image_token_count(**size), video_token_count(data.video.frames, **size))
+    return StageSetup(lm=lm, tower=tower, projector_params=projector, tunable=tuple(stage.tunable),
+                      lora_rank=stage.lora.r if stage.lora else None,
+                      lora_targets=tuple(stage.lora.target_modules) if stage.lora else (),
+                      zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer, precision=ds.precision,
+                      world_size=recipe.scaling.num_workers, micro_batch_size=stage.micro_batch_size,
+                      max_length=stage.data.model_max_length, tiles_per_sample=tiles,
+                      gradient_checkpointing=ds.gradient_checkpointing, overlap_comm=recipe.scaling.use_gpu,
+                      image_tokens=image_tokens)
+
+
+def plan_recipe(recipe: Recipe) -> str:
+    """What ``--dry-run`` prints after the recipe: each stage's per-GPU estimate and verdict."""
+    try:
+        plans = [plan(name, stage_setup(recipe, stage), recipe.scaling.gpu_memory_gb)
+                 for name, stage in recipe.stages().items()]
+    except UnknownShapeError as error:
+        return f"# memory estimate: unavailable ({error})"
+    unit = "GPU" if recipe.scaling.use_gpu else "worker"
+    header = f"# memory per {unit} (config.memory_plan + train.memory; model states after DeepSpeed's estimators)"
+    return "\n".join([header, *(f"# {line}" for p in plans for line in p.table().splitlines())])
