@@ -63,7 +63,7 @@ walkthrough: $(STAMP)
 
 # Install with TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ on a GPU machine; CI never runs this.
 gpu-smoke: $(STAMP)
-	$(PY) -m jobs.benchmarks.gpu_smoke $(ARGS)
+	$(PY) -m jobs.perf.gpu_smoke $(ARGS)
 
 # The browser tests drive the system Chromium through Playwright's Python client (no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import ray.data
 
@@ -30,6 +32,26 @@ def quiet_ray_data() -> None:
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def say(prefix: str, message: str, *, stream=None) -> None:
+    """One line ``[prefix] message`` for a person, on standard error (standard output is for results: a
+    job's summary, a score table, a dry run's recipe), flushed at once."""
+    print(f"[{prefix}] {message}", file=stream or sys.stderr, flush=True)
+
+
+def job_log(prefix: str) -> Callable[[str], None]:
+    """A job's ``log(message)``: ``say`` with the job's prefix."""
+    return partial(say, prefix)
+
+
+class PreflightError(ValueError):
+    """What a job found wrong before claiming any resource, all at once, each problem naming its option or
+    recipe key (``problems``). The jobs' ``main`` prints it and exits with status 2."""
+
+    def __init__(self, job: str, problems: list[str]):
+        super().__init__(f"jobs.{job} cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+        self.problems = problems
 
 
 def duration(seconds: float) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import typing
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from typing import Any
 import ray
 from pydantic import ValidationError
 
-from jobs.console import quiet_ray_data
+from jobs.console import PreflightError, job_log, quiet_ray_data
 from jobs.score import add_judge_arguments, judge_from_args, judge_problems, score_and_write
 from llava_platform import tracking
 from llava_platform.benchmarks import BENCHMARKS, BenchmarkFormatError, ScoreReport, comparison_table, load_benchmark
@@ -60,8 +59,8 @@ METRIC_PREFIX = "eval"
 """MLflow metrics are ``eval/accuracy``, ``eval/accuracy/short``, ``eval/accuracy/mc``, ``eval/data/read``, ..."""
 
 
-def log(message: str) -> None:
-    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+log = job_log("evaluate")
+"""This job's lines on standard error (``jobs.console.say``)."""
 
 
 def main(argv: list[str] | None = None) -> EvaluationResult:
@@ -136,14 +135,14 @@ def inference_from_args(args: argparse.Namespace) -> InferenceConfig:
     try:
         vllm = VllmConfig.model_validate(args.vllm)
     except ValidationError as error:
-        raise PreflightError([f"--vllm: {e['loc'][0] if e['loc'] else ''}: {e['msg']}" for e in error.errors()]
-                             ) from error
+        problems = [f"--vllm: {e['loc'][0] if e['loc'] else ''}: {e['msg']}" for e in error.errors()]
+        raise PreflightError("evaluate", problems) from error
     try:
         return InferenceConfig(**values, vllm=vllm)
     except ValidationError as error:
         flags = {name: dest for dest, name in INFERENCE_FLAGS.items()} | {"max_new_tokens": "max_new_tokens"}
-        raise PreflightError([f"--{flags[e['loc'][0]].replace('_', '-')}: {e['msg']}" for e in error.errors()]
-                             ) from error
+        problems = [f"--{flags[e['loc'][0]].replace('_', '-')}: {e['msg']}" for e in error.errors()]
+        raise PreflightError("evaluate", problems) from error
 
 
 @dataclass(frozen=True)
@@ -159,14 +158,6 @@ class EvaluationResult:
     """Records read, kept (scored) and quarantined."""
 
 
-class PreflightError(ValueError):
-    """Problems found before any work starts, each naming its option (``problems``)."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("jobs.evaluate cannot start:\n" + "".join(f"  {p}\n" for p in problems))
-        self.problems = problems
-
-
 def run(*, model: str, data: list[str], output: Path, tracking_uri: str, inference: InferenceConfig,
         image_root: str | None = None, run_id: str | None = None, experiment: str = "evaluation",
         s3_endpoint_url: str | None = None) -> EvaluationResult:
@@ -177,7 +168,7 @@ def run(*, model: str, data: list[str], output: Path, tracking_uri: str, inferen
     """
     problems = preflight(model, data, image_root, tracking_uri)
     if problems:
-        raise PreflightError(problems)
+        raise PreflightError("evaluate", problems)
     run_id = source_run_id(model, tracking_uri) or run_id or tracking.start_run(tracking_uri, experiment, "evaluate")
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
@@ -250,7 +241,7 @@ def benchmark_specs(names: list[str], annotations: list[str], images: list[str])
     problems += [f"--images: {item!r} is not NAME=PATH" for item in images if "=" not in item]
     problems += [f"--images: {name} is not one of the --benchmark names" for name in folders if name not in names]
     if problems:
-        raise PreflightError(problems)
+        raise PreflightError("evaluate", problems)
     return [BenchmarkSpec(name, path, folders.get(name)) for name, path in zip(names, annotations, strict=True)]
 
 
@@ -289,7 +280,7 @@ def run_benchmarks(*, model: str, benchmarks: list[BenchmarkSpec], output: Path,
         except BenchmarkFormatError as error:
             problems.append(f"--annotations: {error}")
     if problems:
-        raise PreflightError(problems)
+        raise PreflightError("evaluate", problems)
     run_id = source_run_id(model, tracking_uri) or run_id or tracking.start_run(tracking_uri, experiment, "evaluate")
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import ray
 
-from jobs.console import quiet_ray_data
+from jobs.console import PreflightError, job_log, quiet_ray_data
 from llava_platform import tracking
 from llava_platform.datagen.annotations import AnnotationFormatError, ImageContext, read_coco, read_contexts
 from llava_platform.datagen.client import ClientSettings
@@ -41,8 +40,8 @@ from pipelines.generate import GenerationPlan, Journal, commit, generate, token_
 METRIC_PREFIX = "datagen"
 
 
-def log(message: str) -> None:
-    print(f"[generate_data] {message}", file=sys.stderr, flush=True)
+log = job_log("generate_data")
+"""This job's lines on standard error (``jobs.console.say``)."""
 
 
 def main(argv: list[str] | None = None) -> GenerateResult:
@@ -88,14 +87,6 @@ def main(argv: list[str] | None = None) -> GenerateResult:
                    s3_endpoint_url=args.s3_endpoint_url)
     except PreflightError as error:
         parser.exit(2, str(error))
-
-
-class PreflightError(ValueError):
-    """Problems found before any request, each naming its option."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("jobs.generate_data cannot start:\n" + "".join(f"  {p}\n" for p in problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -190,7 +181,7 @@ def preflight(kinds, captions, instances, annotations, prompts, s3_endpoint_url)
     except PromptError as error:
         problems.append(f"--prompts: {error}")
     if problems:
-        raise PreflightError(problems)
+        raise PreflightError("generate_data", problems)
     return contexts, prompt_set
 
 

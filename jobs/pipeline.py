@@ -33,7 +33,6 @@ import base64
 import json
 import mimetypes
 import os
-import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from typing import Any
 import yaml
 
 from jobs import compose, deploy, evaluate, preprocess, synthetic_data, train
+from jobs.console import PreflightError, job_log
 from llava_platform import registry, tracking
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
 from llava_platform.config.schema import EvaluationConfig
@@ -59,8 +59,8 @@ RESULT_FILE = "result.json"
 the MLflow tracking URI and run ids, seconds per step (what the summary prints, for scripts)."""
 
 
-def log(message: str) -> None:
-    print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+log = job_log("pipeline")
+"""This job's lines on standard error (``jobs.console.say``)."""
 
 
 def main(argv: list[str] | None = None) -> PipelineResult:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> PipelineResult:
     try:
         return run(recipe, output=args.output, serve=not args.no_serve, keep_serving=args.keep_serving,
                    port=args.port)
-    except (train.PreflightError, evaluate.PreflightError, ManifestError) as error:
+    except (PreflightError, ManifestError) as error:
         parser.exit(2, f"{error}\n")
 
 

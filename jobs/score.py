@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
+from jobs.console import job_log
 from llava_platform.benchmarks import (
     BENCHMARKS,
     BenchmarkFormatError,
@@ -31,9 +31,8 @@ from llava_platform.benchmarks import (
 from llava_platform.benchmarks.judge import EndpointJudge
 from llava_platform.storage import filesystem_for
 
-
-def log(message: str) -> None:
-    print(f"[score] {message}", file=sys.stderr, flush=True)
+log = job_log("score")
+"""This job's lines on standard error (``jobs.console.say``)."""
 
 
 def add_judge_arguments(parser: argparse.ArgumentParser) -> None:

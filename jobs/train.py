@@ -18,7 +18,6 @@ Checkpoints (full DeepSpeed state + data position) go to ``checkpoint.storage_pa
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +27,7 @@ import pyarrow.fs as pafs
 import ray
 import yaml
 
-from jobs.console import quiet_ray_data
+from jobs.console import PreflightError, job_log, quiet_ray_data
 from jobs.faults import Faults
 from jobs.train_worker import POSITION_FILE, train_loop_per_worker
 from llava_platform import tracking
@@ -38,7 +37,7 @@ from llava_platform.config.schema import ScalingConfig as ScalingSection
 from llava_platform.storage import filesystem_for, is_remote
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_config import build_deepspeed_config
-from llava_platform.train.plan import EngineSpec, LoopSpec, LoraSpec, ResumePoint, StagePlan, TrackingSpec
+from llava_platform.train.plan import DeepSpeedSpec, LoopSpec, ResumePoint, StagePlan, TrackingSpec
 from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport, start_quarantine_log
 from pipelines.shards import ManifestError, StageShards
@@ -60,16 +59,8 @@ class TrainResult:
     """MLflow ids: ``experiment`` (its name), ``parent``, and one run per stage."""
 
 
-class PreflightError(ValueError):
-    """Problems found before any worker starts, all at once (``problems``)."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("jobs.train cannot start:\n" + "".join(f"  {p}\n" for p in problems))
-        self.problems = problems
-
-
-def log(message: str) -> None:
-    print(f"[train] {message}", file=sys.stderr, flush=True)
+log = job_log("train")
+"""This job's lines on standard error (``jobs.console.say``)."""
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
@@ -108,7 +99,7 @@ def run(recipe: Recipe, *, model: str, output: Path, stage: str = "all", resume:
     quiet_ray_data()
     problems = preflight(recipe, names, model=model, output=output, stage=stage, resume=point, resume_from=resume)
     if problems:
-        raise PreflightError(problems)
+        raise PreflightError("train", problems)
 
     uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
     runs = open_parent_run(uri, recipe, output, point)
@@ -171,7 +162,7 @@ def read_resume_point(checkpoint: str, s3_endpoint_url: str | None) -> ResumePoi
         with filesystem.open_input_stream(f"{path.rstrip('/')}/{POSITION_FILE}") as stream:
             return ResumePoint.from_dict(json.loads(stream.read()))
     except (FileNotFoundError, OSError) as error:
-        raise PreflightError([f"--resume {checkpoint}: no {POSITION_FILE} there ({error}); pass a checkpoint "
+        raise PreflightError("train", [f"--resume {checkpoint}: no {POSITION_FILE} there ({error}); pass a checkpoint "
                               "folder written by jobs.train, e.g. <storage>/<recipe>-stage2/stage2-step00000400"]
                              ) from error
 
@@ -296,15 +287,14 @@ def preprocessed_rank_datasets(stage: StageConfig, model: str, num_workers: int)
     return in_order(ray.data.read_parquet(files)).split(num_workers, equal=True), manifest
 
 
-def engine_spec(recipe: Recipe, stage: StageConfig, model: str, total_steps: int) -> EngineSpec:
+def deepspeed_spec(recipe: Recipe, stage: StageConfig, model: str, total_steps: int) -> DeepSpeedSpec:
     """The stage's engine: model, what trains, optimiser, schedule, and DeepSpeed for the recipe's worker count."""
     scaling, deepspeed = recipe.scaling, stage.deepspeed
     optim, lora = stage.optim, stage.lora
-    return EngineSpec(
+    return DeepSpeedSpec(
         model_path=model if is_remote(model) else str(Path(model).resolve()),
         tunable=tuple(stage.tunable),
-        lora=LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules))
-        if lora else None,
+        lora=lora.build() if lora else None,
         lr=optim.lr, projector_lr=optim.projector_lr, vision_tower_lr=optim.vision_tower_lr,
         weight_decay=optim.weight_decay, scheduler=optim.scheduler, warmup_ratio=optim.warmup_ratio,
         total_steps=total_steps, zero_stage=deepspeed.zero_stage, precision=deepspeed.precision,
@@ -326,7 +316,7 @@ def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, pro
                resume_from: str | None) -> StagePlan:
     """Resolve one stage for the workers: every setting they read, and every derived value, computed here."""
     scaling = recipe.scaling
-    engine = engine_spec(recipe, stage, model, total_steps)
+    deepspeed = deepspeed_spec(recipe, stage, model, total_steps)
     loop = LoopSpec(epochs=stage.epochs, micro_batch_size=stage.micro_batch_size,
                     group_window=32 * stage.micro_batch_size,
                     group_by_modality_length=stage.data.group_by_modality_length, seed=recipe.seed,
@@ -338,7 +328,7 @@ def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, pro
         system_metrics_interval_s=settings.system_metrics_interval_s if settings.system_metrics else None,
         registered_model=(settings.registered_model or recipe.name) if export and name == "stage2" else None,
     )
-    return StagePlan(stage=name, output=str((output / name).resolve()), engine=engine, loop=loop, tracking=track,
+    return StagePlan(stage=name, output=str((output / name).resolve()), deepspeed=deepspeed, loop=loop, tracking=track,
                      projector=projector, export=export, resume_from=resume_from,
                      storage_endpoint_url=recipe.checkpoint.s3_endpoint_url,
                      backend="nccl" if scaling.use_gpu else "gloo")
@@ -376,7 +366,7 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
                       total_steps=total_steps, tracking_uri=tracking_uri, runs=runs, resume_from=resume_from)
     stage_dir = Path(plan.output)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    derived = {"total_steps": total_steps, "gradient_accumulation_steps": plan.engine.gradient_accumulation_steps,
+    derived = {"total_steps": total_steps, "gradient_accumulation_steps": plan.deepspeed.gradient_accumulation_steps,
                "world_size": workers, "records": sum(records_per_rank)}
     run_id = runs[name]
     if resume_from is None:

@@ -7,7 +7,7 @@ two hooks of ``jobs.faults.Faults``.
 Rank ``r`` reads the dataset ``rank<r>``: its own slice of the records, preprocessed in a fixed order,
 so that a restarted worker group replays exactly the same micro-batches and can skip the ones a
 checkpoint already covers. An elastic group that lost workers reads the missing ranks' slices too
-(``LoopSpec.shares_of``), with accumulation recomputed for its size (``EngineSpec.at_world_size``).
+(``LoopSpec.shares_of``), with accumulation recomputed for its size (``DeepSpeedSpec.at_world_size``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from jobs.console import PROGRESS_EVERY_S, duration, quiet_ray_data
+from jobs.console import PROGRESS_EVERY_S, duration, quiet_ray_data, say
 from jobs.faults import Faults
 from llava_platform import registry, tracking
 from llava_platform.data.collate import collate, collate_onevision
@@ -33,8 +33,8 @@ from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.read_ahead import EpochReader
 from llava_platform.storage import filesystem_for, is_mlflow_uri
 from llava_platform.train.checkpoint import export_model, full_state_dict, save_projector
-from llava_platform.train.engine import (
-    build_engine,
+from llava_platform.train.deepspeed_engine import (
+    build_deepspeed_engine,
     forward,
     init_distributed,
     load_training_state,
@@ -62,8 +62,8 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
     device = ray.train.torch.get_device()
     loop, track = plan.loop, plan.tracking
     world = dist.get_world_size()
-    spec = plan.engine.at_world_size(world)  # the global batch holds at whatever size the group has
-    batch, planned = spec.deepspeed_config["train_batch_size"], plan.engine.deepspeed_config["train_batch_size"]
+    spec = plan.deepspeed.at_world_size(world)  # the global batch holds at whatever size the group has
+    batch, planned = spec.deepspeed_config["train_batch_size"], plan.deepspeed.deepspeed_config["train_batch_size"]
     if rank == 0 and batch != planned:
         log(rank, f"{world} workers: global batch {batch} instead of {planned} (accumulation "
                   f"{spec.gradient_accumulation_steps}: {planned} does not divide into {world} workers)")
@@ -76,7 +76,7 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
         directory = stack.enter_context(checkpoint.as_directory()) if checkpoint is not None else None
         saved = saved_world_size(directory) if directory else world  # another count: a universal checkpoint
         with tempfile.TemporaryDirectory(prefix="llava-projector-") as download:
-            engine, processor = build_engine(spec, resolve_projector(plan.projector, track.uri, download),
+            engine, processor = build_deepspeed_engine(spec, resolve_projector(plan.projector, track.uri, download),
                                              universal_checkpoint=saved != world)
         if directory:
             position = load_training_state(engine, directory)
@@ -250,7 +250,7 @@ def export_and_register(engine, processor, probe: dict | None, step: int, plan: 
         engine.eval()
         with torch.no_grad():
             logits = forward(engine, probe).logits[:, -16:].float().cpu()  # the tail: small even with a 150k vocabulary
-    state = full_state_dict(engine, plan.engine.zero_stage)
+    state = full_state_dict(engine, plan.deepspeed.zero_stage)
     if rank != 0:
         return
     out, track = Path(plan.output), plan.tracking
@@ -259,7 +259,7 @@ def export_and_register(engine, processor, probe: dict | None, step: int, plan: 
     tracking.log_metrics(track.uri, track.run_id, {"optimizer_steps": step}, step=step)
     if not plan.export:
         return
-    export = export_model(state, processor, out, model_path=plan.engine.model_path, lora=plan.engine.lora,
+    export = export_model(state, processor, out, model_path=plan.deepspeed.model_path, lora=plan.deepspeed.lora,
                           module=engine.module)
     if probe is not None:
         torch.save({"batch": {k: v.cpu() for k, v in probe.items()}, "logits": logits}, out / EXPORT_CHECK_FILE)
@@ -274,4 +274,4 @@ def log(rank: int, message: str) -> None:
     """One line on the worker's real stdout, which Ray forwards to the driver once. (Ray Train patches
     ``print`` into its logger and, when another library has wrapped ``sys.stdout`` as MLflow does, also
     tees it to that stream: a plain ``print`` reached the console twice.)"""
-    print(f"[train rank {rank}] {message}", file=sys.__stdout__, flush=True)
+    say(f"train rank {rank}", message, stream=sys.__stdout__)

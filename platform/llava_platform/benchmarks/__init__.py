@@ -7,8 +7,9 @@
     report.metrics["f1"], report.unmatched
 
 ``jobs.score`` does the last step alone from a saved answers file; ``jobs.evaluate --benchmark`` does all
-three. The README table "Benchmarks: prompts, decoding, scoring" says, per benchmark, what the readers
-and rules here do and which official script each follows.
+three. The table in ``jobs/README.md`` (The LLaVA-1.5 benchmarks) says, per benchmark, what the readers and
+rules here do and which official script each follows. (Not to be confused with ``jobs/perf/``: the
+performance scripts.)
 """
 
 from __future__ import annotations

@@ -13,8 +13,6 @@ from collections.abc import Mapping
 
 from llava_platform.benchmarks.base import BenchmarkFormatError, Judge, Loaded, Question, Source, mean
 
-LLAVA_BENCH_CATEGORIES = ("conv", "detail", "complex")
-
 
 def load_llava_bench(source: Source) -> Loaded:
     """``questions.jsonl``, ``context.jsonl`` (each image's caption) and ``answers_gpt4.jsonl`` (the reference

@@ -1,7 +1,7 @@
 """The scoring rules of the benchmarks' official scripts, as pure functions on strings.
 
-Each rule says which official script it follows; the README table "Benchmarks: prompts, decoding,
-scoring" lists them per benchmark. Nothing here reads files or knows a benchmark's layout.
+Each rule says which official script it follows; the table in ``jobs/README.md`` (The LLaVA-1.5
+benchmarks) lists them per benchmark. Nothing here reads files or knows a benchmark's layout.
 
 - ``vqa_normalize`` / ``vqa_accuracy``: the VQA answer normalisation (EvalAI's answer processor, used by
   the VQAv2 / VizWiz evaluation servers and by LLaVA's TextVQA evaluator) and the soft accuracy

@@ -5,7 +5,7 @@
 
 It speaks the protocol with ``aiohttp`` and ``json`` directly rather than through the ``openai`` client:
 on the 2-core benchmark the official client's per-request work (request models, response validation)
-held 32 requests in flight to 0.78 of the ideal rate by itself (``jobs.benchmarks.datagen``, README).
+held 32 requests in flight to 0.78 of the ideal rate by itself (``jobs.perf.datagen``, README).
 What it adds to a plain HTTP client:
 
 - at most ``concurrency`` requests in flight; ``requests_per_minute`` / ``tokens_per_minute`` token

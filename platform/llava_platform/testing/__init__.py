@@ -4,6 +4,6 @@
 - ``flaky_s3.py``: ``FlakyS3Proxy``, a loopback proxy in front of S3 that throttles or delays requests;
 - ``chat_server.py``: ``ChatServer``, a scripted OpenAI-protocol teacher with faults by caption.
 
-The test suite and the benchmark scripts (``jobs/benchmarks/``) both use them; nothing here is imported by
+The test suite and the benchmark scripts (``jobs/perf/``) both use them; nothing here is imported by
 the rest of the core. They need the ``test`` extra (moto) at run time.
 """

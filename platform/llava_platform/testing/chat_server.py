@@ -1,4 +1,4 @@
-"""A scripted OpenAI-protocol teacher for the tests and ``jobs.benchmarks.datagen``, in its own process.
+"""A scripted OpenAI-protocol teacher for the tests and ``jobs.perf.datagen``, in its own process.
 
     with ChatServer(service_time=0.05) as server:      # python -m llava_platform.testing.chat_server --port N ...
         server.url          # http://127.0.0.1:<port>/v1

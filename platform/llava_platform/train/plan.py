@@ -24,8 +24,9 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    """What ``train.engine.build_engine`` builds: the model, what trains, the optimiser and DeepSpeed."""
+class DeepSpeedSpec:
+    """What ``deepspeed_engine.build_deepspeed_engine`` builds: the model, what trains, the optimiser and DeepSpeed
+    (the training engine; the generation engines are ``llava_platform.generation``'s)."""
 
     model_path: str
     """The composed or pretrained LLaVA checkpoint (a local folder or a remote URI)."""
@@ -53,7 +54,7 @@ class EngineSpec:
     tf32: bool
     """Allow TF32 matmuls on CUDA (``deepspeed.tf32``)."""
 
-    def at_world_size(self, world_size: int) -> EngineSpec:
+    def at_world_size(self, world_size: int) -> DeepSpeedSpec:
         """The same stage on ``world_size`` workers: the global batch holds, accumulation absorbs the change.
 
         When the global batch does not divide into ``world_size`` x the micro-batch (an elastic run that lost
@@ -115,7 +116,7 @@ class StagePlan:
     """``stage1`` or ``stage2``."""
     output: str
     """The stage's output folder (projector, export, fault markers)."""
-    engine: EngineSpec
+    deepspeed: DeepSpeedSpec
     loop: LoopSpec
     tracking: TrackingSpec
     projector: str | None

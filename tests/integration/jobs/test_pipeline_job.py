@@ -28,7 +28,7 @@ from llava_platform.generation.transformers import TransformersEngine
 from llava_platform.model.compose import load_pretrained_llava
 from llava_platform.model.trainability import part_of
 from llava_platform.train.checkpoint import PROJECTOR_FILE
-from llava_platform.train.engine import CHECKPOINT_TAG
+from llava_platform.train.deepspeed_engine import CHECKPOINT_TAG
 from tests.helpers.corpus import EVAL_BAD_RECORDS
 from tests.helpers.losses import found_loss, record_loss
 from tests.helpers.pipeline_job import SECRET

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from jobs import compose
-from jobs.benchmarks.ranks import EngineTask, rank_memory, spawn_ranks
+from jobs.perf.ranks import EngineTask, rank_memory, spawn_ranks
 from llava_platform.config import load_recipe, memory_plan
 from llava_platform.train import memory
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jobs import compose
-from jobs.benchmarks.ranks import spawn_ranks
+from jobs.perf.ranks import spawn_ranks
 from llava_platform.config import load_recipe
 from llava_platform.model.compose import load_pretrained_llava
 from llava_platform.train.deepspeed_config import build_deepspeed_config

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from jobs import compose
-from jobs.benchmarks.ranks import spawn_ranks
+from jobs.perf.ranks import spawn_ranks
 from llava_platform.config import load_recipe
 from tests.helpers.rows import micro_batch
 
@@ -34,9 +34,9 @@ def train(rank: int, world: int, overrides: list[str], model: str, steps: range,
     (``save``), or first resume from ``resume``. Returns the global loss per step and the engine's step."""
     import torch.distributed as dist
 
-    from jobs.train import engine_spec
-    from llava_platform.train.engine import (
-        build_engine,
+    from jobs.train import deepspeed_spec
+    from llava_platform.train.deepspeed_engine import (
+        build_deepspeed_engine,
         load_training_state,
         save_training_state,
         saved_world_size,
@@ -47,8 +47,9 @@ def train(rank: int, world: int, overrides: list[str], model: str, steps: range,
     torch.set_num_threads(1)
     torch.manual_seed(0)
     recipe = load_recipe(RECIPE, overrides)
-    spec = engine_spec(recipe, recipe.stage2, model, total_steps=4).at_world_size(world)
-    engine, processor = build_engine(spec, universal_checkpoint=bool(resume) and saved_world_size(resume) != world)
+    spec = deepspeed_spec(recipe, recipe.stage2, model, total_steps=4).at_world_size(world)
+    universal = bool(resume) and saved_world_size(resume) != world
+    engine, processor = build_deepspeed_engine(spec, universal_checkpoint=universal)
     position = TrainingPosition("stage2")
     if resume:
         position = load_training_state(engine, resume)

@@ -23,7 +23,7 @@ from llava_platform import tracking
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.model.trainability import part_of
 from llava_platform.train.checkpoint import PROJECTOR_FILE, save_projector
-from llava_platform.train.engine import CHECKPOINT_TAG
+from llava_platform.train.deepspeed_engine import CHECKPOINT_TAG
 from tests.helpers.losses import Loss, mlflow_steps, record_loss, resumes_loss, rows_loss, steps_loss
 from tests.helpers.recipes import RECIPE, REGISTERED_NAME, STEPS, data_overrides, zero3
 from tests.helpers.training import assert_export_reproduces_engine, losses, weights

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from jobs import compose
-from jobs.benchmarks.ranks import spawn_ranks
+from jobs.perf.ranks import spawn_ranks
 from llava_platform.config import load_recipe
 from tests.helpers.recipes import NEXT_MODEL
 from tests.helpers.rows import micro_batch, onevision_micro_batch
@@ -35,14 +35,14 @@ def train_schedule(rank: int, world_size: int, overrides: list[str], model: str,
                    recipe_name: str = RECIPE) -> list[tuple]:
     """Rank function: one optimizer step per schedule entry (``I``: an image row on that rank, ``T``: text;
     OneVision also ``M``: two images, ``V``: a video)."""
-    from jobs.train import engine_spec
-    from llava_platform.train.engine import build_engine, train_step
+    from jobs.train import deepspeed_spec
+    from llava_platform.train.deepspeed_engine import build_deepspeed_engine, train_step
 
     faulthandler.dump_traceback_later(HANG_AFTER_S, exit=True)  # a hang fails the test with every stack
     torch.set_num_threads(1)
     torch.manual_seed(0)
     recipe = load_recipe(recipe_name, overrides)
-    engine, processor = build_engine(engine_spec(recipe, recipe.stage2, model, total_steps=4))
+    engine, processor = build_deepspeed_engine(deepspeed_spec(recipe, recipe.stage2, model, total_steps=4))
     coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
     steps = []
     for step, kinds in enumerate(schedule.split(",")):

@@ -8,7 +8,7 @@ of every module above the schema (the core library, ``jobs/``, ``pipelines/``, `
   take theirs from the schema);
 - ``serve/config.yaml`` restates no default of the Serve config.
 
-The performance scripts (``jobs/benchmarks/``) are left out: their flags size the workload they measure.
+The performance scripts (``jobs/perf/``) are left out: their flags size the workload they measure.
 """
 
 from __future__ import annotations

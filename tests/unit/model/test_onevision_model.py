@@ -120,7 +120,7 @@ def test_a_video_for_a_model_without_video_is_refused(saved_checkpoints):
 def test_the_training_embeddings_are_transformers_own(loaded, rows):
     """``onevision_inputs_embeds`` (the fixed module order every ZeRO-3 rank runs) gives exactly the loss of
     transformers' forward, for every kind of batch, and names a placeholder count that does not pair up."""
-    from llava_platform.train.engine import onevision_inputs_embeds
+    from llava_platform.train.deepspeed_engine import onevision_inputs_embeds
 
     model, processor = loaded
     settings = ImageSettings.from_processor(processor)

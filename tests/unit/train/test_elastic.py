@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.train import engine_spec
+from jobs.train import deepspeed_spec
 from jobs.train_worker import interleave
 from llava_platform.config import load_recipe
 from llava_platform.train.plan import LoopSpec
@@ -14,7 +14,7 @@ from llava_platform.train.plan import LoopSpec
 def spec():
     """The 72B recipe's stage 2 (global batch 128 = 1 x 2 x 64 workers)."""
     recipe = load_recipe("llava_next_72b")
-    return engine_spec(recipe, recipe.stage2, "Qwen/x", total_steps=10)
+    return deepspeed_spec(recipe, recipe.stage2, "Qwen/x", total_steps=10)
 
 
 def test_the_global_batch_holds_where_it_divides(spec):

@@ -21,7 +21,7 @@ from llava_platform.model.trainability import (
     set_trainable,
 )
 from llava_platform.train.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config, build_lr_scheduler
-from llava_platform.train.engine import init_distributed
+from llava_platform.train.deepspeed_engine import init_distributed
 from tests.helpers.models import compose
 
 
@@ -161,7 +161,7 @@ def test_stage1_engine_trains_the_projector_and_nothing_else(towers, single_proc
 
 
 def test_resume_from_a_folder_without_training_state_names_what_to_pass(tmp_path):
-    from llava_platform.train.engine import ResumeError, load_training_state
+    from llava_platform.train.deepspeed_engine import ResumeError, load_training_state
 
     with pytest.raises(ResumeError, match="no state/ folder"):
         load_training_state(None, tmp_path)

@@ -5,10 +5,10 @@ vary with the aspect ratio, plus a share of text-only records), then cuts the ro
 micro-batches in arrival order and grouped by modality and length, and prints the share of
 padded token slots for each.
 
-    python -m jobs.benchmarks.padding
-    python -m jobs.benchmarks.padding --records 400 --batch-size 8 --window 512
-    python -m jobs.benchmarks.padding --quick       # 24 records per split, window 64
-    python -m jobs.benchmarks.padding --dry-run     # write the inputs and build the checkpoint, no Ray
+    python -m jobs.perf.padding
+    python -m jobs.perf.padding --records 400 --batch-size 8 --window 512
+    python -m jobs.perf.padding --quick       # 24 records per split, window 64
+    python -m jobs.perf.padding --dry-run     # write the inputs and build the checkpoint, no Ray
 
 The last line is ``padding fraction arrival -> grouped: <a>% -> <b>%``.
 """

@@ -1,9 +1,9 @@
-"""Every benchmark script's ``--quick`` run (``make chaos``): the real measurement end to end at tiny sizes, so
+"""Every performance script's ``--quick`` run (``make chaos``): the real measurement end to end at tiny sizes, so
 no script rots unseen. Each prints its last line in the README's format; the test checks only that its
 figures parse and are finite: never a timing threshold (these machines are noisy, and figures are the
 scripts' output, not assertions). The README's figures come from full runs.
 
-The GPU smoke test (``jobs.benchmarks.gpu_smoke``) needs a GPU: the unit layer dry-runs it.
+The GPU smoke test (``jobs.perf.gpu_smoke``) needs a GPU: the unit layer dry-runs it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ LAST_LINES = {
 @pytest.mark.parametrize("script", sorted(LAST_LINES))
 def test_the_quick_run_prints_finite_figures_in_the_readme_format(script, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
-    completed = subprocess.run([sys.executable, "-m", f"jobs.benchmarks.{script}", "--quick"], cwd=tmp_path,
+    completed = subprocess.run([sys.executable, "-m", f"jobs.perf.{script}", "--quick"], cwd=tmp_path,
                                env={**env, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
                                timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]

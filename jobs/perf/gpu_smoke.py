@@ -1,8 +1,8 @@
 """GPU smoke benchmark: stage 1 + stage 2 of a ~0.5B LLaVA on one GPU, samples/s, tokens/s and MFU.
 
-    make gpu-smoke                                   # = python -m jobs.benchmarks.gpu_smoke
-    python -m jobs.benchmarks.gpu_smoke --steps 40 --out /tmp/gpu-smoke
-    python -m jobs.benchmarks.gpu_smoke --dry-run    # resolve the recipe, print the plan (any machine)
+    make gpu-smoke                                   # = python -m jobs.perf.gpu_smoke
+    python -m jobs.perf.gpu_smoke --steps 40 --out /tmp/gpu-smoke
+    python -m jobs.perf.gpu_smoke --dry-run    # resolve the recipe, print the plan (any machine)
 
 The real training path (``jobs.train`` on Ray Train, 1 worker with 1 GPU, DeepSpeed ZeRO-2, bf16 +
 TF32, SDPA attention) on synthetic data and a random model composed from a config (no download):

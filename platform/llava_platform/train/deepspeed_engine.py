@@ -1,4 +1,5 @@
-"""The DeepSpeed side of a training worker: build the engine, run one optimizer step, save and load its state.
+"""The DeepSpeed side of a training worker: build the DeepSpeed engine, run one optimizer step, save and load its
+state. (The training engine; the generation engines that answer requests are ``llava_platform.generation``'s.)
 
 Nothing here knows Ray: ``jobs.train`` calls these from each Ray Train worker, and the training
 benchmark calls the same functions from one bare process, so the two loops differ only in what
@@ -22,7 +23,7 @@ from llava_platform.model.trainability import apply_lora, parameter_groups, set_
 from llava_platform.train.checkpoint import load_projector, projector_file
 from llava_platform.train.deepspeed_config import build_lr_scheduler
 from llava_platform.train.partitioned import fill_partitions, load_partitioned
-from llava_platform.train.plan import EngineSpec, TrainingPosition
+from llava_platform.train.plan import DeepSpeedSpec, TrainingPosition
 
 CHECKPOINT_TAG = "state"
 """DeepSpeed's tag (sub-folder) inside every periodic checkpoint directory."""
@@ -63,7 +64,8 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def build_engine(spec: EngineSpec, projector_path: str | None = None, *, universal_checkpoint: bool = False):
+def build_deepspeed_engine(spec: DeepSpeedSpec, projector_path: str | None = None, *,
+                           universal_checkpoint: bool = False):
     """Load the starting checkpoint, choose what trains, and wrap it in a DeepSpeed engine.
 
     Under ZeRO-3 the model is built partitioned and each rank reads only its own slices of the

@@ -32,7 +32,7 @@ def _rank_main(rank: int, world_size: int, port: int, target: Callable, args: tu
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     try:
-        from llava_platform.train.engine import init_distributed
+        from llava_platform.train.deepspeed_engine import init_distributed
 
         init_distributed("gloo")
         # plain pickle bytes: torch's queue pickler would share tensors through file descriptors that die
@@ -129,23 +129,23 @@ class EngineTask:
 
 def rank_memory(rank: int, world_size: int, task: EngineTask,
                 build: Callable | None = None) -> RankMemory:
-    """Build the stage's engine the way training does (``build_engine``, or ``build`` given the spec), and
+    """Build the stage's engine the way training does (``build_deepspeed_engine``, or ``build`` given the spec), and
     measure this rank's resident memory around it."""
     import gc
 
     import torch
 
-    from jobs.train import engine_spec
+    from jobs.train import deepspeed_spec
     from llava_platform.config import load_recipe
-    from llava_platform.train.engine import build_engine, train_step
+    from llava_platform.train.deepspeed_engine import build_deepspeed_engine, train_step
 
     torch.set_num_threads(1)
     recipe = load_recipe(task.recipe, [*task.overrides, f"scaling.num_workers={world_size}"])
-    spec = engine_spec(recipe, recipe.stages()[task.stage], task.model, total_steps=10)
+    spec = deepspeed_spec(recipe, recipe.stages()[task.stage], task.model, total_steps=10)
     gc.collect()
     before = rss_bytes()
     reset_peak_rss()
-    engine, processor = (build or build_engine)(spec)
+    engine, processor = (build or build_deepspeed_engine)(spec)
     peak = peak_rss_bytes()
     if task.step:
         ids = torch.randint(3, len(processor.tokenizer) - 1, (1, 32))

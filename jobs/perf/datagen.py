@@ -1,8 +1,8 @@
-"""Benchmark: the data generation job's request throughput against a teacher with a fixed service time.
+"""Performance: the data generation job's request throughput against a teacher with a fixed service time.
 
-    python -m jobs.benchmarks.datagen [--service-time 0.25] [--waves 16] [--levels 8,32,64] [--repeats 3]
-    python -m jobs.benchmarks.datagen --quick          # c=32 only, 2 waves of 0.05 s answers, one run
-    python -m jobs.benchmarks.datagen --dry-run        # write the inputs, start and stop the server
+    python -m jobs.perf.datagen [--service-time 0.25] [--waves 16] [--levels 8,32,64] [--repeats 3]
+    python -m jobs.perf.datagen --quick          # c=32 only, 2 waves of 0.05 s answers, one run
+    python -m jobs.perf.datagen --dry-run        # write the inputs, start and stop the server
 
 Runs ``jobs.generate_data`` (local Ray, one actor) against the scripted OpenAI-protocol teacher
 (``llava_platform.testing.chat_server``, its own process on 127.0.0.1) that answers every request after exactly

@@ -1,16 +1,16 @@
-"""Benchmark: per-rank peak memory of building a ZeRO-3 engine, partitioned loading vs loading the whole model.
+"""Performance: per-rank peak memory of building a ZeRO-3 engine, partitioned loading vs loading the whole model.
 
-    python -m jobs.benchmarks.zero3_load [--out /tmp/bench-zero3] [--ranks 2]
-    python -m jobs.benchmarks.zero3_load --quick       # a ~30M-parameter model
-    python -m jobs.benchmarks.zero3_load --dry-run     # compose and size the model, run no rank (the test suite's)
+    python -m jobs.perf.zero3_load [--out /tmp/bench-zero3] [--ranks 2]
+    python -m jobs.perf.zero3_load --quick       # a ~30M-parameter model
+    python -m jobs.perf.zero3_load --dry-run     # compose and size the model, run no rank (the test suite's)
 
 A random LLaVA of about 0.5B parameters is composed from a config (tiny-recipe towers, scaled up; no
 download) and saved. Then, one after the other, ``--ranks`` CPU ranks (gloo, no Ray) build the stage's
 ZeRO-3 engine from it two ways:
 
-- ``before``: what ``build_engine`` did until partitioned loading: every rank loads the whole checkpoint
+- ``before``: what ``build_deepspeed_engine`` did until partitioned loading: every rank loads the whole checkpoint
   (``load_pretrained_llava``) and ``deepspeed.initialize`` partitions it;
-- ``partitioned``: ``build_engine`` as it is (``llava_platform.train.partitioned``): the model is built
+- ``partitioned``: ``build_deepspeed_engine`` as it is (``llava_platform.train.partitioned``): the model is built
   under ``zero.Init`` and each rank reads only its own slices of the checkpoint.
 
 Each rank's figure is its peak resident memory from just before loading to the built engine, divided
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from jobs import compose
-from jobs.benchmarks.ranks import EngineTask, rank_memory, spawn_ranks
+from jobs.perf.ranks import EngineTask, rank_memory, spawn_ranks
 from llava_platform.config import load_recipe, memory_plan
 
 RECIPE = "tiny_cpu_demo"
@@ -40,7 +40,7 @@ STAGE = ("stage1.deepspeed.zero_stage=3", "stage1.deepspeed.zero3_param_persiste
 
 
 def build_whole_then_partition(spec):
-    """The loading ``build_engine`` did before ``train.partitioned``: the whole checkpoint on every rank."""
+    """The loading ``build_deepspeed_engine`` did before ``train.partitioned``: the whole checkpoint on every rank."""
     import deepspeed
 
     from llava_platform.model.compose import load_pretrained_llava

@@ -1,8 +1,8 @@
-"""Benchmark: how long training stands still per checkpoint, uploads in the background vs waited for.
+"""Performance: how long training stands still per checkpoint, uploads in the background vs waited for.
 
-    python -m jobs.benchmarks.checkpoint_upload [--delay-ms 150] [--steps 12] [--out /tmp/bench-ckpt]
-    python -m jobs.benchmarks.checkpoint_upload --quick       # the same measurement, 3 steps, 1 checkpoint each
-    python -m jobs.benchmarks.checkpoint_upload --dry-run     # resolve both recipes and pass preflight
+    python -m jobs.perf.checkpoint_upload [--delay-ms 150] [--steps 12] [--out /tmp/bench-ckpt]
+    python -m jobs.perf.checkpoint_upload --quick       # the same measurement, 3 steps, 1 checkpoint each
+    python -m jobs.perf.checkpoint_upload --dry-run     # resolve both recipes and pass preflight
 
 One run: moto's S3 server behind a loopback proxy that holds every request for ``--delay-ms`` (a
 distant object store), and the same stage 1 (tiny model, 2 Ray Train workers, ZeRO-2, a checkpoint
@@ -22,8 +22,8 @@ import boto3
 import ray
 
 from jobs import compose, train
-from jobs.benchmarks.train import stage_overrides
 from jobs.console import quiet_ray_data
+from jobs.perf.train import stage_overrides
 from llava_platform import tracking
 from llava_platform.config import load_recipe
 from llava_platform.data.synthetic import write_synthetic_dataset

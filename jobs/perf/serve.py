@@ -1,11 +1,11 @@
-"""Benchmark: the endpoint on its two engines, transformers (static batches) vs vLLM (continuous batching).
+"""Performance: the endpoint on its two engines, transformers (static batches) vs vLLM (continuous batching).
 
-    python -m jobs.benchmarks.serve [--requests 96] [--seed 0]
-    python -m jobs.benchmarks.serve --unbatched          # also the transformers engine one request at a time
-    python -m jobs.benchmarks.serve --quick              # 32 requests per level (one wave at c=32), 8-16 tokens
-    python -m jobs.benchmarks.serve --dry-run            # compose the model and build the apps, serve nothing
+    python -m jobs.perf.serve [--requests 96] [--seed 0]
+    python -m jobs.perf.serve --unbatched          # also the transformers engine one request at a time
+    python -m jobs.perf.serve --quick              # 32 requests per level (one wave at c=32), 8-16 tokens
+    python -m jobs.perf.serve --dry-run            # compose the model and build the apps, serve nothing
     # on a GPU machine (vLLM's CUDA build in $LLAVA_VLLM_PYTHON, see README "The vLLM engine"):
-    python -m jobs.benchmarks.serve --device cuda --requests 512
+    python -m jobs.perf.serve --device cuda --requests 512
 
 Starts a local Ray and Serve on 127.0.0.1 with a bench-sized model composed here from the CPU demo's
 recipe (a ~22M-parameter language model: hidden 512, 8 layers, 8 heads of 64; nothing downloaded),

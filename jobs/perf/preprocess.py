@@ -1,4 +1,4 @@
-"""Benchmark: our anyres preprocessing vs transformers' LlavaNextImageProcessor vs the Pillow floor.
+"""Performance: our anyres preprocessing vs transformers' LlavaNextImageProcessor vs the Pillow floor.
 
 Prints, from one run on the same JPEGs (mixed sizes, 336 px tiles, the default LLaVA-NeXT
 pinpoints):
@@ -10,10 +10,10 @@ pinpoints):
   3. the Ray Data pipeline on 2k and 10x as many records: wall time and peak resident memory of the
      driver plus all Ray workers (streaming: time grows with the data, memory does not)
 
-    python -m jobs.benchmarks.preprocess                    # 200 images, 2k vs 20k records
-    python -m jobs.benchmarks.preprocess --images 200 --records 500   # quicker
-    python -m jobs.benchmarks.preprocess --quick            # 8 images, 16 vs 160 records
-    python -m jobs.benchmarks.preprocess --dry-run          # 2 images, one pass of part 1 (the test suite's)
+    python -m jobs.perf.preprocess                    # 200 images, 2k vs 20k records
+    python -m jobs.perf.preprocess --images 200 --records 500   # quicker
+    python -m jobs.perf.preprocess --quick            # 8 images, 16 vs 160 records
+    python -m jobs.perf.preprocess --dry-run          # 2 images, one pass of part 1 (the test suite's)
 
 The last line is ``preprocess ours/transformers images/s: <x>, bytes uint8/float32: <y>, peak memory at 10x
 records: x<z>`` (without the pipeline part, the memory figure reads ``-``).

@@ -1,10 +1,10 @@
-"""Benchmark: seconds per optimizer step of jobs.train (Ray Train, 1 worker) vs a bare DeepSpeed loop.
+"""Performance: seconds per optimizer step of jobs.train (Ray Train, 1 worker) vs a bare DeepSpeed loop.
 
-    python -m jobs.benchmarks.train [--steps 30] [--out /tmp/bench-train]
-    python -m jobs.benchmarks.train --quick       # 6 steps of 4 samples
-    python -m jobs.benchmarks.train --dry-run     # set up and check the three loops, run nothing (the test suite's)
+    python -m jobs.perf.train [--steps 30] [--out /tmp/bench-train]
+    python -m jobs.perf.train --quick       # 6 steps of 4 samples
+    python -m jobs.perf.train --dry-run     # set up and check the three loops, run nothing (the test suite's)
 
-One run, the same model, data and engine settings (``build_engine`` + ``train_step``) three ways:
+One run, the same model, data and engine settings (``build_deepspeed_engine`` + ``train_step``) three ways:
 
 - ``bare``: one process, no Ray; the rows are in memory before the clock starts, and each step
   collates its micro-batch and runs forward/backward/step (the floor).
@@ -39,7 +39,7 @@ from llava_platform.config import load_recipe
 from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.synthetic import write_synthetic_dataset
-from llava_platform.train.engine import build_engine, init_distributed, train_step
+from llava_platform.train.deepspeed_engine import build_deepspeed_engine, init_distributed, train_step
 from pipelines.shards import read_shards
 
 MODEL = ["model.tiny.text_hidden_size=256", "model.tiny.text_layers=4", "model.tiny.text_heads=4",
@@ -70,7 +70,7 @@ def dry_run(initial: Path, run_dir: Path, loops: dict[str, list[str]]) -> None:
             continue
         problems = train.preflight(recipe, ["stage1"], model=str(initial), output=run_dir / name, stage="1")
         if problems:
-            raise SystemExit(f"bench_train {name}: " + "; ".join(problems))
+            raise SystemExit(f"perf_train {name}: " + "; ".join(problems))
     print(f"dry run: inputs in {run_dir}; loops {', '.join(['bare', *loops])} resolve and pass preflight")
 
 
@@ -80,7 +80,7 @@ def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], ste
     stage = recipe.stage1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     init_distributed("gloo")
-    engine, processor = build_engine(train.engine_spec(recipe, stage, str(initial), total_steps=steps))
+    engine, processor = build_deepspeed_engine(train.deepspeed_spec(recipe, stage, str(initial), total_steps=steps))
     settings = ImageSettings.from_processor(processor)
     windows = read_shards(shards).iter_batches(batch_size=32 * stage.micro_batch_size, batch_format="numpy")
     micro_batches = list(regroup(windows, stage.micro_batch_size, group=False))[:steps]

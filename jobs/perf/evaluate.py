@@ -1,10 +1,10 @@
-"""Benchmark: ``jobs.evaluate`` batch inference on its two engines, questions/s side by side.
+"""Performance: ``jobs.evaluate`` batch inference on its two engines, questions/s side by side.
 
-    python -m jobs.benchmarks.evaluate [--questions 256] [--max-new-tokens 32]
-    python -m jobs.benchmarks.evaluate --quick       # 8 questions of 4 tokens
-    python -m jobs.benchmarks.evaluate --dry-run     # compose the model and write the questions only
+    python -m jobs.perf.evaluate [--questions 256] [--max-new-tokens 32]
+    python -m jobs.perf.evaluate --quick       # 8 questions of 4 tokens
+    python -m jobs.perf.evaluate --dry-run     # compose the model and write the questions only
 
-Composes the serving benchmark's bench-sized model (``jobs.benchmarks.serve.MODEL``: a ~22M-parameter
+Composes the serving benchmark's bench-sized model (``jobs.perf.serve.MODEL``: a ~22M-parameter
 language model, nothing downloaded), writes ``--questions`` synthetic evaluation questions with their
 images, and runs ``jobs.evaluate`` on them once per engine on a local Ray (one replica with the whole
 2-core machine, batches of ``--batch-size``, greedy answers of up to ``--max-new-tokens``). Each run is
@@ -23,7 +23,7 @@ from pathlib import Path
 import ray
 
 from jobs import compose, evaluate
-from jobs.benchmarks.serve import MODEL
+from jobs.perf.serve import MODEL
 from llava_platform.config import load_recipe
 from llava_platform.config.schema import InferenceConfig
 from llava_platform.data.synthetic import write_synthetic_dataset
