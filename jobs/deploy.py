@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import yaml
 from ray import serve
 
+from jobs.console import start_ray
 from llava_platform.config.schema import ServeConfig
 from serve.app import API_KEY_ENV, LlavaServer, default_config_path, exposure_warning
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> Deployment:
     parser.add_argument("--engine", choices=["transformers", "vllm"], help="what generates (default: the config's)")
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
-    ray.init(address="auto", ignore_reinit_error=True)
+    start_ray(address="auto")
     deployment = run(config, model=args.model, model_name=args.model_name, api_key=args.api_key,
                      tracking_uri=args.tracking_uri, http_host=args.http_host, http_port=args.http_port,
                      engine=args.engine)

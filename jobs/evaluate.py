@@ -41,7 +41,7 @@ from typing import Any
 import ray
 from pydantic import ValidationError
 
-from jobs.console import PreflightError, job_log, quiet_ray_data
+from jobs.console import PreflightError, job_log, start_ray
 from jobs.score import add_judge_arguments, judge_from_args, judge_problems, score_and_write
 from llava_platform import tracking
 from llava_platform.benchmarks import BENCHMARKS, BenchmarkFormatError, ScoreReport, comparison_table, load_benchmark
@@ -171,8 +171,7 @@ def run(*, model: str, data: list[str], output: Path, tracking_uri: str, inferen
         raise PreflightError("evaluate", problems)
     run_id = source_run_id(model, tracking_uri) or run_id or tracking.start_run(tracking_uri, experiment, "evaluate")
 
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
-    quiet_ray_data()
+    start_ray()
     plan = inference.build()
     log(f"{model}: {', '.join(data)} on {plan.num_replicas} {plan.engine} replica(s) "
         f"({'GPU' if plan.gpus_per_replica else 'CPU'})")
@@ -283,8 +282,7 @@ def run_benchmarks(*, model: str, benchmarks: list[BenchmarkSpec], output: Path,
         raise PreflightError("evaluate", problems)
     run_id = source_run_id(model, tracking_uri) or run_id or tracking.start_run(tracking_uri, experiment, "evaluate")
 
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
-    quiet_ray_data()
+    start_ray()
     rows = [{"benchmark": name, "question_id": q.question_id, "prompt": q.prompt, "image": q.image,
              "image_bytes": q.image_bytes,
              "max_new_tokens": min(q.max_new_tokens, max_new_tokens) if max_new_tokens else q.max_new_tokens}

@@ -30,7 +30,7 @@ from typing import Any
 
 import ray
 
-from jobs.console import PreflightError, job_log, quiet_ray_data
+from jobs.console import PreflightError, job_log, start_ray
 from llava_platform import tracking
 from llava_platform.datagen.annotations import AnnotationFormatError, ImageContext, read_coco, read_contexts
 from llava_platform.datagen.client import ClientSettings
@@ -125,8 +125,7 @@ def run(*, kinds: tuple[str, ...], client: ClientSettings, output: Path, trackin
 
     stats = Stats(len(rows), prices)
     if rows:
-        ray.init(ignore_reinit_error=True, include_dashboard=False)
-        quiet_ray_data()
+        start_ray()
         ledger = token_ledger(max_total_tokens)
         plan = GenerationPlan(client=client, api_key_env=api_key_env, prompts=prompt_set, output=str(output),
                               actors=actors)

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from jobs import compose, deploy, evaluate, preprocess, synthetic_data, train
-from jobs.console import PreflightError, job_log
+from jobs.console import RAY_PROGRESS_ENV, PreflightError, job_log, job_log_file, libraries_to_log
 from llava_platform import registry, tracking
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
 from llava_platform.config.schema import EvaluationConfig
@@ -107,6 +107,9 @@ def run(recipe: Recipe, *, output: Path | None = None, serve: bool = True, keep_
     clock = time.perf_counter()
 
     log(f"writing everything to {output}")
+    job_log_file(Path(output) / "job.log")
+    if libraries_to_log():
+        log(f"the libraries' own output: {job_log_file()} and Ray's log folder ({RAY_PROGRESS_ENV}=1 shows it here)")
     if recipe.synthetic:
         settings = recipe.synthetic
         log(f"1. synthetic dataset -> {settings.out_dir}")

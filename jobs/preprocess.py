@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 
-from jobs.console import PROGRESS_EVERY_S, duration, every, quiet_ray_data
+from jobs.console import PROGRESS_EVERY_S, duration, every, start_ray
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
 from pipelines.preprocess import preprocess
 from pipelines.quarantine import PreprocessReport
@@ -62,8 +62,7 @@ def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite
     Raises:
         ManifestError: ``output`` holds shards of an earlier run and ``overwrite`` is false.
     """
-    ray.init(ignore_reinit_error=True)
-    quiet_ray_data()
+    start_ray()
     data = recipe.stages()[stage].data
     total = count_records(data.train_files, data.s3_endpoint_url)
     print(f"[preprocess] {stage}: {total:,} records in {len(data.train_files)} file(s) -> {output}", flush=True)

@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import ray
 import yaml
 
-from jobs.console import PreflightError, job_log, quiet_ray_data
+from jobs.console import LineRelay, PreflightError, job_log, job_log_file, start_ray
 from jobs.faults import Faults
 from jobs.train_worker import POSITION_FILE, train_loop_per_worker
 from llava_platform import tracking
@@ -95,8 +95,8 @@ def run(recipe: Recipe, *, model: str, output: Path, stage: str = "all", resume:
     if point is not None:  # earlier stages are done; their outputs are already in output
         names = names[names.index(point.position.stage):] if point.position.stage in names else []
 
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
-    quiet_ray_data()
+    job_log_file(output / "job.log")
+    start_ray()
     problems = preflight(recipe, names, model=model, output=output, stage=stage, resume=point, resume_from=resume)
     if problems:
         raise PreflightError("train", problems)
@@ -378,8 +378,9 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
     ingest.preserve_order = True  # the same micro-batches, in the same order, after a restart
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     storage, storage_path = checkpoint_storage(recipe, output)
+    relay = LineRelay()
     trainer = TorchTrainer(
-        partial(train_loop_per_worker, plan, Faults.from_env(stage_dir, workers)),
+        partial(train_loop_per_worker, plan, Faults.from_env(stage_dir, workers), relay),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
         scaling_config=ScalingConfig(num_workers=(scaling.min_workers, workers) if scaling.min_workers else workers,
@@ -393,7 +394,8 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.checkpoint.num_to_keep),
         ),
     )
-    result = trainer.fit()
+    with relay.relaying():  # rank 0's lines (progress, resume, export) on this console
+        result = trainer.fit()
     if quarantine is not None:
         report = finish(quarantine, stage_dir / "quarantine.jsonl")
         tracking.log_artifact(tracking_uri, run_id, stage_dir / "quarantine.jsonl")

@@ -24,7 +24,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from jobs.console import PROGRESS_EVERY_S, duration, quiet_ray_data, say
+from jobs.console import PROGRESS_EVERY_S, LineRelay, duration, quiet_ray_data, say, verbose
 from jobs.faults import Faults
 from llava_platform import registry, tracking
 from llava_platform.data.collate import collate, collate_onevision
@@ -54,8 +54,10 @@ READ_AHEAD_WINDOWS = 4
 """Grouping windows (32 micro-batches each) a worker reads ahead, across epoch boundaries (``EpochReader``)."""
 
 
-def train_loop_per_worker(plan: StagePlan, faults: Faults) -> None:
-    """One Ray Train worker's stage (``jobs.train`` binds both arguments: ``partial(train_loop_per_worker, ...)``)."""
+def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | None = None) -> None:
+    """One Ray Train worker's stage (``jobs.train`` binds the arguments: ``partial(train_loop_per_worker, ...)``;
+    ``relay`` takes this worker's lines to the driver's console)."""
+    _RELAY[:] = [relay] if relay is not None else []
     init_distributed(plan.backend)  # joins Ray Train's process group
     quiet_ray_data()  # progress is rank 0's line (and MLflow); per-rank Ray Data bars would interleave
     rank = ray.train.get_context().get_world_rank()
@@ -270,8 +272,15 @@ def export_and_register(engine, processor, probe: dict | None, step: int, plan: 
         log(rank, f"exported {export}")
 
 
+_RELAY: list[LineRelay] = []
+"""This worker process's relay to the driver's console (set at the start of its stage)."""
+
+
 def log(rank: int, message: str) -> None:
-    """One line on the worker's real stdout, which Ray forwards to the driver once. (Ray Train patches
-    ``print`` into its logger and, when another library has wrapped ``sys.stdout`` as MLflow does, also
-    tees it to that stream: a plain ``print`` reached the console twice.)"""
+    """One line on the worker's real stdout (its Ray log file; the driver's console too when Ray forwards
+    worker output, ``LLAVA_RAY_PROGRESS=1``), and through the relay to the driver's console otherwise.
+    (Ray Train patches ``print`` into its logger and, when another library has wrapped ``sys.stdout`` as
+    MLflow does, also tees it to that stream: a plain ``print`` reached the console twice.)"""
     say(f"train rank {rank}", message, stream=sys.__stdout__)
+    if _RELAY and not verbose():
+        _RELAY[0].put(f"[train rank {rank}] {message}")

@@ -14,12 +14,20 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
+import pydantic
 
 from llava_platform.model.sources import CHECKPOINT_ARTIFACT
 from llava_platform.tracking import client_for
 
 EXPORT_ARTIFACT = "export"
 """The logged model's name inside its run (``<run>/export``)."""
+
+
+class Question(pydantic.BaseModel):
+    """One row of a registered model's input: the question and, optionally, an image file's path."""
+
+    prompt: str
+    image: str | None = None
 
 
 class LlavaCheckpoint(mlflow.pyfunc.PythonModel):
@@ -37,13 +45,13 @@ class LlavaCheckpoint(mlflow.pyfunc.PythonModel):
         self.engine = TransformersEngine.open(self.checkpoint_path, model_name="registry", device="cpu",
                                               dtype="float32", vllm=None, adapters={})
 
-    def predict(self, context, model_input, params=None) -> list[str]:
+    def predict(self, context, model_input: list[Question], params: dict[str, int] | None = None) -> list[str]:
+        """Greedy answers, one per question (the type hints are MLflow's input and output signature)."""
         from PIL import Image
 
         from llava_platform.generation.engine import answer_questions
 
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        items = [(Image.open(row["image"]).convert("RGB") if row.get("image") else None, row["prompt"]) for row in rows]
+        items = [(Image.open(q.image).convert("RGB") if q.image else None, q.prompt) for q in model_input]
         return answer_questions(self.engine, items, max_new_tokens=int((params or {}).get("max_new_tokens", 32)))
 
 

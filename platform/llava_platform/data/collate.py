@@ -15,12 +15,19 @@ from llava_platform.data.conversation import IGNORE_INDEX
 from llava_platform.data.tiling import normalize_tiles
 
 
+def as_tensor(array) -> torch.Tensor:
+    """A tensor over ``array``'s memory, or over a copy where that memory is read-only (Arrow's buffers are:
+    PyTorch cannot guard them, and warns)."""
+    array = np.asarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> torch.Tensor:
     """Right-pad integer sequences into a (batch, longest) int64 tensor."""
     longest = max(len(s) for s in sequences)
     out = torch.full((len(sequences), longest), pad_value, dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        out[row, : len(sequence)] = torch.as_tensor(np.asarray(sequence), dtype=torch.long)
+        out[row, : len(sequence)] = torch.from_numpy(np.array(sequence, dtype=np.int64))
     return out
 
 
@@ -80,7 +87,7 @@ def collate(
         "labels": pad_sequences(labels, IGNORE_INDEX).to(device),
     }
     with_image = [i for i, t in enumerate(tiles) if t is not None and len(t) > 0]  # text rows: None or 0 tiles
-    image_tiles = [torch.as_tensor(tiles[i]) for i in with_image]
+    image_tiles = [as_tensor(tiles[i]) for i in with_image]
     if not image_tiles:
         return batch
     if anyres:
@@ -130,7 +137,7 @@ def collate_onevision(
     for sample_tiles, sample_sizes in zip(tiles, image_sizes, strict=True):
         count = len(sample_sizes)
         counts.append(count)
-        sample_tiles = torch.as_tensor(np.asarray(sample_tiles))
+        sample_tiles = as_tensor(sample_tiles)
         if count == 1:
             stacks.append(sample_tiles)
         else:
@@ -142,7 +149,7 @@ def collate_onevision(
             pixels[i, stack.shape[0] :] = 0
         batch.update(pixel_values=pixels, image_sizes=torch.tensor(sizes, device=device),
                      batch_num_images=torch.tensor(counts, device=device))
-    videos = [torch.as_tensor(np.asarray(f)) for f in frames if f is not None and len(f) > 0]
+    videos = [as_tensor(f) for f in frames if f is not None and len(f) > 0]
     if videos:
         if len({v.shape for v in videos}) > 1:
             raise ValueError(f"videos of different frame counts cannot share a batch: {[v.shape[0] for v in videos]}")

@@ -29,6 +29,7 @@ from llava_platform.model.compose import load_pretrained_llava
 from llava_platform.model.trainability import part_of
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_engine import CHECKPOINT_TAG
+from tests.helpers.console import noise
 from tests.helpers.corpus import EVAL_BAD_RECORDS
 from tests.helpers.losses import found_loss, record_loss
 from tests.helpers.pipeline_job import SECRET
@@ -45,8 +46,9 @@ def test_the_job_chains_every_step_and_prints_its_summary(pipeline_run):
     # the preprocessing driver's opening line counts what it then reads (its manifest's count)
     manifest = json.loads((pipeline_run.job.root / "shards2" / "manifest.json").read_text())
     assert f"[preprocess] stage2: {manifest['counts']['read']:,} records in 1 file(s)" in log
-    for noise in ("Running Dataset", "Total Progress", "Starting execution of Dataset", "execution finished in"):
-        assert noise not in log, f"Ray Data's own output reached the job log: {noise!r}"
+    for ray_data_line in ("Running Dataset", "Total Progress", "Starting execution of Dataset",
+                          "execution finished in"):
+        assert ray_data_line not in log, f"Ray Data's own output reached the job log: {ray_data_line!r}"
     for step in ("compose", "preprocess", "train", "evaluate", "serve"):
         assert step in pipeline_run.result["timings"], f"no {step} step"
     # the job composed the same starting checkpoint as this process: composition is seeded
@@ -172,6 +174,14 @@ def test_bad_evaluation_records_are_quarantined_with_their_reason(pipeline_run, 
     quarantined = [json.loads(line) for line in quarantine.read_text().splitlines()]
     assert {q["id"] for q in quarantined} >= {"no-gold", "gone", "odd-type"}
     assert any("'type' is 'essay'" in q["message"] for q in quarantined)
+
+
+def test_the_jobs_console_holds_only_lines_a_person_can_act_on(pipeline_run):
+    """The submitted job's console (what ``ray job submit`` shows): our lines, the summary, nothing else; the
+    libraries' output went to the run's ``job.log`` and Ray's log folder."""
+    job_output = pipeline_run.log[pipeline_run.log.index("[pipeline] writing everything to"):]
+    assert not noise(job_output), "\n".join(noise(job_output))
+    assert "the libraries' own output:" in job_output and "[train rank 0] step" in job_output
 
 
 def test_the_endpoint_answered_one_question_and_was_removed(pipeline_run):
