@@ -37,12 +37,15 @@ from llava_platform.config.schema import ScalingConfig as ScalingSection
 from llava_platform.storage import filesystem_for, is_remote
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.deepspeed_config import build_deepspeed_config
-from llava_platform.train.plan import DeepSpeedSpec, LoopSpec, ResumePoint, StagePlan, TrackingSpec
+from llava_platform.data.position import STREAMED_ORDER, DataPosition
+from llava_platform.train.plan import DeepSpeedSpec, LoopSpec, ResumePoint, ShardRows, StagePlan, TrackingSpec
 from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport, start_quarantine_log
-from pipelines.shards import ManifestError, StageShards
+from pipelines.shards import ManifestError, StageShards, shard_layout
 from pipelines.sources import read_records
 
+GROUP_WINDOW_MICRO_BATCHES = 32
+"""Streamed stages: micro-batches' worth of rows regrouped at a time (``LoopSpec.group_window``)."""
 RUNS_FILE = "mlflow_runs.json"
 """Written into ``--output`` for users and scripts: the tracking URI, experiment and MLflow run ids
 (``parent``, ``stage1``, ``stage2``); ``run`` returns the same in its ``TrainResult``."""
@@ -165,6 +168,8 @@ def read_resume_point(checkpoint: str, s3_endpoint_url: str | None) -> ResumePoi
         raise PreflightError("train", [f"--resume {checkpoint}: no {POSITION_FILE} there ({error}); pass a checkpoint "
                               "folder written by jobs.train, e.g. <storage>/<recipe>-stage2/stage2-step00000400"]
                              ) from error
+    except ValueError as error:
+        raise PreflightError("train", [f"--resume {checkpoint}: {error}"]) from error
 
 
 def preflight(recipe: Recipe, names: list[str], *, model: str, output: Path, stage: str = "all",
@@ -183,7 +188,28 @@ def preflight(recipe: Recipe, names: list[str], *, model: str, output: Path, sta
         resuming = resume is not None and resume.position.stage == name
         problems += stage_problems(recipe, name, stage_config, model=model, output=output, first=name == names[0],
                                    resuming=resuming)
+        if resuming:
+            problems += resume_problems(recipe, name, stage_config, model, resume)
     return problems + gpu_problems(recipe.scaling)
+
+
+def resume_problems(recipe: Recipe, name: str, stage: StageConfig, model: str, resume: ResumePoint) -> list[str]:
+    """The checkpoint continues this stage's rows: the same data, order and batches, and for a streamed stage
+    the same worker count (each worker streams its own part of the records)."""
+    try:
+        planned = stage_data(recipe, stage, model)[0]
+    except (ManifestError, OSError):
+        return []  # stage_problems reports the shards
+    saved = resume.position.data
+    problems = [f"--resume: the checkpoint's data differs from {name}'s: {', '.join(changed)}; resume with the "
+                "recipe (and shards) it was written with, or start the stage afresh"
+                for changed in [saved.differences(planned)] if changed]
+    workers = recipe.scaling.num_workers
+    if saved.order_version == STREAMED_ORDER and resume.world_size not in (None, workers):
+        problems.append(f"--resume: {name} streams its rows, each of {resume.world_size} workers its own part, and "
+                        f"this run has {workers}: set scaling.num_workers={resume.world_size}, or preprocess the stage "
+                        f"({name}.data.preprocessed) to resume on any worker count")
+    return problems
 
 
 def stage_problems(recipe: Recipe, name: str, stage: StageConfig, *, model: str, output: Path, first: bool,
@@ -273,18 +299,22 @@ def streamed_rank_datasets(recipe: Recipe, stage: StageConfig, model: str, quara
         [part.count() for part in parts]
 
 
-def preprocessed_rank_datasets(stage: StageConfig, model: str, num_workers: int) -> tuple[list, dict]:
-    """Each rank reads its own share of ``jobs.preprocess``'s Parquet files, in manifest order.
+def stage_data(recipe: Recipe, stage: StageConfig, model: str) -> tuple[DataPosition, ShardRows | None, dict | None]:
+    """What the stage's order is drawn over, at its start (``TrainingPosition.data``), and for a preprocessed
+    stage its shards, read by id, and their manifest (``None`` for a streamed stage).
 
-    With fewer files than workers the rows are split instead (that materialises them in the object store).
-
-    Returns:
-        The per-rank datasets and the manifest (counts of read, kept and quarantined records).
+    Raises:
+        ManifestError: the preprocessed shards do not match the stage (``preflight`` reports it first).
     """
-    files, manifest = StageShards.of(stage.data, model).files()
-    if len(files) >= num_workers:
-        return [in_order(ray.data.read_parquet(files[rank::num_workers])) for rank in range(num_workers)], manifest
-    return in_order(ray.data.read_parquet(files)).split(num_workers, equal=True), manifest
+    data = stage.data
+    start = dict(seed=recipe.seed, global_batch=stage.global_batch_size, micro_batch=stage.micro_batch_size)
+    if not data.preprocessed:
+        return DataPosition(fingerprint=StageShards.fingerprint_of(data, model), order_version=STREAMED_ORDER,
+                            **start), None, None
+    files, manifest = StageShards.of(data, model).files()
+    layout = shard_layout(files, manifest)
+    shards = ShardRows(files=layout.files, block_sizes=layout.block_sizes, window_blocks=data.shuffle_row_groups)
+    return DataPosition(fingerprint=layout.fingerprint, order_version=data.order_version(), **start), shards, manifest
 
 
 def deepspeed_spec(recipe: Recipe, stage: StageConfig, model: str, total_steps: int) -> DeepSpeedSpec:
@@ -313,23 +343,24 @@ def deepspeed_spec(recipe: Recipe, stage: StageConfig, model: str, total_steps: 
 
 def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, projector: str | None, output: Path,
                export: bool, total_steps: int, tracking_uri: str, runs: dict[str, str],
-               resume_from: str | None) -> StagePlan:
+               resume_from: str | None, data: DataPosition, shards: ShardRows | None) -> StagePlan:
     """Resolve one stage for the workers: every setting they read, and every derived value, computed here."""
     scaling = recipe.scaling
     deepspeed = deepspeed_spec(recipe, stage, model, total_steps)
     loop = LoopSpec(epochs=stage.epochs, micro_batch_size=stage.micro_batch_size,
-                    group_window=32 * stage.micro_batch_size,
+                    global_batch_size=stage.global_batch_size,
                     group_by_modality_length=stage.data.group_by_modality_length, seed=recipe.seed,
                     anyres=stage.data.image_mode == "anyres", checkpoint_every=recipe.checkpoint.every_n_steps,
-                    async_upload=recipe.checkpoint.upload == "async", shares=scaling.num_workers)
+                    shards=shards, group_window=GROUP_WINDOW_MICRO_BATCHES * stage.micro_batch_size,
+                    async_upload=recipe.checkpoint.upload == "async")
     settings = recipe.tracking
     track = TrackingSpec(
         uri=tracking_uri, run_id=runs[name], parent_run_id=runs["parent"],
         system_metrics_interval_s=settings.system_metrics_interval_s if settings.system_metrics else None,
         registered_model=(settings.registered_model or recipe.name) if export and name == "stage2" else None,
     )
-    return StagePlan(stage=name, output=str((output / name).resolve()), deepspeed=deepspeed, loop=loop, tracking=track,
-                     projector=projector, export=export, resume_from=resume_from,
+    return StagePlan(stage=name, output=str((output / name).resolve()), deepspeed=deepspeed, loop=loop, data=data,
+                     tracking=track, projector=projector, export=export, resume_from=resume_from,
                      storage_endpoint_url=recipe.checkpoint.s3_endpoint_url,
                      backend="nccl" if scaling.use_gpu else "gloo")
 
@@ -349,31 +380,35 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
     from ray.train.torch import TorchTrainer
 
     data, scaling, workers = stage.data, recipe.scaling, recipe.scaling.num_workers
-    quarantine, manifest = None, None
-    if data.preprocessed:
-        parts, manifest = preprocessed_rank_datasets(stage, model, workers)
-        records_per_rank = [part.count() for part in parts]  # Parquet metadata, nothing is read
+    start, shards, manifest = stage_data(recipe, stage, model)
+    quarantine, datasets = None, {}
+    if shards is not None:  # rows by id: every worker reads the shards itself, no Ray dataset
+        records = sum(shards.block_sizes)
+        steps_per_epoch = -(-records // stage.global_batch_size)  # the last step takes the rest
+        described = f"{records} rows by id from {len(shards.files)} shard(s)"
     else:
         quarantine = start_quarantine_log()
         parts, records_per_rank = streamed_rank_datasets(recipe, stage, model, quarantine)
-    if data.materialize:
-        log(f"{name}: reading every worker's rows into the object store (data.materialize)")
-        parts = [in_order(part).materialize() for part in parts]
-    datasets = {f"rank{rank}": part for rank, part in enumerate(parts)}
-    steps_per_epoch = max(1, min(records_per_rank) * workers // stage.global_batch_size)  # the shortest rank ends it
+        if data.materialize:
+            log(f"{name}: reading every worker's rows into the object store (data.materialize)")
+            parts = [in_order(part).materialize() for part in parts]
+        datasets = {f"rank{rank}": part for rank, part in enumerate(parts)}
+        records = sum(records_per_rank)
+        steps_per_epoch = max(1, min(records_per_rank) * workers // stage.global_batch_size)  # the shortest rank ends it
+        described = f"{records} records streamed ({records_per_rank[0]} per worker)"
     total_steps = min(stage.max_steps or 10**12, stage.epochs * steps_per_epoch)
     plan = stage_plan(recipe, name, stage, model=model, projector=projector, output=output, export=export,
-                      total_steps=total_steps, tracking_uri=tracking_uri, runs=runs, resume_from=resume_from)
+                      total_steps=total_steps, tracking_uri=tracking_uri, runs=runs, resume_from=resume_from,
+                      data=start, shards=shards)
     stage_dir = Path(plan.output)
     stage_dir.mkdir(parents=True, exist_ok=True)
     derived = {"total_steps": total_steps, "gradient_accumulation_steps": plan.deepspeed.gradient_accumulation_steps,
-               "world_size": workers, "records": sum(records_per_rank)}
+               "world_size": workers, "records": records}
     run_id = runs[name]
     if resume_from is None:
         tracking.log_params(tracking_uri, run_id, {**tracking.flatten(stage.model_dump(mode="json")),
                                                    **{k: str(v) for k, v in derived.items()}})
-    log(f"{name}: {sum(records_per_rank)} records ({records_per_rank[0]} per worker), {derived}, "
-        f"ZeRO-{stage.deepspeed.zero_stage}")
+    log(f"{name}: {described}, {derived}, ZeRO-{stage.deepspeed.zero_stage}")
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same micro-batches, in the same order, after a restart
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}

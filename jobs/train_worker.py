@@ -4,10 +4,11 @@
 on the driver. Fault injection (a test facility, off by default) reaches the loop only through the
 two hooks of ``jobs.faults.Faults``.
 
-Rank ``r`` reads the dataset ``rank<r>``: its own slice of the records, preprocessed in a fixed order,
-so that a restarted worker group replays exactly the same micro-batches and can skip the ones a
-checkpoint already covers. An elastic group that lost workers reads the missing ranks' slices too
-(``LoopSpec.shares_of``), with accumulation recomputed for its size (``DeepSpeedSpec.at_world_size``).
+Each step's rows come from a ``jobs.train_steps.StepSource``: a preprocessed stage's rows by id in one
+global order (the same rows and global batches at any worker count: an elastic group that lost
+workers, or a resume on another count, continues exactly, with accumulation recomputed for its size,
+``DeepSpeedSpec.at_world_size``), or a streamed stage's per-rank datasets. The checkpoint's
+``TrainingPosition.data`` says where the run is in its data, so a restart skips exactly what it covers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import ray.train
@@ -27,13 +27,14 @@ import torch.distributed as dist
 from jobs.console import PROGRESS_EVERY_S, LineRelay, duration, quiet_ray_data, say, verbose
 from jobs.faults import Faults
 from llava_platform import registry, tracking
+from jobs.train_steps import ShardSteps, StepSource, StreamedSteps
 from llava_platform.data.collate import collate, collate_onevision
-from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.read_ahead import EpochReader
 from llava_platform.storage import filesystem_for, is_mlflow_uri
 from llava_platform.train.checkpoint import export_model, full_state_dict, save_projector
 from llava_platform.train.deepspeed_engine import (
+    ResumeError,
     build_deepspeed_engine,
     forward,
     init_distributed,
@@ -42,7 +43,7 @@ from llava_platform.train.deepspeed_engine import (
     saved_world_size,
     train_step,
 )
-from llava_platform.train.plan import LoopSpec, ResumePoint, StagePlan, TrainingPosition
+from llava_platform.train.plan import ResumePoint, StagePlan, TrainingPosition
 
 POSITION_FILE = "position.json"
 """Written by rank 0 into every checkpoint: stage, step, data position and MLflow run ids (read by ``--resume``)."""
@@ -50,8 +51,8 @@ EXPORT_CHECK_FILE = "export_check.pt"
 """One probe micro-batch and the trained engine's logits on it, to check that the export reproduces them."""
 LOG_EVERY = 10
 """Optimizer steps between MLflow metric uploads (every step is logged, in batches)."""
-READ_AHEAD_WINDOWS = 4
-"""Grouping windows (32 micro-batches each) a worker reads ahead, across epoch boundaries (``EpochReader``)."""
+READ_AHEAD_MICRO_BATCHES = 128
+"""Micro-batches a worker reads ahead, across epoch boundaries (``EpochReader``)."""
 
 
 def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | None = None) -> None:
@@ -64,12 +65,13 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
     device = ray.train.torch.get_device()
     loop, track = plan.loop, plan.tracking
     world = dist.get_world_size()
-    spec = plan.deepspeed.at_world_size(world)  # the global batch holds at whatever size the group has
-    batch, planned = spec.deepspeed_config["train_batch_size"], plan.deepspeed.deepspeed_config["train_batch_size"]
-    if rank == 0 and batch != planned:
-        log(rank, f"{world} workers: global batch {batch} instead of {planned} (accumulation "
-                  f"{spec.gradient_accumulation_steps}: {planned} does not divide into {world} workers)")
-    position = TrainingPosition(plan.stage)
+    spec = plan.deepspeed.at_world_size(world, loop.global_batch_size)  # the global batch holds at any size
+    accumulation = spec.gradient_accumulation_steps
+    padding = accumulation * world - -(-loop.global_batch_size // loop.micro_batch_size)
+    if rank == 0 and padding:
+        log(rank, f"{world} workers: {padding} of {accumulation * world} micro-step slots per step are zero-weight "
+                  f"padding (the global batch of {loop.global_batch_size} does not split evenly; pad_micro_batches)")
+    position = TrainingPosition(plan.stage, data=plan.data)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and plan.resume_from:  # --resume: Ray Train has no checkpoint of this run yet
         filesystem, path = filesystem_for(plan.resume_from, plan.storage_endpoint_url)
@@ -82,8 +84,11 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
                                              universal_checkpoint=saved != world)
         if directory:
             position = load_training_state(engine, directory)
+            if changed := position.data.differences(plan.data):
+                raise ResumeError(f"the checkpoint's rows are not this stage's ({', '.join(changed)}): resuming would "
+                                  "train other rows than it left off with")
             dist.barrier()  # nobody leaves (and deletes a downloaded copy) before everyone has loaded
-            log(rank, f"resumed at step {position.step} (epoch {position.epoch})"
+            log(rank, f"resumed at step {position.step} (epoch {position.epoch}, {position.data.consumed} rows in)"
                       + (f", written by {saved} workers, now {world}" if saved != world else ""))
 
     interval = track.system_metrics_interval_s
@@ -96,40 +101,40 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
             tracking.log_metrics(track.uri, track.run_id, {"resumed_at_step": position.step}, step=position.step)
         # at every (re)start: an elastic run's size, and the global batch it trains with
         tracking.log_metrics(track.uri, track.run_id, {"world_size": world, "global_batch_size":
-                                                       spec.deepspeed_config["train_batch_size"]}, step=position.step)
+                                                       loop.global_batch_size}, step=position.step)
     pending: dict[int, dict[str, float]] = {}
-    accumulation, total_steps = spec.gradient_accumulation_steps, spec.total_steps
+    total_steps = spec.total_steps
     settings = ImageSettings.from_processor(processor)
-    shards = [ray.train.get_dataset_shard(name) for name in loop.shares_of(rank, world)]
-    reader = EpochReader(lambda epoch: interleave([shard.iter_batches(batch_size=loop.group_window,
-                                                                      batch_format="numpy") for shard in shards]),
-                         first_epoch=position.epoch, epochs=loop.epochs, depth=READ_AHEAD_WINDOWS)
+    source = step_source(plan, rank, world, accumulation)
+    start = position.data  # skip the steps of its epoch that the checkpoint covers
+    reader = EpochReader(lambda epoch: source.epoch(epoch, skip=start.steps_in_epoch if epoch == start.epoch else 0),
+                         first_epoch=position.epoch, epochs=loop.epochs,
+                         depth=max(2, READ_AHEAD_MICRO_BATCHES // accumulation))
     probe = None
     ledger = faults.row_ledger(position.step, rank, world)  # a test facility: off unless armed
 
     checkpointed_step, first_step = position.step, position.step
     started = printed = time.perf_counter()
-    for epoch in range(position.epoch, loop.epochs):
-        # position.steps_in_epoch is 0 unless resuming inside this epoch
-        raw = micro_batch_rows(reader.items(epoch), loop, epoch, skip=position.steps_in_epoch * accumulation)
-        batches = ((rows["id"], collate_rows(rows, processor, settings, loop.anyres, device)) for rows in raw)
+    while position.epoch < loop.epochs and position.step < total_steps:
+        epoch, steps = position.epoch, reader.items(position.epoch)
         step_started = time.perf_counter()  # wall time between steps: a step's logging counts towards the next
         while position.step < total_steps:
             waited = time.perf_counter()
-            step_rows = [b for _, b in zip(range(accumulation), batches, strict=False)]
+            step = next(steps, None)
             waited = time.perf_counter() - waited
-            if not all_ranks_have(len(step_rows) == accumulation, device):
-                break  # a rank ran out of data: everyone ends the epoch together (no hung collectives)
-            step_batches = [batch for _, batch in step_rows]
-            probe = probe or step_batches[0]
-            result = train_step(engine, step_batches)
-            position = position.after_step(epoch)
-            ledger.record(position.step, epoch, [row_id for ids, _ in step_rows for row_id in ids])
+            if not all_ranks_have(step is not None, device):
+                break  # the epoch's rows are done (a streamed rank's first): everyone ends it together
+            batches = [collate_rows(rows, processor, settings, loop.anyres, device) for rows in step.rows]
+            probe = probe or batches[0]
+            result = train_step(engine, batches, step.weights)
+            position = position.after_step(step.global_rows)
+            ledger.record(position.step, epoch, step.trained_ids)
             faults.after_step(position.step, rank)
-            samples, tokens, loss = summed_over_ranks([result.samples, result.tokens, result.loss], device)
+            samples, tokens, loss_sum, micro_batches = summed_over_ranks(
+                [result.samples, result.tokens, result.loss * result.micro_batches, result.micro_batches], device)
             step_time, step_started = time.perf_counter() - step_started, time.perf_counter()
             metrics = {
-                "loss": loss / dist.get_world_size(), "grad_norm": result.grad_norm,
+                "loss": loss_sum / micro_batches, "grad_norm": result.grad_norm,
                 "samples_per_s": samples / step_time, "tokens_per_s": tokens / step_time,
                 "data_wait_fraction": waited / step_time, "epoch": epoch,
                 **{f"lr/{group}": lr for group, lr in result.learning_rates.items()},
@@ -151,7 +156,8 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
                 if rank == 0:
                     metrics_sender.send({position.step: {"checkpoint_stall_s": stall}})
                 checkpointed_step = position.step
-        position = position.next_epoch(epoch)
+        if position.step < total_steps:
+            position = position.next_epoch()
     reader.close()
     if checkpointed_step != position.step:  # the data ran out before total_steps
         report_checkpoint(engine, position, plan, faults, metrics, rank)
@@ -181,24 +187,11 @@ def resolve_projector(projector: str | None, tracking_uri: str, download_dir: st
                                                tracking_uri=tracking_uri)
 
 
-def interleave(iterators: list[Iterator]) -> Iterator:
-    """Items of several iterators in turn (``a0 b0 a1 b1 ...``), until all are exhausted: a smaller elastic
-    group reads the full-size group's shares side by side, so a resume skips about what each had read."""
-    active = [iter(it) for it in iterators]
-    while active:
-        for it in list(active):
-            try:
-                yield next(it)
-            except StopIteration:
-                active.remove(it)
-
-
-def micro_batch_rows(windows: Iterator[dict], loop: LoopSpec, epoch: int, *, skip: int) -> Iterator[dict]:
-    """One epoch's micro-batches from its windows of rows, in a fixed order; the first ``skip`` are dropped."""
-    rows = regroup(windows, loop.micro_batch_size, group=loop.group_by_modality_length, seed=loop.seed + epoch)
-    for index, batch in enumerate(rows):
-        if index >= skip:
-            yield batch
+def step_source(plan: StagePlan, rank: int, world_size: int, accumulation: int) -> StepSource:
+    """Rows by id from the shards (preprocessed stages), or this rank's streamed dataset."""
+    if plan.loop.shards is not None:
+        return ShardSteps(plan.loop, rank, world_size, accumulation)
+    return StreamedSteps(plan.loop, ray.train.get_dataset_shard(f"rank{rank}"), accumulation)
 
 
 def collate_rows(rows: dict, processor, settings: ImageSettings, anyres: bool, device) -> dict[str, torch.Tensor]:

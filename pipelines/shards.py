@@ -3,6 +3,8 @@
     shards = StageShards.of(stage.data, processor_path=checkpoint)       # data.preprocessed + fingerprint
     shards.write(rows, quarantine, overwrite=True)                       # jobs.preprocess
     files, manifest = shards.files()                                     # jobs.train: checked, in manifest order
+    layout = shards.layout()                                             # row groups: what the row ids index
+    RowReader(layout.files).read([17, 3, 250])                           # a training worker: rows by id
 
 The manifest records the fingerprint of what shaped the rows (the stage's data settings and the
 processor's files, ``StageShards.fingerprint``); training refuses shards whose fingerprint differs
@@ -14,13 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from ray.data import SaveMode
+from ray.data.block import BlockAccessor
 
 from llava_platform.config.schema import DataConfig
 from pipelines.preprocess import ROW_SCHEMA, finish
@@ -28,6 +35,9 @@ from pipelines.preprocess import ROW_SCHEMA, finish
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                    "chat_template.jinja")
 """The files of a checkpoint's processor that decide tiles and tokens (part of the fingerprint)."""
+ROWS_PER_ROW_GROUP = 16
+"""Rows per Parquet row group in written shards: a training worker reads rows by id a row group at a time
+(``RowReader``), so a small group reads few rows it does not need."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +60,10 @@ class StageShards:
     def fingerprint_of(data: DataConfig, processor_path: str) -> str:
         """A short stable hash of what shapes the rows: the stage's data settings and the processor's files.
 
-        ``preprocessed`` (where the rows are stored) and ``materialize`` (how training keeps them) are not
-        part of it.
+        ``preprocessed`` (where the rows are stored), ``materialize`` (how training keeps them) and
+        ``shuffle_row_groups`` (their order, ``DataPosition.order_version``) are not part of it.
         """
-        shaping = data.model_dump(exclude={"preprocessed", "materialize"})
+        shaping = data.model_dump(exclude={"preprocessed", "materialize", "shuffle_row_groups"})
         digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
         processor = Path(processor_path)
         for name in PROCESSOR_FILES:
@@ -71,6 +81,15 @@ class StageShards:
         """
         return shard_files(self.folder, recipe_hash=self.fingerprint)
 
+    def layout(self) -> ShardLayout:
+        """The checked files' row groups (see ``shard_layout``).
+
+        Raises:
+            ManifestError: as ``files``.
+        """
+        files, manifest = self.files()
+        return shard_layout(files, manifest)
+
     def write(self, rows: ray.data.Dataset, quarantine: ray.actor.ActorHandle, *,
               overwrite: bool = False) -> dict[str, Any]:
         """Materialise ``rows`` here under this fingerprint (see ``write_shards``); returns the manifest."""
@@ -86,8 +105,8 @@ def write_shards(
     Args:
         overwrite: replace the shards of an earlier run in ``out_dir``; without it such a folder is an error
             (appending would mix two runs' rows under one manifest).
-        rows_per_file: (min, max) rows per Parquet file: few enough files to read fast, enough of them
-            for every training worker to read its own.
+        rows_per_file: (about, at most) rows per Parquet file: few enough files to read fast, enough
+            of them for every preprocessing task to write its own. Row groups hold ``ROWS_PER_ROW_GROUP``.
 
     Returns:
         The manifest: counts, schema, recipe hash, shard files.
@@ -102,8 +121,10 @@ def write_shards(
                             "or write to another folder")
     started = time.perf_counter()
     (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest describes half-written shards
-    rows.write_parquet(str(shards), min_rows_per_file=rows_per_file[0], max_rows_per_file=rows_per_file[1],
-                       mode=SaveMode.OVERWRITE if overwrite else SaveMode.APPEND)
+    # Ray clamps row groups to at least min_rows_per_file: blocks of the file size, and no minimum, instead
+    rows.repartition(target_num_rows_per_block=rows_per_file[0]).write_parquet(
+        str(shards), max_rows_per_file=rows_per_file[1], row_group_size=ROWS_PER_ROW_GROUP,
+        mode=SaveMode.OVERWRITE if overwrite else SaveMode.APPEND)
     report = finish(quarantine, out_dir / "quarantine.jsonl")
     manifest = {
         "recipe_hash": recipe_hash,
@@ -150,3 +171,85 @@ def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None) -> tuple
     if on_disk != ROW_SCHEMA.names:
         raise ManifestError(f"{out_dir} shards have columns {on_disk}; this version expects {ROW_SCHEMA.names}")
     return files, manifest
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where each row id lives: ids ``0 .. rows - 1`` run through the files in manifest order, row group by
+    row group (``llava_platform.data.position`` draws the epoch orders over them)."""
+
+    files: tuple[str, ...]
+    block_sizes: tuple[int, ...]
+    """Rows per row group, over all files in order."""
+    fingerprint: str
+    """The manifest's recipe hash, the file names and their row groups: a resume checks that its row ids
+    mean the same rows (``DataPosition.fingerprint``)."""
+
+    @property
+    def rows(self) -> int:
+        return sum(self.block_sizes)
+
+
+def shard_layout(files: Sequence[str], manifest: dict[str, Any]) -> ShardLayout:
+    """The row groups of ``files`` (Parquet footers only), fingerprinted with the ``manifest``'s recipe hash."""
+    digest = hashlib.sha256(manifest["recipe_hash"].encode())
+    sizes: list[int] = []
+    for path in files:
+        metadata = pq.ParquetFile(path).metadata
+        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        digest.update(json.dumps([Path(path).name, groups]).encode())
+        sizes += groups
+    return ShardLayout(files=tuple(files), block_sizes=tuple(sizes), fingerprint=digest.hexdigest()[:16])
+
+
+class RowReader:
+    """Rows of Parquet shards by id (``ShardLayout``), a row group at a time, the last ``cache_blocks`` row
+    groups kept: a block-shuffled epoch order (``RowOrder``) reads each row group about once per epoch."""
+
+    def __init__(self, files: Sequence[str], *, cache_blocks: int = 64):
+        self._files = [pq.ParquetFile(path) for path in files]
+        self._blocks = [(f, g) for f, file in enumerate(self._files) for g in range(file.metadata.num_row_groups)]
+        sizes = [self._files[f].metadata.row_group(g).num_rows for f, g in self._blocks]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._cache_blocks = cache_blocks
+
+    @property
+    def rows(self) -> int:
+        return int(self._starts[-1])
+
+    def column(self, name: str) -> np.ndarray:
+        """One column of every row, in id order (e.g. ``length`` and ``modality`` for grouping)."""
+        return np.concatenate([file.read(columns=[name]).column(name).to_numpy(zero_copy_only=False)
+                               for file in self._files])
+
+    def read(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """The rows ``ids``, in that order, as Ray Data's ``numpy`` batches hold them, plus ``row_id``.
+
+        Raises:
+            IndexError: an id outside ``0 .. rows - 1``.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.rows):
+            raise IndexError(f"row ids {ids.min()}..{ids.max()} outside the shards' 0..{self.rows - 1}")
+        blocks = np.searchsorted(self._starts, ids, side="right") - 1
+        parts, placed = [], []
+        for block in np.unique(blocks):
+            members = np.flatnonzero(blocks == block)
+            parts.append(self._block(int(block)).take(pa.array(ids[members] - self._starts[block])))
+            placed.append(members)
+        table = pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(placed), kind="stable")))
+        batch = BlockAccessor.for_block(table).to_batch_format("numpy")
+        batch["row_id"] = ids
+        return batch
+
+    def _block(self, block: int) -> pa.Table:
+        if block in self._cache:
+            self._cache.move_to_end(block)
+            return self._cache[block]
+        file, group = self._blocks[block]
+        table = self._files[file].read_row_group(group)
+        self._cache[block] = table
+        if len(self._cache) > self._cache_blocks:
+            self._cache.popitem(last=False)
+        return table

@@ -23,7 +23,7 @@ from pathlib import Path
 import ray
 
 from llava_platform.data.grouping import padding_fraction, regroup
-from llava_platform.data.rows import RowSpec
+from llava_platform.config.schema import DataConfig
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.model.compose import compose_llava, save_llava
 from llava_platform.model.tiny import save_tiny_language_model, save_tiny_vision_tower
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ray.init(include_dashboard=False, log_to_driver=False)  # the figures are the output; logs: Ray's folder
     records = read_records([str(files["stage1"]), str(files["stage2"]), str(text_only)])
-    spec = RowSpec(template="vicuna_v1", image_mode="anyres", max_length=4096, image_root=str(root / "data"))
+    spec = DataConfig(train_files=["bench"], template="vicuna_v1", image_mode="anyres", model_max_length=4096,
+                      image_root=str(root / "data")).row_spec()
     rows, quarantine = preprocess(records, processor_path=checkpoint, spec=spec)
     windows = list(rows.select_columns(["length", "modality"]).iter_batches(
         batch_size=args.window, batch_format="numpy"))

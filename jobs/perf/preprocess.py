@@ -129,7 +129,7 @@ class PeakMemory:
 def pipeline_run(root: Path, images: list[Path], records: int, checkpoint: str) -> tuple[float, int, int]:
     import ray
 
-    from llava_platform.data.rows import RowSpec
+    from llava_platform.config.schema import DataConfig
     from pipelines.preprocess import preprocess
     from pipelines.sources import read_records
 
@@ -139,7 +139,8 @@ def pipeline_run(root: Path, images: list[Path], records: int, checkpoint: str) 
             f.write(json.dumps({"id": str(i), "image": images[i % len(images)].name, "conversations": [
                 {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A gradient."}]})
                     + "\n")
-    spec = RowSpec(template="plain", image_mode="anyres", max_length=4096, image_root=str(images[0].parent))
+    spec = DataConfig(train_files=["bench"], template="plain", image_mode="anyres", model_max_length=4096,
+                      image_root=str(images[0].parent)).row_spec()
     rows, _ = preprocess(read_records([str(data)]), processor_path=checkpoint, spec=spec, num_actors=(1, 2),
                          records_per_call=8)
     seen = 0

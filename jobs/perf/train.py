@@ -9,7 +9,8 @@ One run, the same model, data and engine settings (``build_deepspeed_engine`` + 
 - ``bare``: one process, no Ray; the rows are in memory before the clock starts, and each step
   collates its micro-batch and runs forward/backward/step (the floor).
 - ``ray-streamed``: ``jobs.train`` with 1 worker, rows preprocessed by Ray Data while training runs.
-- ``ray-materialised``: ``jobs.train`` with 1 worker reading ``jobs.preprocess``'s Parquet shards.
+- ``ray-materialised``: ``jobs.train`` with 1 worker reading ``jobs.preprocess``'s Parquet shards by id
+  (``pipelines.shards.RowReader``, in the stage's global order).
 
 Ray runs are timed from their MLflow metrics (wall time between optimizer steps, logging and data
 wait included). Medians skip the first 3 steps (warm-up) and the last. Targets: ray / bare <= 1.15;
@@ -36,11 +37,10 @@ from jobs.console import quiet_ray_data
 from jobs.train_worker import collate_rows
 from llava_platform import tracking
 from llava_platform.config import load_recipe
-from llava_platform.data.grouping import regroup
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.train.deepspeed_engine import build_deepspeed_engine, init_distributed, train_step
-from pipelines.shards import read_shards
+from pipelines.shards import RowReader, shard_files
 
 MODEL = ["model.tiny.text_hidden_size=256", "model.tiny.text_layers=4", "model.tiny.text_heads=4",
          "model.tiny.vision_hidden_size=64", "model.image_size=112"]
@@ -82,8 +82,8 @@ def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], ste
     init_distributed("gloo")
     engine, processor = build_deepspeed_engine(train.deepspeed_spec(recipe, stage, str(initial), total_steps=steps))
     settings = ImageSettings.from_processor(processor)
-    windows = read_shards(shards).iter_batches(batch_size=32 * stage.micro_batch_size, batch_format="numpy")
-    micro_batches = list(regroup(windows, stage.micro_batch_size, group=False))[:steps]
+    reader, micro = RowReader(shard_files(shards)[0]), stage.micro_batch_size
+    micro_batches = [reader.read(range(step * micro, (step + 1) * micro)) for step in range(steps)]
     times = []
     for rows in micro_batches:
         started = time.perf_counter()

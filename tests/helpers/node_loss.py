@@ -17,7 +17,10 @@ registered yet when the node goes):
   as an autoscaler would, and the run resumes there;
 - with ``--elastic`` (``scaling.min_workers: 1``, and 1.5 of each node's 2 CPUs per worker, as a GPU
   worker takes a node's only GPU) the remaining node holds one worker, no replacement comes, and the run
-  goes on with that one worker: same global batch, accumulation doubled.
+  goes on with that one worker: same global batch, accumulation doubled. Elastic stages read their rows
+  by id, so the stage is preprocessed first (``jobs.preprocess``); the others stream.
+
+The row ledger is armed in every mode: the row ids each step trained, which the test checks once per epoch.
 
 It runs in its own process because a pytest process holds one Ray connection (the suite's head node).
 """
@@ -92,7 +95,8 @@ def main(root: Path, mode: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs import compose, faults, train
+    from jobs import compose, faults, preprocess, train
+    from llava_platform.config import load_recipe
     from llava_platform import tracking
     from llava_platform.data.synthetic import write_synthetic_dataset
 
@@ -113,13 +117,16 @@ def main(root: Path, mode: str) -> dict:
     watcher = threading.Thread(target=remove_node_when_hung, daemon=True,
                                args=(cluster, marker, removed, mode == "replace", replacements))
     watcher.start()
+    data = [f"stage1.data.train_files=[{files['stage1']}]", f"stage1.data.image_root={root / 'data'}",
+            "stage1.data.preprocessed=null"]
+    if mode == "elastic":  # rows by id, so that an elastic group trains each row once on any worker count
+        preprocess.run(load_recipe("tiny_cpu_demo", data), stage="stage1", model=str(initial), output=root / "shards")
+        data[-1] = f"stage1.data.preprocessed={root / 'shards'}"
     started = time.time()
     out = train.main([
-        "--recipe", "tiny_cpu_demo", "--stage", "1", "--model", str(initial), "--output", str(root / "out"),
-        f"stage1.data.train_files=[{files['stage1']}]", f"stage1.data.image_root={root / 'data'}",
-        "stage1.data.preprocessed=null", "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
-        f"stage1.max_steps={STEPS}", "checkpoint.every_n_steps=2", f"tracking.uri={uri}",
-        "tracking.system_metrics=false", *SCALING[mode],
+        "--recipe", "tiny_cpu_demo", "--stage", "1", "--model", str(initial), "--output", str(root / "out"), *data,
+        "stage1.global_batch_size=4", "stage1.micro_batch_size=2", f"stage1.max_steps={STEPS}",
+        "checkpoint.every_n_steps=2", f"tracking.uri={uri}", "tracking.system_metrics=false", *SCALING[mode],
     ])
     run_id = json.loads((out.stage_dirs["stage1"].parent / train.RUNS_FILE).read_text())["runs"]["stage1"]
     client = tracking.client_for(uri)

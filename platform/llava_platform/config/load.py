@@ -140,7 +140,8 @@ def recipe_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """Resolve ``--recipe`` + overrides once.
 
     On mistakes, print them all and exit with status 2; with ``--dry-run``, print the resolved
-    recipe and each stage's estimated memory per GPU (``llava_platform.train.memory``), and exit
+    recipe, each stage's batch split per worker count (``batch_plan``) and estimated memory per GPU
+    (``llava_platform.train.memory``), and exit
     with status 0 (like ``--help``), before any cluster resource is claimed.
     """
     try:
@@ -148,9 +149,11 @@ def recipe_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     except RecipeError as err:
         parser.exit(2, f"{err}\n")
     if args.dry_run:
+        from llava_platform.config.batch_plan import plan_batches
         from llava_platform.config.memory_plan import plan_recipe
 
         print(recipe_to_yaml(recipe))
+        print(plan_batches(recipe))
         print(plan_recipe(recipe))
         parser.exit(0)
     return recipe

@@ -12,15 +12,16 @@ in ``Recipe.problems`` so that every mistake is reported at once, each under its
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from llava_platform.archs import image_modes_for, takes_video, tiles_anyres
+from llava_platform.data.position import ORDER_VERSION, exact_world_sizes, micro_steps
 from llava_platform.data.rows import RowSpec
 from llava_platform.data.video import VideoLimits
 from llava_platform.generation.plan import InferencePlan
-from llava_platform.train.deepspeed_config import DeepSpeedConfigError, gradient_accumulation_steps
 from llava_platform.train.plan import LoraSpec
 from llava_platform.vllm_engine import VllmSettings
 
@@ -178,13 +179,23 @@ class DataConfig(Section):
     group_by_modality_length: bool = True
     """Batch samples of similar length and the same modality together to cut padding."""
     preprocessed: str | None = None
-    """A folder written by ``jobs.preprocess`` for these settings: training reads its Parquet shards
-    instead of preprocessing on the fly (checked against the manifest's fingerprint)."""
+    """A folder written by ``jobs.preprocess`` for these settings: training reads its rows by id from the
+    Parquet shards, in one global order per epoch (``data.position``), instead of preprocessing on the
+    fly (checked against the manifest's fingerprint). Every row then trains once per epoch, in the same
+    global batches, on any worker count and across resizes; elastic training needs it."""
+    shuffle_row_groups: PositiveInt = 64
+    """Preprocessed stages: row groups (``pipelines.shards.ROWS_PER_ROW_GROUP`` rows each) whose rows are
+    shuffled together each epoch (``RowOrder.window_blocks``); each worker keeps as many in memory."""
     materialize: bool = False
-    """Keep each worker's rows in Ray's object store after one read (``Dataset.materialize``), so
-    that later epochs replay them instead of reading (and preprocessing) again. For stages whose
-    rows fit in the object store and that run several epochs: every epoch boundary otherwise
-    restarts the reading, which costs seconds of CPU while training waits or shares the cores."""
+    """Streamed stages: keep each worker's rows in Ray's object store after one read
+    (``Dataset.materialize``), so that later epochs replay them instead of reading (and preprocessing)
+    again. For stages whose rows fit in the object store and that run several epochs: every epoch
+    boundary otherwise restarts the reading, which costs seconds of CPU while training waits or shares
+    the cores. (Preprocessed stages read their rows by id from the shards.)"""
+
+    def order_version(self) -> str:
+        """The epoch-order rule of a preprocessed stage, its shuffle window included (``DataPosition``)."""
+        return f"{ORDER_VERSION}/window{self.shuffle_row_groups}"
 
     def row_spec(self) -> RowSpec:
         """The settings that shape a training row, for the pipeline and the row builder."""
@@ -242,16 +253,16 @@ class StageConfig(Section):
     """Samples per optimizer step across all workers."""
     micro_batch_size: PositiveInt
     """Samples per forward pass on one worker."""
+    pad_micro_batches: bool = False
+    """Allow a global batch that does not split into whole micro-batches on every worker count the run may
+    have (``scaling.min_workers`` .. ``num_workers``): the last micro-steps of each step then run filler
+    rows with weight 0 (compute spent, updates exact). Without it the recipe check refuses such a batch."""
     optim: OptimConfig
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
     def gradient_accumulation_steps(self, num_workers: int) -> int:
-        """Micro-batches per optimizer step so that the global batch holds at any worker count.
-
-        Raises:
-            DeepSpeedConfigError: the global batch does not divide (``validate`` reports it by key first).
-        """
-        return gradient_accumulation_steps(self.global_batch_size, self.micro_batch_size, num_workers)
+        """Micro-batches per optimizer step on each of ``num_workers`` workers (``data.position.micro_steps``)."""
+        return micro_steps(self.global_batch_size, self.micro_batch_size, num_workers)
 
 
 class ScalingConfig(Section):
@@ -262,9 +273,13 @@ class ScalingConfig(Section):
     """Elastic training (Ray Train's ``ScalingConfig(num_workers=(min_workers, num_workers))``): the run
     starts with as many workers as the cluster has room for, at least ``min_workers``, and when a node is
     lost and no replacement comes, it goes on from its latest checkpoint with the workers that remain
-    (more join again when nodes do, checked every ``elastic_resize_interval_s``). The global batch holds
-    when it divides into the new count x the micro-batch; otherwise accumulation is rounded to the nearest
-    and the effective batch is logged (``global_batch_size`` in MLflow). ``None``: a fixed worker count."""
+    (more join again when nodes do, checked every ``elastic_resize_interval_s``). The rows, their order
+    and the global batches stay those of the full-size run (preprocessed stages only; accumulation absorbs
+    the count). ``None``: a fixed worker count."""
+
+    def world_sizes(self) -> range:
+        """The worker counts a run may have: ``min_workers .. num_workers`` (elastic), else ``num_workers``."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
     elastic_resize_interval_s: PositiveFloat = 60.0
     """Elastic only: how often a healthy run checks whether more workers fit (a resize restarts it from
     its latest checkpoint)."""
@@ -540,6 +555,37 @@ def _scaling_problems(scaling: ScalingConfig) -> list[str]:
     return found
 
 
+def _batch_problems(name: str, stage: StageConfig, scaling: ScalingConfig) -> list[str]:
+    """The global batch splits the same way on every worker count the run may have; elastic needs rows by id."""
+    batch, micro, sizes = stage.global_batch_size, stage.micro_batch_size, scaling.world_sizes()
+    if batch % micro:
+        return [f"{name}.global_batch_size: {batch} is not a whole number of micro-batches of {micro} "
+                f"({name}.micro_batch_size)"]
+    found = []
+    exact = exact_world_sizes(batch, micro, sizes)
+    inexact = [w for w in sizes if w not in exact]
+    if inexact and not stage.pad_micro_batches:
+        step = micro * math.lcm(*sizes)
+        found.append(
+            f"{name}.global_batch_size: {batch} rows in micro-batches of {micro} do not split evenly among "
+            f"{_counts(inexact)} workers (exact on {_counts(exact) if exact else 'none'} of {_counts(list(sizes))}); "
+            f"use a multiple of {step} (e.g. {-(-batch // step) * step}), narrow scaling.min_workers, or set "
+            f"{name}.pad_micro_batches: true (filler rows with weight 0 in the last micro-steps)")
+    if scaling.min_workers is not None and stage.data.preprocessed is None:
+        found.append(f"{name}.data.preprocessed: elastic training (scaling.min_workers) reads rows by id from "
+                     "preprocessed shards, so that every row trains once per epoch on any worker count; write them "
+                     f"with `python -m jobs.preprocess --stage {name[-1]}` (jobs.pipeline does) and set "
+                     f"{name}.data.preprocessed, or remove scaling.min_workers")
+    if stage.data.materialize and stage.data.preprocessed is not None:
+        found.append(f"{name}.data.materialize: preprocessed stages read their rows by id from the shards; "
+                     "remove materialize (it keeps a streamed stage's rows in the object store)")
+    return found
+
+
+def _counts(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes))
+
+
 def _model_problems(model: ModelConfig) -> list[str]:
     found = []
     sources = {
@@ -591,14 +637,7 @@ def _stage_problems(
             f"{name}.deepspeed.precision: {stage.deepspeed.precision} needs GPUs (scaling.use_gpu: true); "
             "use fp32 on CPU"
         )
-    try:
-        stage.gradient_accumulation_steps(scaling.num_workers)
-    except DeepSpeedConfigError:
-        per_step = stage.micro_batch_size * scaling.num_workers
-        found.append(
-            f"{name}.global_batch_size: {stage.global_batch_size} is not divisible by micro_batch_size "
-            f"{stage.micro_batch_size} x scaling.num_workers {scaling.num_workers} = {per_step}"
-        )
+    found += _batch_problems(name, stage, scaling)
     if name == "stage1":
         if sorted(stage.tunable) != ["projector"] or stage.lora is not None:
             found.append("stage1.tunable: stage 1 aligns the projector only; set tunable: [projector], no lora")

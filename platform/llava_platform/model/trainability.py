@@ -65,7 +65,8 @@ def parameter_groups(
         if not parameter.requires_grad:
             continue
         part = part_of(name)
-        decay = parameter.ndim >= 2 and "norm" not in name.lower()
+        shape = getattr(parameter, "ds_shape", parameter.shape)  # ZeRO-3 partitions hold a flat piece of it
+        decay = len(shape) >= 2 and "norm" not in name.lower()
         group = groups.setdefault((part, decay), {
             "name": f"{part}{'' if decay else '/no_decay'}", "params": [], "lr": rates[part],
             "weight_decay": weight_decay if decay else 0.0,

@@ -10,24 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from llava_platform.data.position import micro_steps
+
 
 class DeepSpeedConfigError(ValueError):
     """Settings that DeepSpeed cannot run."""
-
-
-def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """Micro-batches each worker runs per optimizer step, so that the global batch holds at any worker count.
-
-    Raises:
-        DeepSpeedConfigError: the global batch is not a multiple of ``micro_batch_size * world_size``.
-    """
-    per_step = micro_batch_size * world_size
-    if global_batch_size % per_step:
-        raise DeepSpeedConfigError(
-            f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} x "
-            f"{world_size} workers = {per_step}"
-        )
-    return global_batch_size // per_step
 
 
 def build_deepspeed_config(
@@ -59,10 +46,14 @@ def build_deepspeed_config(
         param_persistence_threshold: ZeRO-3 keeps parameters with fewer elements than this whole on
             every rank instead of sharding them (DeepSpeed's default, 100k).
 
+    DeepSpeed's ``train_batch_size`` counts micro-batch slots, ``accumulation x micro x world_size``: the
+    global batch in rows where it divides, more where the last slots are zero-weight padding
+    (``data.position.micro_steps``; the recipe check allows that only with ``pad_micro_batches``).
+
     Raises:
-        DeepSpeedConfigError: a batch that does not divide, a ZeRO stage outside 0-3, half precision on CPU.
+        DeepSpeedConfigError: a ZeRO stage outside 0-3, half precision on CPU.
     """
-    accumulation = gradient_accumulation_steps(global_batch_size, micro_batch_size, world_size)
+    accumulation = micro_steps(global_batch_size, micro_batch_size, world_size)
     if zero_stage not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
     if precision != "fp32" and not use_gpu:
@@ -74,7 +65,7 @@ def build_deepspeed_config(
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     return {
-        "train_batch_size": global_batch_size,
+        "train_batch_size": accumulation * micro_batch_size * world_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": max_grad_norm,

@@ -38,10 +38,13 @@ class StepResult:
     """What one optimizer step did (this rank's share)."""
 
     loss: float
-    """Mean loss over the step's micro-batches."""
+    """Mean loss over the step's real micro-batches on this rank (0 when it ran padding only)."""
+    micro_batches: int
+    """Real (non-zero-weight) micro-batches this rank ran."""
     samples: int
+    """Rows of the real micro-batches."""
     tokens: int
-    """Non-padding tokens, image tokens included."""
+    """Their non-padding tokens, image tokens included."""
     grad_norm: float | None
     learning_rates: dict[str, float]
     """Learning rate per parameter group name (``projector``, ``language_model/no_decay``, ...)."""
@@ -216,22 +219,31 @@ def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, k
     return embeds.masked_scatter(mask[..., None].expand_as(embeds), features.to(embeds.device, embeds.dtype))
 
 
-def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepResult:
-    """One optimizer step: forward and backward over ``micro_batches`` (the accumulation), then step."""
+def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]],
+               weights: Sequence[float] | None = None) -> StepResult:
+    """One optimizer step: forward and backward over ``micro_batches`` (the accumulation), then step.
+
+    Args:
+        weights: each micro-batch's loss multiplier (default 1): ``data.position.RankShare.weights``, where
+            padding slots (filler rows) weigh 0 and the real ones make the update the mean over the step's
+            real micro-batches at every worker count.
+    """
     started = time.perf_counter()
+    weights = [1.0] * len(micro_batches) if weights is None else list(weights)
     losses, samples, tokens = [], 0, 0
-    for batch in micro_batches:
+    for batch, weight in zip(micro_batches, weights, strict=True):
         loss = forward(engine, batch).loss
-        engine.backward(loss)
+        engine.backward(loss * weight)  # x * 1.0 == x exactly: unweighted steps are unchanged
         engine.step()
-        losses.append(loss.item())
-        samples += int(batch["input_ids"].shape[0])
-        tokens += int(batch["attention_mask"].sum())
+        if weight > 0:
+            losses.append(loss.item())
+            samples += int(batch["input_ids"].shape[0])
+            tokens += int(batch["attention_mask"].sum())
     norm = engine.get_global_grad_norm()
     names = [group.get("name", str(i)) for i, group in enumerate(engine.optimizer.param_groups)]
     return StepResult(
-        loss=sum(losses) / len(losses), samples=samples, tokens=tokens,
-        grad_norm=float(norm) if norm is not None else None,
+        loss=sum(losses) / len(losses) if losses else 0.0, micro_batches=len(losses), samples=samples,
+        tokens=tokens, grad_norm=float(norm) if norm is not None else None,
         learning_rates=dict(zip(names, engine.get_lr(), strict=True)), compute_s=time.perf_counter() - started,
     )
 
@@ -318,6 +330,13 @@ def load_training_state(engine, directory: str | Path) -> TrainingPosition:
         rates = engine.lr_scheduler.get_last_lr() if engine.lr_scheduler is not None else [g["lr"] for g in groups]
         for group, own, rate in zip(engine.optimizer.param_groups, groups, rates, strict=True):
             group.update({k: v for k, v in own.items() if k not in ("lr", "step")}, lr=rate)
+        # ... and gives every ZeRO-3 sub-group's Adam state one shared ``step`` tensor, which torch's Adam then
+        # increments in place once per sub-group per step (so the bias correction runs ahead): one copy each
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+    check_param_groups(engine.optimizer.param_groups, groups)
     if path is None:
         raise ResumeError(f"DeepSpeed found no checkpoint in {directory}/{CHECKPOINT_TAG}")
     rng_file = Path(directory) / CHECKPOINT_TAG / f"rng_rank{engine.global_rank}.pt"
@@ -326,7 +345,23 @@ def load_training_state(engine, directory: str | Path) -> TrainingPosition:
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-    return TrainingPosition.from_dict(client_state["position"])
+    try:
+        return TrainingPosition.from_dict(client_state["position"])
+    except ValueError as error:
+        raise ResumeError(f"cannot resume from {directory}: {error}") from error
+
+
+def check_param_groups(loaded: list[dict], own: list[dict]) -> None:
+    """Every parameter group's hyperparameters (all but the scheduled rate and the step) are its own after a load.
+
+    Raises:
+        ResumeError: a group came back with another group's settings.
+    """
+    for group, expected in zip(loaded, own, strict=True):
+        wrong = {k: (group.get(k), v) for k, v in expected.items() if k not in ("lr", "step", "initial_lr")
+                 and group.get(k) != v}
+        if wrong:
+            raise ResumeError(f"parameter group {expected.get('name')!r} loaded with other settings: {wrong}")
 
 
 UNIVERSAL_TAG = "universal"

@@ -9,8 +9,10 @@ and the same on every rank.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
+
+from llava_platform.data.position import DataPosition, micro_steps
 
 
 @dataclass(frozen=True)
@@ -54,19 +56,33 @@ class DeepSpeedSpec:
     tf32: bool
     """Allow TF32 matmuls on CUDA (``deepspeed.tf32``)."""
 
-    def at_world_size(self, world_size: int) -> DeepSpeedSpec:
-        """The same stage on ``world_size`` workers: the global batch holds, accumulation absorbs the change.
+    def at_world_size(self, world_size: int, global_batch_size: int) -> DeepSpeedSpec:
+        """The same stage on ``world_size`` workers: the global batch of ``global_batch_size`` rows holds, and
+        accumulation absorbs the change (``data.position.micro_steps``).
 
-        When the global batch does not divide into ``world_size`` x the micro-batch (an elastic run that lost
-        a node), accumulation is the nearest whole number and the global batch becomes what that gives
-        (``deepspeed_config["train_batch_size"]``; the worker logs it).
+        Where the global batch does not divide into ``world_size`` x the micro-batch (the recipe check allows
+        that only with ``pad_micro_batches``), the last slots are zero-weight padding: DeepSpeed's
+        ``train_batch_size`` counts slots, ``accumulation x micro x world_size``, not rows.
         """
         config = self.deepspeed_config
         micro = config["train_micro_batch_size_per_gpu"]
-        steps = max(1, round(config["train_batch_size"] / (micro * world_size)))
+        steps = micro_steps(global_batch_size, micro, world_size)
         return replace(self, gradient_accumulation_steps=steps,
                        deepspeed_config={**config, "gradient_accumulation_steps": steps,
                                          "train_batch_size": steps * micro * world_size})
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """A preprocessed stage's rows, read by id (``pipelines.shards.RowReader``) in the global order of
+    ``llava_platform.data.position``: the same rows and global batches at every worker count."""
+
+    files: tuple[str, ...]
+    """The Parquet shards, in manifest order."""
+    block_sizes: tuple[int, ...]
+    """Rows per row group over ``files`` (``ShardLayout``)."""
+    window_blocks: int
+    """Row groups shuffled together (``RowOrder.window_blocks``); each worker caches as many."""
 
 
 @dataclass(frozen=True)
@@ -75,24 +91,22 @@ class LoopSpec:
 
     epochs: int
     micro_batch_size: int
-    group_window: int
-    """Rows read at a time and regrouped into micro-batches (``data.grouping.regroup``)."""
+    global_batch_size: int
+    """Rows per optimizer step, over all workers (at every worker count)."""
     group_by_modality_length: bool
     seed: int
-    """The recipe seed; epoch ``e`` regroups with ``seed + e``."""
+    """The recipe seed: the epoch orders (rows by id) or the regrouping of each epoch (``seed + e``, streamed)."""
     anyres: bool
     """Rows carry LLaVA-NeXT tile stacks (``image_mode: anyres``)."""
     checkpoint_every: int
     """Optimizer steps between checkpoints (the last step is always checkpointed)."""
+    shards: ShardRows | None
+    """Rows by id from preprocessed shards; ``None``: streamed, rank ``r`` reads the dataset ``rank<r>`` (its
+    fixed part of the records, for this worker count only)."""
+    group_window: int
+    """Streamed: rows read at a time and regrouped into micro-batches (``data.grouping.regroup``)."""
     async_upload: bool = True
     """Upload checkpoints in the background (``checkpoint.upload: async``)."""
-    shares: int = 1
-    """Datasets ``rank0`` ... ``rank<shares - 1>``, one per worker of the full-size group. A smaller elastic
-    group's rank ``r`` reads shares ``r, r + world, ...`` (``shares_of``)."""
-
-    def shares_of(self, rank: int, world_size: int) -> list[str]:
-        """The dataset names rank ``rank`` of a ``world_size``-worker group reads."""
-        return [f"rank{share}" for share in range(rank, self.shares, world_size)]
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,8 @@ class StagePlan:
     """The stage's output folder (projector, export, fault markers)."""
     deepspeed: DeepSpeedSpec
     loop: LoopSpec
+    data: DataPosition
+    """The stage's data at its start: what the order is drawn over; a checkpoint's must match it."""
     tracking: TrackingSpec
     projector: str | None
     """A projector to start from (a path or a ``runs:/`` URI), or ``None``."""
@@ -133,31 +149,40 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class TrainingPosition:
-    """Where a stage's run is: saved in every checkpoint, so a restart skips exactly what it covers."""
+    """Where a stage's run is: saved in every checkpoint, so a restart continues with exactly the next rows."""
 
     stage: str
+    data: DataPosition
+    """Where the stage is in its data (epoch, rows consumed, and what the order is drawn over)."""
     step: int = 0
     """Optimizer steps done."""
-    epoch: int = 0
-    steps_in_epoch: int = 0
-    """Optimizer steps done in ``epoch``."""
 
-    def after_step(self, epoch: int) -> TrainingPosition:
-        """The position one optimizer step further, in ``epoch``."""
-        return replace(self, step=self.step + 1, epoch=epoch, steps_in_epoch=self.steps_in_epoch + 1)
+    @property
+    def epoch(self) -> int:
+        return self.data.epoch
 
-    def next_epoch(self, epoch: int) -> TrainingPosition:
-        """The position at the start of the epoch after ``epoch``."""
-        return replace(self, epoch=epoch + 1, steps_in_epoch=0)
+    def after_step(self, rows: int) -> TrainingPosition:
+        """The position one optimizer step of ``rows`` rows further."""
+        return replace(self, step=self.step + 1, data=self.data.after_step(rows))
+
+    def next_epoch(self) -> TrainingPosition:
+        """The position at the start of the next epoch."""
+        return replace(self, data=self.data.next_epoch())
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"stage": self.stage, "step": self.step, "data": self.data.as_dict()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainingPosition:
-        """From ``as_dict`` output (extra keys, such as a ``position.json``'s run ids, are ignored)."""
-        return cls(stage=values["stage"], step=int(values["step"]), epoch=int(values["epoch"]),
-                   steps_in_epoch=int(values["steps_in_epoch"]))
+        """From ``as_dict`` output (extra keys, such as a ``position.json``'s run ids, are ignored).
+
+        Raises:
+            ValueError: no data position (a checkpoint of a version before it was saved).
+        """
+        if "data" not in values:
+            raise ValueError("the checkpoint holds no data position (written by an earlier version of jobs.train, "
+                             "whose row order cannot be continued exactly); start the stage afresh")
+        return cls(stage=values["stage"], step=int(values["step"]), data=DataPosition.from_dict(values["data"]))
 
 
 @dataclass(frozen=True)

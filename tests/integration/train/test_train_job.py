@@ -152,7 +152,12 @@ def test_bad_configuration_fails_before_any_worker_starts(zero3_lora, capsys):
         return train.main(["--recipe", RECIPE, "--model", str(zero3_lora.initial), *zero3_lora.overrides, *extra])
 
     never = zero3_lora.root / "never"
+    saved = str(zero3_lora.root / "out" / "checkpoints" / f"{REGISTERED_NAME}-stage2" / "stage2-step00000002")
     checks = [
+        (["--stage", "2", "--resume", saved, "scaling.num_workers=1"], "--resume: stage2 streams its rows, each of 2 "
+         "workers its own part, and this run has 1: set scaling.num_workers=2, or preprocess the stage"),
+        (["--stage", "2", "--resume", saved, "stage2.global_batch_size=8"], "--resume: the checkpoint's data differs "
+         "from stage2's: global_batch 4 -> 8"),
         (["--stage", "2", "--output", str(zero3_lora.root / "out")], "already holds checkpoints of an earlier "
          "stage2 run; continue it with --resume"),
         (["--stage", "1", "stage1.data.train_files=[/missing.json]"], "stage1.data.train_files: /missing.json"),

@@ -168,15 +168,17 @@ def test_cross_field_rules():
         )
     text = str(err.value)
     assert "stage1.tunable: stage 1 aligns the projector only" in text
-    assert "stage2.global_batch_size: 100 is not divisible by micro_batch_size 16 x scaling.num_workers 8" in text
+    assert "stage2.global_batch_size: 100 is not a whole number of micro-batches of 16 (stage2.micro_batch_size)" in text
     assert "stage2.data.image_mode: 'anyres' does not fit model.arch 'llava'; allowed: square, pad" in text
     assert "stage2.optim.vision_tower_lr: set, but vision_tower is not in stage2.tunable" in text
     assert "stage1.deepspeed.precision: bf16 needs GPUs (scaling.use_gpu: true); use fp32 on CPU" in text
 
 
 def test_elastic_scaling_rules():
-    recipe = load_recipe("llava_next_72b", ["scaling.min_workers=48"])
-    assert (recipe.scaling.min_workers, recipe.scaling.num_workers) == (48, 64)
+    recipe = load_recipe("llava_next_72b", ["scaling.min_workers=32", "stage1.data.preprocessed=/shards/1",
+                                            "stage2.data.preprocessed=/shards/2", "stage1.pad_micro_batches=true",
+                                            "stage2.pad_micro_batches=true"])
+    assert (recipe.scaling.min_workers, recipe.scaling.num_workers) == (32, 64)
     with pytest.raises(RecipeError) as err:
         load_recipe("llava15_7b", ["scaling.min_workers=9", "scaling.placement_strategy=STRICT_SPREAD"])
     text = str(err.value)
