@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from llava_platform.data.grouping import regroup
-from llava_platform.data.position import GlobalBatches, RowOrder
+from llava_platform.data.position import GlobalBatches, MicroBatch, RowOrder
 from llava_platform.train.plan import LoopSpec
 from pipelines.shards import RowReader
 
@@ -36,8 +36,8 @@ class Step:
     """Each slot's loss weight (``train_step``'s ``weights``; 0 for padding)."""
     trained_ids: list[str]
     """Record ids of the rows this rank trains (not the padding's): the row ledger's entries."""
-    global_rows: int
-    """Rows of the whole global step, over all ranks (``DataPosition.consumed`` advances by it)."""
+    global_units: int
+    """Units (rows, or packs) of the whole global step, over all ranks (``DataPosition.consumed`` advances by it)."""
 
 
 class StepSource(Protocol):
@@ -58,12 +58,19 @@ class ShardSteps:
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
 
     def epoch(self, epoch: int, *, skip: int) -> Iterator[Step]:
-        for index in range(skip, self.batches.steps_per_epoch):
+        for index in range(skip, self.batches.steps_in(epoch)):
             step = self.batches.step(epoch, index)
             share = step.share(self.rank, self.world_size, self.accumulation)
-            rows = [self.reader.read(ids) for ids in share.micro_batches]
+            rows = [self.read(batch) for batch in share.micro_batches]
             trained = [str(i) for batch, w in zip(rows, share.weights, strict=True) if w > 0 for i in batch["id"]]
-            yield Step(rows=rows, weights=share.weights, trained_ids=trained, global_rows=step.rows)
+            yield Step(rows=rows, weights=share.weights, trained_ids=trained, global_units=step.units)
+
+    def read(self, batch: MicroBatch) -> dict[str, np.ndarray]:
+        """A micro-batch's rows, in order; packed, with ``pack_sizes``: how many rows each model row holds."""
+        rows = self.reader.read(np.concatenate(batch))
+        if self.batches.packing is not None:
+            rows["pack_sizes"] = np.asarray([len(pack) for pack in batch])
+        return rows
 
 
 class StreamedSteps:
@@ -83,4 +90,4 @@ class StreamedSteps:
         while len(rows := list(islice(micro_batches, self.accumulation))) == self.accumulation:
             yield Step(rows=rows, weights=(1.0,) * self.accumulation,
                        trained_ids=[str(i) for batch in rows for i in batch["id"]],
-                       global_rows=self.loop.global_batch_size)
+                       global_units=self.loop.global_batch_size)

@@ -127,7 +127,7 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
             batches = [collate_rows(rows, processor, settings, loop.anyres, device) for rows in step.rows]
             probe = probe or batches[0]
             result = train_step(engine, batches, step.weights)
-            position = position.after_step(step.global_rows)
+            position = position.after_step(step.global_units)
             ledger.record(position.step, epoch, step.trained_ids)
             faults.after_step(position.step, rank)
             samples, tokens, loss_sum, micro_batches = summed_over_ranks(

@@ -48,6 +48,7 @@ ROW_SCHEMA = pa.schema([
     ("image_size", pa.list_(pa.int32(), 2)),  # original [height, width] of the first image; [0, 0] without
     ("image_sizes", pa.list_(pa.list_(pa.int32(), 2))),  # every image's [height, width], in order ([] without)
     ("frames", TILES_TYPE),  # uint8 (num_frames, 3, T, T) of the record's video; 0 frames without one
+    ("num_tiles", pa.int32()),  # tiles + frames: what the vision tower runs for the row (packing budgets it)
     ("truncated", pa.bool_()),
 ])
 

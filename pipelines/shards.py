@@ -147,7 +147,8 @@ def read_shards(out_dir: str | Path, *, recipe_hash: str | None = None) -> ray.d
 
 
 def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None) -> tuple[list[str], dict[str, Any]]:
-    """The Parquet files of ``write_shards`` output, in manifest order, and the manifest.
+    """The Parquet files of ``write_shards`` output, in manifest order (absolute paths: training workers run
+    in folders of their own), and the manifest.
 
     Raises:
         ManifestError: no manifest, a different recipe hash, missing shards, or a schema that differs
@@ -163,7 +164,7 @@ def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None) -> tuple
             f"{out_dir} was preprocessed for recipe hash {manifest['recipe_hash']}, not {recipe_hash}; re-run "
             "jobs.preprocess for this recipe"
         )
-    files = [str(out_dir / "shards" / name) for name in manifest["shards"]]
+    files = [str(out_dir.resolve() / "shards" / name) for name in manifest["shards"]]
     missing = [f for f in files if not Path(f).exists()]
     if missing:
         raise ManifestError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")

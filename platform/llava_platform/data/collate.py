@@ -155,3 +155,53 @@ def collate_onevision(
             raise ValueError(f"videos of different frame counts cannot share a batch: {[v.shape[0] for v in videos]}")
         batch["pixel_values_videos"] = normalize_tiles(torch.stack(videos).to(device), image_mean, image_std)
     return batch
+
+
+def pack_tokens(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pack_sizes: Sequence[int], *,
+                pad_token_id: int, varlen: bool = False,
+                device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Samples packed into rows: row ``k`` holds the next ``pack_sizes[k]`` samples, one after another.
+
+    Each sample keeps its own positions (``position_ids`` restart at 0) and its first label is ignored
+    (the previous sample's last token must not learn to predict it; in its own row nothing predicts it).
+    There is no ``attention_mask``: transformers then reads the samples' boundaries from the restarting
+    positions and masks attention block-diagonally (sdpa/eager; an all-ones mask would turn that off and
+    let samples attend to each other). Shorter rows are padded at the end with a block of their own
+    (``pad_token_id``, ignored labels). The visual tensors are the samples' own, in token order
+    (``collate``, ``collate_onevision``).
+
+    Args:
+        varlen: also give flash-attention's variable-length arguments (``cu_seq_lens_q/k``,
+            ``max_length_q/k``) over the flattened batch, the padding blocks included.
+
+    Returns:
+        ``input_ids``, ``labels``, ``position_ids`` of shape (len(pack_sizes), longest row) [+ varlen keys].
+    """
+    if sum(pack_sizes) != len(input_ids):
+        raise ValueError(f"packs of {list(pack_sizes)} samples, {len(input_ids)} samples given")
+    rows_ids, rows_labels, lengths = [], [], []
+    first = 0
+    for size in pack_sizes:
+        samples = range(first, first + size)
+        first += size
+        rows_ids.append(np.concatenate([np.asarray(input_ids[i], dtype=np.int64) for i in samples]))
+        own = [np.asarray(labels[i], dtype=np.int64).copy() for i in samples]
+        for sample in own:
+            sample[:1] = IGNORE_INDEX
+        rows_labels.append(np.concatenate(own))
+        lengths.append([len(input_ids[i]) for i in samples])
+    longest = max(len(row) for row in rows_ids)
+    for row, sample_lengths in zip(rows_ids, lengths, strict=True):
+        if len(row) < longest:
+            sample_lengths.append(longest - len(row))  # the padding block
+    batch = {
+        "input_ids": pad_sequences(rows_ids, pad_token_id).to(device),
+        "labels": pad_sequences(rows_labels, IGNORE_INDEX).to(device),
+        "position_ids": torch.stack([torch.from_numpy(np.concatenate(
+            [np.arange(n) for n in sample_lengths])) for sample_lengths in lengths]).to(device),
+    }
+    if varlen:
+        flat = [n for sample_lengths in lengths for n in sample_lengths]
+        bounds = torch.tensor(np.concatenate([[0], np.cumsum(flat)]), dtype=torch.int32, device=device)
+        batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(flat), max_length_k=max(flat))
+    return batch

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from llava_platform.data.packing import Packing, balance
+
 ORDER_VERSION = "block-shuffle-v1"
 """The rule ``RowOrder`` draws orders by; a checkpoint of another rule does not resume (its rows would differ)."""
 STREAMED_ORDER = "streamed-per-rank-v1"
@@ -80,36 +82,47 @@ class RowOrder:
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
+MicroBatch = tuple[np.ndarray, ...]
+"""The rows of one model batch, each as the row ids it holds: one id each, or a pack's ids (``data.packing``)."""
+
+
 @dataclass(frozen=True)
 class RankShare:
-    """What one rank runs for one optimizer step: ``micro_steps`` slots of row ids, each with its loss weight."""
+    """What one rank runs for one optimizer step: ``micro_steps`` slots, each a micro-batch and its loss weight."""
 
-    micro_batches: tuple[np.ndarray, ...]
-    """Row ids per slot; a padding slot holds the step's first micro-batch (a filler, weight 0)."""
+    micro_batches: tuple[MicroBatch, ...]
+    """One per slot; a padding slot holds the step's first micro-batch (a filler, weight 0)."""
     weights: tuple[float, ...]
-    """Each slot's loss multiplier: ``A * W / R`` for a real micro-batch, 0 for padding."""
+    """Each slot's loss multiplier when every micro-batch weighs the same: ``A * W / R`` for a real
+    micro-batch, 0 for padding (a token-weighted loss rescales the real ones, ``train.loss_weights``)."""
 
     @property
     def trained(self) -> list[int]:
         """Ids of the rows this rank trains (weight above 0), in slot order."""
-        return [int(i) for ids, w in zip(self.micro_batches, self.weights, strict=True) if w > 0 for i in ids]
+        return [int(i) for batch, w in zip(self.micro_batches, self.weights, strict=True) if w > 0
+                for row in batch for i in row]
 
 
 @dataclass(frozen=True)
 class GlobalStep:
-    """One optimizer step's rows: micro-batches of ids in their fixed order, the same at every worker count."""
+    """One optimizer step's units (rows, or packs) cut into micro-batches in a fixed order, the same at every
+    worker count."""
 
     epoch: int
     index: int
     """The step's place in its epoch (0-based)."""
-    micro_batches: tuple[np.ndarray, ...]
+    micro_batches: tuple[MicroBatch, ...]
+    costs: tuple[float, ...] | None = None
+    """Each micro-batch's compute (``data.packing.PackCost``): set when packing, so that ``share`` balances."""
 
     @property
-    def rows(self) -> int:
-        return sum(len(ids) for ids in self.micro_batches)
+    def units(self) -> int:
+        """Rows, or packs when packing (what ``DataPosition.consumed`` counts)."""
+        return sum(len(batch) for batch in self.micro_batches)
 
     def share(self, rank: int, world_size: int, accumulation: int) -> RankShare:
-        """Rank ``rank``'s contiguous part at ``world_size`` workers with ``accumulation`` slots each.
+        """Rank ``rank``'s part at ``world_size`` workers with ``accumulation`` slots each: its contiguous run of
+        micro-batches, or with costs, those ``data.packing.balance`` gives it (largest cost first).
 
         Raises:
             ValueError: ``accumulation * world_size`` slots cannot hold the step's micro-batches.
@@ -118,7 +131,11 @@ class GlobalStep:
         if slots < real:
             raise ValueError(f"{world_size} workers x {accumulation} micro-steps cannot hold {real} micro-batches")
         weight = slots / real
-        mine = self.micro_batches[rank * accumulation:(rank + 1) * accumulation]
+        if self.costs is None:
+            mine = self.micro_batches[rank * accumulation:(rank + 1) * accumulation]
+        else:
+            mine = tuple(self.micro_batches[i]
+                         for i in balance(self.costs, world_size=world_size, slots=accumulation)[rank])
         filler = accumulation - len(mine)
         return RankShare(micro_batches=tuple(mine) + (self.micro_batches[0],) * filler,
                          weights=(weight,) * len(mine) + (0.0,) * filler)
@@ -126,11 +143,12 @@ class GlobalStep:
 
 @dataclass(frozen=True)
 class GlobalBatches:
-    """Epochs of ``order`` cut into global batches of ``global_batch`` rows and micro-batches of ``micro_batch``.
+    """Epochs of ``order`` cut into global batches of ``global_batch`` units and micro-batches of ``micro_batch``.
 
-    With ``lengths`` and ``modalities`` (per id) each global batch is grouped: its rows sorted by modality
-    and length, cut into micro-batches, and the micro-batches shuffled (LLaVA's ``group_by_modality_length``
-    within one global batch, so that it stays the same at every worker count).
+    A unit is a row, or with ``packing`` a pack of rows (``data.packing.plan_packs`` over the epoch's order).
+    Without packing, ``lengths`` and ``modalities`` (per id) group each global batch: its rows sorted by
+    modality and length, cut into micro-batches, and the micro-batches shuffled (LLaVA's
+    ``group_by_modality_length`` within one global batch, so that it stays the same at every worker count).
     """
 
     order: RowOrder
@@ -138,6 +156,7 @@ class GlobalBatches:
     micro_batch: int
     lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
     modalities: np.ndarray | None = field(default=None, compare=False, repr=False)
+    packing: Packing | None = field(default=None, compare=False, repr=False)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -145,26 +164,33 @@ class GlobalBatches:
             raise ValueError(f"global batch {self.global_batch} is not a whole number of micro-batches of "
                              f"{self.micro_batch}")
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Global batches per epoch, the last one shorter when the rows do not divide."""
-        return math.ceil(self.order.num_rows / self.global_batch)
+    def units(self, epoch: int) -> list[np.ndarray]:
+        """Epoch ``epoch``'s units in order, each as its row ids (one epoch kept at a time)."""
+        if epoch not in self._cache:
+            self._cache.clear()
+            order = self.order.epoch(epoch)
+            self._cache[epoch] = (self.packing.packs(order, seed=[self.order.seed, epoch]) if self.packing
+                                  else list(order.reshape(-1, 1)))
+        return self._cache[epoch]
+
+    def steps_in(self, epoch: int) -> int:
+        """Global batches of ``epoch``, the last one shorter when the units do not divide."""
+        return math.ceil(len(self.units(epoch)) / self.global_batch)
 
     def step(self, epoch: int, index: int) -> GlobalStep:
         """Global step ``index`` (0-based) of ``epoch``."""
-        if epoch not in self._cache:
-            self._cache.clear()  # one epoch's order at a time
-            self._cache[epoch] = self.order.epoch(epoch)
-        rows = self._cache[epoch][index * self.global_batch:(index + 1) * self.global_batch]
-        if not len(rows):
-            raise IndexError(f"epoch {epoch} has {self.steps_per_epoch} steps; no step {index}")
-        if self.lengths is not None:
-            rows = rows[np.lexsort((self.lengths[rows], self.modalities[rows]))]
-        cuts = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
-        if self.lengths is not None:
+        units = self.units(epoch)[index * self.global_batch:(index + 1) * self.global_batch]
+        if not units:
+            raise IndexError(f"epoch {epoch} has {self.steps_in(epoch)} steps; no step {index}")
+        if self.lengths is not None and self.packing is None:
+            rows = np.concatenate(units)
+            units = list(rows[np.lexsort((self.lengths[rows], self.modalities[rows]))].reshape(-1, 1))
+        cuts = [tuple(units[i:i + self.micro_batch]) for i in range(0, len(units), self.micro_batch)]
+        if self.lengths is not None and self.packing is None:
             shuffle = np.random.default_rng([self.order.seed, epoch, index]).permutation(len(cuts))
             cuts = [cuts[i] for i in shuffle]
-        return GlobalStep(epoch=epoch, index=index, micro_batches=tuple(cuts))
+        costs = tuple(sum(self.packing.cost_of(pack) for pack in batch) for batch in cuts) if self.packing else None
+        return GlobalStep(epoch=epoch, index=index, micro_batches=tuple(cuts), costs=costs)
 
 
 @dataclass(frozen=True)
@@ -181,11 +207,11 @@ class DataPosition:
     micro_batch: int
     epoch: int = 0
     consumed: int = 0
-    """Rows of ``epoch`` already trained (the sum of its finished steps' rows)."""
+    """Units (rows, or packs) of ``epoch`` already trained (the sum of its finished steps' units)."""
 
-    def after_step(self, rows: int) -> DataPosition:
-        """The position after a step of ``rows`` rows."""
-        return DataPosition(**{**asdict(self), "consumed": self.consumed + rows})
+    def after_step(self, units: int) -> DataPosition:
+        """The position after a step of ``units`` units."""
+        return DataPosition(**{**asdict(self), "consumed": self.consumed + units})
 
     def next_epoch(self) -> DataPosition:
         return DataPosition(**{**asdict(self), "epoch": self.epoch + 1, "consumed": 0})

@@ -5,7 +5,8 @@ needs training rows. A row has the columns of the pipeline's Arrow schema (see
 ``pipelines/README.md``): ``id``, ``modality``, ``input_ids``, ``labels``, ``length``, ``tiles``
 (uint8, (num_tiles, 3, T, T), every image's tiles in order; zero tiles for text-only rows),
 ``image_size`` ([height, width] of the first image), ``image_sizes`` ((num_images, 2)), ``frames``
-(uint8, (num_frames, 3, T, T); zero frames without a video), ``truncated``.
+(uint8, (num_frames, 3, T, T); zero frames without a video), ``num_tiles`` (tiles + frames: what the
+vision tower runs for the row), ``truncated``.
 
 A record has at most one of ``image`` (a path, or, for OneVision checkpoints, a list of paths: one
 ``<image>`` placeholder per image, in order) and ``video`` (a path; OneVision; one ``<image>`` or
@@ -191,6 +192,7 @@ class RowBuilder:
             "image_size": np.asarray(sizes[0] if sizes else (0, 0), dtype=np.int32),
             "image_sizes": np.asarray(sizes, dtype=np.int32).reshape(len(sizes), 2),
             "frames": frames,
+            "num_tiles": len(tiles) + len(frames),
             "truncated": sample.truncated,
         }
 

@@ -161,9 +161,9 @@ class TrainingPosition:
     def epoch(self) -> int:
         return self.data.epoch
 
-    def after_step(self, rows: int) -> TrainingPosition:
-        """The position one optimizer step of ``rows`` rows further."""
-        return replace(self, step=self.step + 1, data=self.data.after_step(rows))
+    def after_step(self, units: int) -> TrainingPosition:
+        """The position one optimizer step of ``units`` units (rows, or packs) further."""
+        return replace(self, step=self.step + 1, data=self.data.after_step(units))
 
     def next_epoch(self) -> TrainingPosition:
         """The position at the start of the next epoch."""

@@ -53,23 +53,23 @@ def test_an_epoch_order_is_every_id_once_and_changes_with_the_epoch_and_seed():
 @pytest.mark.parametrize("rows", [240, 245])
 def test_rank_parts_are_contiguous_disjoint_and_cover_the_global_batch_at_every_worker_count(rows):
     batches = batches_of(rows)
-    for index in range(batches.steps_per_epoch):
+    for index in range(batches.steps_in(0)):
         step = batches.step(0, index)
-        canonical = [int(i) for ids in step.micro_batches for i in ids]
+        canonical = [int(i) for batch in step.micro_batches for row in batch for i in row]
         for world in (4, 3, 2, 1):
             accumulation = micro_steps(GLOBAL_BATCH, 1, world)
             shares = [step.share(rank, world, accumulation) for rank in range(world)]
             assert [i for share in shares for i in share.trained] == canonical, (index, world)
             assert sum(w for share in shares for w in share.weights) == pytest.approx(accumulation * world)
-    assert batches.steps_per_epoch == -(-rows // GLOBAL_BATCH)
-    assert batches.step(0, batches.steps_per_epoch - 1).rows == (rows % GLOBAL_BATCH or GLOBAL_BATCH)
+    assert batches.steps_in(0) == batches.steps_in(1) == -(-rows // GLOBAL_BATCH)
+    assert batches.step(0, batches.steps_in(0) - 1).units == (rows % GLOBAL_BATCH or GLOBAL_BATCH)
 
 
 def test_padding_slots_carry_a_filler_with_weight_zero():
     step = batches_of(240, micro=2).step(0, 0)  # 6 micro-batches of 2
     shares = [step.share(rank, 4, micro_steps(GLOBAL_BATCH, 2, 4)) for rank in range(4)]  # 4 x 2 = 8 slots
     assert [share.weights for share in shares] == [(8 / 6, 8 / 6)] * 3 + [(0.0, 0.0)]
-    assert shares[3].trained == [] and np.array_equal(shares[3].micro_batches[0], step.micro_batches[0])
+    assert shares[3].trained == [] and shares[3].micro_batches[0] == step.micro_batches[0]
     with pytest.raises(ValueError, match="cannot hold"):
         step.share(0, 2, 2)
 
@@ -79,8 +79,9 @@ def test_grouping_sorts_a_global_batch_by_modality_and_length_into_whole_micro_b
     modalities = np.array(["image", "text"] * 120, dtype=object)
     batches = batches_of(240, micro=3, lengths=lengths, modalities=modalities)
     step = batches.step(1, 2)
-    assert sorted(i for ids in step.micro_batches for i in ids) == sorted(batches.order.epoch(1)[24:36])
-    for ids in step.micro_batches:  # each micro-batch is a run of the (modality, length) order
+    batches_ids = [np.concatenate(batch) for batch in step.micro_batches]
+    assert sorted(i for ids in batches_ids for i in ids) == sorted(batches.order.epoch(1)[24:36])
+    for ids in batches_ids:  # each micro-batch is a run of the (modality, length) order
         assert len(ids) == 3 and list(lengths[ids]) == sorted(lengths[ids]) or len(set(modalities[ids])) == 2
 
 
@@ -127,12 +128,13 @@ def train(run: Run, batches: GlobalBatches, data, world: int, stop_at: int | Non
     accumulation = micro_steps(GLOBAL_BATCH, batches.micro_batch, world)
     saved = run.checkpoint()
     while run.position.epoch < EPOCHS:
-        for index in range(run.position.steps_in_epoch, batches.steps_per_epoch):
+        for index in range(run.position.steps_in_epoch, batches.steps_in(run.position.epoch)):
             step = batches.step(run.position.epoch, index)
             shares = [step.share(rank, world, accumulation) for rank in range(world)]
             slots = []  # every rank's weighted micro-batch gradients, gathered in rank order: the canonical order
             for share in shares:
-                for ids, weight in zip(share.micro_batches, share.weights, strict=True):
+                for batch, weight in zip(share.micro_batches, share.weights, strict=True):
+                    ids = np.concatenate(batch)
                     error = features[ids] @ run.weights - targets[ids]
                     slots.append(weight * (2 * features[ids].T @ error / len(ids)))
             gradient = np.zeros_like(run.weights)
@@ -140,7 +142,7 @@ def train(run: Run, batches: GlobalBatches, data, world: int, stop_at: int | Non
                 gradient = gradient + part
             run.weights = run.weights - LR * gradient / (accumulation * world)
             run.step += 1
-            run.position = run.position.after_step(step.rows)
+            run.position = run.position.after_step(step.units)
             run.ledger[run.step] = (run.position.epoch, [share.trained for share in shares])
             run.batches[run.step] = [i for share in shares for i in share.trained]
             if run.step % CHECKPOINT_EVERY == 0:
@@ -183,7 +185,7 @@ def test_a_run_resized_4_to_3_to_2_trains_every_row_once_in_the_same_batches_to_
     assert saved.step == 25 and saved.position.epoch == 1
     resized, _ = train(saved, batches, data, world=2, stop_at=None)  # resumed on 2, to the end
 
-    assert resized.step == reference.step == EPOCHS * batches.steps_per_epoch
+    assert resized.step == reference.step == EPOCHS * batches.steps_in(0)
     assert_each_row_once_per_epoch(resized.ledger, rows)
     assert resized.batches == reference.batches, "a global batch differs from the 4-worker run's"
     assert np.array_equal(resized.weights, reference.weights), "the weights are not bitwise those of the 4-worker run"

@@ -40,3 +40,18 @@ def test_rows_come_back_in_the_order_asked_from_any_row_group(shards):
     assert np.array_equal(reader.column("length"), np.arange(49))
     with pytest.raises(IndexError, match="outside the shards' 0..48"):
         reader.read([49])
+
+
+def test_shard_files_are_absolute_for_a_relative_folder(tmp_path, monkeypatch):
+    """Recipes name shard folders relative to the working directory; training workers run elsewhere."""
+    import json
+
+    from pipelines.preprocess import ROW_SCHEMA
+    from pipelines.shards import shard_files
+
+    (tmp_path / "rel" / "shards").mkdir(parents=True)
+    pq.write_table(ROW_SCHEMA.empty_table(), tmp_path / "rel" / "shards" / "x.parquet")
+    (tmp_path / "rel" / "manifest.json").write_text(json.dumps({"recipe_hash": "h", "shards": ["x.parquet"]}))
+    monkeypatch.chdir(tmp_path)
+    files, _ = shard_files("rel", recipe_hash="h")
+    assert files == [str(tmp_path / "rel" / "shards" / "x.parquet")]
