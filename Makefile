@@ -5,7 +5,9 @@
 #                 the benchmarks' --quick runs, ...); prints the whole fault table with make test's rows
 #   make ci     - make test, then make chaos: what CI runs (.ci/run)
 #   make walkthrough - README "After the demo", every command as written, on a fresh clone (~6 min)
-#   make gpu-smoke - on a GPU machine: stage 1 + 2 of a ~0.5B model on one GPU, samples/s, tokens/s, MFU
+#   make gpu-wheels - here: the wheels a lent GPU machine lacks, into .gpu-wheels/ (carried to it, < 64 MiB)
+#   make gpu-smoke - on that GPU machine (its own Python, no registry): a ~0.5B stage-2 step loop, padded vs packed
+#   make gpu-smoke-proof - here: gpu-smoke's dry run in a venv of only the GPU machine's packages + the wheels
 #   make vllm    - the vLLM engine's own environment in .venv-vllm/ (make test builds it; README "The vLLM engine")
 #   make browser - Debian's chromium for the chat page's browser test, when missing (make test runs it)
 PYTHON ?= python3
@@ -19,7 +21,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # Set TORCH_INDEX_URL to a CUDA wheel index for GPU machines; the default takes the index's build.
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test chaos ci walkthrough gpu-smoke install vllm browser lint clean
+.PHONY: demo test chaos ci walkthrough gpu-wheels gpu-smoke gpu-smoke-proof install vllm browser lint clean
 
 install: $(STAMP)
 
@@ -61,9 +63,21 @@ ci:
 walkthrough: $(STAMP)
 	$(PY) -m pytest tests/walkthrough $(PYTEST_ARGS)
 
-# Install with TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ on a GPU machine; CI never runs this.
-gpu-smoke: $(STAMP)
-	$(PY) -m jobs.perf.gpu_smoke $(ARGS)
+# The lent GPU machine has its own Python (torch, transformers, peft, accelerate), no package registry and
+# no Ray: `make gpu-wheels` here, carry .gpu-wheels/ (the device tool's `carry`), `make gpu-smoke` there.
+# CI never runs it; gpu-smoke-proof runs its dry run in a venv holding only those packages and the wheels.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_TORCHVISION ?= 0.26.0
+gpu-wheels: $(STAMP)
+	sh infra/gpu-wheels.sh $(PY) $(GPU_WHEELS) $(GPU_PYTHON_VERSION) $(GPU_TORCHVISION)
+
+gpu-smoke:
+	sh infra/gpu-smoke.sh $(GPU_PYTHON) $(GPU_WHEELS) $(ARGS)
+
+gpu-smoke-proof: $(STAMP)
+	sh infra/gpu-smoke.sh --proof
 
 # The browser tests drive the system Chromium through Playwright's Python client (no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -29,19 +29,20 @@ import yaml
 
 from jobs.console import LineRelay, PreflightError, job_log, job_log_file, start_ray
 from jobs.faults import Faults
+from jobs.train_steps import shard_batches
 from jobs.train_worker import POSITION_FILE, train_loop_per_worker
 from llava_platform import tracking
 from llava_platform.config import recipe_argument_parser, recipe_from_args
+from llava_platform.config.build import deepspeed_spec, pack_cost
 from llava_platform.config.schema import Recipe, StageConfig
 from llava_platform.config.schema import ScalingConfig as ScalingSection
+from llava_platform.data.position import STREAMED_ORDER, DataPosition
 from llava_platform.storage import filesystem_for, is_remote
 from llava_platform.train.checkpoint import PROJECTOR_FILE
-from llava_platform.train.deepspeed_config import build_deepspeed_config
-from llava_platform.data.position import STREAMED_ORDER, DataPosition
-from llava_platform.train.plan import DeepSpeedSpec, LoopSpec, ResumePoint, ShardRows, StagePlan, TrackingSpec
+from llava_platform.train.plan import LoopSpec, ResumePoint, ShardRows, StagePlan, TrackingSpec
 from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport, start_quarantine_log
-from pipelines.shards import ManifestError, StageShards, shard_layout
+from pipelines.shards import ManifestError, RowReader, StageShards, shard_layout
 from pipelines.sources import read_records
 
 GROUP_WINDOW_MICRO_BATCHES = 32
@@ -313,32 +314,38 @@ def stage_data(recipe: Recipe, stage: StageConfig, model: str) -> tuple[DataPosi
                             **start), None, None
     files, manifest = StageShards.of(data, model).files()
     layout = shard_layout(files, manifest)
-    shards = ShardRows(files=layout.files, block_sizes=layout.block_sizes, window_blocks=data.shuffle_row_groups)
+    packing = data.packing.build(pack_cost(recipe, stage)) if data.packing else None
+    shards = ShardRows(files=layout.files, block_sizes=layout.block_sizes, window_blocks=data.shuffle_row_groups,
+                       packing=packing)
     return DataPosition(fingerprint=layout.fingerprint, order_version=data.order_version(), **start), shards, manifest
 
 
-def deepspeed_spec(recipe: Recipe, stage: StageConfig, model: str, total_steps: int) -> DeepSpeedSpec:
-    """The stage's engine: model, what trains, optimiser, schedule, and DeepSpeed for the recipe's worker count."""
-    scaling, deepspeed = recipe.scaling, stage.deepspeed
-    optim, lora = stage.optim, stage.lora
-    return DeepSpeedSpec(
-        model_path=model if is_remote(model) else str(Path(model).resolve()),
-        tunable=tuple(stage.tunable),
-        lora=lora.build() if lora else None,
-        lr=optim.lr, projector_lr=optim.projector_lr, vision_tower_lr=optim.vision_tower_lr,
-        weight_decay=optim.weight_decay, scheduler=optim.scheduler, warmup_ratio=optim.warmup_ratio,
-        total_steps=total_steps, zero_stage=deepspeed.zero_stage, precision=deepspeed.precision,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps(scaling.num_workers),
-        deepspeed_config=build_deepspeed_config(
-            global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size,
-            world_size=scaling.num_workers, zero_stage=deepspeed.zero_stage, precision=deepspeed.precision,
-            offload_optimizer=deepspeed.offload_optimizer, max_grad_norm=optim.max_grad_norm,
-            weight_decay=optim.weight_decay, lr=optim.lr, use_gpu=scaling.use_gpu,
-            param_persistence_threshold=deepspeed.zero3_param_persistence_threshold,
-        ),
-        gradient_checkpointing=deepspeed.gradient_checkpointing,
-        attn_implementation=recipe.model.attn_implementation, tf32=deepspeed.tf32,
-    )
+@dataclass(frozen=True)
+class EpochSteps:
+    """Optimizer steps per epoch of a stage (and the units they take: rows, or packs)."""
+
+    per_epoch: list[int]
+    units: int = 0
+
+
+def shard_steps(recipe: Recipe, stage: StageConfig, shards: ShardRows) -> EpochSteps:
+    """The steps of every epoch of a preprocessed stage, from its global batches (packed: the packs of every
+    epoch are planned here, as the workers will plan them)."""
+    loop = stage_loop(recipe, stage, shards)
+    batches = shard_batches(loop, RowReader(shards.files, cache_blocks=1))
+    return EpochSteps([batches.steps_in(epoch) for epoch in range(stage.epochs)],
+                      units=sum(len(batches.units(epoch)) for epoch in range(stage.epochs)))
+
+
+def stage_loop(recipe: Recipe, stage: StageConfig, shards: ShardRows | None) -> LoopSpec:
+    """How the stage's workers walk through its rows."""
+    return LoopSpec(epochs=stage.epochs, micro_batch_size=stage.micro_batch_size,
+                    global_batch_size=stage.global_batch_size,
+                    group_by_modality_length=stage.data.group_by_modality_length,
+                    token_mean_loss=stage.loss == "token_mean", seed=recipe.seed,
+                    anyres=stage.data.image_mode == "anyres", checkpoint_every=recipe.checkpoint.every_n_steps,
+                    shards=shards, group_window=GROUP_WINDOW_MICRO_BATCHES * stage.micro_batch_size,
+                    async_upload=recipe.checkpoint.upload == "async")
 
 
 def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, projector: str | None, output: Path,
@@ -347,12 +354,7 @@ def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, pro
     """Resolve one stage for the workers: every setting they read, and every derived value, computed here."""
     scaling = recipe.scaling
     deepspeed = deepspeed_spec(recipe, stage, model, total_steps)
-    loop = LoopSpec(epochs=stage.epochs, micro_batch_size=stage.micro_batch_size,
-                    global_batch_size=stage.global_batch_size,
-                    group_by_modality_length=stage.data.group_by_modality_length, seed=recipe.seed,
-                    anyres=stage.data.image_mode == "anyres", checkpoint_every=recipe.checkpoint.every_n_steps,
-                    shards=shards, group_window=GROUP_WINDOW_MICRO_BATCHES * stage.micro_batch_size,
-                    async_upload=recipe.checkpoint.upload == "async")
+    loop = stage_loop(recipe, stage, shards)
     settings = recipe.tracking
     track = TrackingSpec(
         uri=tracking_uri, run_id=runs[name], parent_run_id=runs["parent"],
@@ -384,8 +386,9 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
     quarantine, datasets = None, {}
     if shards is not None:  # rows by id: every worker reads the shards itself, no Ray dataset
         records = sum(shards.block_sizes)
-        steps_per_epoch = -(-records // stage.global_batch_size)  # the last step takes the rest
-        described = f"{records} rows by id from {len(shards.files)} shard(s)"
+        steps = shard_steps(recipe, stage, shards)  # per epoch; the last step of each takes the rest
+        described = f"{records} rows by id from {len(shards.files)} shard(s)" + (
+            f", packed ({steps.units} packs over {stage.epochs} epoch(s))" if shards.packing else "")
     else:
         quarantine = start_quarantine_log()
         parts, records_per_rank = streamed_rank_datasets(recipe, stage, model, quarantine)
@@ -394,9 +397,9 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
             parts = [in_order(part).materialize() for part in parts]
         datasets = {f"rank{rank}": part for rank, part in enumerate(parts)}
         records = sum(records_per_rank)
-        steps_per_epoch = max(1, min(records_per_rank) * workers // stage.global_batch_size)  # the shortest rank ends it
-        described = f"{records} records streamed ({records_per_rank[0]} per worker)"
-    total_steps = min(stage.max_steps or 10**12, stage.epochs * steps_per_epoch)
+        steps = EpochSteps([max(1, min(records_per_rank) * workers // stage.global_batch_size)] * stage.epochs)
+        described = f"{records} records streamed ({records_per_rank[0]} per worker)"  # the shortest rank ends an epoch
+    total_steps = min(stage.max_steps or 10**12, sum(steps.per_epoch))
     plan = stage_plan(recipe, name, stage, model=model, projector=projector, output=output, export=export,
                       total_steps=total_steps, tracking_uri=tracking_uri, runs=runs, resume_from=resume_from,
                       data=start, shards=shards)

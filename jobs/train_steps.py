@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from llava_platform.data.grouping import regroup
+from llava_platform.data.packing import Packing
 from llava_platform.data.position import GlobalBatches, MicroBatch, RowOrder
 from llava_platform.train.plan import LoopSpec
 from pipelines.shards import RowReader
@@ -49,12 +50,8 @@ class ShardSteps:
     """Rows by id in the global order: rank ``rank``'s part of every global batch at ``world_size`` workers."""
 
     def __init__(self, loop: LoopSpec, rank: int, world_size: int, accumulation: int):
-        shards = loop.shards
-        self.reader = RowReader(shards.files, cache_blocks=shards.window_blocks)
-        grouping = {"lengths": self.reader.column("length"), "modalities": self.reader.column("modality")} \
-            if loop.group_by_modality_length else {}
-        self.batches = GlobalBatches(RowOrder(shards.block_sizes, seed=loop.seed, window_blocks=shards.window_blocks),
-                                     global_batch=loop.global_batch_size, micro_batch=loop.micro_batch_size, **grouping)
+        self.reader = RowReader(loop.shards.files, cache_blocks=loop.shards.window_blocks)
+        self.batches = shard_batches(loop, self.reader)
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
 
     def epoch(self, epoch: int, *, skip: int) -> Iterator[Step]:
@@ -71,6 +68,19 @@ class ShardSteps:
         if self.batches.packing is not None:
             rows["pack_sizes"] = np.asarray([len(pack) for pack in batch])
         return rows
+
+
+def shard_batches(loop: LoopSpec, reader: RowReader) -> GlobalBatches:
+    """The stage's global batches over the shards ``reader`` reads: rows, grouped by modality and length, or
+    packs (the driver counts the stage's steps with it, the workers train by it)."""
+    shards = loop.shards
+    columns = {}
+    if shards.packing is not None:
+        columns["packing"] = Packing(shards.packing, tokens=reader.column("length"), tiles=reader.column("num_tiles"))
+    elif loop.group_by_modality_length:
+        columns.update(lengths=reader.column("length"), modalities=reader.column("modality"))
+    return GlobalBatches(RowOrder(shards.block_sizes, seed=loop.seed, window_blocks=shards.window_blocks),
+                         global_batch=loop.global_batch_size, micro_batch=loop.micro_batch_size, **columns)
 
 
 class StreamedSteps:

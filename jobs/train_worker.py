@@ -26,12 +26,18 @@ import torch.distributed as dist
 
 from jobs.console import PROGRESS_EVERY_S, LineRelay, duration, quiet_ray_data, say, verbose
 from jobs.faults import Faults
-from llava_platform import registry, tracking
 from jobs.train_steps import ShardSteps, StepSource, StreamedSteps
-from llava_platform.data.collate import collate, collate_onevision
+from llava_platform import registry, tracking
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.read_ahead import EpochReader
 from llava_platform.storage import filesystem_for, is_mlflow_uri
+from llava_platform.train.batches import (
+    all_ranks_have,
+    collate_rows,
+    max_over_ranks,
+    normalise_loss,
+    summed_over_ranks,
+)
 from llava_platform.train.checkpoint import export_model, full_state_dict, save_projector
 from llava_platform.train.deepspeed_engine import (
     ResumeError,
@@ -111,6 +117,7 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
                          first_epoch=position.epoch, epochs=loop.epochs,
                          depth=max(2, READ_AHEAD_MICRO_BATCHES // accumulation))
     probe = None
+    varlen = spec.attn_implementation.startswith("flash")  # packed rows: flash-attention's varlen arguments
     ledger = faults.row_ledger(position.step, rank, world)  # a test facility: off unless armed
 
     checkpointed_step, first_step = position.step, position.step
@@ -124,17 +131,24 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
             waited = time.perf_counter() - waited
             if not all_ranks_have(step is not None, device):
                 break  # the epoch's rows are done (a streamed rank's first): everyone ends it together
-            batches = [collate_rows(rows, processor, settings, loop.anyres, device) for rows in step.rows]
+            batches = [collate_rows(rows, processor, settings, loop.anyres, device, varlen=varlen)
+                       for rows in step.rows]
             probe = probe or batches[0]
-            result = train_step(engine, batches, step.weights)
+            weights = normalise_loss(batches, step.weights, loop.token_mean_loss, device)
+            result = train_step(engine, batches, weights)
             position = position.after_step(step.global_units)
             ledger.record(position.step, epoch, step.trained_ids)
             faults.after_step(position.step, rank)
-            samples, tokens, loss_sum, micro_batches = summed_over_ranks(
-                [result.samples, result.tokens, result.loss * result.micro_batches, result.micro_batches], device)
+            trained = [rows for rows, weight in zip(step.rows, weights, strict=True) if weight > 0]
+            samples, tokens, loss_sum, micro_batches, forward_s = summed_over_ranks(
+                [sum(len(rows["id"]) for rows in trained), sum(int(rows["length"].sum()) for rows in trained),
+                 result.loss * result.micro_batches, result.micro_batches, result.forward_s], device)
+            slowest = max_over_ranks(result.forward_s, device)  # forward passes: each rank's own work
             step_time, step_started = time.perf_counter() - step_started, time.perf_counter()
             metrics = {
-                "loss": loss_sum / micro_batches, "grad_norm": result.grad_norm,
+                # token_mean: each loss is its tokens' share of the global sum, scaled by the slot count
+                "loss": loss_sum / (accumulation * world if loop.token_mean_loss else micro_batches),
+                "grad_norm": result.grad_norm, "straggler_ratio": slowest * world / forward_s,
                 "samples_per_s": samples / step_time, "tokens_per_s": tokens / step_time,
                 "data_wait_fraction": waited / step_time, "epoch": epoch,
                 **{f"lr/{group}": lr for group, lr in result.learning_rates.items()},
@@ -192,30 +206,6 @@ def step_source(plan: StagePlan, rank: int, world_size: int, accumulation: int) 
     if plan.loop.shards is not None:
         return ShardSteps(plan.loop, rank, world_size, accumulation)
     return StreamedSteps(plan.loop, ray.train.get_dataset_shard(f"rank{rank}"), accumulation)
-
-
-def collate_rows(rows: dict, processor, settings: ImageSettings, anyres: bool, device) -> dict[str, torch.Tensor]:
-    if settings.onevision:
-        return collate_onevision(rows["input_ids"], rows["labels"], list(rows["tiles"]), list(rows["image_sizes"]),
-                                 list(rows["frames"]), pad_token_id=processor.tokenizer.pad_token_id,
-                                 image_mean=settings.image_mean, image_std=settings.image_std, device=device)
-    return collate(rows["input_ids"], rows["labels"], list(rows["tiles"]), list(rows["image_size"]),
-                   pad_token_id=processor.tokenizer.pad_token_id, anyres=anyres, image_mean=settings.image_mean,
-                   image_std=settings.image_std, device=device)
-
-
-def all_ranks_have(flag: bool, device) -> bool:
-    """Whether every rank's flag is true (a one-integer all-reduce)."""
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def summed_over_ranks(values: list[float], device) -> list[float]:
-    """Each value summed over all ranks (one all-reduce)."""
-    summed = torch.tensor(values, device=device, dtype=torch.float64)
-    dist.all_reduce(summed)
-    return summed.tolist()
 
 
 def report_checkpoint(engine, position: TrainingPosition, plan: StagePlan, faults: Faults, metrics: dict,

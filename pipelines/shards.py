@@ -60,10 +60,10 @@ class StageShards:
     def fingerprint_of(data: DataConfig, processor_path: str) -> str:
         """A short stable hash of what shapes the rows: the stage's data settings and the processor's files.
 
-        ``preprocessed`` (where the rows are stored), ``materialize`` (how training keeps them) and
-        ``shuffle_row_groups`` (their order, ``DataPosition.order_version``) are not part of it.
+        ``preprocessed`` (where the rows are stored), ``materialize`` (how training keeps them),
+        ``shuffle_row_groups`` and ``packing`` (their order, ``DataPosition.order_version``) are not part of it.
         """
-        shaping = data.model_dump(exclude={"preprocessed", "materialize", "shuffle_row_groups"})
+        shaping = data.model_dump(exclude={"preprocessed", "materialize", "shuffle_row_groups", "packing"})
         digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
         processor = Path(processor_path)
         for name in PROCESSOR_FILES:

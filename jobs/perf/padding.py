@@ -22,8 +22,8 @@ from pathlib import Path
 
 import ray
 
-from llava_platform.data.grouping import padding_fraction, regroup
 from llava_platform.config.schema import DataConfig
+from llava_platform.data.grouping import padding_fraction, regroup
 from llava_platform.data.synthetic import write_synthetic_dataset
 from llava_platform.model.compose import compose_llava, save_llava
 from llava_platform.model.tiny import save_tiny_language_model, save_tiny_vision_tower

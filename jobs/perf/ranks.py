@@ -135,8 +135,8 @@ def rank_memory(rank: int, world_size: int, task: EngineTask,
 
     import torch
 
-    from jobs.train import deepspeed_spec
     from llava_platform.config import load_recipe
+    from llava_platform.config.build import deepspeed_spec
     from llava_platform.train.deepspeed_engine import build_deepspeed_engine, train_step
 
     torch.set_num_threads(1)

@@ -34,11 +34,12 @@ import torch
 
 from jobs import compose, preprocess, train
 from jobs.console import quiet_ray_data
-from jobs.train_worker import collate_rows
 from llava_platform import tracking
 from llava_platform.config import load_recipe
+from llava_platform.config.build import deepspeed_spec
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.synthetic import write_synthetic_dataset
+from llava_platform.train.batches import collate_rows
 from llava_platform.train.deepspeed_engine import build_deepspeed_engine, init_distributed, train_step
 from pipelines.shards import RowReader, shard_files
 
@@ -80,7 +81,7 @@ def bare_seconds_per_step(initial: Path, shards: Path, overrides: list[str], ste
     stage = recipe.stage1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     init_distributed("gloo")
-    engine, processor = build_deepspeed_engine(train.deepspeed_spec(recipe, stage, str(initial), total_steps=steps))
+    engine, processor = build_deepspeed_engine(deepspeed_spec(recipe, stage, str(initial), total_steps=steps))
     settings = ImageSettings.from_processor(processor)
     reader, micro = RowReader(shard_files(shards)[0]), stage.micro_batch_size
     micro_batches = [reader.read(range(step * micro, (step + 1) * micro)) for step in range(steps)]

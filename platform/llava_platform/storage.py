@@ -4,16 +4,19 @@ Shared by the data pipeline, training (checkpoint storage) and serving (checkpoi
 
 S3-compatible stores (MinIO, moto, Ceph) work through an endpoint override: the recipe's
 ``data.s3_endpoint_url`` or the standard ``AWS_ENDPOINT_URL`` variable. Credentials come from the
-usual AWS environment variables, never from recipes.
+usual AWS environment variables, never from recipes. pyarrow is imported where a filesystem is made:
+telling local from remote needs nothing (the GPU smoke test's Python has no pyarrow).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import pyarrow.fs as pafs
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 S3_MAX_ATTEMPTS = 10
 """Attempts per S3 request (throttling, 5xx, dropped connections), with the AWS SDK's backoff; pyarrow's
@@ -40,6 +43,8 @@ def is_remote(uri: str) -> bool:
 
 def filesystem_for(uri: str, s3_endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """The filesystem that holds ``uri`` and the path inside it (no scheme)."""
+    import pyarrow.fs as pafs
+
     if uri.startswith("s3://"):
         endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),

@@ -96,8 +96,8 @@ def main(root: Path, mode: str) -> dict:
     from ray.cluster_utils import Cluster
 
     from jobs import compose, faults, preprocess, train
-    from llava_platform.config import load_recipe
     from llava_platform import tracking
+    from llava_platform.config import load_recipe
     from llava_platform.data.synthetic import write_synthetic_dataset
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -6,31 +6,50 @@ import numpy as np
 import torch
 
 
-def micro_batch(processor, recipe, image: bool, seed: int) -> dict[str, torch.Tensor]:
-    """One row (a random image and a colour question, or a text-only sum) collated as stage 2 collates it."""
+def micro_batch(processor, recipe, image: bool, seed: int, answer: str | None = None) -> dict[str, torch.Tensor]:
+    """One row (a random image and a colour question, or a text-only sum) collated as stage 2 collates it;
+    ``answer`` replaces the gold answer (``red``, or the sum)."""
+    return packed_micro_batch(processor, recipe, [(image, seed, answer)], packed=False)
+
+
+def packed_micro_batch(processor, recipe, samples: list[tuple[bool, int, str | None]], *,
+                       packed: bool = True) -> dict[str, torch.Tensor]:
+    """``micro_batch``'s rows, ``(image, seed, answer)`` each, packed into one row as a packed stage collates
+    them (``collate.pack_tokens``), or one row each (``packed=False``)."""
     from PIL import Image
 
-    from llava_platform.data.collate import collate
+    from llava_platform.data.collate import collate, pack_tokens
     from llava_platform.data.conversation import tokenize_conversation
     from llava_platform.data.image_settings import ImageSettings
     from llava_platform.data.templates import resolve_chat_template
 
     data = recipe.stage2.data
     settings = ImageSettings.from_processor(processor)
-    if image:
-        picture = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 70, 3), dtype=np.uint8))
-        turns = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
-        tiles, size, tokens = settings.tile(picture, data.image_mode), (40, 70), [
-            settings.token_count((40, 70), data.image_mode)]
-    else:
-        turns = [{"from": "human", "value": f"What is {seed} plus {seed}?"}, {"from": "gpt", "value": str(2 * seed)}]
-        tiles, size, tokens = None, None, []
-    sample = tokenize_conversation(turns, processor.tokenizer, resolve_chat_template(data.template,
-                                                                                     processor.chat_template),
-                                   tokens_per_image=tokens, image_token="<image>", max_length=256,
-                                   truncation="drop")
-    return collate([sample.input_ids], [sample.labels], [tiles], [size], pad_token_id=processor.tokenizer.pad_token_id,
-                   anyres=data.image_mode == "anyres", image_mean=settings.image_mean, image_std=settings.image_std)
+    rows = []
+    for image, seed, answer in samples:
+        if image:
+            picture = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 70, 3), dtype=np.uint8))
+            turns = [{"from": "human", "value": "<image>\nWhat colour is the shape?"},
+                     {"from": "gpt", "value": answer or "red"}]
+            tiles, size, tokens = settings.tile(picture, data.image_mode), (40, 70), [
+                settings.token_count((40, 70), data.image_mode)]
+        else:
+            turns = [{"from": "human", "value": f"What is {seed} plus {seed}?"},
+                     {"from": "gpt", "value": answer or str(2 * seed)}]
+            tiles, size, tokens = None, None, []
+        sample = tokenize_conversation(turns, processor.tokenizer, resolve_chat_template(data.template,
+                                                                                         processor.chat_template),
+                                       tokens_per_image=tokens, image_token="<image>", max_length=256,
+                                       truncation="drop")
+        rows.append((sample, tiles, size))
+    pad = processor.tokenizer.pad_token_id
+    ids, labels = [r[0].input_ids for r in rows], [r[0].labels for r in rows]
+    batch = collate(ids, labels, [r[1] for r in rows], [r[2] for r in rows], pad_token_id=pad,
+                    anyres=data.image_mode == "anyres", image_mean=settings.image_mean, image_std=settings.image_std)
+    if packed:
+        del batch["attention_mask"]
+        batch.update(pack_tokens(ids, labels, [len(rows)], pad_token_id=pad))
+    return batch
 
 
 def onevision_micro_batch(processor, recipe, kind: str, seed: int) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from llava_platform.archs import image_modes_for, takes_video, tiles_anyres
+from llava_platform.data.packing import PackBudget, PackCost, PackingSpec
 from llava_platform.data.position import ORDER_VERSION, exact_world_sizes, micro_steps
 from llava_platform.data.rows import RowSpec
 from llava_platform.data.video import VideoLimits
@@ -153,6 +154,21 @@ class VideoConfig(Section):
                            max_frame_pixels=max_frame_pixels)
 
 
+class PackingConfig(Section):
+    """Several samples, with their images, in one training row (preprocessed stages; ``data.packing``)."""
+
+    max_tokens: PositiveInt
+    """Tokens per pack (its row length), image tokens included; at least ``model_max_length`` (a sample is
+    never split)."""
+    max_tiles: PositiveInt | None = None
+    """Tiles and video frames per pack (what the vision tower runs at once); ``None``: no limit."""
+    window: PositiveInt = 1024
+    """Rows of the epoch's order packed together (best-fit decreasing inside each window)."""
+
+    def build(self, cost: PackCost) -> PackingSpec:
+        return PackingSpec(budget=PackBudget(self.max_tokens, self.max_tiles), window=self.window, cost=cost)
+
+
 class DataConfig(Section):
     """Where a stage's samples come from and how they become tokens and tiles."""
 
@@ -178,6 +194,10 @@ class DataConfig(Section):
     """``llava_onevision``: frame sampling and limits for records with a ``video``."""
     group_by_modality_length: bool = True
     """Batch samples of similar length and the same modality together to cut padding."""
+    packing: PackingConfig | None = None
+    """Pack several samples into each training row (``llava_platform.data.packing``): no padding but a
+    pack's end. The global and micro batch then count packs. Preprocessed stages only; replaces
+    ``group_by_modality_length`` (set it false)."""
     preprocessed: str | None = None
     """A folder written by ``jobs.preprocess`` for these settings: training reads its rows by id from the
     Parquet shards, in one global order per epoch (``data.position``), instead of preprocessing on the
@@ -194,8 +214,10 @@ class DataConfig(Section):
     the cores. (Preprocessed stages read their rows by id from the shards.)"""
 
     def order_version(self) -> str:
-        """The epoch-order rule of a preprocessed stage, its shuffle window included (``DataPosition``)."""
-        return f"{ORDER_VERSION}/window{self.shuffle_row_groups}"
+        """The epoch-order rule of a preprocessed stage, its shuffle window and packing included (``DataPosition``)."""
+        packing = self.packing
+        packs = f"/packs{packing.max_tokens}x{packing.max_tiles}w{packing.window}" if packing else ""
+        return f"{ORDER_VERSION}/window{self.shuffle_row_groups}{packs}"
 
     def row_spec(self) -> RowSpec:
         """The settings that shape a training row, for the pipeline and the row builder."""
@@ -253,6 +275,11 @@ class StageConfig(Section):
     """Samples per optimizer step across all workers."""
     micro_batch_size: PositiveInt
     """Samples per forward pass on one worker."""
+    loss: Literal["token_mean", "micro_batch_mean"] = "token_mean"
+    """``token_mean``: the cross-entropy summed over every supervised token of the global batch (all ranks,
+    all micro-steps), divided by their count (transformers' ``num_items_in_batch``): each token weighs
+    the same. ``micro_batch_mean``: each micro-batch's own mean, averaged (LLaVA's original trainer, where
+    a micro-batch of short answers weighs as much as one of long descriptions; for parity runs)."""
     pad_micro_batches: bool = False
     """Allow a global batch that does not split into whole micro-batches on every worker count the run may
     have (``scaling.min_workers`` .. ``num_workers``): the last micro-steps of each step then run filler
@@ -576,6 +603,17 @@ def _batch_problems(name: str, stage: StageConfig, scaling: ScalingConfig) -> li
                      "preprocessed shards, so that every row trains once per epoch on any worker count; write them "
                      f"with `python -m jobs.preprocess --stage {name[-1]}` (jobs.pipeline does) and set "
                      f"{name}.data.preprocessed, or remove scaling.min_workers")
+    packing = stage.data.packing
+    if packing is not None:
+        if stage.data.preprocessed is None:
+            found.append(f"{name}.data.packing: packs are planned from the exact lengths of preprocessed rows; "
+                         f"set {name}.data.preprocessed (jobs.preprocess writes it)")
+        if stage.data.group_by_modality_length:
+            found.append(f"{name}.data.group_by_modality_length: packing fills rows with samples of any modality and "
+                         "length; set it false")
+        if packing.max_tokens < stage.data.model_max_length:
+            found.append(f"{name}.data.packing.max_tokens: {packing.max_tokens} is below {name}.data.model_max_length "
+                         f"{stage.data.model_max_length}: the longest samples would fit no pack")
     if stage.data.materialize and stage.data.preprocessed is not None:
         found.append(f"{name}.data.materialize: preprocessed stages read their rows by id from the shards; "
                      "remove materialize (it keeps a streamed stage's rows in the object store)")

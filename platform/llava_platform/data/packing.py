@@ -137,21 +137,28 @@ def balance(costs: Sequence[float], *, world_size: int, slots: int) -> list[list
 
 
 @dataclass(frozen=True)
-class Packing:
-    """How a stage's rows become packs: the budget, the window, each row's tokens and tiles, and the cost model."""
+class PackingSpec:
+    """How a stage packs (``config.schema.PackingConfig.build``): what a pack may hold, the window, the cost model."""
 
     budget: PackBudget
     window: int
     """Rows packed together (``plan_packs``)."""
+    cost: PackCost
+
+
+@dataclass(frozen=True)
+class Packing:
+    """A stage's packing over its rows: the spec and each row's tokens and tiles."""
+
+    spec: PackingSpec
     tokens: np.ndarray = field(compare=False, repr=False)
     """Per row id: tokens, image tokens included (the shards' ``length``)."""
     tiles: np.ndarray = field(compare=False, repr=False)
-    """Per row id: tiles and video frames."""
-    cost: PackCost = PackCost(per_token=1.0, per_token_pair=0.0, per_tile=0.0)
+    """Per row id: tiles and video frames (the shards' ``num_tiles``)."""
 
     def packs(self, order: np.ndarray, *, seed: Sequence[int]) -> list[np.ndarray]:
         """An epoch's packs over ``order`` (``plan_packs``)."""
-        return plan_packs(order, self.tokens, self.tiles, self.budget, window=self.window, seed=seed)
+        return plan_packs(order, self.tokens, self.tiles, self.spec.budget, window=self.spec.window, seed=seed)
 
     def cost_of(self, pack: np.ndarray) -> float:
-        return self.cost(self.tokens[pack], int(self.tiles[pack].sum()))
+        return self.spec.cost(self.tokens[pack], int(self.tiles[pack].sum()))

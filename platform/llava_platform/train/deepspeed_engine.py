@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from llava_platform.archs import tiles_anyres
+from llava_platform.data.conversation import IGNORE_INDEX
 from llava_platform.model.compose import load_pretrained_llava, load_processor
 from llava_platform.model.trainability import apply_lora, parameter_groups, set_trainable
 from llava_platform.train.checkpoint import load_projector, projector_file
@@ -41,15 +42,14 @@ class StepResult:
     """Mean loss over the step's real micro-batches on this rank (0 when it ran padding only)."""
     micro_batches: int
     """Real (non-zero-weight) micro-batches this rank ran."""
-    samples: int
-    """Rows of the real micro-batches."""
-    tokens: int
-    """Their non-padding tokens, image tokens included."""
     grad_norm: float | None
     learning_rates: dict[str, float]
     """Learning rate per parameter group name (``projector``, ``language_model/no_decay``, ...)."""
     compute_s: float
-    """Seconds of forward + backward + optimizer step."""
+    """Seconds of forward + backward + optimizer step (waits for other ranks in collectives included)."""
+    forward_s: float
+    """Seconds of the forward passes alone: this rank's share of the work (no ZeRO-2 collective runs in a
+    forward, so a rank waiting for a slower one does not count; the straggler ratio compares it over ranks)."""
 
 
 def init_distributed(backend: str) -> None:
@@ -146,11 +146,11 @@ def forward(engine, batch: dict[str, torch.Tensor]):
     """
     onevision = engine.module.config.model_type == "llava_onevision"
     if "pixel_values" in batch and not onevision:
-        return engine(**batch)
+        return engine(**batch, use_cache=False)
     hook = _embed_onevision if onevision else _embed_with_blank_image
     handle = _multimodal_model(engine.module).register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        return engine(**batch)
+        return engine(**batch, use_cache=False)  # a cache would also turn off packed rows' attention masking
     finally:
         handle.remove()
 
@@ -219,6 +219,11 @@ def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, k
     return embeds.masked_scatter(mask[..., None].expand_as(embeds), features.to(embeds.device, embeds.dtype))
 
 
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss counts in a collated micro-batch: labels other than -100 after the causal shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]],
                weights: Sequence[float] | None = None) -> StepResult:
     """One optimizer step: forward and backward over ``micro_batches`` (the accumulation), then step.
@@ -230,21 +235,22 @@ def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]],
     """
     started = time.perf_counter()
     weights = [1.0] * len(micro_batches) if weights is None else list(weights)
-    losses, samples, tokens = [], 0, 0
+    losses, forward_s = [], 0.0
     for batch, weight in zip(micro_batches, weights, strict=True):
+        began = time.perf_counter()
         loss = forward(engine, batch).loss
+        forward_s += time.perf_counter() - began
         engine.backward(loss * weight)  # x * 1.0 == x exactly: unweighted steps are unchanged
         engine.step()
         if weight > 0:
             losses.append(loss.item())
-            samples += int(batch["input_ids"].shape[0])
-            tokens += int(batch["attention_mask"].sum())
     norm = engine.get_global_grad_norm()
     names = [group.get("name", str(i)) for i, group in enumerate(engine.optimizer.param_groups)]
     return StepResult(
-        loss=sum(losses) / len(losses) if losses else 0.0, micro_batches=len(losses), samples=samples,
-        tokens=tokens, grad_norm=float(norm) if norm is not None else None,
+        loss=sum(losses) / len(losses) if losses else 0.0, micro_batches=len(losses),
+        grad_norm=float(norm) if norm is not None else None,
         learning_rates=dict(zip(names, engine.get_lr(), strict=True)), compute_s=time.perf_counter() - started,
+        forward_s=forward_s,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from llava_platform.data.packing import PackingSpec
 from llava_platform.data.position import DataPosition, micro_steps
 
 
@@ -83,6 +84,8 @@ class ShardRows:
     """Rows per row group over ``files`` (``ShardLayout``)."""
     window_blocks: int
     """Row groups shuffled together (``RowOrder.window_blocks``); each worker caches as many."""
+    packing: PackingSpec | None = None
+    """Pack rows (``data.packing``): the global and micro batch then count packs."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class LoopSpec:
     global_batch_size: int
     """Rows per optimizer step, over all workers (at every worker count)."""
     group_by_modality_length: bool
+    token_mean_loss: bool
+    """Weigh every supervised token of a global batch the same (``loss: token_mean``), else every micro-batch."""
     seed: int
     """The recipe seed: the epoch orders (rows by id) or the regrouping of each epoch (``seed + e``, streamed)."""
     anyres: bool

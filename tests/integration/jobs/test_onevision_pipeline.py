@@ -52,6 +52,15 @@ def test_the_evaluation_scores_each_kind_of_input(onevision_run, mlflow_server):
     assert metrics["eval/count/video"] == 3 and "eval/accuracy/multi_image" in metrics
 
 
+def test_stage_two_trained_on_packed_rows(onevision_run, mlflow_server):
+    """Stage 2 packs several samples (of any kind) per row: its params say so and its steps were balanced."""
+    result, _ = onevision_run
+    run = tracking.client_for(mlflow_server).get_run(result.runs["stage2"])
+    assert run.data.params["data.packing.max_tokens"] == "1024" and run.data.params["loss"] == "token_mean"
+    history = tracking.client_for(mlflow_server).get_metric_history(result.runs["stage2"], "straggler_ratio")
+    assert sorted(m.step for m in history) == [1, 2] and all(m.value == 1.0 for m in history)  # one worker
+
+
 PLAIN_TRANSFORMERS = """
 import json, sys
 import numpy as np

@@ -42,7 +42,8 @@ def train(rank: int, world: int, overrides: list[str], model: str, steps: range,
     (``save``), or first resume from ``resume``. Returns the global loss per step and the engine's step."""
     import torch.distributed as dist
 
-    from jobs.train import deepspeed_spec
+    from llava_platform.config.build import deepspeed_spec
+    from llava_platform.data.position import DataPosition
     from llava_platform.train.deepspeed_engine import (
         build_deepspeed_engine,
         load_training_state,
@@ -50,7 +51,6 @@ def train(rank: int, world: int, overrides: list[str], model: str, steps: range,
         saved_world_size,
         train_step,
     )
-    from llava_platform.data.position import DataPosition
     from llava_platform.train.plan import TrainingPosition
 
     torch.set_num_threads(1)

@@ -21,7 +21,7 @@ from jobs import compose
 from jobs.perf.ranks import spawn_ranks
 from llava_platform.config import load_recipe
 from tests.helpers.recipes import NEXT_MODEL
-from tests.helpers.rows import micro_batch, onevision_micro_batch
+from tests.helpers.rows import micro_batch, onevision_micro_batch, packed_micro_batch
 
 RECIPE = "tiny_cpu_demo"
 STAGE = ["stage2.global_batch_size=2", "stage2.micro_batch_size=1", "stage2.optim.lr=0.01",
@@ -34,8 +34,9 @@ HANG_AFTER_S = 120
 def train_schedule(rank: int, world_size: int, overrides: list[str], model: str, schedule: str,
                    recipe_name: str = RECIPE) -> list[tuple]:
     """Rank function: one optimizer step per schedule entry (``I``: an image row on that rank, ``T``: text;
-    OneVision also ``M``: two images, ``V``: a video)."""
-    from jobs.train import deepspeed_spec
+    ``P``: a packed row of two image samples, ``Q``: a packed row of two text samples; OneVision also ``M``:
+    two images, ``V``: a video)."""
+    from llava_platform.config.build import deepspeed_spec
     from llava_platform.train.deepspeed_engine import build_deepspeed_engine, train_step
 
     faulthandler.dump_traceback_later(HANG_AFTER_S, exit=True)  # a hang fails the test with every stack
@@ -47,8 +48,12 @@ def train_schedule(rank: int, world_size: int, overrides: list[str], model: str,
     steps = []
     for step, kinds in enumerate(schedule.split(",")):
         kind, seed = kinds[rank], 2 * step + rank
-        batch = onevision_micro_batch(processor, recipe, kind, seed) if recipe.model.arch == "llava_onevision" \
-            else micro_batch(processor, recipe, kind == "I", seed)
+        if recipe.model.arch == "llava_onevision":
+            batch = onevision_micro_batch(processor, recipe, kind, seed)
+        elif kind in "PQ":
+            batch = packed_micro_batch(processor, recipe, [(kind == "P", seed, None), (kind == "P", seed + 50, None)])
+        else:
+            batch = micro_batch(processor, recipe, kind == "I", seed)
         result = train_step(engine, [batch])
         steps.append((kinds[rank], result.loss, coordinator.is_complete_trace()))
     faulthandler.cancel_dump_traceback_later()
@@ -57,6 +62,7 @@ def train_schedule(rank: int, world_size: int, overrides: list[str], model: str,
 
 @pytest.mark.parametrize(("arch", "schedule"), [
     ("llava", "II,IT,TI"),
+    ("llava", "PP,PQ,QP"),  # packed rows; a rank whose pack is text only still runs the blank image
     pytest.param("llava_next", "IT,TI", marks=pytest.mark.chaos),  # make test: the OneVision schedules below
 ])
 def test_ranks_with_and_without_images_stay_in_step_under_zero3(arch, schedule, tmp_path):

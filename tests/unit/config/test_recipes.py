@@ -168,7 +168,8 @@ def test_cross_field_rules():
         )
     text = str(err.value)
     assert "stage1.tunable: stage 1 aligns the projector only" in text
-    assert "stage2.global_batch_size: 100 is not a whole number of micro-batches of 16 (stage2.micro_batch_size)" in text
+    assert ("stage2.global_batch_size: 100 is not a whole number of micro-batches of 16 (stage2.micro_batch_size)"
+            in text)
     assert "stage2.data.image_mode: 'anyres' does not fit model.arch 'llava'; allowed: square, pad" in text
     assert "stage2.optim.vision_tower_lr: set, but vision_tower is not in stage2.tunable" in text
     assert "stage1.deepspeed.precision: bf16 needs GPUs (scaling.use_gpu: true); use fp32 on CPU" in text

@@ -5,7 +5,8 @@ The resize test trains a float64 linear model in canonical order: every slot's w
 (weight x gradient, as ``train_step`` weights the loss), gathered in rank order, summed in that order and
 divided by the slot count (DeepSpeed's accumulation and data-parallel average); a checkpoint keeps the weights
 and the ``DataPosition``. Gathered in rank order is the canonical order only if every rank's part is its
-contiguous piece of the same global batch, so bitwise-equal weights prove the rows and their order. Run A trains two epochs on 4 workers; run B is killed after a checkpoint, resumes on 3, is
+contiguous piece of the same global batch, so bitwise-equal weights prove the rows and their order.
+Run A trains two epochs on 4 workers; run B is killed after a checkpoint, resumes on 3, is
 killed again and resumes on 2. ``old_share_scheme`` replays what ``jobs.train_worker`` did before (a smaller
 group's rank ``r`` read the full group's shares ``r, r + world, ...`` side by side, the epoch ending when a
 rank ran out, the resume skipping ``steps x accumulation`` of its own micro-batches): the same checks find

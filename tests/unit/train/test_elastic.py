@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from jobs.train import deepspeed_spec
 from llava_platform.config import RecipeError, load_recipe
+from llava_platform.config.build import deepspeed_spec
 
 ELASTIC_72B = ["scaling.min_workers=48", "stage2.data.preprocessed=/mnt/shards/stage2",
                "stage1.data.preprocessed=/mnt/shards/stage1"]
