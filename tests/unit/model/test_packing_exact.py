@@ -129,3 +129,34 @@ def test_an_all_ones_mask_lets_packed_samples_see_each_other(model_and_rows):
     leaked, _ = packed(model, arch, processor, rows, all_ones_mask=True)
     later = [(a - b).abs().max() for a, b in zip(alone[1:], leaked[1:], strict=True)]
     assert max(later) > 1e-6, f"{arch}: the mask made no difference ({later})"
+
+
+def test_packing_is_exact_through_lora_adapters(towers):
+    """LoRA wraps the language model in peft; the packed row's position ids must still reach attention (the
+    adapters' B matrices are made non-zero so their gradients, and the A matrices', are not trivially 0)."""
+    from llava_platform.model.trainability import apply_lora
+
+    model, processor = compose(towers, "llava")
+    model = apply_lora(model.double().eval(), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.1)
+    builder = RowBuilder.from_processor(processor, row_spec(template="vicuna_v1", image_mode="pad", max_length=4096))
+    rows = []
+    for seed, kind in enumerate(["wide", "text", "square"]):
+        question, sizes, _ = QUESTIONS[kind]
+        record = {"id": kind, "conversations": [{"from": "human", "value": question},
+                                                {"from": "gpt", "value": f"Answer {seed}, red."}]}
+        rows.append(builder.build(record, [png(random_picture(h, w, seed)) for h, w in sizes], None))
+    alone, alone_grads = one_by_one(model, "llava", processor, rows)
+    together, together_grads = packed(model, "llava", processor, rows)
+    for a, b in zip(alone, together, strict=True):
+        assert (a - b).abs().max() < TOLERANCE
+    lora = {n: g for n, g in alone_grads.items() if "lora_" in n}
+    assert lora and all(g.abs().max() > 0 for g in lora.values())
+    for name, grad in alone_grads.items():
+        assert (grad - together_grads[name]).abs().max() < TOLERANCE * max(1.0, grad.abs().max()), name
+    leaked, _ = packed(model, "llava", processor, rows, all_ones_mask=True)
+    assert max((a - b).abs().max() for a, b in zip(alone[1:], leaked[1:], strict=True)) > 1e-6
