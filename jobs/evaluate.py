@@ -21,10 +21,12 @@ scores as ``eval/*`` metrics and the files as artifacts into an MLflow run: the 
 model for ``models:/`` and ``runs:/`` URIs, else ``--run-id``, else a new run in ``--experiment``.
 
 ``--benchmark NAME --annotations PATH`` (repeatable) reads benchmarks of the LLaVA-1.5 table from their
-published files (``llava_platform.benchmarks``; every file is checked before any model loads), answers
+published files (``llava_platform.benchmarks``; every file is checked before any model loads; with
+``--question-file NAME=PATH``, only the records of LLaVA's question file, with its prompts), answers
 all their questions in one Ray Data pass with LLaVA-1.5's prompts and token caps, greedily, and scores
 each with ``jobs.score``'s code: ``<output>/<benchmark>/answers.jsonl`` (LLaVA's answer format, so
-``jobs.score`` reproduces the scores), ``scores.json``, ``eval/<benchmark>/<metric>`` in MLflow, and
+``jobs.score`` reproduces the scores), ``llava_answers.jsonl`` (the same keyed by LLaVA's question files, for
+LLaVA's own conversion scripts), ``scores.json``, ``eval/<benchmark>/<metric>`` in MLflow, and
 ``benchmarks.md``, the comparison with LLaVA-1.5-7B's published figures.
 """
 
@@ -42,9 +44,17 @@ import ray
 from pydantic import ValidationError
 
 from jobs.console import PreflightError, job_log, start_ray
-from jobs.score import add_judge_arguments, judge_from_args, judge_problems, score_and_write
+from jobs.score import add_judge_arguments, judge_from_args, judge_problems, read_question_file, score_and_write
 from llava_platform import tracking
-from llava_platform.benchmarks import BENCHMARKS, BenchmarkFormatError, ScoreReport, comparison_table, load_benchmark
+from llava_platform.benchmarks import (
+    BENCHMARKS,
+    BenchmarkFormatError,
+    ScoreReport,
+    comparison_table,
+    llava_answer_lines,
+    load_benchmark,
+    with_llava_questions,
+)
 from llava_platform.benchmarks.judge import EndpointJudge
 from llava_platform.config.schema import InferenceConfig, VllmConfig
 from llava_platform.evaluation import summarize
@@ -74,6 +84,9 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
                         help="the benchmark's published folder or file (local or s3://), one per --benchmark")
     parser.add_argument("--images", action="append", default=[], metavar="NAME=PATH",
                         help="a benchmark's image folder, where it is not the usual subfolder of its annotations")
+    parser.add_argument("--question-file", action="append", default=[], metavar="NAME=PATH",
+                        help="ask a benchmark's questions as LLaVA's question file does (its records and prompts, "
+                        "e.g. pope=llava_pope_test.jsonl)")
     parser.add_argument("--image-root", help="folder or s3:// prefix of the records' relative image paths")
     parser.add_argument("--output", type=Path, default=Path("outputs/evaluation"), help="where result files go")
     add_inference_arguments(parser)
@@ -87,7 +100,8 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
         inference = inference_from_args(args)
         if args.benchmark:
             return run_benchmarks(
-                model=args.model, benchmarks=benchmark_specs(args.benchmark, args.annotations, args.images),
+                model=args.model, benchmarks=benchmark_specs(args.benchmark, args.annotations, args.images,
+                                                             args.question_file),
                 output=args.output, tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri),
                 judge=judge_from_args(args), inference=inference, max_new_tokens=args.max_new_tokens,
                 run_id=args.run_id, experiment=args.experiment, s3_endpoint_url=args.s3_endpoint_url)
@@ -102,7 +116,7 @@ def main(argv: list[str] | None = None) -> EvaluationResult:
 
 INFERENCE_FLAGS = {"replicas": "num_replicas", "batch_size": "batch_size", "cpus_per_replica": "cpus_per_replica",
                    "gpus_per_replica": "gpus_per_replica", "video_frames": "video_frames",
-                   "max_image_pixels": "max_image_pixels", "engine": "engine"}
+                   "max_image_pixels": "max_image_pixels", "engine": "engine", "dtype": "dtype"}
 """``jobs.evaluate``'s flags (argparse dest) of ``InferenceConfig``'s settings: each flag's default and help are
 the setting's (``--max-new-tokens`` and ``--vllm`` below)."""
 
@@ -219,29 +233,36 @@ def model_problems(model: str, tracking_uri: str) -> list[str]:
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """One ``--benchmark`` with its ``--annotations`` (and ``--images``, if given)."""
+    """One ``--benchmark`` with its ``--annotations`` (and ``--images``, ``--question-file``, if given)."""
 
     name: str
     annotations: str
     images: str | None = None
+    question_file: str | None = None
+    """LLaVA's question file for it: its records and prompts are asked (``with_llava_questions``)."""
 
 
-def benchmark_specs(names: list[str], annotations: list[str], images: list[str]) -> list[BenchmarkSpec]:
-    """Pair each ``--benchmark`` with its ``--annotations`` (in order) and ``--images NAME=PATH``.
+def benchmark_specs(names: list[str], annotations: list[str], images: list[str],
+                    question_files: list[str] = ()) -> list[BenchmarkSpec]:
+    """Pair each ``--benchmark`` with its ``--annotations`` (in order), ``--images NAME=PATH`` and
+    ``--question-file NAME=PATH``.
 
     Raises:
-        PreflightError: counts that do not pair up, an ``--images`` not of the form NAME=PATH.
+        PreflightError: counts that do not pair up, an ``--images``/``--question-file`` not NAME=PATH.
     """
     problems = []
     if len(annotations) != len(names):
         problems.append(f"--annotations: give one per --benchmark, in the same order "
                         f"({len(names)} benchmarks, {len(annotations)} annotations)")
-    folders = dict(item.split("=", 1) for item in images if "=" in item)
-    problems += [f"--images: {item!r} is not NAME=PATH" for item in images if "=" not in item]
-    problems += [f"--images: {name} is not one of the --benchmark names" for name in folders if name not in names]
+    named = {}
+    for flag, items in (("--images", images), ("--question-file", question_files)):
+        named[flag] = dict(item.split("=", 1) for item in items if "=" in item)
+        problems += [f"{flag}: {item!r} is not NAME=PATH" for item in items if "=" not in item]
+        problems += [f"{flag}: {name} is not one of the --benchmark names" for name in named[flag] if name not in names]
     if problems:
         raise PreflightError("evaluate", problems)
-    return [BenchmarkSpec(name, path, folders.get(name)) for name, path in zip(names, annotations, strict=True)]
+    return [BenchmarkSpec(name, path, named["--images"].get(name), named["--question-file"].get(name))
+            for name, path in zip(names, annotations, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -276,6 +297,9 @@ def run_benchmarks(*, model: str, benchmarks: list[BenchmarkSpec], output: Path,
     for spec in benchmarks:
         try:
             loaded[spec.name] = load_benchmark(spec.name, spec.annotations, spec.images, s3_endpoint_url)
+            if spec.question_file:
+                records = read_question_file(spec.question_file, s3_endpoint_url).values()
+                loaded[spec.name] = with_llava_questions(spec.name, loaded[spec.name], records)
         except BenchmarkFormatError as error:
             problems.append(f"--annotations: {error}")
     if problems:
@@ -305,6 +329,9 @@ def run_benchmarks(*, model: str, benchmarks: list[BenchmarkSpec], output: Path,
         files[name] = folder / "answers.jsonl"
         files[name].write_text("".join(json.dumps(a) + "\n" for a in sorted(by_benchmark[name],
                                                                               key=lambda a: a["question_id"])))
+        (folder / "llava_answers.jsonl").write_text("".join(  # LLaVA's ids: its conversion scripts read these
+            json.dumps(line, ensure_ascii=False) + "\n" for line in llava_answer_lines(benchmark, by_benchmark[name],
+                                                                                       model)))
         scored = score_and_write(name, benchmark, by_benchmark[name], judge, folder)
         reports.append(scored)
         metrics |= {f"{METRIC_PREFIX}/{name}/{metric}": value for metric, value in scored.metrics.items()}

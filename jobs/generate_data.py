@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> GenerateResult:
     parser.add_argument("--tokens-per-minute", type=float, help="the endpoint's token rate limit")
     parser.add_argument("--max-total-tokens", type=int, help="hard cap on this run's tokens (prompt + completion)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="per response; reaching it is 'truncated'")
+    parser.add_argument("--tokenizer", help="the teacher's tokenizer (Hugging Face name or folder, read locally): "
+                        "exact prompt counts for --max-total-tokens; without it, an upper bound from the bytes")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-retries", type=int, default=6, help="per request: 429, 5xx, timeouts, malformed")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> GenerateResult:
         url=args.endpoint, model=args.model, concurrency=args.concurrency,
         requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
         max_tokens=args.max_tokens, temperature=args.temperature, max_retries=args.max_retries,
-        timeout_s=args.timeout)
+        timeout_s=args.timeout, tokenizer=args.tokenizer)
     try:
         return run(captions=args.captions, instances=args.instances, annotations=args.annotations, kinds=kinds,
                    client=settings, output=args.output, prompts=args.prompts, limit=args.limit,
@@ -191,6 +193,7 @@ class Stats:
         self.total, self.prices, self.started, self.printed = total, prices, time.monotonic(), 0.0
         self.first_at: float | None = None  # the rate counts from the first response (not Ray's start)
         self.finished = self.requests = self.retries = self.prompt_tokens = self.completion_tokens = 0
+        self.tokens_charged = self.unreported_tries = 0
         self.status: dict[str, int] = {}
         self.failures: dict[str, int] = {}
         """The endpoint's last error per failed response, counted (the first 100 characters)."""
@@ -206,6 +209,8 @@ class Stats:
         self.retries += outcome["retries"]
         self.prompt_tokens += outcome["prompt_tokens"]
         self.completion_tokens += outcome["completion_tokens"]
+        self.tokens_charged += outcome["tokens_charged"]
+        self.unreported_tries += outcome["unreported_tries"]
 
     def cost(self) -> float:
         return (self.prompt_tokens * self.prices[0] + self.completion_tokens * self.prices[1]) / 1e6
@@ -219,14 +224,15 @@ class Stats:
         pace = f"{rate:.1f}/s, ETA {(self.total - self.finished) / rate:.0f} s" if rate else "first response"
         log(f"{self.finished}/{self.total} ({pace}): ok {self.status.get('ok', 0)}, "
             f"quarantined {self.status.get('quarantined', 0)}, failed {self.status.get('failed', 0)}, "
-            f"not sent {self.status.get('skipped', 0)}; {self.prompt_tokens + self.completion_tokens} tokens, "
-            f"~${self.cost():.2f}")
+            f"not sent {self.status.get('skipped', 0)}; {self.prompt_tokens + self.completion_tokens} tokens "
+            f"reported ({self.tokens_charged} charged to the cap), ~${self.cost():.2f}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"responses": self.finished, "ok": self.status.get("ok", 0),
                 "quarantined": self.status.get("quarantined", 0), "failed": self.status.get("failed", 0),
                 "not_sent_budget": self.status.get("skipped", 0), "requests": self.requests, "retries": self.retries,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "tokens_charged": self.tokens_charged, "unreported_tries": self.unreported_tries,
                 "estimated_cost": round(self.cost(), 6), "seconds": round(time.monotonic() - self.started, 3),
                 "failure_reasons": self.failures}
 

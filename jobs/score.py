@@ -5,8 +5,12 @@
         --judge-url https://api.openai.com/v1 --judge-model gpt-4o-2024-08-06     # key: $OPENAI_API_KEY
 
 ``--predictions`` is LLaVA's answer format: one JSON object per line with ``question_id`` and ``text``
-(other keys are ignored). Every question is scored (one without an answer as an empty reply); answers
-that name no question, repeated ids and unreadable lines are counted and reported. Prints the comparison
+(``prompt``, ``round_id`` read where LLaVA's ids need them), keyed by our question ids or by LLaVA's
+question files (``llava_pope_test.jsonl``, ``llava_mme.jsonl``, ...; ``--question-file`` gives the file
+where an id alone does not say the question: VizWiz, or to check). Every question is scored (one without an
+answer as an empty reply); repeated ids, unreadable lines and answers to questions the headline leaves out
+are counted and reported; more than 1 % of answers that name no question fail the command (exit 2), naming
+the ids expected and those seen. Prints the comparison
 with LLaVA-1.5-7B, then the metrics as one JSON object on the last line; writes ``scores.json`` (and the
 evaluation server's submission file for a test split) to ``--output``.
 """
@@ -21,9 +25,11 @@ from pathlib import Path
 from jobs.console import job_log
 from llava_platform.benchmarks import (
     BENCHMARKS,
+    UNMATCHED_LIMIT,
     BenchmarkFormatError,
     Loaded,
     ScoreReport,
+    UnmatchedAnswers,
     comparison_table,
     load_benchmark,
     score_answers,
@@ -66,6 +72,10 @@ def main(argv: list[str] | None = None) -> ScoreReport:
     parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS))
     parser.add_argument("--annotations", required=True, help="the benchmark's published folder (or file), or s3://")
     parser.add_argument("--predictions", required=True, help="answers JSONL: {question_id, text} per line")
+    parser.add_argument("--question-file", help="LLaVA's question file the answers were made from (JSONL with "
+                        "question_id, or ScienceQA's llava_test_CQM-A.json); optional")
+    parser.add_argument("--max-unmatched", type=float, default=UNMATCHED_LIMIT,
+                        help="the share of answers that may name no question before the file is refused")
     parser.add_argument("--images", help="image folder, if not the benchmark's usual subfolder (only MMBench "
                         "embeds its images; the others' image paths are checked by jobs.evaluate, not here)")
     parser.add_argument("--output", type=Path, help="where scores.json / the submission file go "
@@ -81,19 +91,44 @@ def main(argv: list[str] | None = None) -> ScoreReport:
         problems.append(f"--annotations: {error}")
     if problems:
         parser.exit(2, "jobs.score cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+    try:
+        questions = read_question_file(args.question_file, args.s3_endpoint_url) if args.question_file else None
+    except BenchmarkFormatError as error:
+        parser.exit(2, f"jobs.score: --question-file: {error}\n")
     answers, malformed = read_answers(args.predictions, args.s3_endpoint_url)
     output = args.output or (Path(args.predictions).parent if "://" not in args.predictions else Path("."))
-    report = score_and_write(args.benchmark, loaded, answers, judge, output, malformed=malformed)
+    try:
+        report = score_and_write(args.benchmark, loaded, answers, judge, output, malformed=malformed,
+                                 question_file=questions, unmatched_limit=args.max_unmatched)
+    except UnmatchedAnswers as error:
+        parser.exit(2, f"jobs.score: --predictions: {error}\n")
     print(comparison_table([report]), flush=True)
     print(json.dumps(report.metrics, sort_keys=True), flush=True)
     return report
 
 
-def read_answers(path: str, s3_endpoint_url: str | None = None) -> tuple[list[dict], int]:
-    """The answers of a LLaVA answer file, and the number of lines that are not ``{question_id, text}`` JSON."""
+def _read_text(path: str, s3_endpoint_url: str | None) -> str:
     filesystem, inner = filesystem_for(path, s3_endpoint_url)
     with filesystem.open_input_stream(inner) as stream:
-        lines = stream.readall().decode("utf-8", "replace").splitlines()
+        return stream.readall().decode("utf-8", "replace")
+
+
+def read_question_file(path: str, s3_endpoint_url: str | None = None) -> dict[str, dict]:
+    """LLaVA's question records by id: JSONL with ``question_id`` (``llava_pope_test.jsonl``, ...) or a JSON
+    array with ``id`` (``llava_test_CQM-A.json``)."""
+    text = _read_text(path, s3_endpoint_url)
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+        return {str(r.get("question_id", r.get("id"))): r for r in records if isinstance(r, dict)}
+    except json.JSONDecodeError as error:
+        raise BenchmarkFormatError("question file", path, f"JSONL or a JSON array of LLaVA's question records "
+                                   f"(not JSON: {error})") from error
+
+
+def read_answers(path: str, s3_endpoint_url: str | None = None) -> tuple[list[dict], int]:
+    """The answers of a LLaVA answer file, and the number of lines that are not ``{question_id, text}`` JSON."""
+    lines = _read_text(path, s3_endpoint_url).splitlines()
     answers, malformed = [], 0
     for line in filter(str.strip, lines):
         try:
@@ -109,10 +144,11 @@ def read_answers(path: str, s3_endpoint_url: str | None = None) -> tuple[list[di
 
 
 def score_and_write(name: str, loaded: Loaded, answers: list[dict], judge: EndpointJudge | None, output: Path,
-                    malformed: int = 0) -> ScoreReport:
+                    malformed: int = 0, question_file: dict[str, dict] | None = None,
+                    unmatched_limit: float = UNMATCHED_LIMIT) -> ScoreReport:
     """Score (``llava_platform.benchmarks.score_answers``), then write ``scores.json`` and, for a test split,
     the submission file to ``output``; what was unmatched or missing is logged with examples."""
-    report = score_answers(name, loaded, answers, judge)
+    report = score_answers(name, loaded, answers, judge, question_file=question_file, unmatched_limit=unmatched_limit)
     report.metrics["answers/malformed"] = float(malformed)
     output.mkdir(parents=True, exist_ok=True)
     if loaded.submission is not None:

@@ -102,8 +102,7 @@ def open_replica_engine(model: str, cache_dir: str, tracking_uri: str | None, s3
     share = engine_kinds()[plan.engine].resources(plan.cpus_per_replica, plan.gpus_per_replica)
     vllm = replace(plan.vllm, num_cpus=share.engine_cpus, num_gpus=share.engine_gpus)
     device = "cuda" if share.caller_gpus > 0 else "cpu"
-    # transformers scores in float32 as it always has (vLLM runs vllm.dtype)
-    return open_engine(plan.engine, checkpoint, model_name="evaluate", device=device, dtype="float32", vllm=vllm)
+    return open_engine(plan.engine, checkpoint, model_name="evaluate", device=device, dtype=plan.dtype, vllm=vllm)
 
 
 ANSWER_SCHEMA = pa.schema([

@@ -45,6 +45,8 @@ OUTCOME_SCHEMA = pa.schema([
     ("reason", pa.string()),
     ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()),
+    ("tokens_charged", pa.int64()),  # charged to the cap: the reported usage + unreported tries' worst cases
+    ("unreported_tries", pa.int64()),
     ("requests", pa.int64()),
     ("retries", pa.int64()),
 ])
@@ -179,13 +181,14 @@ class Generator:
     async def _unit(self, client: ChatClient, unit: dict[str, Any]) -> dict[str, Any]:
         key = unit_key(unit["id"], unit["kind"])
         row = {"key": key, "kind": unit["kind"], "status": "done", "reason": "", "prompt_tokens": 0,
-               "completion_tokens": 0, "requests": 0, "retries": 0}
+               "completion_tokens": 0, "tokens_charged": 0, "unreported_tries": 0, "requests": 0, "retries": 0}
         if key in self.done:
             return row
         image = ImageContext(unit["id"], unit["image"], tuple(unit["captions"]),
                              tuple(Box(**box) for box in unit["boxes"]))
         outcome = await client.complete(self.plan.prompts.messages(unit["kind"], context_text(image)))
         row.update(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                   tokens_charged=outcome.charged, unreported_tries=outcome.unreported_tries,
                    retries=outcome.retries, requests=0 if outcome.skipped else outcome.retries + 1)
         if outcome.skipped:
             return row | {"status": "skipped", "reason": "budget"}

@@ -141,7 +141,8 @@ class LlavaServer:
         self.served = [self.model_name, *config.lora_adapters]
         """What clients may send as ``model``: the checkpoint, then each LoRA adapter by name."""
         self.engine = open_engine(config.engine, checkpoint, model_name=self.model_name, device=config.device,
-                                  dtype=config.dtype, vllm=config.vllm.build(), adapters=config.lora_adapters)
+                                  dtype=config.dtype, vllm=config.vllm.build(config.dtype),
+                                  adapters=config.lora_adapters)
         self.limits = config.limits
         self.api_key = config.api_key or os.environ.get(API_KEY_ENV)
         self.requests = 0

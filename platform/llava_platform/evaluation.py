@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from llava_platform.benchmarks.rules import vqa_normalize
+from llava_platform.benchmarks.rules import evalai_answer
 from llava_platform.data.errors import SampleError
 
 _LETTER = re.compile(r"^\s*\(?([A-Z])[\).:\s]|^\s*([A-Z])\s*$|answer is \(?([A-Z])\)?", re.IGNORECASE)
@@ -27,10 +27,10 @@ def extract_choice(text: str) -> str | None:
 
 def is_correct(prediction: str, gold: str, kind: str) -> bool:
     """``kind``: ``mc`` compares option letters, anything else exact match after the VQA normalisation
-    (``benchmarks.rules.vqa_normalize``: the one answer normaliser)."""
+    (``benchmarks.rules.evalai_answer``: the one answer normaliser)."""
     if kind == "mc":
         return extract_choice(prediction) == gold.strip().upper()
-    return vqa_normalize(prediction) == vqa_normalize(gold)
+    return evalai_answer(prediction) == evalai_answer(gold)
 
 
 KINDS = ("short", "mc")

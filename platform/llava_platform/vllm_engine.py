@@ -34,7 +34,6 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 class VllmSettings:
     """How the engine runs (``config.schema.VllmConfig.build()``: each setting's meaning and default are there)."""
 
-    dtype: str
     max_model_len: int | None
     gpu_memory_utilization: float
     kv_cache_memory_bytes: int | None
@@ -51,6 +50,8 @@ class VllmSettings:
     num_cpus: float
     num_gpus: float
     env: dict[str, str]
+    dtype: str
+    """The deployment's ``dtype``, resolved before vLLM sees it (``generation.engine.resolve_dtype``)."""
 
 
 SEVERAL_IMAGES_ON_VLLM = (

@@ -270,3 +270,91 @@ CASES: dict[str, tuple[dict[str, str], dict[str, float]]] = {
         # grades 1.0 and 0.5: 100 * 0.75; rec: 100; ocr and math: 50
         "score": 75.0, "score/rec": 100.0, "score/ocr": 50.0, "score/math": 50.0, "judge/failed": 0}),
 }
+
+
+SHORT = "\nAnswer the question using a single word or phrase."
+CHOICE = "\nAnswer with the option's letter from the given choices directly."
+LLAVA_QUESTIONS: dict[str, dict[str, dict]] = {
+    # our question id -> the record of LLaVA's question file (playground/data/eval/<benchmark>/...), as LLaVA's
+    # model_vqa*.py copy it into the answer: question_id (LLaVA's), the prompt ("text"), image, category
+    "vqav2": {"1": {"question_id": 1, "image": "COCO_val2014_000000000042.jpg",
+                    "text": "What color is the square?" + SHORT, "category": "default"},
+              "2": {"question_id": 2, "image": "COCO_val2014_000000000043.jpg",
+                    "text": "How many circles are there?" + SHORT, "category": "default"}},
+    "gqa": {"201": {"question_id": "201", "image": "n1.jpg", "text": "Is the square red?" + SHORT,
+                    "category": "default"},
+            "202": {"question_id": "202", "image": "n2.jpg", "text": "What color is it?" + SHORT,
+                    "category": "default"}},
+    "vizwiz": {  # llava_test.jsonl: the position in VizWiz's file
+        "VizWiz_val_00000000.jpg": {"question_id": 0, "image": "VizWiz_val_00000000.jpg", "category": "default",
+                                    "text": "What is this?\nWhen the provided information is insufficient, respond "
+                                            "with 'Unanswerable'." + SHORT},
+        "VizWiz_val_00000001.jpg": {"question_id": 1, "image": "VizWiz_val_00000001.jpg", "category": "default",
+                                    "text": "What drink is this?\nWhen the provided information is insufficient, "
+                                            "respond with 'Unanswerable'." + SHORT}},
+    "textvqa": {  # llava_textvqa_val_v051_ocr.jsonl: the image id, repeated; the question is the prompt's first line
+        "ocr/34602": {"question_id": "abc1", "image": "abc1.jpg", "category": "default",
+                      "text": "what brand is the phone?\nReference OCR token: nokia, phone" + SHORT},
+        "plain/34602": {"question_id": "abc1", "image": "abc1.jpg", "category": "default",
+                        "text": "what brand is the phone?" + SHORT},
+        "ocr/34603": {"question_id": "abc2", "image": "abc2.jpg", "category": "default",
+                      "text": "what is written?\nReference OCR token: " + SHORT},
+        "plain/34603": {"question_id": "abc2", "image": "abc2.jpg", "category": "default",
+                        "text": "what is written?" + SHORT}},
+    "pope": {  # llava_pope_test.jsonl: adversarial 1.., random 10000001.., popular 20000001..
+        f"{split}/{n}": {"question_id": offset + n, "image": "COCO_val2014_000000000042.jpg", "category": split,
+                         "text": f"Is there a {thing} in the image?" + SHORT}
+        for split, offset in (("random", 10_000_000), ("popular", 20_000_000))
+        for n, thing in ((1, "square"), (2, "dog"))},
+    "mme": {  # llava_mme.jsonl: the image's path, two questions each
+        f"{category}/{stem}.jpg/{n}": {"question_id": f"{category}/{folder}{stem}.jpg",
+                                       "image": f"{category}/{folder}{stem}.jpg", "category": category,
+                                       "text": f"Is there a {thing} in this image?" + SHORT}
+        for category, folder, stems in (("existence", "", ("1", "2")), ("artwork", "images/", ("10",)),
+                                        ("code_reasoning", "", ("0020",)))
+        for stem in stems for n, thing in ((0, "square"), (1, "dog"))},
+    "scienceqa": {  # answers of model_vqa_science.py over llava_test_CQM-A.json (image questions' prompts: <image>)
+        "10": {"question_id": "10", "text": "<image>\nContext: A pet.\nWhich animal is a pet here?\nA. cat\nB. dog\n"
+                                            "C. fish" + CHOICE},
+        "11": {"question_id": "11", "text": "Which word is a noun?\nA. run\nB. table" + CHOICE},
+        "12": {"question_id": "12", "text": "<image>\nIs the square red?\nA. yes\nB. no" + CHOICE}},
+    "mmbench": {  # model_vqa_mmbench.py --all-rounds: question_id = the TSV's index, round_id = the rotation
+        f"{index}/{r}": {"question_id": index, "round_id": r, "text": "...", "options": [], "option_char": []}
+        for index, rounds in ((0, 3), (1, 2)) for r in range(rounds)},
+    "seed": {  # llava-seed-bench.jsonl: SEED-Bench's question id; video questions asked on a middle frame
+        "s1": {"question_id": "s1", "image": "SEED-Bench-image/1_1.jpg", "category": "Scene Understanding",
+               "text": "What is the scene?\nA. a square\nB. a beach\nC. a road\nD. a room" + CHOICE},
+        "s2": {"question_id": "s2", "image": "SEED-Bench-image/2_2.jpg", "category": "Instance Identity",
+               "text": "What object is it?\nA. dog\nB. cat\nC. square\nD. tree" + CHOICE},
+        "v1": {"question_id": "v1", "image": "SEED-Bench-video-image/10_v1.png", "category": "Action Recognition",
+               "text": "What happens?\nA. a\nB. b\nC. c\nD. d" + CHOICE}},
+    "llava_bench": {str(n): {"question_id": n, "image": "001.jpg", "text": text, "category": category}
+                    for n, (text, category) in enumerate((("What is in the image?", "conv"),
+                                                          ("Describe the image in detail.", "detail")))},
+    "mmvet": {f"v1_{n}": {"question_id": n, "image": f"v1_{n}.png", "text": text, "category": "conv"}
+              for n, text in enumerate(("What shape is this?", "What is 2+3 on the board?"))},
+}
+LLAVA_QUESTIONS["mmbench_cn"] = LLAVA_QUESTIONS["mmbench"]
+LLAVA_EXTRA_ANSWERS = {"scienceqa": {"11": "B"}, "seed": {"v1": "A"}}
+"""Answers LLaVA's files hold to questions the headline leaves out (text-only ScienceQA, SEED's video)."""
+
+
+def write_llava_files(name: str, root: Path) -> tuple[Path, Path]:
+    """LLaVA's answer file for ``CASES[name]``'s replies, as ``model_vqa*.py`` writes it (``question_id``,
+    ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``), and its question file."""
+    records = LLAVA_QUESTIONS[name]
+    replies = CASES[name][0] | LLAVA_EXTRA_ANSWERS.get(name, {})
+    answers = [{"question_id": records[qid]["question_id"], "prompt": records[qid]["text"], "text": reply,
+                "answer_id": f"a{n}", "model_id": "llava-v1.5-7b", "metadata": {}}
+               | {key: records[qid][key] for key in ("round_id", "options", "option_char") if key in records[qid]}
+               for n, (qid, reply) in enumerate(replies.items())]
+    folder = root / f"llava-{name}"
+    if name == "scienceqa":  # llava_test_CQM-A.json: a JSON array of conversations keyed by "id"
+        return _jsonl(folder / "answers.jsonl", answers), _json(folder / "llava_test_CQM-A.json", [
+            {"id": r["question_id"], "conversations": [{"from": "human", "value": r["text"]},
+                                                       {"from": "gpt", "value": "B"}]}
+            | ({"image": f"{r['question_id']}/image.png"} if r["text"].startswith("<image>") else {})
+            for r in records.values()])
+    questions = [{key: value for key, value in record.items() if key not in ("round_id", "options", "option_char")}
+                 for record in records.values()]
+    return _jsonl(folder / "answers.jsonl", answers), _jsonl(folder / "questions.jsonl", questions)

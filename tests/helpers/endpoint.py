@@ -10,17 +10,18 @@ from tests.helpers import requests as bodies
 
 KEY = "test-key"
 MODEL = "tiny"
-VLLM_TEST_SETTINGS = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_bytes": 64 << 20,
-                      "enforce_eager": True, "in_process": True, "num_cpus": 0.25}
-"""The vLLM engine on a 2-core test machine: fp32 (as the transformers engine), a 64 MiB KV cache, no
-compilation, the engine core in the actor's process (one process and ~1 GiB per engine)."""
+VLLM_TEST_SETTINGS = {"max_model_len": 512, "kv_cache_memory_bytes": 64 << 20, "enforce_eager": True,
+                      "in_process": True, "num_cpus": 0.25}
+"""The vLLM engine on a 2-core test machine: a 64 MiB KV cache, no compilation, the engine core in the
+actor's process (one process and ~1 GiB per engine). Its dtype is the deployment's (``auto``: the tiny
+checkpoints' float32, as the transformers engine runs them)."""
 
 
 def vllm_test_settings():
     """``VLLM_TEST_SETTINGS`` as the engine takes them (``VllmConfig(...).build()``)."""
     from llava_platform.config.schema import VllmConfig
 
-    return VllmConfig(**VLLM_TEST_SETTINGS).build()
+    return VllmConfig(**VLLM_TEST_SETTINGS).build("auto")
 
 
 def reference_engine(checkpoint):

@@ -22,4 +22,4 @@ def video_limits(max_frame_pixels: int = MAX_IMAGE_PIXELS, **settings) -> VideoL
 
 def vllm_settings(**settings) -> VllmSettings:
     """``VllmConfig(...).build()`` with these settings."""
-    return VllmConfig(**settings).build()
+    return VllmConfig(**settings).build("auto")

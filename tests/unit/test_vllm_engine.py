@@ -11,7 +11,8 @@ from serve.app import default_config_path
 
 def test_settings_come_from_the_serve_config_and_unknown_keys_are_named():
     args = yaml.safe_load(default_config_path().read_text())["applications"][0]["args"]
-    settings = ServeConfig.model_validate(args).vllm.build()
+    config = ServeConfig.model_validate(args)
+    settings = config.vllm.build(config.dtype)
     assert settings.enforce_eager and settings.num_cpus == VllmConfig().num_cpus
     with pytest.raises(ValidationError, match="kv_cache_gb"):
         VllmConfig.model_validate({"kv_cache_gb": 1})

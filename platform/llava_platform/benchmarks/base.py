@@ -58,6 +58,45 @@ class Judge(Protocol):
         """Each prompt's reply, ``None`` where the endpoint kept failing."""
 
 
+def _inside(answer: Mapping[str, Any]) -> str | None:
+    return None
+
+
+def _same_id(qid: str) -> dict[str, Any]:
+    return {"question_id": qid}
+
+
+@dataclass(frozen=True)
+class LlavaIds:
+    """How LLaVA's evaluation scripts name a benchmark's questions, and the way back to our ids.
+
+    LLaVA's ``model_vqa*.py`` write one ``{"question_id", "prompt", "text", ...}`` line per record of
+    LLaVA's question files (``llava_pope_test.jsonl``, ``llava_mme.jsonl``, ...); ``jobs.score`` reads those
+    files as they are. Where an id alone is ambiguous (TextVQA's and MME's repeat), the answer's
+    ``prompt`` tells the questions apart."""
+
+    scheme: str
+    """LLaVA's ids in words, for the message that fails a file whose ids match neither scheme."""
+    ours: Callable[[Mapping[str, Any]], str | None]
+    """A LLaVA answer record (with its question-file record's fields added where ``--question-file`` is
+    given) -> our question id, ``None`` where it names none."""
+    theirs: Callable[[str], dict[str, Any]] = _same_id
+    """Our question id -> the id fields of LLaVA's record (``question_id``, and ``round_id`` or ``category``
+    where LLaVA's scripts read them): what ``jobs.evaluate`` writes in ``llava_answers.jsonl``."""
+    outside: Callable[[Mapping[str, Any]], str | None] = _inside
+    """Why an answer names a question of the benchmark that its headline leaves out (ScienceQA's
+    text-only questions, SEED's video questions); ``None`` for the others."""
+
+
+def same_ids(scheme: str, numbers: bool = False) -> LlavaIds:
+    """LLaVA's question ids are ours (VQAv2, GQA, ScienceQA, SEED, LLaVA-Bench); ``numbers``: LLaVA writes them
+    as JSON numbers where they are digits."""
+    def theirs(qid: str) -> dict[str, Any]:
+        return {"question_id": int(qid) if numbers and qid.isdigit() else qid}
+
+    return LlavaIds(scheme, lambda answer: str(answer["question_id"]), theirs)
+
+
 @dataclass
 class Loaded:
     """A benchmark read from its files, ready to be answered and scored."""
@@ -69,6 +108,26 @@ class Loaded:
     """For test splits without answers: replies -> (file name, content) for the evaluation server."""
     notes: list[str] = field(default_factory=list)
     """What the reader decided (split found, variants, files missing), printed with the scores."""
+    llava: LlavaIds | None = None
+    """LLaVA's ids for these questions (its answer files), where they differ from ours or need checking."""
+    scored_on: str = ""
+    """The split and modality these questions are ("val; image"), set beside the published figure's."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """LLaVA-1.5-7B's published figure for a benchmark, with what it was measured on."""
+
+    value: float
+    """On the headline metric's paper scale."""
+    split: str
+    """The split and who scored it ("test-dev, EvalAI server"; "val, local")."""
+    modality: str
+    """What the questions showed ("image"; "image + video, a video as its middle frame")."""
+    source: str = "LLaVA-1.5 paper, Table 4 (LLaVA's docs/MODEL_ZOO.md)"
+
+    def describe(self) -> str:
+        return f"{self.value:.1f} ({self.split}; {self.modality}; {self.source})"
 
 
 @dataclass(frozen=True)
@@ -79,8 +138,8 @@ class Benchmark:
     title: str
     headline: str
     """The metric the paper's table shows (``accuracy``, ``f1``, ``perception``, ...)."""
-    published: float
-    """LLaVA-1.5-7B's figure in the paper (Table 4), on the headline metric's scale."""
+    published: Reference
+    """LLaVA-1.5-7B's figure in the paper (Table 4), on the headline metric's scale, and its split."""
     scale: float
     """Headline metric -> paper scale (100 for fractions; 1 for MME's summed scores)."""
     layout: str

@@ -11,7 +11,16 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 
-from llava_platform.benchmarks.base import BenchmarkFormatError, Judge, Loaded, Question, Source, mean
+from llava_platform.benchmarks.base import (
+    BenchmarkFormatError,
+    Judge,
+    LlavaIds,
+    Loaded,
+    Question,
+    Source,
+    mean,
+    same_ids,
+)
 
 
 def load_llava_bench(source: Source) -> Loaded:
@@ -52,7 +61,9 @@ def load_llava_bench(source: Source) -> Loaded:
         metrics.setdefault("relative_score", 0.0)
         return metrics
 
-    return Loaded(rows, score, notes=["relative score: 100 × the judge's mean score of the reply / of the reference"])
+    return Loaded(rows, score, notes=["relative score: 100 × the judge's mean score of the reply / of the reference"],
+                  llava=same_ids("question_id = questions.jsonl's question_id", numbers=True),
+                  scored_on=f"{len(rows)} questions, one judge pass; image")
 
 
 def llava_bench_prompt(caption: str, question: str, reference: str, reply: str) -> str:
@@ -106,7 +117,11 @@ def load_mmvet(source: Source) -> Loaded:
                 by_capability[capability].append(value)
         return metrics | {f"score/{c}": 100 * mean(v) for c, v in sorted(by_capability.items())}
 
-    return Loaded(rows, score, notes=["score: 100 × the judge's mean grade (0.0-1.0); one greedy judge pass"])
+    llava = LlavaIds("question_id = the position in llava-mm-vet.jsonl (0, 1, ...): MM-Vet's v1_<position>",
+                     lambda answer: f"v1_{answer['question_id']}",
+                     lambda qid: {"question_id": int(qid.removeprefix("v1_"))})
+    return Loaded(rows, score, notes=["score: 100 × the judge's mean grade (0.0-1.0); one greedy judge pass"],
+                  llava=llava, scored_on=f"{len(rows)} questions, one judge pass; image")
 
 
 MMVET_EXAMPLES = (

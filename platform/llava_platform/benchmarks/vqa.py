@@ -14,12 +14,20 @@ from llava_platform.benchmarks.base import (
     SHORT_ANSWER,
     UNANSWERABLE,
     BenchmarkFormatError,
+    LlavaIds,
     Loaded,
     Question,
     Source,
     mean,
+    same_ids,
 )
-from llava_platform.benchmarks.rules import gqa_normalize, vqa_accuracy, vqa_normalize
+from llava_platform.benchmarks.rules import (
+    evalai_answer,
+    gqa_normalize,
+    textvqa_accuracy,
+    vizwiz_accuracy,
+    vqav2_accuracy,
+)
 
 VQAV2_SPLITS = {  # split -> (questions file, annotations file or None, image folder, image file prefix)
     "val": ("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json", "val2014",
@@ -55,23 +63,28 @@ def load_vqav2(source: Source) -> Loaded:
                      source.image(folder, f"{prefix}{int(q['image_id']):012d}.jpg")) for q in questions]
     if annotations_file is None:
         return Loaded(rows, lambda replies, judge: {}, submission=lambda replies: _vqav2_submission(source, replies),
-                      notes=["test-dev: no answers published; writes the submission file for the evaluation server"])
+                      notes=["test-dev: no answers published; writes the submission file for the evaluation server"],
+                      llava=VQAV2_LLAVA_IDS, scored_on="test-dev: the server scores the submission file; image")
     annotations = source.read_json(
         annotations_file, '{"annotations": [{"question_id", "answers": [{"answer"}, ...], "answer_type"}, ...]}',
         lambda data: all("answers" in a and "question_id" in a for a in data["annotations"][:1]))["annotations"]
     gold = {str(a["question_id"]): a for a in annotations}
 
     def score(replies: Mapping[str, str], judge) -> dict[str, float]:
-        scores = {qid: vqa_accuracy(reply, [a["answer"] for a in gold[qid]["answers"]])
+        scores = {qid: vqav2_accuracy(reply, [a["answer"] for a in gold[qid]["answers"]])
                   for qid, reply in replies.items() if qid in gold}
         return {"accuracy": mean(scores.values()),
                 **_by_type(scores, {qid: gold[qid].get("answer_type", "") for qid in scores})}
 
-    return Loaded(rows, score, notes=[f"split {split}"])
+    return Loaded(rows, score, notes=[f"split {split}"], llava=VQAV2_LLAVA_IDS,
+                  scored_on=f"{split}, scored here by the server's rule; image")
+
+
+VQAV2_LLAVA_IDS = same_ids("question_id = VQA's question id (llava_vqav2_mscoco_test-dev2015.jsonl)", numbers=True)
 
 
 def _vqav2_submission(source: Source, replies: Mapping[str, str]) -> tuple[str, bytes]:
-    answers = {int(qid): vqa_normalize(reply) for qid, reply in replies.items()}
+    answers = {int(qid): evalai_answer(reply) for qid, reply in replies.items()}
     if source.exists(VQAV2_TEST_ALL):
         every = source.read_json(VQAV2_TEST_ALL, '{"questions": [...]}', _is_questions)["questions"]
         answers = {int(q["question_id"]): answers.get(int(q["question_id"]), "") for q in every}
@@ -94,19 +107,35 @@ def load_vizwiz(source: Source) -> Loaded:
                      source.image(folder, item["image"])) for item in items]
     if folder == "test":
         def submission(replies: Mapping[str, str]) -> tuple[str, bytes]:
-            rows = [{"image": image, "answer": vqa_normalize(reply)} for image, reply in replies.items()]
+            rows = [{"image": image, "answer": evalai_answer(reply)} for image, reply in replies.items()]
             return "vizwiz_test_submission.json", json.dumps(rows).encode()
         return Loaded(rows, lambda replies, judge: {}, submission=submission,
-                      notes=["test: writes the submission file"])
+                      notes=["test: writes the submission file"], llava=_vizwiz_llava_ids(items),
+                      scored_on="test: the server scores the submission file; image")
     gold = {item["image"]: item for item in items}
 
     def score(replies: Mapping[str, str], judge) -> dict[str, float]:
-        scores = {image: vqa_accuracy(reply, [a["answer"] for a in gold[image]["answers"]])
+        scores = {image: vizwiz_accuracy(reply, [a["answer"] for a in gold[image]["answers"]])
                   for image, reply in replies.items()}
         return {"accuracy": mean(scores.values()),
                 **_by_type(scores, {image: gold[image].get("answer_type", "") for image in scores})}
 
-    return Loaded(rows, score, notes=["split val"])
+    return Loaded(rows, score, notes=["split val"], llava=_vizwiz_llava_ids(items),
+                  scored_on="val, scored here by VizWiz's rule; image")
+
+
+def _vizwiz_llava_ids(items: list[dict]) -> LlavaIds:
+    """LLaVA's ``llava_test.jsonl``: ``question_id`` = the question's position in VizWiz's file, ``image`` its
+    image (our id)."""
+    def ours(answer: Mapping) -> str | None:
+        if "image" in answer:
+            return str(answer["image"])
+        position = int(answer["question_id"])
+        return items[position]["image"] if 0 <= position < len(items) else None
+
+    position = {item["image"]: number for number, item in enumerate(items)}
+    return LlavaIds("question_id = the position in VizWiz's file (0, 1, ...), or the image with --question-file",
+                    ours, lambda qid: {"question_id": position[qid], "image": qid})
 
 
 TEXTVQA_QUESTIONS = "TextVQA_0.5.1_val.json"
@@ -134,10 +163,23 @@ def load_textvqa(source: Source) -> Loaded:
         variant: dict[str, list[float]] = defaultdict(list)
         for qid, reply in replies.items():
             kind, question_id = qid.split("/", 1)
-            variant[kind].append(vqa_accuracy(reply, gold[question_id]))
+            variant[kind].append(textvqa_accuracy(reply, gold[question_id]))
         return {"accuracy": mean(variant["ocr"]), "accuracy_no_ocr": mean(variant["plain"])}
 
-    return Loaded(rows, score, notes=["accuracy: with LLaVA's OCR-token line; accuracy_no_ocr: without"])
+    by_image_and_question = {(q["image_id"], q["question"].lower()): str(q["question_id"]) for q in data}
+    image_of = {str(q["question_id"]): q["image_id"] for q in data}
+
+    def ours(answer: Mapping) -> str | None:
+        lines = str(answer.get("prompt", "")).split("\n")  # LLaVA's eval_textvqa.py: the first line, lower-cased
+        question_id = by_image_and_question.get((str(answer["question_id"]), lines[0].lower()))
+        kind = "ocr" if any(line.startswith("Reference OCR token:") for line in lines) else "plain"
+        return None if question_id is None else f"{kind}/{question_id}"
+
+    llava = LlavaIds("question_id = the image id, told apart by the prompt's first line (the question), "
+                     "as in llava_textvqa_val_v051_ocr.jsonl", ours,
+                     lambda qid: {"question_id": image_of[qid.split("/", 1)[1]]})
+    return Loaded(rows, score, notes=["accuracy: with LLaVA's OCR-token line; accuracy_no_ocr: without"],
+                  llava=llava, scored_on="val, with OCR tokens in the prompt; image")
 
 
 GQA_QUESTIONS = "testdev_balanced_questions.json"
@@ -155,4 +197,5 @@ def load_gqa(source: Source) -> Loaded:
         types = {qid: questions[qid].get("types", {}).get("structural", "") for qid in right}
         return {"accuracy": mean(right.values()), **_by_type(right, types)}
 
-    return Loaded(rows, score)
+    return Loaded(rows, score, llava=same_ids("question_id = GQA's question id (llava_gqa_testdev_balanced.jsonl)"),
+                  scored_on="testdev-balanced, exact match; image")

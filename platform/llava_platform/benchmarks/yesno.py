@@ -8,10 +8,36 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 
-from llava_platform.benchmarks.base import SHORT_ANSWER, BenchmarkFormatError, Loaded, Question, Source, mean
+from llava_platform.benchmarks.base import (
+    SHORT_ANSWER,
+    BenchmarkFormatError,
+    LlavaIds,
+    Loaded,
+    Question,
+    Source,
+    mean,
+)
 from llava_platform.benchmarks.rules import mme_yes_no, pope_yes_no
 
 POPE_SPLITS = ("random", "popular", "adversarial")
+POPE_LLAVA_OFFSETS = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}
+"""LLaVA's ``llava_pope_test.jsonl``: question_id = the split's offset + POPE's own question id."""
+
+
+def _pope_llava_ids() -> LlavaIds:
+    def ours(answer: Mapping) -> str | None:
+        number = int(answer["question_id"])
+        split = answer.get("category") or max((offset, name) for name, offset in POPE_LLAVA_OFFSETS.items()
+                                              if offset <= number)[1]
+        offset = POPE_LLAVA_OFFSETS.get(split)
+        return None if offset is None else f"{split}/{number - offset}"
+
+    def theirs(qid: str) -> dict:
+        split, number = qid.split("/", 1)
+        return {"question_id": POPE_LLAVA_OFFSETS[split] + int(number), "category": split}
+
+    return LlavaIds("question_id = POPE's id + 0 (adversarial), 10000000 (random) or 20000000 (popular), as in "
+                    "llava_pope_test.jsonl", ours, theirs)
 
 
 def load_pope(source: Source) -> Loaded:
@@ -38,7 +64,8 @@ def load_pope(source: Source) -> Loaded:
         metrics["accuracy"] = mean(metrics[f"{split}/accuracy"] for split in found)
         return metrics
 
-    return Loaded(rows, score, notes=[f"splits: {', '.join(found)}; f1 and accuracy averaged over them"])
+    return Loaded(rows, score, notes=[f"splits: {', '.join(found)}; f1 and accuracy averaged over them"],
+                  llava=_pope_llava_ids(), scored_on=f"COCO {'/'.join(found)}, F1 averaged; image")
 
 
 def pope_metrics(pairs: list[tuple[str, str]]) -> dict[str, float]:
@@ -66,7 +93,7 @@ MME_YES_NO = " Please answer yes or no."
 def load_mme(source: Source) -> Loaded:
     """``MME_Benchmark_release_version/<category>/``: each image with a ``.txt`` of two lines
     ``question<TAB>answer`` — beside the image, or in ``images/`` and ``questions_answers_YN/``."""
-    rows, gold, image_of = [], {}, {}
+    rows, gold, image_of, by_question, path_of = [], {}, {}, {}, {}
     categories = [c for c in MME_PERCEPTION + MME_COGNITION if source.files(c)]
     if not categories:
         raise BenchmarkFormatError("mme", source.uri(""), "MME's category folders (existence/, count/, ..., "
@@ -92,11 +119,22 @@ def load_mme(source: Source) -> Loaded:
                 rows.append(Question(qid, f"{question}\n{SHORT_ANSWER}", source.uri(images[stem])))
                 gold[qid] = parts[1].strip().lower()
                 image_of[qid] = f"{category}/{image_name}"
+                by_question[(category, image_name, question)] = qid
+                path_of[qid] = images[stem]
 
     def score(replies: Mapping[str, str], judge) -> dict[str, float]:
         return mme_scores({qid: mme_yes_no(reply) == gold[qid] for qid, reply in replies.items()}, image_of)
 
-    return Loaded(rows, score, notes=[f"{len(categories)} of 14 categories"])
+    def ours(answer: Mapping) -> str | None:
+        path = str(answer["question_id"])  # "code_reasoning/0020.png", "artwork/images/14777.jpg"
+        question = str(answer.get("prompt", "")).split("\n")[0].strip().replace(MME_YES_NO, "")
+        return by_question.get((path.split("/", 1)[0], path.rsplit("/", 1)[-1], question))
+
+    llava = LlavaIds("question_id = the image's path in MME_Benchmark_release_version (two questions each), told "
+                     "apart by the prompt's first line, as in llava_mme.jsonl", ours,
+                     lambda qid: {"question_id": path_of[qid], "category": qid.split("/", 1)[0]})
+    return Loaded(rows, score, notes=[f"{len(categories)} of 14 categories"], llava=llava,
+                  scored_on=f"{sum(c in categories for c in MME_PERCEPTION)} of 10 perception subtasks; image")
 
 
 def mme_scores(right: Mapping[str, bool], image_of: Mapping[str, str]) -> dict[str, float]:

@@ -385,9 +385,6 @@ class SyntheticDataConfig(Section):
 class VllmConfig(Section):
     """The vLLM engine (``engine: vllm``): how it runs. ``build()`` gives the ``VllmSettings`` its actor takes."""
 
-    dtype: str = "auto"
-    """vLLM's ``dtype``: ``auto`` (the checkpoint's on GPUs; vLLM's CPU build runs bfloat16 or float32),
-    ``float32``, ``bfloat16``, ``float16``."""
     max_model_len: PositiveInt | None = None
     """Context the KV cache is sized for (default: the checkpoint's)."""
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
@@ -411,11 +408,14 @@ class VllmConfig(Section):
     env: dict[str, str] = {}
     """Extra environment variables for the engine process (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
 
-    def build(self) -> VllmSettings:
-        return VllmSettings(**self.model_dump())
+    def build(self, dtype: str) -> VllmSettings:
+        """The engine's settings; ``dtype`` is the deployment's (``ServeConfig.dtype``, ``InferenceConfig.dtype``)."""
+        return VllmSettings(dtype=dtype, **self.model_dump())
 
 
 Engine = Literal["transformers", "vllm"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""An engine's dtype (``generation.engine.resolve_dtype``)."""
 """What generates: ``transformers`` (``model.generate`` in static batches) or ``vllm`` (continuous batching)."""
 
 
@@ -424,6 +424,8 @@ class InferenceConfig(Section):
 
     engine: Engine = "transformers"
     """``transformers`` in each replica, or a vLLM engine per replica (its own environment, ``make vllm``)."""
+    dtype: Dtype = "auto"
+    """What either engine runs the checkpoint in: ``auto`` is the checkpoint's own (``config.json``)."""
     vllm: VllmConfig = VllmConfig()
     """The vLLM engine's settings (resources come from ``cpus_per_replica``/``gpus_per_replica``)."""
     max_new_tokens: PositiveInt = 16
@@ -442,7 +444,7 @@ class InferenceConfig(Section):
 
     def build(self) -> InferencePlan:
         return InferencePlan(
-            engine=self.engine, vllm=self.vllm.build(), max_new_tokens=self.max_new_tokens,
+            engine=self.engine, dtype=self.dtype, vllm=self.vllm.build(self.dtype), max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size, num_replicas=self.num_replicas, cpus_per_replica=self.cpus_per_replica,
             gpus_per_replica=self.gpus_per_replica, max_image_pixels=self.max_image_pixels,
             video=VideoConfig(frames=self.video_frames).build(self.max_image_pixels))
@@ -503,8 +505,9 @@ class ServeConfig(Section):
     """What clients send as ``model`` (default: ``model``)."""
     device: str = "cpu"
     """``cpu`` or ``cuda`` (the transformers engine; vLLM's resources are ``vllm.num_gpus``)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """The transformers engine's dtype: ``auto`` is bfloat16 on GPUs that support it, else float32."""
+    dtype: Dtype = "auto"
+    """What either engine runs the checkpoint in: ``auto`` is the checkpoint's own (``config.json``), so both
+    engines answer alike out of the box; ``float32``, ``bfloat16``, ``float16`` convert it."""
     api_key: str | None = None
     """Clients must send ``Authorization: Bearer <key>``; default: ``$LLAVA_SERVE_API_KEY``, else none."""
     limits: ServeLimits = ServeLimits()

@@ -12,9 +12,14 @@ What it adds to a plain HTTP client:
   buckets (the endpoint's published limits; a share of them per client when several clients run);
 - retries of 408, 409, 429, 5xx, timeouts, dropped connections and 200s whose body is not a chat completion,
   with exponential backoff and full jitter (``Retry-After`` honoured), ``timeout_s`` per try;
-- a run-wide token cap through a ``Budget``: each request reserves its worst case (prompt estimate +
-  ``max_tokens``) before it is sent and settles on the usage it reports, so the cap is never passed;
-  a request that cannot reserve is not sent (``Outcome.skipped``).
+- a run-wide token cap through a ``Budget``: every try (retries too) reserves its worst case before it
+  is sent (an upper bound of the prompt's tokens + ``max_tokens``) and settles on what it may have been
+  billed: the ``usage`` it reports; its worst case where the endpoint may have billed it without telling
+  (a timeout, a dropped connection, a 200 whose body cannot be read); nothing for a 408/409/429/5xx/4xx
+  status (not billed by OpenAI-compatible APIs). So the tokens billed stay under the cap as long as the
+  prompt bound holds: exact with ``tokenizer`` (the endpoint model's tokenizer and chat template), else
+  the prompt's UTF-8 bytes + ``MESSAGE_OVERHEAD`` per message (a byte-level BPE never makes more tokens
+  than bytes). A try that cannot reserve is not sent (``Outcome.skipped`` for a request's first try).
 
 An ``Outcome`` carries the content, ``finish_reason``, usage and retries, or the last error.
 """
@@ -49,6 +54,31 @@ class ClientSettings:
     backoff_s: float = 0.5
     """First retry's backoff ceiling; doubled per retry up to ``backoff_max_s`` (full jitter below it)."""
     backoff_max_s: float = 30.0
+    tokenizer: str | None = None
+    """The endpoint model's tokenizer (a Hugging Face name or folder, read locally): exact prompt counts for
+    the token cap; without it, an upper bound from the prompt's bytes."""
+
+
+MESSAGE_OVERHEAD = 16
+"""Tokens per message a chat template may add on top of the content's (role, separators, the generation
+prompt), in the bound: ChatML and Llama-3 templates add 5, Vicuna's about 6."""
+
+
+class PromptBound:
+    """An upper bound of a chat request's prompt tokens, as the endpoint will count them."""
+
+    def __init__(self, tokenizer: str | None = None):
+        self.tokenizer = None
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+    def __call__(self, messages: list[dict[str, str]]) -> int:
+        if self.tokenizer is not None:
+            return len(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                          return_dict=True)["input_ids"])
+        return sum(len(m["content"].encode("utf-8")) + MESSAGE_OVERHEAD for m in messages)
 
 
 class Budget(Protocol):
@@ -64,6 +94,11 @@ class Outcome:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    """The usage the endpoint reported, summed over every try (a retried malformed answer's too)."""
+    unreported_tries: int = 0
+    """Tries that may have been billed without a usage coming back (timeouts, unreadable 200s)."""
+    charged: int = 0
+    """Tokens charged to the budget: the reported usage + each unreported try's worst case."""
     retries: int = 0
     error: str | None = None
     """The last failure, once the retries are spent (the item is left for a rerun)."""
@@ -95,12 +130,17 @@ class TokenBucket:
 RETRIED_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
 
-class Retry(Exception):
-    """A try that failed in a way another try may not: the status or error, and the server's Retry-After."""
+UNKNOWN = -1
+"""A try's billed tokens when the endpoint may have billed it without saying: charged at its worst case."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+
+class Retry(Exception):
+    """A try that failed in a way another try may not: the status or error, the server's Retry-After, and
+    what the try may have been billed (``UNKNOWN``: its worst case)."""
+
+    def __init__(self, message: str, retry_after: float | None = None, billed: int = 0):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.billed = retry_after, billed
 
 
 class ChatClient:
@@ -115,42 +155,49 @@ class ChatClient:
         self.slots = asyncio.Semaphore(max(1, round(settings.concurrency * share)))
         self.requests = TokenBucket(settings.requests_per_minute * share) if settings.requests_per_minute else None
         self.tokens = TokenBucket(settings.tokens_per_minute * share) if settings.tokens_per_minute else None
+        self.prompt_bound = PromptBound(settings.tokenizer)
 
     async def complete(self, messages: list[dict[str, str]]) -> Outcome:
-        estimate = sum(len(m["content"]) for m in messages) // 4 + 16 * len(messages)
-        worst = estimate + self.settings.max_tokens
-        if self.budget is not None and not await self.budget.reserve(worst):
-            return Outcome(skipped=True)
+        worst = self.prompt_bound(messages) + self.settings.max_tokens
         outcome = Outcome()
         body = json.dumps({"model": self.settings.model, "messages": messages, "max_tokens": self.settings.max_tokens,
                            "temperature": self.settings.temperature})
-        try:
-            async with self.slots:
-                for attempt in range(self.settings.max_retries + 1):
-                    if self.requests:
-                        await self.requests.take(1)
-                    if self.tokens:
-                        await self.tokens.take(worst)
-                    try:
-                        await self._try(body, outcome, estimate)
-                        outcome.error = None
-                        return outcome
-                    except Retry as error:
-                        outcome.error, retry_after = str(error)[:300], error.retry_after
-                    except Failure as error:  # retrying will not help (401, 400, ...)
-                        outcome.error = str(error)[:300]
-                        return outcome
-                    if attempt == self.settings.max_retries:
-                        return outcome
-                    outcome.retries += 1
-                    ceiling = min(self.settings.backoff_max_s, self.settings.backoff_s * 2**attempt)
-                    await asyncio.sleep(retry_after if retry_after is not None else random.uniform(0, ceiling))
-        finally:
-            if self.budget is not None:
-                await self.budget.settle(worst, outcome.prompt_tokens + outcome.completion_tokens)
+        async with self.slots:
+            for attempt in range(self.settings.max_retries + 1):
+                if self.budget is not None and not await self.budget.reserve(worst):
+                    outcome.skipped = attempt == 0
+                    outcome.error = None if attempt == 0 else f"token budget spent after {attempt} tries"
+                    return outcome
+                if self.requests:
+                    await self.requests.take(1)
+                if self.tokens:
+                    await self.tokens.take(worst)
+                billed, retry_after, final = UNKNOWN, None, True
+                try:
+                    billed = await self._try(body, outcome)
+                    outcome.error = None
+                except Retry as error:
+                    outcome.error, retry_after, billed, final = str(error)[:300], error.retry_after, error.billed, False
+                except Failure as error:  # retrying will not help (401, 400, ...): not billed
+                    outcome.error, billed = str(error)[:300], 0
+                finally:  # a cancelled or crashed try counts as unreported: charged its worst case
+                    await self._charge(outcome, worst, billed)
+                if final or attempt == self.settings.max_retries:
+                    return outcome
+                outcome.retries += 1
+                ceiling = min(self.settings.backoff_max_s, self.settings.backoff_s * 2**attempt)
+                await asyncio.sleep(retry_after if retry_after is not None else random.uniform(0, ceiling))
         return outcome
 
-    async def _try(self, body: str, outcome: Outcome, estimate: int) -> None:
+    async def _charge(self, outcome: Outcome, worst: int, billed: int) -> None:
+        charged = worst if billed == UNKNOWN else billed
+        outcome.unreported_tries += billed == UNKNOWN
+        outcome.charged += charged
+        if self.budget is not None:
+            await self.budget.settle(worst, charged)
+
+    async def _try(self, body: str, outcome: Outcome) -> int:
+        """One try: fills ``outcome`` and returns the tokens the endpoint reported billing."""
         if self.session is None:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
                                                  connector=aiohttp.TCPConnector(limit=0))
@@ -159,26 +206,40 @@ class ChatClient:
                 payload = await response.read()
                 status = response.status
                 retry_after = _seconds(response.headers.get("Retry-After"))
-        except (TimeoutError, aiohttp.ClientError) as error:
-            raise Retry(f"{type(error).__name__}: {error}") from error
+        except (TimeoutError, aiohttp.ClientError) as error:  # the endpoint may have answered (and billed) it
+            raise Retry(f"{type(error).__name__}: {error}", billed=UNKNOWN) from error
         if status in RETRIED_STATUS:
             raise Retry(f"HTTP {status}: {payload[:200].decode('utf-8', 'replace')}", retry_after)
         if status != 200:
             raise Failure(f"HTTP {status}: {payload[:200].decode('utf-8', 'replace')}")
         try:
             completion = json.loads(payload)
+        except ValueError as error:
+            raise Retry(f"malformed response: {type(error).__name__}: {error}", billed=UNKNOWN) from error
+        billed = _reported(completion, outcome)
+        try:
             choice = completion["choices"][0]
             content, finish = choice["message"].get("content"), choice.get("finish_reason")
-            usage = completion.get("usage") or {}
-        except (ValueError, LookupError, AttributeError, TypeError) as error:
-            raise Retry(f"malformed response: {type(error).__name__}: {error}") from error
+        except (LookupError, AttributeError, TypeError) as error:
+            raise Retry(f"malformed response: {type(error).__name__}: {error}", billed=billed) from error
         outcome.content, outcome.finish_reason = content, finish
-        outcome.prompt_tokens = int(usage.get("prompt_tokens", estimate))
-        outcome.completion_tokens = int(usage.get("completion_tokens", len((content or "").split())))
+        return billed
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+def _reported(completion: object, outcome: Outcome) -> int:
+    """Adds a response's ``usage`` to ``outcome``; returns its total, ``UNKNOWN`` where it has none."""
+    usage = completion.get("usage") if isinstance(completion, dict) else None
+    try:
+        prompt, answer = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (TypeError, KeyError, ValueError):
+        return UNKNOWN
+    outcome.prompt_tokens += prompt
+    outcome.completion_tokens += answer
+    return prompt + answer
 
 
 class Failure(Exception):

@@ -7,6 +7,8 @@ The Serve app (``serve/app.py``) and batch inference (``pipelines/evaluate.py``)
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,35 @@ from typing import Any, Protocol
 
 from llava_platform.generation.request import Completion, GenerationRequest, Prepared
 from llava_platform.inference import Media, media_parts, question_conversation
+
+DTYPES = ("float32", "bfloat16", "float16")
+"""What an engine may run a checkpoint in (``dtype``; ``auto``: the checkpoint's own)."""
+
+
+def resolve_dtype(name: str, checkpoint: str | Path) -> str:
+    """The dtype an engine runs ``checkpoint`` in: ``name``, or for ``auto`` the checkpoint's own
+    (``config.json``'s ``dtype``/``torch_dtype``, its text config's where the top level has none; float32
+    where neither says or there is no ``config.json``). Both engines resolve it here, so they run a
+    checkpoint alike out of the box.
+
+    Raises:
+        ValueError: a name other than ``auto`` or one of ``DTYPES``.
+    """
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype is {name!r}; use one of auto, {', '.join(DTYPES)}")
+        return name
+    path = Path(checkpoint) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}  # none: loading will name what is missing
+    found = [c.get("dtype") or c.get("torch_dtype") for c in (config, config.get("text_config") or {})]
+    own = next((d for d in found if d), "float32")
+    return own if own in DTYPES else "float32"
+
+
+def log_dtype(engine: str, model_name: str, setting: str, dtype: str) -> None:
+    """Each engine says what it runs in (the replica's log)."""
+    how = "the checkpoint's own" if setting == "auto" else "set in the config"
+    logging.getLogger("llava_platform.generation").warning("%s engine: %s in %s (%s)", engine, model_name, dtype, how)
 
 
 class GenerationEngine(Protocol):

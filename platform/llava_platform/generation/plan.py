@@ -14,6 +14,8 @@ class InferencePlan:
 
     engine: str
     """``transformers`` or ``vllm`` (``open_engine``)."""
+    dtype: str
+    """``auto`` (the checkpoint's own) or a dtype name (``generation.engine.resolve_dtype``)."""
     vllm: VllmSettings
     max_new_tokens: int
     batch_size: int

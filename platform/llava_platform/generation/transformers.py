@@ -14,25 +14,10 @@ from typing import Any
 
 import torch
 
-from llava_platform.generation.engine import EngineResources
+from llava_platform.generation.engine import EngineResources, log_dtype, resolve_dtype
 from llava_platform.generation.request import Completion, GenerationRequest, Prepared, prepare_request
 from llava_platform.inference import end_token_ids, merge_inputs
 from llava_platform.sampling import GREEDY_BELOW
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def serving_dtype(name: str, device: str) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU that supports it (what training used there), float32 elsewhere.
-
-    Raises:
-        ValueError: a name other than ``auto`` or one of ``DTYPES``.
-    """
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype is {name!r}; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 class TransformersEngine:
@@ -49,7 +34,7 @@ class TransformersEngine:
     @classmethod
     def open(cls, checkpoint: str | Path, *, model_name: str, device: str, dtype: str, vllm: Any,
              adapters: dict[str, str]) -> TransformersEngine:
-        """Load ``checkpoint`` on ``device`` in ``dtype`` (``auto``: ``serving_dtype``).
+        """Load ``checkpoint`` on ``device`` in ``dtype`` (``resolve_dtype``: ``auto`` is the checkpoint's own).
 
         Raises:
             ValueError: ``adapters`` given (unmerged LoRA adapters are the vllm engine's).
@@ -59,7 +44,9 @@ class TransformersEngine:
         if adapters:
             raise ValueError("lora_adapters: unmerged LoRA adapters are served by the vllm engine only "
                              "(set engine: vllm, or serve the merged export)")
-        model, processor = load_pretrained_llava(str(checkpoint), dtype=serving_dtype(dtype, device))
+        resolved = resolve_dtype(dtype, checkpoint)
+        model, processor = load_pretrained_llava(str(checkpoint), dtype=getattr(torch, resolved))
+        log_dtype("transformers", model_name, dtype, resolved)
         return cls(model, processor, device)
 
     @staticmethod

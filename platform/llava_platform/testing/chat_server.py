@@ -14,7 +14,12 @@ Answers depend on the request alone, so a test knows what each image gets. The i
 - ``ALWAYS:500`` fails every try;
 - anything else: a well-formed response of the type the system message asks for.
 
-Every answer waits ``service_time`` seconds first (the benchmark's fixed service time).
+Every answer waits ``service_time`` seconds first (the benchmark's fixed service time). Usage is counted
+as a tokenizer would, so it varies with the text: ``count_tokens`` (pieces of at most 4 word characters,
+and each other non-space character) + ``TEMPLATE_TOKENS`` per message. Every try the server computes is
+billed, as a real API bills it: answers sent after the client gave up (``timeout``) and a ``malformed``
+200's (its usage is lost with its body); ``stats()["billed"]`` is the total, the truth a token cap is
+checked against. A 429/500 is not billed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -49,6 +55,16 @@ BAD = {
 }
 
 
+TEMPLATE_TOKENS = 4
+"""Tokens the scripted chat template adds per message."""
+_PIECE = re.compile(r"\w{1,4}|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """The scripted tokenizer: pieces of at most 4 word characters, and each other non-space character."""
+    return len(_PIECE.findall(text))
+
+
 def kind_of(system: str) -> str:
     if "conversation" in system:
         return "conversation"
@@ -57,14 +73,15 @@ def kind_of(system: str) -> str:
 
 def make_app(service_time: float, timeout_sleep: float) -> web.Application:
     """The scripted server: one asyncio loop (a fixed service time costs no thread per request in flight)."""
-    state = {"requests": 0, "first": None, "last": None, "tries": Counter(), "answered": Counter()}
+    state = {"requests": 0, "first": None, "last": None, "tries": Counter(), "answered": Counter(), "billed": 0}
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response({"requests": state["requests"], "answered": dict(state["answered"]),
-                                  "first_request_at": state["first"], "last_answer_at": state["last"]})
+                                  "first_request_at": state["first"], "last_answer_at": state["last"],
+                                  "billed": state["billed"]})
 
     async def reset(request: web.Request) -> web.Response:
-        state.update(requests=0, first=None, last=None, tries=Counter(), answered=Counter())
+        state.update(requests=0, first=None, last=None, tries=Counter(), answered=Counter(), billed=0)
         return web.json_response({})
 
     async def complete(request: web.Request) -> web.Response:
@@ -78,12 +95,14 @@ def make_app(service_time: float, timeout_sleep: float) -> web.Application:
         state["requests"] += 1
         state["tries"][key] += 1
         first_try = state["tries"][key] == 1
+        prompt = sum(count_tokens(m["content"]) + TEMPLATE_TOKENS for m in messages)
         await asyncio.sleep(service_time)
         if caption == "ALWAYS:500" or (caption.startswith("RETRY:") and first_try):
             fault = caption.split(":", 1)[1]
             if fault == "timeout":
                 await asyncio.sleep(timeout_sleep)
-            elif fault == "malformed":
+            elif fault == "malformed":  # computed and billed, its body (and usage) garbled on the way
+                state["billed"] += prompt + count_tokens(GOOD[kind])
                 return web.Response(status=200, body=b'{"choices": [', content_type="application/json")
             else:
                 return web.json_response({"error": {"message": f"scripted {fault}"}}, status=int(fault),
@@ -98,11 +117,12 @@ def make_app(service_time: float, timeout_sleep: float) -> web.Application:
             content = GOOD[kind].format(c=caption.rstrip("."))
         state["answered"][key] += 1
         state["last"] = time.time()
-        words = len(content.split())
+        answer = count_tokens(content)
+        state["billed"] += prompt + answer
         return web.json_response({
             "id": "chat-1", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": words, "total_tokens": 100 + words}})
+            "usage": {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}})
 
     app = web.Application(client_max_size=16 << 20)
     app.add_routes([web.get("/stats", stats), web.delete("/reset", reset), web.post("/v1/chat/completions", complete)])

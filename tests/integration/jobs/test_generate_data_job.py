@@ -28,6 +28,9 @@ from tests.helpers.specs import row_spec
 SCRIPTS = ["FAULT:refuse", "FAULT:leak", "FAULT:empty", "FAULT:truncated", "FAULT:unparseable", "FAULT:turns",
            "RETRY:429", "RETRY:500", "RETRY:timeout", "RETRY:malformed", "ALWAYS:500"]
 NORMAL = 3
+CAP = 8000
+"""Run 1's --max-total-tokens: a few requests' worth (a conversation request reserves ~2000: its prompt's
+UTF-8 bytes + 16 per message + --max-tokens)."""
 TYPES = ("conversation", "detail", "reasoning")
 
 
@@ -57,16 +60,20 @@ def scripted(ray_cluster, mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("datagen")
     annotations = write_annotations(root, SCRIPTS, NORMAL)
     with ChatServer(timeout_sleep=2.0) as server:
-        first = generate_data.main(job(annotations, server, root / "out", mlflow_server, "--max-total-tokens", "2500"))
+        first = generate_data.main(job(annotations, server, root / "out", mlflow_server, "--max-total-tokens",
+                                       str(CAP)))
+        billed_first = server.stats()["billed"]  # the teacher's own bill for run 1, every try counted
         second = generate_data.main(job(annotations, server, root / "out", mlflow_server))
-        yield root, first, second, server.stats() | {"url": server.url}
+        yield root, first, second, server.stats() | {"url": server.url, "billed_first": billed_first}
 
 
 def test_a_token_budget_stops_the_run_and_the_next_run_asks_only_for_the_rest(scripted):
     _, first, second, stats = scripted
     run1, run2 = first.manifest["this_run"], second.manifest["this_run"]
     assert run1["not_sent_budget"] > 0 and run1["ok"] + run1["quarantined"] > 0
-    assert run1["prompt_tokens"] + run1["completion_tokens"] <= 2500  # reserved before sending: never over
+    # every try reserved its worst case before it was sent; the teacher's own bill stays under the cap
+    assert stats["billed_first"] <= run1["tokens_charged"] <= CAP
+    assert run1["prompt_tokens"] + run1["completion_tokens"] <= run1["tokens_charged"]
     assert run2["not_sent_budget"] == 0
     # every (image, type) is asked for until it is answered once; what failed in run 1 is asked again
     assert run1["ok"] + run1["quarantined"] + run2["responses"] == len(SCRIPTS + [""] * NORMAL) * len(TYPES)

@@ -1,19 +1,22 @@
 """The benchmarks' official scoring rules (``llava_platform.benchmarks.rules``).
 
 Every expected value here was worked out by hand from the rule the official script states, not copied
-from the code's output; where the working is not obvious it is written next to the case.
+from the code's output; where the working is not obvious it is written next to the case. The official
+scripts' own outputs on hundreds of generated cases are checked in ``test_official_fixtures.py``.
 """
 
 import pytest
 
 from llava_platform.benchmarks.rules import (
+    evalai_answer,
     gqa_normalize,
     letter_by_rules,
     mme_yes_no,
     pope_yes_no,
     scienceqa_letter,
-    vqa_accuracy,
-    vqa_normalize,
+    textvqa_accuracy,
+    vizwiz_accuracy,
+    vqav2_accuracy,
 )
 
 # --- VQA normalisation ---------------------------------------------------------------------------------
@@ -31,8 +34,8 @@ from llava_platform.benchmarks.rules import (
     ("Yes?", "yes"),  # "?" removed
     ("  dog  ", "dog"),
 ])
-def test_vqa_normalize_basic(answer, normal):
-    assert vqa_normalize(answer) == normal
+def test_evalai_answer_basic(answer, normal):
+    assert evalai_answer(answer) == normal
 
 
 @pytest.mark.parametrize("answer, normal", [
@@ -46,8 +49,8 @@ def test_vqa_normalize_basic(answer, normal):
     ("twenty two", "twenty 2"),
     ("someone", "someone"),  # whole words only, "one" inside a word stays
 ])
-def test_vqa_normalize_number_words(answer, normal):
-    assert vqa_normalize(answer) == normal
+def test_evalai_answer_number_words(answer, normal):
+    assert evalai_answer(answer) == normal
 
 
 @pytest.mark.parametrize("answer, normal", [
@@ -58,8 +61,8 @@ def test_vqa_normalize_number_words(answer, normal):
     ("another", "another"),  # whole words only
     ("theater", "theater"),
 ])
-def test_vqa_normalize_articles(answer, normal):
-    assert vqa_normalize(answer) == normal
+def test_evalai_answer_articles(answer, normal):
+    assert evalai_answer(answer) == normal
 
 
 @pytest.mark.parametrize("answer, normal", [
@@ -67,15 +70,16 @@ def test_vqa_normalize_articles(answer, normal):
     ("Dont", "don't"),  # lower-cased first
     ("isnt", "isn't"),
     ("wont", "won't"),
-    ("couldntve", "couldn't've"),  # both apostrophes left out
+    ("couldntve", "couldntve"),  # both apostrophes left out: not in the official table
+    ("im", "im"),  # the official table's key is "Im", which never meets a lower-cased word
     ("couldn'tve", "couldn't've"),  # the second one left out
     ("couldnt've", "couldn't've"),  # the first one left out
     ("couldn't've", "couldn't've"),
     ("whats", "what's"),
     ("i dont know", "i don't know"),  # word by word
 ])
-def test_vqa_normalize_contractions(answer, normal):
-    assert vqa_normalize(answer) == normal
+def test_evalai_answer_contractions(answer, normal):
+    assert evalai_answer(answer) == normal
 
 
 @pytest.mark.parametrize("answer, normal", [
@@ -119,8 +123,8 @@ def test_vqa_normalize_contractions(answer, normal):
     ("yes\nno", "yes no"),
     ("yes\tno", "yes no"),
 ])
-def test_vqa_normalize_punctuation(answer, normal):
-    assert vqa_normalize(answer) == normal
+def test_evalai_answer_punctuation(answer, normal):
+    assert evalai_answer(answer) == normal
 
 
 # --- VQA accuracy ----------------------------------------------------------------------------------------
@@ -138,17 +142,17 @@ def test_vqa_normalize_punctuation(answer, normal):
 @pytest.mark.parametrize("matching, accuracy", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
 def test_vqa_accuracy_leave_one_out(matching, accuracy):
     annotators = ["cat"] * matching + ["dog"] * (10 - matching)
-    assert vqa_accuracy("cat", annotators) == pytest.approx(accuracy)
+    assert textvqa_accuracy("cat", annotators) == pytest.approx(accuracy)
 
 
 def test_vqa_accuracy_ignores_annotator_order():
     annotators = ["dog", "cat", "dog", "dog", "cat", "dog", "dog", "dog", "dog", "dog"]
-    assert vqa_accuracy("cat", annotators) == pytest.approx(0.6)  # k = 2
+    assert textvqa_accuracy("cat", annotators) == pytest.approx(0.6)  # k = 2
 
 
 def test_vqa_accuracy_with_three_annotators():
     # leaving out either "yes" leaves 1 match (1/3), leaving out "no" leaves 2 (2/3): (1/3 + 1/3 + 2/3) / 3
-    assert vqa_accuracy("yes", ["yes", "yes", "no"]) == pytest.approx(4 / 9)
+    assert textvqa_accuracy("yes", ["yes", "yes", "no"]) == pytest.approx(4 / 9)
 
 
 @pytest.mark.parametrize("prediction, matching_answer, accuracy", [
@@ -160,20 +164,34 @@ def test_vqa_accuracy_with_three_annotators():
     ("2", "Two", 0.9),  # the annotators' answers are normalised too
     ("3.5", "35", 0.0),  # "3.5" keeps its period: no match
 ])
-def test_vqa_accuracy_normalises_both_sides(prediction, matching_answer, accuracy):
+def test_textvqa_accuracy_normalises_both_sides(prediction, matching_answer, accuracy):
     annotators = [matching_answer] * 3 + ["something else"] * 7
-    assert vqa_accuracy(prediction, annotators) == pytest.approx(accuracy)
+    assert textvqa_accuracy(prediction, annotators) == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("prediction, annotator, vqav2, vizwiz", [
+    ("2", "Two", 0.0, 0.0),  # VQAv2's server never lower-cases or maps number words on the annotators' side
+    ("Two", "2", 0.9, 0.9),  # the reply is normalised: "2"
+    ("it's", "it's", 0.0, 0.0),  # submitted as "it 's" (LLaVA's conversion splits "'s")
+    ("black-and-white", "black and white", 0.9, 0.9),
+    ("Red", "red", 0.9, 0.9),
+])
+def test_vqav2_and_vizwiz_normalise_the_reply_not_the_annotators(prediction, annotator, vqav2, vizwiz):
+    annotators = [annotator] * 3 + ["something else"] * 7
+    assert vqav2_accuracy(prediction, annotators) == pytest.approx(vqav2)
+    assert vizwiz_accuracy(prediction, annotators) == pytest.approx(vizwiz)
 
 
 def test_vqa_accuracy_one_matching_after_normalisation():
     annotators = ["Dog"] + ["cat"] * 9  # "the dog." and "Dog" both normalise to "dog": k = 1
-    assert vqa_accuracy("the dog.", annotators) == pytest.approx(0.3)
+    assert textvqa_accuracy("the dog.", annotators) == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize("rule", [vqav2_accuracy, vizwiz_accuracy, textvqa_accuracy])
 @pytest.mark.parametrize("annotators", [[], ()])
-def test_vqa_accuracy_needs_annotators(annotators):
+def test_vqa_accuracy_needs_annotators(annotators, rule):
     with pytest.raises(ValueError):
-        vqa_accuracy("yes", annotators)
+        rule("yes", annotators)
 
 
 # --- GQA -----------------------------------------------------------------------------------------------
@@ -181,7 +199,7 @@ def test_vqa_accuracy_needs_annotators(annotators):
 
 @pytest.mark.parametrize("answer, normal", [
     ("Yes.", "yes"),
-    ("  Dog.  ", "dog"),  # strip first, then the final period can go
+    ("  Dog.  ", "  dog.  "),  # nothing stripped: the period is not final (LLaVA's replies come stripped)
     ("left..", "left"),  # all final periods
     ("3.5", "3.5"),  # a period inside stays
     ("U.S.", "u.s"),  # only the final period goes

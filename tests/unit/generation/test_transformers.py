@@ -1,25 +1,41 @@
 """The transformers engine without Ray Serve: one generate call per batch, the same answers as one at a time."""
 
 import asyncio
+import json
+import logging
 
 import pytest
 import torch
 
 from llava_platform.config.schema import ServeLimits
-from llava_platform.generation.engine import answer_questions, open_engine
+from llava_platform.generation.engine import answer_questions, open_engine, resolve_dtype
 from llava_platform.generation.request import RequestError
-from llava_platform.generation.transformers import TransformersEngine, serving_dtype
+from llava_platform.generation.transformers import TransformersEngine
 from serve.openai_api import parse_chat_request
 from tests.helpers.requests import chat, data_url, image_part, text_part
 
 LIMITS = ServeLimits(max_tokens=16, max_images=2, max_image_bytes=50_000, max_image_pixels=200 * 200)
 
 
-def test_serving_dtype():
-    assert serving_dtype("auto", "cpu") == torch.float32
-    assert serving_dtype("bfloat16", "cpu") == torch.bfloat16
+def test_auto_is_the_checkpoints_own_dtype_on_every_engine(tmp_path):
+    """``resolve_dtype``: both engines run a checkpoint in its config.json's dtype unless told otherwise (vLLM's
+    own ``auto`` would run a float32 checkpoint in bfloat16 on CPUs)."""
+    for config, expected in (({"dtype": "bfloat16"}, "bfloat16"), ({"torch_dtype": "float16"}, "float16"),
+                             ({"text_config": {"dtype": "bfloat16"}}, "bfloat16"), ({}, "float32")):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert resolve_dtype("auto", tmp_path) == expected, config
+    assert resolve_dtype("float32", tmp_path) == "float32"
     with pytest.raises(ValueError, match="dtype is 'fp8'"):
-        serving_dtype("fp8", "cuda")
+        resolve_dtype("fp8", tmp_path)
+
+
+def test_the_engine_runs_the_checkpoint_in_its_dtype_and_says_so(saved_checkpoints, caplog):
+    with caplog.at_level(logging.WARNING, logger="llava_platform.generation"):
+        engine = open_engine("transformers", saved_checkpoints["llava"], model_name="m", device="cpu", dtype="auto")
+    assert engine.model.dtype == torch.float32
+    assert "transformers engine: m in float32 (the checkpoint's own)" in caplog.text
+    converted = open_engine("transformers", saved_checkpoints["llava"], model_name="m", device="cpu", dtype="bfloat16")
+    assert converted.model.dtype == torch.bfloat16
 
 
 @pytest.fixture(scope="module")
