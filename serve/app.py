@@ -9,11 +9,12 @@ Routes: ``GET /`` (the chat page, ``serve/chat.html``), ``POST /v1/chat/completi
 replica's start); ``args.engine`` picks what generates (``llava_platform.generation``: ``transformers`` or
 ``vllm``), and the replica holds it as a ``GenerationEngine``: everything here is the same code on both.
 Non-streaming requests queue through ``@serve.batch`` in groups of the engine's ``batch_size`` (the
-configured ``max_batch_size`` for static batches; one at a time for an engine that batches continuously);
-streaming ones generate on their own. The ``/v1`` routes take the API key through one FastAPI dependency
-(``require_api_key``). Every request the server refuses raises ``RequestError``, which an exception handler
-turns into OpenAI's error JSON with its 4xx status (anything unexpected: a 500 in the same shape), and the
-replica keeps serving.
+configured ``max_batch_size``) for an engine that batches statically; they go straight to an engine that
+batches continuously (``batch_size`` 1: ``@serve.batch`` runs one batch at a time per replica, so it would
+serialise them); streaming ones generate on their own. The ``/v1`` routes take the API key through one
+FastAPI dependency (``require_api_key``). Every request the server refuses raises ``RequestError``, which
+an exception handler turns into OpenAI's error JSON with its 4xx status (anything unexpected: a 500 in the
+same shape), and the replica keeps serving.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type on the
 routes that Ray Serve's ingress wraps. The ingress serialises the class when it is decorated, so
@@ -151,7 +152,10 @@ class LlavaServer:
         limits = self.limits
         media = limits.max_images * limits.max_image_bytes + limits.max_videos * limits.max_video_bytes
         self.max_body_bytes = media * 4 // 3 + 1_000_000
-        self.generate_batch.set_max_batch_size(self.engine.batch_size(config.max_batch_size))
+        batch_size = self.engine.batch_size(config.max_batch_size)
+        self.batched = batch_size > 1
+        """Requests wait for each other in ``generate_batch``; else each goes to the engine at once."""
+        self.generate_batch.set_max_batch_size(batch_size)
         self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -169,7 +173,7 @@ class LlavaServer:
             prepared.adapter = body["model"]
         if prepared.request.stream:
             return StreamingResponse(self._events(prepared), media_type="text/event-stream")
-        answer = await self.generate_batch(prepared)
+        answer = await self.generate_batch(prepared) if self.batched else (await self.engine.complete([prepared]))[0]
         if isinstance(answer, Exception):
             raise answer
         return chat_completion(prepared.adapter or self.model_name, answer.text, answer.finish_reason,

@@ -10,6 +10,7 @@ images, and runs ``jobs.evaluate`` on them once per engine on a local Ray (one r
 2-core machine, batches of ``--batch-size``, greedy answers of up to ``--max-new-tokens``). Each run is
 timed whole, as a user sees it (Ray Data's start and the model load or engine start included). Prints
 questions/s per engine, how many answers are identical, and last ``vllm/transformers questions/s: <ratio>``.
+Both engines run the same explicit ``--dtype`` (float32 by default, printed).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> float | None:
     parser.add_argument("--questions", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both engines' dtype")
     parser.add_argument("--quick", action="store_true", help="8 questions of up to 4 tokens, batches of 8")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> float | None:
     timings, answers = {}, {}
     for engine in ("transformers", "vllm"):
         started = time.perf_counter()
-        inference = InferenceConfig(engine=engine, vllm={"enforce_eager": True}, num_replicas=1, cpus_per_replica=2,
+        inference = InferenceConfig(engine=engine, dtype=args.dtype, vllm={"enforce_eager": True}, num_replicas=1,
+                                    cpus_per_replica=2,
                                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         result = evaluate.run(model=str(model), data=[str(files["eval"])], image_root=str(root / "data"),
                               output=root / engine, tracking_uri=tracking, inference=inference)
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> float | None:
     ray.shutdown()  # nothing of Ray's prints after the figures: the last line is the README's
     same = sum(answers["vllm"][k] == answers["transformers"][k] for k in answers["vllm"])
     print(f"\n{args.questions} questions, greedy answers of up to {args.max_new_tokens} tokens, batches of "
-          f"{args.batch_size}, 1 replica on 2 CPUs (whole runs: Ray Data start, model load or engine start included)")
+          f"{args.batch_size}, 1 replica on 2 CPUs, {args.dtype} on both engines (whole runs: Ray Data start, model "
+          "load or engine start included)")
     for engine, seconds in timings.items():
         print(f"{engine:<13}{seconds:>8.1f} s {args.questions / seconds:>8.2f} questions/s")
     print(f"identical answers: {same}/{len(answers['vllm'])}")

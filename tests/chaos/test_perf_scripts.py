@@ -27,11 +27,13 @@ LAST_LINES = {
     "padding": rf"padding fraction arrival -> grouped: {NUMBER}% -> {NUMBER}%",
     "preprocess": rf"preprocess ours/transformers images/s: {NUMBER}, bytes uint8/float32: {NUMBER}, "
                   rf"peak memory at 10x records: x{NUMBER}",
-    "serve": rf"vllm/transformers tokens/s at c=32: {NUMBER}",
+    "serve": rf"endpoint/bare-vllm tokens/s at c=32: {NUMBER}",
     "train": rf"train s/step vs bare: streamed {NUMBER}, materialised {NUMBER}",
     "zero3_load": rf"zero3-load per-rank-peak/full-model: {NUMBER} \(before: {NUMBER}\)",
 }
 """Each script's last line, as the README quotes it (README "Figures" and the layer READMEs)."""
+EARLIER_LINES = {"serve": rf"vllm/transformers tokens/s at c=32: {NUMBER}"}
+"""Other lines the README quotes from a script's output."""
 
 
 @pytest.mark.chaos
@@ -47,3 +49,7 @@ def test_the_quick_run_prints_finite_figures_in_the_readme_format(script, tmp_pa
     assert match, f"the last line is not in the README's format: {last!r}"
     figures = [float(group) for group in match.groups()]
     assert all(math.isfinite(x) for x in figures), last
+    if script in EARLIER_LINES:
+        earlier = [re.fullmatch(EARLIER_LINES[script], line) for line in completed.stdout.splitlines()]
+        found = [m for m in earlier if m]
+        assert found and all(math.isfinite(float(g)) for g in found[-1].groups()), EARLIER_LINES[script]

@@ -6,11 +6,14 @@ no model is loaded.
 
 import asyncio
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 from ray import serve
 
+from llava_platform.generation.request import Completion, Prepared
 from serve.app import api, exposure_warning
 
 KEY = "secret"
@@ -97,3 +100,30 @@ def test_listening_beyond_this_machine_without_a_key_is_warned_about(host, key, 
     assert (warning is not None) == warned
     if warned:
         assert host in warning and "LLAVA_SERVE_API_KEY" in warning
+
+
+def test_requests_to_a_continuously_batching_engine_reach_it_together(monkeypatch):
+    """An engine with ``batch_size`` 1 (vLLM) gets each non-streaming request at once: ``@serve.batch`` runs one
+    batch at a time per replica, so queueing through it would serialise them (what made the endpoint 0.15x of
+    bare vLLM at 32 concurrent requests). Four requests must be inside the engine together."""
+    together = threading.Barrier(4, timeout=5)  # broken (a 500) when the requests come one by one
+
+    async def complete(items):
+        await asyncio.to_thread(together.wait)
+        return [Completion(text="red", finish_reason="stop", prompt_tokens=3, completion_tokens=1)]
+
+    def prepare(body):
+        return Prepared(inputs={}, prompt_tokens=3, request=SimpleNamespace(stream=False))
+
+    async def generate_batch(prepared):
+        raise AssertionError("queued through @serve.batch")
+
+    server = SimpleNamespace(api_key=None, requests=0, model_name="tiny", served=["tiny"], max_body_bytes=1_000,
+                             engine=SimpleNamespace(complete=complete), _prepare=prepare, batched=False,
+                             generate_batch=generate_batch)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=server))
+
+    with ThreadPoolExecutor(4) as pool:  # four clients at once, each through the ASGI app
+        answers = list(pool.map(lambda _: call("POST", "/v1/chat/completions", b"{}", key=None), range(4)))
+    assert [status for status, _ in answers] == [200] * 4, answers
+    assert all(body["choices"][0]["message"]["content"] == "red" for _, body in answers)
