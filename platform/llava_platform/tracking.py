@@ -221,11 +221,27 @@ def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0):
+def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0) -> "SystemMetrics":
     """Sample CPU, memory, disk, network (and GPUs, if any) into the run until ``.finish()`` is called."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    return SystemMetrics(tracking_uri, run_id, interval_s)
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri,
-                                   resume_logging=True)
-    monitor.start()
-    return monitor
+
+class SystemMetrics:
+    """MLflow's ``SystemMetricsMonitor``, plus one last sample at ``finish()``.
+
+    The monitor publishes a sample only after a whole interval and a successful ``get_run``; a stage shorter
+    than the interval, or one whose check failed on a busy server, would otherwise end with no system metrics.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, interval_s: float):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri,
+                                            resume_logging=True)
+        self.monitor.start()
+
+    def finish(self) -> None:
+        self.monitor.finish()  # stops the sampling thread and flushes what it published
+        self.monitor.collect_metrics()
+        self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+        self.monitor.mlflow_logger.flush()
