@@ -362,7 +362,8 @@ def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, pro
         registered_model=(settings.registered_model or recipe.name) if export and name == "stage2" else None,
     )
     return StagePlan(stage=name, output=str((output / name).resolve()), deepspeed=deepspeed, loop=loop, data=data,
-                     tracking=track, projector=projector, export=export, resume_from=resume_from,
+                     tracking=track, projector=projector, export=export,
+                     export_shard_bytes=recipe.checkpoint.export_shard_mb * 2**20, resume_from=resume_from,
                      storage_endpoint_url=recipe.checkpoint.s3_endpoint_url,
                      backend="nccl" if scaling.use_gpu else "gloo")
 

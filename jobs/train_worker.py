@@ -38,7 +38,7 @@ from llava_platform.train.batches import (
     normalise_loss,
     summed_over_ranks,
 )
-from llava_platform.train.checkpoint import export_model, full_state_dict, save_projector
+from llava_platform.train.checkpoint import export_model, save_trained_projector
 from llava_platform.train.deepspeed_engine import (
     ResumeError,
     build_deepspeed_engine,
@@ -229,23 +229,25 @@ def report_checkpoint(engine, position: TrainingPosition, plan: StagePlan, fault
 
 
 def export_and_register(engine, processor, probe: dict | None, step: int, plan: StagePlan, rank: int) -> None:
-    """Gather the weights (collective), then rank 0 writes the projector, the export and the MLflow artifacts."""
+    """Every rank takes part (ZeRO-3 gathers are collective); rank 0 writes the projector, the export (streamed
+    one shard at a time) and the MLflow artifacts."""
     logits = None
     if probe is not None:  # every rank runs it: ZeRO-3 forwards are collective
         engine.eval()
         with torch.no_grad():
             logits = forward(engine, probe).logits[:, -16:].float().cpu()  # the tail: small even with a 150k vocabulary
-    state = full_state_dict(engine, plan.deepspeed.zero_stage)
-    if rank != 0:
-        return
-    out, track = Path(plan.output), plan.tracking
-    projector = save_projector(state, out)
-    tracking.log_artifact(track.uri, track.run_id, projector)
-    tracking.log_metrics(track.uri, track.run_id, {"optimizer_steps": step}, step=step)
+    out, track, zero_stage = Path(plan.output), plan.tracking, plan.deepspeed.zero_stage
+    projector = save_trained_projector(engine.module, out, zero_stage=zero_stage, write=rank == 0)
+    if rank == 0:
+        tracking.log_artifact(track.uri, track.run_id, projector)
+        tracking.log_metrics(track.uri, track.run_id, {"optimizer_steps": step}, step=step)
     if not plan.export:
         return
-    export = export_model(state, processor, out, model_path=plan.deepspeed.model_path, lora=plan.deepspeed.lora,
-                          module=engine.module)
+    export = export_model(engine.module, processor, out, lora=plan.deepspeed.lora, zero_stage=zero_stage,
+                          write=rank == 0, max_shard_size=plan.export_shard_bytes,
+                          progress=lambda line: log(rank, f"export {line}"))
+    if rank != 0:
+        return
     if probe is not None:
         torch.save({"batch": {k: v.cpu() for k, v in probe.items()}, "logits": logits}, out / EXPORT_CHECK_FILE)
     if track.registered_model:

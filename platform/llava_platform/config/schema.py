@@ -23,6 +23,7 @@ from llava_platform.data.position import ORDER_VERSION, exact_world_sizes, micro
 from llava_platform.data.rows import RowSpec
 from llava_platform.data.video import VideoLimits
 from llava_platform.generation.plan import InferencePlan
+from llava_platform.model.sharded_save import SHARD_BYTES
 from llava_platform.train.plan import LoraSpec
 from llava_platform.vllm_engine import VllmSettings
 
@@ -363,6 +364,9 @@ class CheckpointConfig(Section):
     """S3-compatible endpoint for an ``s3://`` ``storage_path``; default: ``AWS_ENDPOINT_URL`` or AWS."""
     max_failures: int = Field(3, ge=-1)
     """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
+    export_shard_mb: PositiveInt = SHARD_BYTES // 2**20
+    """Largest safetensors file of the Hugging Face export. The export streams one shard at a time (gathered,
+    written, released), so this is also the most weight memory the exporting host holds."""
 
 
 class SyntheticDataConfig(Section):

@@ -18,7 +18,6 @@ or split while loading) is composed in memory instead, with a note.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -26,7 +25,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from llava_platform.archs import tiles_anyres
 from llava_platform.model.checkpoint_index import locate_parameters, tensor_index
@@ -44,10 +42,8 @@ from llava_platform.model.compose import (
     save_llava,
     save_processor,
 )
-from llava_platform.model.layout import llava_hf_name, write_llava_hf_layout
-
-SHARD_BYTES = 4 * 2**30
-"""Largest safetensors shard written (and so held in memory) at a time."""
+from llava_platform.model.layout import write_llava_hf_layout
+from llava_platform.model.sharded_save import SHARD_BYTES, LazyTensor, save_config, save_sharded
 
 TensorSource = Callable[[], torch.Tensor]
 
@@ -96,22 +92,23 @@ def write_composed_llava(
         fresh["model.image_newline"] = new_image_newline(plan.config.text_config.hidden_size, dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = _unique_state(model)
-    getters = {}
-    for name, meta in tensors.items():
+    tensors, made = {}, {}
+    for name, meta in model.state_dict(keep_vars=True).items():
+        if id(meta) in made:  # a tied weight: the same tensor (save_sharded keeps the name save_pretrained keeps)
+            tensors[name] = made[id(meta)]
+            continue
         if name in fresh:
-            getters[name] = (lambda t=fresh[name]: t)
+            make = (lambda t=fresh[name]: t)
         elif name in sources:
-            getters[name] = _reader(name, sources[name], tuple(meta.shape), dtype)
+            make = _reader(name, sources[name], tuple(meta.shape), dtype)
         else:
             raise ModelCompositionError(f"composed model parameter {name} has no source tensor")
-    _write_shards(model, tensors, getters, out_dir, dtype, shard_bytes)
-    model.config.architectures = [type(model).__name__]  # what save_pretrained records
-    model.config.dtype = dtype
-    model.config.save_pretrained(out_dir)
-    model.generation_config.save_pretrained(out_dir)
+        tensors[name] = made[id(meta)] = LazyTensor(tuple(meta.shape), dtype, make)
+    save_sharded(model, tensors, out_dir, max_shard_size=shard_bytes,
+                 progress=lambda line: print(f"[compose] {line}", file=sys.stderr, flush=True))
+    save_config(model, dtype, out_dir)
     save_processor(plan.processor, out_dir)
-    return sum(t.numel() for t in tensors.values())
+    return model.num_parameters()
 
 
 def write_pretrained_llava(checkpoint: str, out_dir: str | Path, *, template: str, image_mode: str) -> tuple[str, int]:
@@ -179,16 +176,6 @@ def _tower_sources(model, vision_dir: str, language_dir: str) -> dict[str, objec
     return sources
 
 
-def _unique_state(model) -> dict[str, torch.Tensor]:
-    """The model's state (meta tensors), a tied weight under its first name only (as ``save_pretrained``)."""
-    seen, state = set(), {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            state[name] = tensor
-    return state
-
-
 def _reader(name: str, location, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSource:
     """Read a tower tensor; embeddings resized to the new vocabulary get their new rows as ``compose_llava``
     gives them (``resized_rows``: the old rows' mean)."""
@@ -197,39 +184,6 @@ def _reader(name: str, location, shape: tuple[int, ...], dtype: torch.dtype) -> 
     if location.shape[1:] != shape[1:]:
         raise ModelCompositionError(f"{name}: tower shape {location.shape}, composed model {shape}")
     return lambda: resized_rows(location.read().view(location.shape).to(dtype), shape[0])
-
-
-def _write_shards(model, tensors: dict[str, torch.Tensor], getters: dict[str, TensorSource], out_dir: Path,
-                  dtype: torch.dtype, shard_bytes: int) -> None:
-    """Write the tensors under ``save_pretrained``'s names, in shards of at most ``shard_bytes`` (+ an index)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    saved = revert_weight_conversion(model, dict(tensors))
-    saved_name = {id(t): llava_hf_name(name) for name, t in saved.items()}
-    if len(saved_name) != len(tensors) or any(id(t) not in saved_name for t in tensors.values()):
-        saved_name = {id(t): name for name, t in tensors.items()}  # a converter on save: keep the model's names
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    total = sum(t.numel() for t in tensors.values()) * itemsize
-    weight_map = {}
-    for index, names in enumerate(shards, start=1):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file({saved_name[id(tensors[n])]: getters[n]().contiguous() for n in names}, str(out_dir / file),
-                  metadata={"format": "pt"})
-        weight_map.update({saved_name[id(tensors[n])]: file for n in names})
-        if len(shards) > 1:
-            print(f"[compose] shard {index}/{len(shards)} written", file=sys.stderr, flush=True)
-    if len(shards) > 1:
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

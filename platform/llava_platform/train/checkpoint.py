@@ -2,13 +2,15 @@
 
 Stage 1 hands its projector to stage 2 as a small safetensors file (``projector.safetensors``), so
 stage 2 starts from the composed towers plus that file, never from a stage-1 optimizer state. The
-export gathers ZeRO-3 shards into a full state dict first: without that, ZeRO-3 saves
-zero-size placeholders (the reference code's ``size mismatch torch.Size([0])``).
+export gathers ZeRO-3 partitions one shard at a time (``export_model``): saving the engine's module as it
+is writes ZeRO-3's zero-size placeholders (the reference code's ``size mismatch torch.Size([0])``), and
+gathering the whole state dict first holds the whole model on one host (145 GB for 72B in bf16).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from llava_platform.model.compose import load_pretrained_llava, save_llava, save_processor
 from llava_platform.model.layout import write_llava_hf_layout
-from llava_platform.model.trainability import apply_lora, part_of
+from llava_platform.model.sharded_save import SHARD_BYTES, LazyTensor, meta_copy, save_config, save_sharded
+from llava_platform.model.trainability import part_of
 from llava_platform.train.plan import LoraSpec
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -68,57 +71,111 @@ def load_projector(model: torch.nn.Module, path: str | Path) -> list[str]:
     return sorted(tensors)
 
 
-def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights from a DeepSpeed engine; every rank must call it (collective under ZeRO-3).
+def gather(zero_stage: int):
+    """What makes parameters whole: ZeRO-3's all-gather (collective: every rank enters it), else nothing."""
+    if zero_stage != 3:
+        return lambda params: nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
-    Returns:
-        The state dict on rank 0 (ZeRO-3: gathered from all ranks), ``None`` on the other ranks.
+    return lambda params: GatheredParameters(params, modifier_rank=None)
+
+
+def save_trained_projector(module: torch.nn.Module, out_dir: str | Path, *, zero_stage: int, write: bool) -> Path:
+    """The projector of a (ZeRO-3: partitioned) trained model, gathered alone, as ``save_projector`` writes it.
+
+    Every rank calls it; the one with ``write`` writes and gets the path.
     """
-    if zero_stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    if engine.global_rank != 0:
-        return None
-    return {name: tensor.detach().cpu() for name, tensor in engine.module.state_dict().items()}
+    named = {name: param for name, param in module.named_parameters() if part_of(name) == "projector"}
+    with gather(zero_stage)(list(named.values())):
+        return save_projector(named, out_dir) if write else Path(out_dir) / PROJECTOR_FILE
 
 
-def export_model(state_dict: dict[str, torch.Tensor], processor, out_dir: str | Path, *, model_path: str,
-                 lora: LoraSpec | None, module: torch.nn.Module) -> Path:
-    """Write ``out_dir/export``: a Hugging Face checkpoint that plain transformers loads.
+def export_model(module: torch.nn.Module, processor, out_dir: str | Path, *, lora: LoraSpec | None, zero_stage: int,
+                 write: bool, max_shard_size: int = SHARD_BYTES, progress: Callable[[str], None] | None = None) -> Path:
+    """Write ``out_dir/export``: a Hugging Face checkpoint that plain transformers and vLLM load.
+
+    Every rank calls it (ZeRO-3 gathers are collective); the one with ``write`` writes. The weights stream
+    (``model.sharded_save``): one shard of at most ``max_shard_size`` is gathered, copied to the writer's CPU,
+    written and released at a time, so no host holds the whole model; the files are what ``save_pretrained``
+    writes for the gathered weights.
 
     Args:
-        state_dict: the full weights (``full_state_dict``; ZeRO-3 shards already gathered).
-        model_path: the stage's starting checkpoint; with LoRA, the base the adapters are merged into.
+        module: the trained model (``engine.module``; a peft wrapper with LoRA).
         lora: the stage's LoRA settings, or ``None``.
-        module: the trained model (``engine.module``); its config and class are what gets saved.
+        progress: called with a line after each shard written (of a checkpoint of several).
 
-    With LoRA, the adapters are also saved on their own in ``out_dir/adapter`` (peft's format; the
-    fully trained projector is ``out_dir/projector.safetensors`` next to it), the model they apply to
-    in ``out_dir/adapter_base`` (the stage's fully trained parts in, the adapters not merged: what
-    vLLM serves with the adapter unmerged), and the export holds the merged weights. The merge runs on a
-    fresh CPU copy, in the trained weights' dtype, loaded
-    strictly from ``state_dict``, so it works the same whether the engine's parameters are sharded
-    (ZeRO-3) or not.
+    With LoRA, the adapters are also saved on their own in ``out_dir/adapter`` (peft's format; the fully
+    trained projector is ``out_dir/projector.safetensors`` next to it), the model they apply to in
+    ``out_dir/adapter_base`` (the stage's fully trained parts in, the adapters not merged: what vLLM serves
+    with the adapter unmerged), and the export holds the merged weights, each LoRA matrix merged as peft's
+    ``merge_and_unload`` does (``merged_weight``) while its shard is written.
     """
-    export = Path(out_dir) / EXPORT_DIR
-    if lora is None:
-        module.save_pretrained(export, state_dict=state_dict)
-    else:
-        base, _ = load_pretrained_llava(model_path, dtype=next(iter(state_dict.values())).dtype)
-        adapted = apply_lora(base, **asdict(lora))
-        adapted.load_state_dict(state_dict, strict=True)
-        adapted.save_pretrained(Path(out_dir) / ADAPTER_DIR)
-        merged = adapted.merge_and_unload()
-        merged.save_pretrained(export)
-        # the same module without the merge: the peft names of the non-LoRA weights, unwrapped
-        base_weights = {name.removeprefix("base_model.model.").replace(".base_layer.", "."): tensor
-                        for name, tensor in state_dict.items() if "lora_" not in name}
-        merged.load_state_dict(base_weights, strict=True)
-        merged.save_pretrained(Path(out_dir) / ADAPTER_BASE_DIR)
-        write_llava_hf_layout(Path(out_dir) / ADAPTER_BASE_DIR)
-        save_processor(processor, Path(out_dir) / ADAPTER_BASE_DIR)
-    write_llava_hf_layout(export)  # the names vLLM, SGLang and the hub use
-    save_processor(processor, export)
-    return export
+    out_dir = Path(out_dir)
+    plain = module.get_base_model() if lora is not None else module
+    meta = meta_copy(plain)
+    options = dict(max_shard_size=max_shard_size, gather=gather(zero_stage), write=write, progress=progress)
+    if lora is not None:
+        named = {name: param for name, param in module.named_parameters() if "lora_" in name}
+        with gather(zero_stage)(list(named.values())):  # the adapters alone: small
+            adapters = {name: param.detach().cpu().clone() for name, param in named.items()}
+        if write:
+            module.save_pretrained(out_dir / ADAPTER_DIR, state_dict=adapters)
+        write_checkpoint(meta, lora_tensors(module, merged=False), processor, out_dir / ADAPTER_BASE_DIR, **options)
+    return write_checkpoint(meta, lora_tensors(module, merged=True) if lora is not None else
+                            plain_tensors(module), processor, out_dir / EXPORT_DIR, **options)
+
+
+def write_checkpoint(meta, tensors: dict[str, LazyTensor], processor, folder: Path, *, write: bool,
+                     progress: Callable[[str], None] | None, **options) -> Path:
+    """Weights (streamed), config, processor; in the llava-hf layout."""
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+    save_sharded(meta, tensors, folder, write=write, **options,
+                 progress=progress and (lambda line: progress(f"{folder.name}: {line}")))
+    if write:
+        save_config(meta, next(t.dtype for t in tensors.values() if t.params), folder)  # the first parameter's
+        write_llava_hf_layout(folder)  # the index's final form (the names are already llava-hf's)
+        save_processor(processor, folder)
+    return folder
+
+
+def shape_of(tensor: torch.Tensor) -> tuple[int, ...]:
+    """A tensor's whole shape, also of a ZeRO-3 partitioned parameter (whose own shape is empty)."""
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
+def plain_tensors(module: torch.nn.Module) -> dict[str, LazyTensor]:
+    """The model's own weights and buffers, each as it is (once gathered)."""
+    return {name: LazyTensor(shape_of(t), t.dtype, (lambda t=t: t), (t,) if isinstance(t, torch.nn.Parameter) else ())
+            for name, t in module.state_dict(keep_vars=True).items()}
+
+
+def lora_tensors(module: torch.nn.Module, *, merged: bool) -> dict[str, LazyTensor]:
+    """The plain model's tensors out of a peft LoRA wrapper: each base weight, with (``merged``) or without
+    its adapter's update."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {f"{name}.base_layer.weight": layer for name, layer in module.named_modules()
+              if isinstance(layer, LoraLayer)}
+    tensors = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if "lora_" in name:
+            continue
+        plain = name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+        params = (t,) if isinstance(t, torch.nn.Parameter) else ()
+        layer = layers.get(name) if merged else None
+        if layer is None:
+            tensors[plain] = LazyTensor(shape_of(t), t.dtype, (lambda t=t: t), params)
+        else:
+            tensors[plain] = LazyTensor(shape_of(t), t.dtype, (lambda t=t, layer=layer: merged_weight(layer, t)),
+                                        tuple(layer.parameters()))
+    return tensors
+
+
+def merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with the layer's active adapter merged: what peft's ``merge`` leaves in it (vanilla LoRA)."""
+    (adapter,) = layer.active_adapters
+    return weight + layer.get_delta_weight(adapter)
 
 
 def export_with_projector(model_path: str, projector_path: str | Path, out_dir: str | Path) -> Path:

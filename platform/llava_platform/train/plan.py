@@ -144,6 +144,8 @@ class StagePlan:
     """A projector to start from (a path or a ``runs:/`` URI), or ``None``."""
     export: bool
     """Write a Hugging Face export at the end (the last stage of the run)."""
+    export_shard_bytes: int
+    """The export's largest file (``checkpoint.export_shard_mb``): the most weight memory its writer holds."""
     resume_from: str | None
     """A checkpoint to start from (local or ``s3://``) when Ray Train has none of its own."""
     storage_endpoint_url: str | None

@@ -21,12 +21,16 @@ from safetensors.torch import load_file
 from jobs import compose, faults, train
 from llava_platform import tracking
 from llava_platform.data.synthetic import write_synthetic_dataset
+from llava_platform.model.checkpoint_index import tensor_index
 from llava_platform.model.trainability import part_of
 from llava_platform.train.checkpoint import PROJECTOR_FILE, save_projector
 from llava_platform.train.deepspeed_engine import CHECKPOINT_TAG
 from tests.helpers.losses import Loss, mlflow_steps, record_loss, resumes_loss, rows_loss, steps_loss
 from tests.helpers.recipes import RECIPE, REGISTERED_NAME, STEPS, data_overrides, zero3
 from tests.helpers.training import assert_export_reproduces_engine, losses, weights
+
+EXPORT_SHARD_MB = 1
+"""Streamed exports of several shards from the tiny model (~2 MB)."""
 
 
 def mlflow_runs(output: Path) -> dict[str, str]:
@@ -72,7 +76,8 @@ def zero3_lora(ray_cluster, tmp_path_factory) -> Zero3Lora:
                  "stage2.optim.lr=0.01", "checkpoint.every_n_steps=2", "tracking.system_metrics=false",
                  *zero3("stage2"), "stage2.deepspeed.gradient_checkpointing=true", "stage2.tunable=[projector]",
                  "stage2.lora={r: 4, alpha: 8, dropout: 0.0}", f"stage2.init_from={projector}",
-                 "stage2.data.group_by_modality_length=true", heads]
+                 "stage2.data.group_by_modality_length=true", heads,
+                 f"checkpoint.export_shard_mb={EXPORT_SHARD_MB}"]  # a streamed export of several shards
     cwd = root / "cwd"
     cwd.mkdir()
     with pytest.MonkeyPatch.context() as patch:
@@ -88,15 +93,36 @@ def test_zero3_lora_exports_merged_weights_and_adapters(zero3_lora):
     assert (stage2 / "adapter" / "adapter_config.json").exists()
     adapters = load_file(str(stage2 / "adapter" / "adapter_model.safetensors"))
     assert adapters and all("lora_" in n for n in adapters)
-    saved = load_file(str(stage2 / "export" / "model.safetensors"))
+    saved = tensor_index(stage2 / "export")
+    assert len({location.file for location in saved.values()}) >= 2, "not streamed in several shards"
     assert not any("lora_" in n or "base_layer" in n for n in saved), "the export still holds adapter weights"
-    assert all(t.numel() > 0 for t in saved.values()), "ZeRO-3 placeholders were saved instead of weights"
+    assert all(location.read().numel() > 0 for location in saved.values()), "ZeRO-3 placeholders were saved"
     before, after = weights(zero3_lora.initial), weights(stage2 / "export")
     vision = [n for n in before if n.startswith("model.vision_tower.")]
     assert vision and all(torch.equal(after[n], before[n]) for n in vision)
     q_proj = [n for n in before if n.startswith("model.language_model.") and n.endswith("q_proj.weight")]
     assert q_proj and all(not torch.equal(after[n], before[n]) for n in q_proj), "the LoRA update was not merged"
     assert_export_reproduces_engine(stage2)
+
+
+def test_the_zero3_export_streamed_from_two_ranks_is_todays_in_memory_one(zero3_lora, tmp_path):
+    """Gathered shard by shard from two ZeRO-3 ranks, the merged export is byte for byte what the in-memory route
+    writes from the same weights: peft's ``merge_and_unload`` of the adapter on ``adapter_base``, then
+    ``save_pretrained`` and the llava-hf names."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from llava_platform.model.layout import write_llava_hf_layout
+
+    stage2 = zero3_lora.out.stage_dirs["stage2"]
+    base = AutoModelForImageTextToText.from_pretrained(stage2 / "adapter_base")
+    merged = PeftModel.from_pretrained(base, stage2 / "adapter").merge_and_unload()
+    merged.save_pretrained(tmp_path, max_shard_size=EXPORT_SHARD_MB * 2**20)
+    write_llava_hf_layout(tmp_path)
+    weight_files = sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("model"))
+    assert len(weight_files) >= 3 and weight_files == sorted(p.name for p in (stage2 / "export").glob("model*"))
+    for name in weight_files:
+        assert (tmp_path / name).read_bytes() == (stage2 / "export" / name).read_bytes(), name
 
 
 @pytest.mark.chaos  # a vLLM engine with LoRA of its own (~30 s)
