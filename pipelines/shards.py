@@ -29,7 +29,9 @@ import ray
 from ray.data import SaveMode
 from ray.data.block import BlockAccessor
 
+from llava_platform.config.memory_plan import MANIFEST
 from llava_platform.config.schema import DataConfig
+from llava_platform.train.memory import SampleLengths
 from pipelines.preprocess import ROW_SCHEMA, finish
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -109,7 +111,8 @@ def write_shards(
             of them for every preprocessing task to write its own. Row groups hold ``ROWS_PER_ROW_GROUP``.
 
     Returns:
-        The manifest: counts, schema, recipe hash, shard files.
+        The manifest: counts, the rows' lengths (tokens and tiles per row: largest and 99th percentile, what
+        the memory planner plans with), schema, recipe hash, shard files.
 
     Raises:
         ManifestError: ``out_dir`` already holds shards and ``overwrite`` is false.
@@ -120,20 +123,24 @@ def write_shards(
         raise ManifestError(f"{out_dir} already holds shards of an earlier run; pass --overwrite to replace them, "
                             "or write to another folder")
     started = time.perf_counter()
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest describes half-written shards
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # no manifest describes half-written shards
     # Ray clamps row groups to at least min_rows_per_file: blocks of the file size, and no minimum, instead
     rows.repartition(target_num_rows_per_block=rows_per_file[0]).write_parquet(
         str(shards), max_rows_per_file=rows_per_file[1], row_group_size=ROWS_PER_ROW_GROUP,
         mode=SaveMode.OVERWRITE if overwrite else SaveMode.APPEND)
     report = finish(quarantine, out_dir / "quarantine.jsonl")
+    files = sorted(shards.glob("*.parquet"))
+    counts = pq.read_table(files, columns=["length", "num_tiles"]) if files else None  # 8 bytes a row
     manifest = {
         "recipe_hash": recipe_hash,
         "counts": {"read": report.read, "kept": report.kept, "quarantined": report.quarantined},
+        "lengths": SampleLengths.of(counts["length"].to_numpy() if counts else [],
+                                    counts["num_tiles"].to_numpy() if counts else []).as_dict(),
         "schema": {field.name: str(field.type) for field in ROW_SCHEMA},
-        "shards": sorted(p.name for p in shards.glob("*.parquet")),
+        "shards": [p.name for p in files],
         "seconds": round(time.perf_counter() - started, 2),
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -155,7 +162,7 @@ def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None) -> tuple
             from ``ROW_SCHEMA``.
     """
     out_dir = Path(out_dir)
-    manifest_path = out_dir / "manifest.json"
+    manifest_path = out_dir / MANIFEST
     if not manifest_path.exists():
         raise ManifestError(f"{out_dir} has no manifest.json; write it with jobs.preprocess")
     manifest = json.loads(manifest_path.read_text())

@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from llava_platform.archs import takes_video
 from llava_platform.config.schema import Recipe, StageConfig
 from llava_platform.data.geometry import (
@@ -16,7 +19,14 @@ from llava_platform.data.geometry import (
     stacked_image_token_count,
     video_token_count,
 )
-from llava_platform.train.memory import StageSetup, TransformerShape, UnknownShapeError, plan, shape_of
+from llava_platform.train.memory import (
+    SampleLengths,
+    StageSetup,
+    TransformerShape,
+    UnknownShapeError,
+    plan,
+    shape_of,
+)
 
 
 def recipe_shapes(recipe: Recipe) -> tuple[TransformerShape, TransformerShape]:
@@ -41,8 +51,14 @@ def recipe_shapes(recipe: Recipe) -> tuple[TransformerShape, TransformerShape]:
                                                                     image_size=model.image_size)
 
 
-def stage_setup(recipe: Recipe, stage: StageConfig) -> StageSetup:
-    """The numbers ``estimate`` needs, from the recipe (shapes as ``recipe_shapes``)."""
+def stage_setup(recipe: Recipe, stage: StageConfig, lengths: SampleLengths | None = None) -> StageSetup:
+    """The numbers ``estimate`` needs, from the recipe (shapes as ``recipe_shapes``).
+
+    Args:
+        lengths: the data's own lengths (default: the preprocessing manifest's in ``data.preprocessed``, if
+            any). Without them every sample is planned as long as ``model_max_length`` allows, with the
+            largest image the geometry allows: a bound, far above LLaVA data for long-context recipes.
+    """
     lm, tower = recipe_shapes(recipe)
     model, ds = recipe.model, stage.deepspeed
     projector = tower.hidden * lm.hidden + (lm.hidden * lm.hidden if model.projector == "mlp2x_gelu" else 0)
@@ -58,14 +74,40 @@ def stage_setup(recipe: Recipe, stage: StageConfig) -> StageSetup:
             *(onevision_image_token_count(p, pinpoints=pinpoints, max_tiles=model.max_tiles(), **size)
               for p in pinpoints),
             data.max_images * stacked_image_token_count(**size), video_token_count(data.video.frames, **size))
+    max_length, typical, source = stage.data.model_max_length, None, StageSetup.lengths_from
+    lengths = lengths or manifest_lengths(stage)
+    if lengths is not None and lengths.rows:
+        max_length, tiles, typical = min(max_length, lengths.max_tokens), lengths.max_tiles, lengths
+        source = f"the data ({lengths.rows:,} rows; largest {lengths.max_tokens:,} tokens, {lengths.max_tiles} tiles)"
+    if stage.data.packing is not None:  # every row a pack, filled up to its budget
+        packing = stage.data.packing
+        max_length, tiles = packing.max_tokens, packing.max_tiles or tiles
+        typical = SampleLengths(max_length, max_length, tiles, tiles, lengths.rows if lengths else 0)
+        source = f"data.packing (rows of up to {max_length:,} tokens{f', {tiles} tiles' if packing.max_tiles else ''})"
     return StageSetup(lm=lm, tower=tower, projector_params=projector, tunable=tuple(stage.tunable),
                       lora_rank=stage.lora.r if stage.lora else None,
                       lora_targets=tuple(stage.lora.target_modules) if stage.lora else (),
                       zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer, precision=ds.precision,
                       world_size=recipe.scaling.num_workers, micro_batch_size=stage.micro_batch_size,
-                      max_length=stage.data.model_max_length, tiles_per_sample=tiles,
+                      max_length=max_length, tiles_per_sample=tiles,
                       gradient_checkpointing=ds.gradient_checkpointing, overlap_comm=recipe.scaling.use_gpu,
-                      image_tokens=image_tokens)
+                      image_tokens=image_tokens, typical=typical, lengths_from=source,
+                      export_shard_bytes=recipe.checkpoint.export_shard_mb * 2**20)
+
+
+MANIFEST = "manifest.json"
+"""``jobs.preprocess``'s summary in a stage's ``data.preprocessed`` folder (``pipelines.shards``)."""
+
+
+def manifest_lengths(stage: StageConfig) -> SampleLengths | None:
+    """The ``lengths`` the preprocessing manifest recorded for the stage's rows, if it is on this machine."""
+    if stage.data.preprocessed is None:
+        return None
+    manifest = Path(stage.data.preprocessed) / MANIFEST
+    if not manifest.is_file():
+        return None
+    recorded = json.loads(manifest.read_text()).get("lengths")
+    return SampleLengths(**recorded) if recorded else None
 
 
 def plan_recipe(recipe: Recipe) -> str:

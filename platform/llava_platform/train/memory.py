@@ -7,9 +7,13 @@ The model states (weights, gradients, optimizer states) follow DeepSpeed's own e
 (``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``: 2 + 18/N
 bytes per trainable parameter under ZeRO-2 in bf16, 18/N + the largest layer under ZeRO-3), extended
 to what DeepSpeed's functions assume away: frozen parts (weights only), LoRA, fp32 training and
-optimizer offload. Activations are an approximation (per layer and token: ~16 hidden + 6
-intermediate values, plus the logits in float32 for the loss); only the model-state part is
-checked against real ranks (``tests/integration/train/test_memory_plan.py``, within 20 %).
+optimizer offload; checked against two real ranks (``tests/integration/train/test_memory_plan.py``, within
+20 %). Activations count what autograd saves per token of each part (``saved_activation_bytes``, calibrated
+against ``saved_tensors_hooks`` on LLaVA, NeXT and OneVision with and without gradient checkpointing:
+``python -m jobs.perf.activations``, a unit test holds it within 25 %), plus the logits and their gradients;
+they are planned for the data's largest sample (the preprocessing manifest's ``lengths``; a packed row with
+``data.packing``), else for ``model_max_length``. Host memory (loading, optimizer offload, the streamed
+export) is planned per worker (``host_memory``).
 
 Model shapes come from a local ``config.json``, the recipe's ``tiny`` towers, or ``KNOWN_SHAPES``
 (the published configs of the models the shipped recipes name), so a dry run needs no download.
@@ -132,6 +136,33 @@ def shape_of(name_or_path: str, *, vision: bool, image_size: int | None = None) 
 
 
 @dataclass(frozen=True)
+class SampleLengths:
+    """Tokens (image tokens included) and vision inputs (tiles + video frames) per sample of a stage's data:
+    the largest and the 99th percentile (``of``; the preprocessing manifest's ``lengths``)."""
+
+    max_tokens: int
+    p99_tokens: int
+    max_tiles: int
+    p99_tiles: int
+    rows: int
+
+    @classmethod
+    def of(cls, tokens, tiles) -> SampleLengths:
+        """From every row's token and tile counts (sequences of ints)."""
+        import numpy as np
+
+        tokens, tiles = np.asarray(tokens), np.asarray(tiles)
+        if tokens.size == 0:
+            return cls(0, 0, 0, 0, 0)
+        p99 = dict(q=99, method="higher")  # a real row's count
+        return cls(int(tokens.max()), int(np.percentile(tokens, **p99)), int(tiles.max()),
+                   int(np.percentile(tiles, **p99)), int(tokens.size))
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
 class StageSetup:
     """What a stage's per-GPU memory depends on (all plain numbers: the planner is pure)."""
 
@@ -154,6 +185,12 @@ class StageSetup:
     image_tokens: int = 0
     """Tokens of the largest image in the sequence (``data.geometry.image_token_count``): a shorter
     ``model_max_length`` than this plus some text would drop every sample with such an image."""
+    typical: SampleLengths | None = None
+    """The data's lengths (its 99th percentiles: a typical micro-batch); ``None``: unknown (no manifest)."""
+    lengths_from: str = "model_max_length (every sample as long as allowed: no preprocessing manifest)"
+    """Where ``max_length`` and ``tiles_per_sample`` come from, for the table."""
+    export_shard_bytes: int = 0
+    """The export's largest shard (``checkpoint.export_shard_mb``): what its writer holds at a time."""
 
 
 @dataclass(frozen=True)
@@ -227,24 +264,80 @@ def estimate(setup: StageSetup) -> MemoryEstimate:
 
 
 def activation_bytes(setup: StageSetup) -> int:
-    """Activations of one micro-batch in the LM and the tower, plus the logits and their float32 loss copy.
+    """Activation memory of one micro-batch at its peak: what autograd keeps for the backward pass
+    (``saved_activation_bytes``) plus the logits and their gradients, alive when the backward pass starts."""
+    wb = 4 if setup.precision == "fp32" else 2
+    text_tokens = setup.micro_batch_size * setup.max_length
+    return saved_activation_bytes(setup) + text_tokens * setup.lm.vocab * (wb + 4 + wb)
 
-    Per block and token about ``16 h + 6 i`` values (attention inputs and outputs, norms, the MLP's
-    gate/up/product) without gradient checkpointing; with it, each block keeps only its input and one
-    block is recomputed at a time. Attention scores are not kept (SDPA / flash attention).
+
+def saved_activation_bytes(setup: StageSetup) -> int:
+    """Peak bytes of the tensors autograd saves for the backward pass, in values per token of each part
+    (measured with ``saved_tensors_hooks``: ``python -m jobs.perf.activations``; within 25 %).
+
+    A language-model block keeps ``8 h + 2 kv + 4 i`` values per token when its weights train (the inputs of
+    its projections, SDPA's query, keys, values and output, the MLP's gate, up and product) and ``5 h + 2 kv
+    + 3 i`` when frozen with gradients flowing through it (stage 1: no projection input is needed); in 16-bit
+    precision its two RMSNorms also keep a float32 copy of their input. A vision-tower block keeps about
+    ``9 h + 2 i`` per patch token when it trains (and its patch embedding the pixels), nothing when frozen (no
+    gradient flows into it). With
+    gradient checkpointing, each block keeps only its input and one block is recomputed at a time. The loss
+    keeps float32 log-probabilities over the vocabulary for every token.
     """
     wb = 4 if setup.precision == "fp32" else 2
-
-    def stack(shape: TransformerShape, tokens: int) -> int:
-        per_block = tokens * (16 * shape.hidden + 6 * shape.intermediate) * wb
-        if setup.gradient_checkpointing:
-            return shape.layers * tokens * shape.hidden * wb + per_block
-        return shape.layers * per_block
-
+    norms = 2 * (4 // wb - 1)  # float32 copies (in values of wb bytes) per hidden unit, in 16-bit precision
+    lm, tower = setup.lm, setup.tower
+    lm_trains = "language_model" in setup.tunable
     text_tokens = setup.micro_batch_size * setup.max_length
-    vision_tokens = setup.micro_batch_size * setup.tiles_per_sample * setup.tower.tokens_per_tile
-    logits = text_tokens * setup.lm.vocab * (wb + 8)  # the logits, their float32 copy for the loss, its gradient
-    return stack(setup.lm, text_tokens) + stack(setup.tower, vision_tokens) + logits
+    vision_tokens = setup.micro_batch_size * setup.tiles_per_sample * tower.tokens_per_tile
+
+    def stack(layers: int, tokens: int, hidden: int, per_block: int) -> tuple[int, int]:
+        """(kept from the forward pass, recomputed in the backward pass) of a stack of blocks."""
+        if setup.gradient_checkpointing:
+            return layers * tokens * hidden * wb, per_block * wb
+        return layers * per_block * wb, 0
+
+    lm_kept, lm_recomputed = stack(lm.layers, text_tokens, lm.hidden, text_tokens * (
+        (8 if lm_trains else 5) * lm.hidden + 2 * lm.kv_dim + (4 if lm_trains else 3) * lm.intermediate
+        + norms * lm.hidden))
+    tower_kept = tower_recomputed = projector = 0
+    if "vision_tower" in setup.tunable:
+        tower_kept, tower_recomputed = stack(tower.layers, vision_tokens, tower.hidden,
+                                             vision_tokens * (9 * tower.hidden + 2 * tower.intermediate))
+        tower_kept += vision_tokens * 3 * tower.patch_size**2 * wb  # the patch embedding's pixels
+    if "projector" in setup.tunable:
+        projector = vision_tokens * (tower.hidden + 2 * lm.hidden) * wb
+    head = text_tokens * ((lm.hidden if lm_trains else 0) + (2 + norms) * lm.hidden) * wb  # lm_head, final norm
+    head += text_tokens * lm.vocab * 4  # the loss's float32 log-probabilities
+    # the backward pass frees as it goes: the head before the language model's blocks are recomputed, the
+    # language model before the tower's
+    return max(lm_kept + tower_kept + projector + head, lm_kept + lm_recomputed + tower_kept + projector,
+               tower_kept + tower_recomputed)
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """CPU memory of one worker (rank) beyond its process, by phase; a node holds the sum of its workers'."""
+
+    load: int
+    """Reading the starting checkpoint: under ZeRO-3 the worker's own partition, read slice by slice
+    (``train.partitioned``); below ZeRO-3 every worker loads the whole model before DeepSpeed moves it."""
+    offload: int
+    """Optimizer states and float32 gradients kept in CPU memory (``deepspeed.offload_optimizer``)."""
+    export: int
+    """Rank 0 only, at the end: one shard of the streamed export (``checkpoint.export_shard_mb``) or the
+    largest single tensor, whichever is larger."""
+
+
+def host_memory(setup: StageSetup) -> HostMemory:
+    """Per-worker CPU memory of a stage (see ``HostMemory``)."""
+    wb = 4 if setup.precision == "fp32" else 2
+    states = estimate(setup)
+    weights = wb * states.total_params
+    load = weights // setup.world_size if setup.zero_stage == 3 else weights
+    offload = 16 * states.trainable_params // setup.world_size if setup.offload_optimizer else 0
+    largest = wb * max(setup.lm.vocab * setup.lm.hidden, setup.lm.intermediate * setup.lm.hidden)
+    return HostMemory(load=load, offload=offload, export=max(setup.export_shard_bytes, largest))
 
 
 @dataclass(frozen=True)
@@ -272,8 +365,19 @@ class StagePlan:
                  f"micro-batch {s.micro_batch_size} x {s.max_length} tokens"
                  f"{', gradient checkpointing' if s.gradient_checkpointing else ''})"]
         for name, value in (("weights", e.weights), ("gradients", e.gradients), ("optimizer states", e.optimizer),
-                            ("ZeRO buffers", e.buffers), ("activations", e.activations)):
+                            ("ZeRO buffers", e.buffers)):
             lines.append(f"  {name:<17}{value / GB:9.1f} GB")
+        lines.append(f"  {'activations':<17}{e.activations / GB:9.1f} GB  (largest micro-batch: {s.micro_batch_size} x "
+                     f"{s.max_length:,} tokens, {s.tiles_per_sample} tiles each)")
+        if s.typical is not None:
+            typical = replace(s, max_length=s.typical.p99_tokens, tiles_per_sample=s.typical.p99_tiles)
+            lines.append(f"  {'':<17}{activation_bytes(typical) / GB:9.1f} GB  (99th percentile: "
+                         f"{s.typical.p99_tokens:,} tokens, {s.typical.p99_tiles} tiles)")
+        lines.append(f"  lengths from     {s.lengths_from}")
+        host = host_memory(s)
+        lines.append(f"  host memory      per worker: loading {host.load / GB:.1f} GB"
+                     + (f", optimizer offload {host.offload / GB:.1f} GB" if host.offload else "")
+                     + f"; rank 0's export {host.export / GB:.1f} GB (streamed, one shard at a time)")
         if self.gpu_memory_gb is None:
             lines.append("  verdict          no scaling.gpu_memory_gb in the recipe: nothing to check against")
         elif self.fits:

@@ -16,6 +16,7 @@ import urllib.request
 
 import mlflow
 import openai
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -46,6 +47,11 @@ def test_the_job_chains_every_step_and_prints_its_summary(pipeline_run):
     # the preprocessing driver's opening line counts what it then reads (its manifest's count)
     manifest = json.loads((pipeline_run.job.root / "shards2" / "manifest.json").read_text())
     assert f"[preprocess] stage2: {manifest['counts']['read']:,} records in 1 file(s)" in log
+    rows = pq.read_table(pipeline_run.job.root / "shards2" / "shards", columns=["length", "num_tiles"])
+    lengths = manifest["lengths"]  # what the memory planner plans with
+    assert lengths["rows"] == manifest["counts"]["kept"] == rows.num_rows
+    assert lengths["max_tokens"] == max(rows["length"].to_pylist()) >= lengths["p99_tokens"] > 0
+    assert lengths["max_tiles"] == max(rows["num_tiles"].to_pylist()) > 0
     for ray_data_line in ("Running Dataset", "Total Progress", "Starting execution of Dataset",
                           "execution finished in"):
         assert ray_data_line not in log, f"Ray Data's own output reached the job log: {ray_data_line!r}"

@@ -3,6 +3,7 @@ the cheapest fix, and what `--dry-run` prints."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -77,13 +78,46 @@ def test_a_stage_that_does_not_fit_gets_the_cheapest_change_that_does():
     assert hopeless.fits is False and "none of" in hopeless.table()
 
 
+NEXT_LENGTHS = memory.SampleLengths(max_tokens=8192, p99_tokens=3400, max_tiles=5, p99_tiles=5, rows=779_000)
+"""LLaVA-NeXT-like data: up to 2,928 image tokens (5 tiles) beside the conversation, the longest
+(multi-turn) conversations at 8K tokens."""
+
+
 def test_the_72b_card_fits_at_the_lengths_its_data_has():
+    """The model card trained stage 2 with exactly these settings on 80 GB GPUs: at the data's lengths it fits;
+    every sample as long as model_max_length (32,768) allows does not, and a shorter cap is the fix."""
     recipe = load_recipe("llava_next_72b")
-    stage1, stage2 = (memory.plan(name, memory_plan.stage_setup(recipe, stage), 80)
+    stage1, stage2 = (memory.plan(name, memory_plan.stage_setup(recipe, stage, NEXT_LENGTHS), 80)
                       for name, stage in recipe.stages().items())
-    assert stage1.fits
-    assert stage2.setup.image_tokens == 2928  # LLaVA-NeXT's largest image at these pinpoints
-    assert stage2.fits is False and stage2.fix[0].startswith("data.model_max_length=8192")
+    assert stage1.fits and stage2.fits, stage2.table()
+    assert stage2.setup.max_length == 8192 and "the data (779,000 rows" in stage2.table()
+    assert "99th percentile: 3,400 tokens" in stage2.table()
+    worst = memory.plan("stage2", memory_plan.stage_setup(recipe, recipe.stage2), 80)
+    assert worst.setup.max_length == 32768 and worst.setup.image_tokens == 2928  # NeXT's largest image
+    assert worst.fits is False and worst.fix[0].startswith("data.model_max_length="), worst.table()
+
+
+def test_host_memory_is_planned_per_worker():
+    recipe = load_recipe("llava_next_72b")
+    host = memory.host_memory(memory_plan.stage_setup(recipe, recipe.stage2, NEXT_LENGTHS))
+    assert host.load < 3 * memory.GB  # ZeRO-3 reads its 1/64 of 145 GB, never the whole model
+    assert host.export == 4 * memory.GB  # one 4 GiB shard of the streamed export (the embedding is 2.5 GB)
+    assert host.offload == 0
+    whole = memory.host_memory(setup(zero_stage=2, offload_optimizer=True))
+    assert whole.load == 2 * whole_params() and whole.offload == 16 * whole_params() // 8
+
+
+def whole_params() -> int:
+    return LM.params + TOWER.params + 1024 * 4096 + 4096 * 4096
+
+
+def test_the_manifests_lengths_are_what_the_plan_uses(tmp_path):
+    lengths = memory.SampleLengths.of(list(range(1, 1001)), [1] * 995 + [5] * 5)
+    assert (lengths.max_tokens, lengths.p99_tokens, lengths.max_tiles, lengths.p99_tiles) == (1000, 991, 5, 1)
+    recipe = load_recipe("llava_next_34b", [f"stage2.data.preprocessed={tmp_path}"])
+    (tmp_path / memory_plan.MANIFEST).write_text(json.dumps({"lengths": lengths.as_dict()}))
+    planned = memory_plan.stage_setup(recipe, recipe.stage2)
+    assert (planned.max_length, planned.tiles_per_sample, planned.typical) == (1000, 5, lengths)
 
 
 def test_dry_run_prints_each_stages_estimate():
@@ -91,3 +125,5 @@ def test_dry_run_prints_each_stages_estimate():
                          cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     assert "# memory per GPU" in out and "# stage1: ~" in out and "# stage2: ~" in out
     assert out.count("verdict          fits in 80 GB") == 2
+    assert "lengths from     model_max_length (every sample as long as allowed" in out
+    assert "host memory      per worker: loading" in out
