@@ -187,7 +187,8 @@ class StageSetup:
     ``model_max_length`` than this plus some text would drop every sample with such an image."""
     typical: SampleLengths | None = None
     """The data's lengths (its 99th percentiles: a typical micro-batch); ``None``: unknown (no manifest)."""
-    lengths_from: str = "model_max_length (every sample as long as allowed: no preprocessing manifest)"
+    lengths_from: str = ("model_max_length (every sample as long as allowed: no preprocessing manifest; "
+                         "after jobs.preprocess the plan uses the data's own lengths)")
     """Where ``max_length`` and ``tiles_per_sample`` come from, for the table."""
     export_shard_bytes: int = 0
     """The export's largest shard (``checkpoint.export_shard_mb``): what its writer holds at a time."""

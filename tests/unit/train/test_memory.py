@@ -125,5 +125,5 @@ def test_dry_run_prints_each_stages_estimate():
                          cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     assert "# memory per GPU" in out and "# stage1: ~" in out and "# stage2: ~" in out
     assert out.count("verdict          fits in 80 GB") == 2
-    assert "lengths from     model_max_length (every sample as long as allowed" in out
+    assert "lengths from     model_max_length (every sample as long as allowed: no preprocessing manifest" in out
     assert "host memory      per worker: loading" in out
