@@ -179,7 +179,7 @@ def preprocess_stages(recipe: Recipe, initial: str) -> bool:
     for name, stage in stages.items():
         folder = stage.data.preprocessed
         try:
-            StageShards.of(stage.data, initial).files()
+            StageShards.of(stage.data, initial, seed=recipe.seed).files()
             log(f"3. {name}: reusing the Parquet shards in {folder}")
             continue
         except ManifestError:

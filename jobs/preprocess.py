@@ -18,10 +18,11 @@ import ray
 
 from jobs.console import PROGRESS_EVERY_S, duration, every, start_ray
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
+from llava_platform.data.mixture import MixtureError
 from pipelines.preprocess import preprocess
 from pipelines.quarantine import PreprocessReport
-from pipelines.shards import ManifestError, StageShards
-from pipelines.sources import count_records, read_records
+from pipelines.shards import ManifestError, StageShards, source_table
+from pipelines.sources import plan_sources, read_planned
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> PreprocessResult:
         return run(recipe, stage=f"stage{args.stage}", model=args.model, output=args.output, overwrite=args.overwrite)
     except ManifestError as error:
         parser.exit(2, f"--output: {error}\n")
+    except MixtureError as error:
+        parser.exit(2, f"{error}\n")
 
 
 def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite: bool = False) -> PreprocessResult:
@@ -64,17 +67,22 @@ def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite
     """
     start_ray()
     data = recipe.stages()[stage].data
-    total = count_records(data.train_files, data.s3_endpoint_url)
-    print(f"[preprocess] {stage}: {total:,} records in {len(data.train_files)} file(s) -> {output}", flush=True)
-    records = read_records(data.train_files, data.s3_endpoint_url)
-    rows, quarantine = preprocess(records, processor_path=model, spec=data.row_spec())
-    shards = StageShards.of(data, model, folder=output)
+    plans = plan_sources(data.train_files, seed=recipe.seed, s3_endpoint_url=data.s3_endpoint_url)
+    total = sum(plan.taken for plan in plans)
+    print(f"[preprocess] {stage}: {total:,} records in {len(plans)} file(s) -> {output}", flush=True)
+    for plan in plans if any(plan.source.origin for plan in plans) else ():  # a mixture: each source's share
+        print(f"[preprocess]   {plan.source.path}: {plan.source.rule}, {plan.taken:,} of {plan.rows:,}", flush=True)
+    records = read_planned(plans, data.s3_endpoint_url)
+    rows, quarantine = preprocess(records, processor_path=model, spec=data.row_spec(),
+                                  image_roots={p.source.path: p.source.image_root for p in plans if p.source.image_root})
+    shards = StageShards.of(data, model, folder=output, seed=recipe.seed)
 
     def progress(elapsed: float) -> str:
         return progress_line(ray.get(quarantine.report.remote()), total, elapsed)
 
     with every(PROGRESS_EVERY_S, progress, prefix="preprocess"):
-        manifest = shards.write(rows, quarantine, overwrite=overwrite)
+        manifest = shards.write(rows, quarantine, overwrite=overwrite, plans=plans)
+    print(f"per source\n{source_table(manifest['sources'])}", flush=True)
     print(f"wrote {len(manifest['shards'])} shard(s) and manifest.json to {output}")
     return PreprocessResult(output=Path(output), shards=tuple(manifest["shards"]),
                             report=PreprocessReport(**manifest["counts"]), fingerprint=shards.fingerprint)

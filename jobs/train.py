@@ -36,14 +36,15 @@ from llava_platform.config import recipe_argument_parser, recipe_from_args
 from llava_platform.config.build import deepspeed_spec, pack_cost
 from llava_platform.config.schema import Recipe, StageConfig
 from llava_platform.config.schema import ScalingConfig as ScalingSection
+from llava_platform.data.mixture import MixtureError
 from llava_platform.data.position import STREAMED_ORDER, DataPosition
 from llava_platform.storage import filesystem_for, is_remote
 from llava_platform.train.checkpoint import PROJECTOR_FILE
 from llava_platform.train.plan import LoopSpec, ResumePoint, ShardRows, StagePlan, TrackingSpec
 from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport, start_quarantine_log
-from pipelines.shards import ManifestError, RowReader, StageShards, shard_layout
-from pipelines.sources import read_records
+from pipelines.shards import ManifestError, RowReader, StageShards, shard_layout, source_metrics
+from pipelines.sources import describe_mixture, plan_sources, read_planned, source_image_roots
 
 GROUP_WINDOW_MICRO_BATCHES = 32
 """Streamed stages: micro-batches' worth of rows regrouped at a time (``LoopSpec.group_window``)."""
@@ -222,8 +223,8 @@ def stage_problems(recipe: Recipe, name: str, stage: StageConfig, *, model: str,
             problems.append(f"{name}.data.train_files: {path} does not exist")
     if stage.data.preprocessed:
         try:
-            StageShards.of(stage.data, model).files()
-        except (ManifestError, OSError) as error:
+            StageShards.of(stage.data, model, seed=recipe.seed).files()
+        except (ManifestError, MixtureError, OSError) as error:
             problems.append(f"{name}.data.preprocessed: {error}")
     init_from = stage.init_from
     if init_from == "stage1" and first and not resuming:
@@ -272,7 +273,8 @@ def rank_record_parts(recipe: Recipe, stage: StageConfig) -> list[ray.data.Datas
     ``equal=True`` drops at most ``num_workers - 1`` records so that every rank gets the same count.
     """
     data, scaling = stage.data, recipe.scaling
-    records = read_records(data.train_files, data.s3_endpoint_url, cpus_per_task=scaling.data_cpus_per_actor)
+    plans = plan_sources(data.train_files, seed=recipe.seed, s3_endpoint_url=data.s3_endpoint_url)
+    records = read_planned(plans, data.s3_endpoint_url, cpus_per_task=scaling.data_cpus_per_actor)
     return in_order(records).random_shuffle(seed=recipe.seed).split(scaling.num_workers, equal=True)
 
 
@@ -294,8 +296,8 @@ def streamed_rank_datasets(recipe: Recipe, stage: StageConfig, model: str, quara
         The per-rank datasets and each rank's number of records.
     """
     parts = rank_record_parts(recipe, stage)
-    spec = stage.data.row_spec()
-    return [preprocess(part, processor_path=model, spec=spec, quarantine=quarantine,
+    spec, roots = stage.data.row_spec(), source_image_roots(stage.data.train_files, stage.data.s3_endpoint_url)
+    return [preprocess(part, processor_path=model, spec=spec, quarantine=quarantine, image_roots=roots,
                        cpus_per_actor=recipe.scaling.data_cpus_per_actor)[0] for part in parts], \
         [part.count() for part in parts]
 
@@ -310,9 +312,10 @@ def stage_data(recipe: Recipe, stage: StageConfig, model: str) -> tuple[DataPosi
     data = stage.data
     start = dict(seed=recipe.seed, global_batch=stage.global_batch_size, micro_batch=stage.micro_batch_size)
     if not data.preprocessed:
-        return DataPosition(fingerprint=StageShards.fingerprint_of(data, model), order_version=STREAMED_ORDER,
+        mixture = describe_mixture(data.train_files, seed=recipe.seed, s3_endpoint_url=data.s3_endpoint_url)
+        return DataPosition(fingerprint=StageShards.fingerprint_of(data, model, mixture), order_version=STREAMED_ORDER,
                             **start), None, None
-    files, manifest = StageShards.of(data, model).files()
+    files, manifest = StageShards.of(data, model, seed=recipe.seed).files()
     layout = shard_layout(files, manifest)
     packing = data.packing.build(pack_cost(recipe, stage)) if data.packing else None
     shards = ShardRows(files=layout.files, block_sizes=layout.block_sizes, window_blocks=data.shuffle_row_groups,
@@ -440,6 +443,7 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
         tracking.log_artifact(tracking_uri, run_id, stage_dir / "quarantine.jsonl")
     else:
         report = PreprocessReport(**manifest["counts"])
+        tracking.log_metrics(tracking_uri, run_id, source_metrics(manifest.get("sources", [])), step=total_steps)
     tracking.log_metrics(tracking_uri, run_id, report.as_metrics(), step=total_steps)
     log(f"{name}: done; latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return stage_dir

@@ -50,15 +50,18 @@ ROW_SCHEMA = pa.schema([
     ("frames", TILES_TYPE),  # uint8 (num_frames, 3, T, T) of the record's video; 0 frames without one
     ("num_tiles", pa.int32()),  # tiles + frames: what the vision tower runs for the row (packing budgets it)
     ("truncated", pa.bool_()),
+    ("source", pa.string()),  # the file the record came from (per-source counts of a mixture)
 ])
 
 
 class Preprocessor:
     """The per-actor callable of ``map_batches``: raw record rows -> ``ROW_SCHEMA`` rows."""
 
-    def __init__(self, *, processor_path: str, spec: RowSpec, quarantine: ray.actor.ActorHandle):
+    def __init__(self, *, processor_path: str, spec: RowSpec, quarantine: ray.actor.ActorHandle,
+                 image_roots: dict[str, str] | None = None):
         self.builder = RowBuilder.from_processor(load_processor(processor_path), spec)
         self.images = ImageReader(spec.image_root, spec.s3_endpoint_url)
+        self.readers = {source: ImageReader(root, spec.s3_endpoint_url) for source, root in (image_roots or {}).items()}
         self.quarantine = quarantine
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -69,8 +72,8 @@ class Preprocessor:
                 if raw["error"]:
                     raise MalformedRecordError(raw["error"])
                 record = parse_record(raw["record"])
-                images, video = record_media(record, raw["image_bytes"], self.images)
-                rows.append(self.builder.build(record, images, video))
+                images, video = record_media(record, raw["image_bytes"], self.readers.get(raw["source"], self.images))
+                rows.append({**self.builder.build(record, images, video), "source": raw["source"]})
             except SampleError as err:
                 bad.append(quarantine_entry(raw, err))
             keys.append(key)
@@ -143,6 +146,7 @@ def preprocess(
     num_actors: int | tuple[int, int] = (1, 4),
     cpus_per_actor: float = 1.0,
     records_per_call: int = 16,
+    image_roots: dict[str, str] | None = None,
 ) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """Lazily map raw records to training rows; returns (rows, the quarantine log actor).
 
@@ -156,12 +160,15 @@ def preprocess(
             on a single machine (Ray Train leaves Ray Data only the CPUs its workers do not reserve).
         records_per_call: records per ``map_batches`` call of an actor; keeps blocks far below Arrow's 2 GiB
             offset limit (an anyres row at 336 px is 1.7 MB).
+        image_roots: source file -> its own image root (a data YAML's per-source ``image_root``); the others
+            use ``spec.image_root``.
     """
     quarantine = quarantine or start_quarantine_log()
     low, high = num_actors if isinstance(num_actors, tuple) else (num_actors, num_actors)
     rows = records.map_batches(
         Preprocessor,
-        fn_constructor_kwargs=dict(processor_path=processor_path, spec=spec, quarantine=quarantine),
+        fn_constructor_kwargs=dict(processor_path=processor_path, spec=spec, quarantine=quarantine,
+                                   image_roots=image_roots),
         batch_format="pyarrow",
         batch_size=records_per_call,
         compute=ActorPoolStrategy(min_size=low, max_size=high),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,8 +32,10 @@ from ray.data.block import BlockAccessor
 
 from llava_platform.config.memory_plan import MANIFEST
 from llava_platform.config.schema import DataConfig
+from llava_platform.data.mixture import SourcePlan
 from llava_platform.train.memory import SampleLengths
 from pipelines.preprocess import ROW_SCHEMA, finish
+from pipelines.sources import describe_mixture
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                    "chat_template.jinja")
@@ -48,25 +51,30 @@ class StageShards:
 
     folder: str
     fingerprint: str
+    mixture: tuple[str, ...] = ()
+    """Each source and its strategy (``describe_mixture``): a manifest of other ones names what changed."""
 
     @classmethod
-    def of(cls, data: DataConfig, processor_path: str, folder: str | Path | None = None) -> StageShards:
+    def of(cls, data: DataConfig, processor_path: str, folder: str | Path | None = None, *,
+           seed: int) -> StageShards:
         """The shards of a stage's ``data`` section tiled by ``processor_path``'s processor, in ``folder``
-        (default: ``data.preprocessed``)."""
+        (default: ``data.preprocessed``); ``seed``: the recipe's (a mixture's ``random:N`` draws with it)."""
         where = folder if folder is not None else data.preprocessed
         if where is None:
             raise ValueError("the stage has no data.preprocessed folder; pass one")
-        return cls(str(where), cls.fingerprint_of(data, processor_path))
+        mixture = describe_mixture(data.train_files, seed=seed, s3_endpoint_url=data.s3_endpoint_url)
+        return cls(str(where), cls.fingerprint_of(data, processor_path, mixture), mixture)
 
     @staticmethod
-    def fingerprint_of(data: DataConfig, processor_path: str) -> str:
-        """A short stable hash of what shapes the rows: the stage's data settings and the processor's files.
+    def fingerprint_of(data: DataConfig, processor_path: str, mixture: tuple[str, ...] = ()) -> str:
+        """A short stable hash of what shapes the rows: the stage's data settings, its sources and their sampling
+        strategies (``mixture``: ``describe_mixture``) and the processor's files.
 
         ``preprocessed`` (where the rows are stored), ``materialize`` (how training keeps them),
         ``shuffle_row_groups`` and ``packing`` (their order, ``DataPosition.order_version``) are not part of it.
         """
         shaping = data.model_dump(exclude={"preprocessed", "materialize", "shuffle_row_groups", "packing"})
-        digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
+        digest = hashlib.sha256(json.dumps([shaping, list(mixture)], sort_keys=True, default=str).encode())
         processor = Path(processor_path)
         for name in PROCESSOR_FILES:
             if (processor / name).is_file():
@@ -81,7 +89,7 @@ class StageShards:
         Raises:
             ManifestError: no manifest, another fingerprint, missing shards, or another schema.
         """
-        return shard_files(self.folder, recipe_hash=self.fingerprint)
+        return shard_files(self.folder, recipe_hash=self.fingerprint, mixture=self.mixture)
 
     def layout(self) -> ShardLayout:
         """The checked files' row groups (see ``shard_layout``).
@@ -92,15 +100,17 @@ class StageShards:
         files, manifest = self.files()
         return shard_layout(files, manifest)
 
-    def write(self, rows: ray.data.Dataset, quarantine: ray.actor.ActorHandle, *,
-              overwrite: bool = False) -> dict[str, Any]:
+    def write(self, rows: ray.data.Dataset, quarantine: ray.actor.ActorHandle, *, overwrite: bool = False,
+              plans: Sequence[SourcePlan] = ()) -> dict[str, Any]:
         """Materialise ``rows`` here under this fingerprint (see ``write_shards``); returns the manifest."""
-        return write_shards(rows, quarantine, self.folder, recipe_hash=self.fingerprint, overwrite=overwrite)
+        return write_shards(rows, quarantine, self.folder, recipe_hash=self.fingerprint, overwrite=overwrite,
+                            mixture=self.mixture, plans=plans)
 
 
 def write_shards(
     rows: ray.data.Dataset, quarantine: ray.actor.ActorHandle, out_dir: str | Path, *, recipe_hash: str,
-    overwrite: bool = False, rows_per_file: tuple[int, int] = (256, 1024),
+    overwrite: bool = False, rows_per_file: tuple[int, int] = (256, 1024), mixture: Sequence[str] = (),
+    plans: Sequence[SourcePlan] = (),
 ) -> dict[str, Any]:
     """Materialise the rows once as Parquet shards plus ``quarantine.jsonl`` and ``manifest.json``.
 
@@ -109,6 +119,9 @@ def write_shards(
             (appending would mix two runs' rows under one manifest).
         rows_per_file: (about, at most) rows per Parquet file: few enough files to read fast, enough
             of them for every preprocessing task to write its own. Row groups hold ``ROWS_PER_ROW_GROUP``.
+        mixture: the sources and strategies the fingerprint covers (``describe_mixture``), recorded so that
+            a later run with other ones is told which changed.
+        plans: the sources read (``plan_sources``): the manifest counts each one (``source_counts``).
 
     Returns:
         The manifest: counts, the rows' lengths (tokens and tiles per row: largest and 99th percentile, what
@@ -130,12 +143,14 @@ def write_shards(
         mode=SaveMode.OVERWRITE if overwrite else SaveMode.APPEND)
     report = finish(quarantine, out_dir / "quarantine.jsonl")
     files = sorted(shards.glob("*.parquet"))
-    counts = pq.read_table(files, columns=["length", "num_tiles"]) if files else None  # 8 bytes a row
+    counts = pq.read_table(files, columns=["source", "length", "num_tiles"]) if files else None
     manifest = {
         "recipe_hash": recipe_hash,
         "counts": {"read": report.read, "kept": report.kept, "quarantined": report.quarantined},
         "lengths": SampleLengths.of(counts["length"].to_numpy() if counts else [],
                                     counts["num_tiles"].to_numpy() if counts else []).as_dict(),
+        "sources": source_counts(plans, counts, ray.get(quarantine.rows.remote())),
+        "mixture": list(mixture),
         "schema": {field.name: str(field.type) for field in ROW_SCHEMA},
         "shards": [p.name for p in files],
         "seconds": round(time.perf_counter() - started, 2),
@@ -153,7 +168,53 @@ def read_shards(out_dir: str | Path, *, recipe_hash: str | None = None) -> ray.d
     return ray.data.read_parquet(shard_files(out_dir, recipe_hash=recipe_hash)[0])
 
 
-def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None) -> tuple[list[str], dict[str, Any]]:
+def source_counts(plans: Sequence[SourcePlan], rows: pa.Table | None, quarantined: Sequence[dict]) -> list[dict]:
+    """Per source: its records, those its strategy took, kept, quarantined by reason, tokens and tiles kept."""
+    kept: dict[str, list[int]] = {}
+    if rows is not None:
+        grouped = rows.group_by("source").aggregate([("length", "count"), ("length", "sum"), ("num_tiles", "sum")])
+        kept = {row["source"]: [row["length_count"], row["length_sum"], row["num_tiles_sum"]]
+                for row in grouped.to_pylist()}
+    reasons: dict[str, dict[str, int]] = {}
+    for entry in quarantined:
+        by_reason = reasons.setdefault(entry["source"], {})
+        by_reason[entry["reason"]] = by_reason.get(entry["reason"], 0) + 1
+    table = []
+    for plan in plans:
+        path = plan.source.path
+        count, tokens, tiles = kept.get(path, [0, 0, 0])
+        table.append({"source": path, "strategy": plan.source.rule, "origin": plan.source.origin, "read": plan.rows,
+                      "taken": plan.taken, "kept": count, "quarantined": dict(sorted(reasons.get(path, {}).items())),
+                      "tokens": tokens, "tiles": tiles})
+    return table
+
+
+def source_metrics(sources: Sequence[dict]) -> dict[str, float]:
+    """``source_counts`` as MLflow metrics: ``data/source/<file name>/{read,taken,kept,quarantined,tokens,tiles}``."""
+    names = [re.sub(r"[^A-Za-z0-9_.-]", "_", Path(s["source"]).name) for s in sources]
+    if len(set(names)) < len(names):  # the same file name in two folders: number them
+        names = [f"{i}_{name}" for i, name in enumerate(names)]
+    metrics = {}
+    for name, counts in zip(names, sources, strict=True):
+        for key in ("read", "taken", "kept", "tokens", "tiles"):
+            metrics[f"data/source/{name}/{key}"] = counts[key]
+        metrics[f"data/source/{name}/quarantined"] = sum(counts["quarantined"].values())
+    return metrics
+
+
+def source_table(sources: Sequence[dict]) -> str:
+    """The end summary's per-source table (``source_counts``)."""
+    lines = [f"{'source':<40} {'strategy':<14} {'read':>10} {'taken':>10} {'kept':>10} {'quarantined':>11} "
+             f"{'tokens':>12} {'tiles':>8}"]
+    for s in sources:
+        name = s["source"] if len(s["source"]) <= 40 else "..." + s["source"][-37:]
+        lines.append(f"{name:<40} {s['strategy']:<14} {s['read']:>10,} {s['taken']:>10,} {s['kept']:>10,} "
+                     f"{sum(s['quarantined'].values()):>11,} {s['tokens']:>12,} {s['tiles']:>8,}")
+    return "\n".join(lines)
+
+
+def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None,
+                mixture: Sequence[str] = ()) -> tuple[list[str], dict[str, Any]]:
     """The Parquet files of ``write_shards`` output, in manifest order (absolute paths: training workers run
     in folders of their own), and the manifest.
 
@@ -167,9 +228,10 @@ def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None) -> tuple
         raise ManifestError(f"{out_dir} has no manifest.json; write it with jobs.preprocess")
     manifest = json.loads(manifest_path.read_text())
     if recipe_hash is not None and manifest["recipe_hash"] != recipe_hash:
+        changed = mixture_changes(manifest.get("mixture", []), mixture)
         raise ManifestError(
-            f"{out_dir} was preprocessed for recipe hash {manifest['recipe_hash']}, not {recipe_hash}; re-run "
-            "jobs.preprocess for this recipe"
+            f"{out_dir} was preprocessed for recipe hash {manifest['recipe_hash']}, not {recipe_hash}"
+            + (f" ({changed})" if changed else "") + "; re-run jobs.preprocess for this recipe"
         )
     files = [str(out_dir.resolve() / "shards" / name) for name in manifest["shards"]]
     missing = [f for f in files if not Path(f).exists()]
@@ -179,6 +241,20 @@ def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None) -> tuple
     if on_disk != ROW_SCHEMA.names:
         raise ManifestError(f"{out_dir} shards have columns {on_disk}; this version expects {ROW_SCHEMA.names}")
     return files, manifest
+
+
+def mixture_changes(before: Sequence[str], now: Sequence[str]) -> str:
+    """What differs between two ``describe_mixture`` lists, in words ('' when nothing does)."""
+    old, new = dict(_entry(line) for line in before), dict(_entry(line) for line in now)
+    parts = [f"{path}: {old[path]} -> {new[path]}" for path in new if path in old and old[path] != new[path]]
+    parts += [f"{path} added" for path in new if path not in old] + [f"{path} removed" for path in old
+                                                                      if path not in new]
+    return "sampling changed: " + "; ".join(parts) if parts else ""
+
+
+def _entry(line: str) -> tuple[str, str]:
+    path, _, rest = line.partition(" ")
+    return path, rest
 
 
 @dataclass(frozen=True)

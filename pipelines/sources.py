@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from llava_platform.storage import filesystem_for
+from llava_platform.data.mixture import MixtureError, SourcePlan, expand_sources, is_mixture
+from llava_platform.storage import filesystem_for, read_bytes
 
 RAW_SCHEMA = pa.schema([
     ("source", pa.string()),  # file the record came from
@@ -38,11 +39,11 @@ def _json_records(path: str, data: bytes) -> list[tuple[int, str, str | None]]:
     return [(i, line, None) for i, line in enumerate(text.splitlines()) if line.strip()]
 
 
-def _split_json_files(batch: dict[str, np.ndarray]) -> pa.Table:
+def _split_json_files(batch: dict[str, np.ndarray], names: dict[str, str]) -> pa.Table:
     rows = {name: [] for name in RAW_SCHEMA.names}
     for path, data in zip(batch["path"], batch["bytes"], strict=True):
         for index, record, error in _json_records(str(path), bytes(data)):
-            rows["source"].append(str(path))
+            rows["source"].append(names.get(str(path), str(path)))
             rows["index"].append(index)
             rows["record"].append(record)
             rows["image_bytes"].append(None)
@@ -90,7 +91,8 @@ def read_records(
             ray.data.read_binary_files(
                 json_files, include_paths=True, filesystem=filesystem, num_cpus=cpus_per_task
             )
-            .map_batches(_split_json_files, batch_size=1, batch_format="numpy", num_cpus=cpus_per_task)
+            .map_batches(_split_json_files, batch_size=1, batch_format="numpy", num_cpus=cpus_per_task,
+                         fn_kwargs={"names": {_listed_as(f): f for f in json_files}})
         )
     if parquet_files:  # file by file, so that every row keeps its position (its identity for the quarantine)
         parts.append(
@@ -102,14 +104,89 @@ def read_records(
 
 
 
-def count_records(files: Sequence[str], s3_endpoint_url: str | None = None, cpus_per_task: float = 1.0) -> int:
-    """How many raw rows ``read_records(files)`` yields, for progress lines: Parquet files from their
-    footers (no image bytes read), JSON files by splitting them on the cluster (a pass over their text)."""
-    json_files = [f for f in files if not f.endswith(".parquet")]
-    total = 0
-    for path in (f for f in files if f.endswith(".parquet")):
-        filesystem, inner = filesystem_for(path, s3_endpoint_url)
-        total += pq.ParquetFile(filesystem.open_input_file(inner)).metadata.num_rows
-    if json_files:
-        total += read_records(json_files, s3_endpoint_url, cpus_per_task).count()
-    return total
+def _listed_as(path: str) -> str:
+    """How ``read_binary_files`` names ``path`` in its rows (an ``s3://`` URI without its scheme)."""
+    return path.removeprefix("s3://")
+
+
+def plan_sources(files: Sequence[str], *, seed: int, s3_endpoint_url: str | None = None) -> list[SourcePlan]:
+    """A stage's sources (plain files, and the entries of LLaVA-NeXT data YAMLs among them) with their row counts
+    and the rows each strategy takes (``llava_platform.data.mixture``).
+
+    Files are counted on the cluster, one task each (Parquet from its footer, JSON lines by line, a JSON array
+    parsed there): the driver holds the plans only (a ``random:N`` source: N positions).
+
+    Raises:
+        MixtureError: a bad YAML or entry, a source named twice, N larger than its source.
+    """
+    sources = expand_sources(files, lambda path: _read_text(path, s3_endpoint_url))
+    counting = [_count_rows.remote(source.path, s3_endpoint_url) for source in sources]
+    plans = []
+    for position, (source, count) in enumerate(zip(sources, counting, strict=True)):
+        try:
+            rows = ray.get(count)
+        except FileNotFoundError:
+            raise MixtureError(f"{source.where()}: the source does not exist") from None
+        plans.append(SourcePlan.of(source, rows=rows, seed=seed, position=position))
+    return plans
+
+
+@ray.remote(num_cpus=0.25)
+def _count_rows(path: str, s3_endpoint_url: str | None) -> int:
+    """Raw rows ``read_records([path])`` yields (a broken JSON array: its one error row)."""
+    filesystem, inner = filesystem_for(path, s3_endpoint_url)
+    if path.endswith(".parquet"):
+        return pq.ParquetFile(filesystem.open_input_file(inner)).metadata.num_rows
+    return len(_json_records(path, read_bytes(path, s3_endpoint_url)))
+
+
+def describe_mixture(files: Sequence[str], *, seed: int, s3_endpoint_url: str | None = None) -> tuple[str, ...]:
+    """What of a stage's sources shapes its rows, one line each: ``path rule [image_root]`` (the seed too
+    where a ``random:N`` draws with it). Plain files only: ``()`` (their names are already in the data
+    settings). Reads the data YAMLs, not the sources."""
+    if not any(is_mixture(path) for path in files):
+        return ()
+    sources = expand_sources(files, lambda path: _read_text(path, s3_endpoint_url))
+    lines = tuple(" ".join(filter(None, (s.path, s.rule, s.image_root))) for s in sources)
+    return lines + ((f"seed {seed}",) if any(s.strategy == "random" for s in sources) else ())
+
+
+def source_image_roots(files: Sequence[str], s3_endpoint_url: str | None = None) -> dict[str, str]:
+    """Source file -> its own ``image_root`` (data YAML entries that set one; ``Preprocessor``'s ``image_roots``)."""
+    if not any(is_mixture(path) for path in files):
+        return {}
+    sources = expand_sources(files, lambda path: _read_text(path, s3_endpoint_url))
+    return {source.path: source.image_root for source in sources if source.image_root}
+
+
+def _read_text(path: str, s3_endpoint_url: str | None) -> str:
+    try:
+        return read_bytes(path, s3_endpoint_url).decode()
+    except FileNotFoundError:
+        raise MixtureError(f"{path}: the data YAML does not exist") from None
+
+
+def read_planned(plans: Sequence[SourcePlan], s3_endpoint_url: str | None = None,
+                 cpus_per_task: float = 1.0) -> ray.data.Dataset:
+    """The raw rows of ``plans``' sources that their strategies take (a file's own error row always)."""
+    records = read_records([plan.source.path for plan in plans], s3_endpoint_url, cpus_per_task)
+    if all(plan.source.strategy == "all" for plan in plans):
+        return records
+    selections = {plan.source.path: plan.selection for plan in plans}
+    return records.map_batches(_taken, batch_format="pyarrow", fn_kwargs={"selections": selections},
+                               num_cpus=cpus_per_task)
+
+
+def _taken(batch: pa.Table, selections) -> pa.Table:
+    sources, indices = batch["source"].to_numpy(zero_copy_only=False), batch["index"].to_numpy()
+    keep = indices < 0  # a file that could not be split: its error row reaches the quarantine
+    for source in set(sources):
+        here = sources == source
+        keep[here] |= selections[source].contains(indices[here])
+    return batch.filter(pa.array(keep))
+
+
+def count_records(files: Sequence[str], s3_endpoint_url: str | None = None) -> int:
+    """How many raw rows ``read_records(files)`` yields: Parquet files from their footers (no image bytes read),
+    JSON files split on the cluster, one task per file."""
+    return sum(ray.get([_count_rows.remote(path, s3_endpoint_url) for path in files]))

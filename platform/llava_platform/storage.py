@@ -56,6 +56,17 @@ def filesystem_for(uri: str, s3_endpoint_url: str | None = None) -> tuple[pafs.F
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
+def read_bytes(uri: str, s3_endpoint_url: str | None = None) -> bytes:
+    """A whole file, local or ``s3://``.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+    """
+    filesystem, path = filesystem_for(uri, s3_endpoint_url)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.readall()
+
+
 def join(root: str, relative: str) -> str:
     """``root`` + ``relative`` for folders and ``s3://`` prefixes alike."""
     return f"{root.rstrip('/')}/{relative.lstrip('/')}"

@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from llava_platform.storage import filesystem_for
+from llava_platform import storage
 
 
 class AnnotationFormatError(ValueError):
@@ -55,10 +55,8 @@ class ImageContext:
 
 
 def read_bytes(uri: str, s3_endpoint_url: str | None = None) -> bytes:
-    filesystem, path = filesystem_for(uri, s3_endpoint_url)
     try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.readall()
+        return storage.read_bytes(uri, s3_endpoint_url)
     except FileNotFoundError as error:
         raise AnnotationFormatError(uri, "an annotations file (it does not exist)") from error
 

@@ -75,6 +75,8 @@ def test_mlflow_holds_the_runs_params_metrics_and_registered_model(pipeline_run,
         assert sorted(history) == list(range(1, STEPS + 1)), f"{stage}: not one record per step: {history}"
         assert history[STEPS] < history[1], f"{stage} loss did not fall: {history}"
         assert run.data.metrics["data/read"] == run.data.metrics["data/kept"] == 24
+    stage2_metrics = client.get_run(runs["stage2"]).data.metrics  # preprocessed: counted per source too
+    assert stage2_metrics["data/source/stage2.jsonl/kept"] == stage2_metrics["data/source/stage2.jsonl/taken"] == 24
     stage2 = client.get_run(runs["stage2"])
     assert stage2.data.params["total_steps"] == str(STEPS)
     assert stage2.data.params["tunable"] == "['projector', 'language_model']"
