@@ -24,6 +24,7 @@ LAST_LINES = {
     "checkpoint_upload": rf"checkpoint-stall async/sync: {NUMBER}",
     "datagen": rf"datagen throughput/ideal at c=32: {NUMBER}",
     "evaluate": rf"vllm/transformers questions/s: {NUMBER}",
+    "mixture": rf"mixture plan driver-peak MiB at {NUMBER} sources x [0-9,]+ records: {NUMBER}",
     "packing": rf"packing useful-tokens/s packed/grouped: {NUMBER} \(padding {NUMBER}% -> {NUMBER}%\)",
     "padding": rf"padding fraction arrival -> grouped: {NUMBER}% -> {NUMBER}%",
     "preprocess": rf"preprocess ours/transformers images/s: {NUMBER}, bytes uint8/float32: {NUMBER}, "

@@ -49,12 +49,14 @@ ONEVISION_FRAMES = 4
 
 def onevision_pipeline_overrides(root: Path, tracking_uri: str) -> list[str]:
     """``tiny_onevision_cpu``'s whole pipeline on a few records of each kind (one image, two images, a
-    video) below ``root``: stage 1 streamed, stage 2 from ``jobs.preprocess``'s Parquet shards, packed
+    video) below ``root``: stage 1 streamed, stage 2 from a three-source data YAML (one source per kind) through
+    ``jobs.preprocess``'s Parquet shards, packed
     (several samples of any kind in one row; the global batch counts packs)."""
     data = root / "data"
     return [
         f"synthetic.out_dir={data}", "synthetic.train_records=18", "synthetic.caption_records=8",
-        "synthetic.eval_records=9", *data_overrides(data), f"stage2.data.preprocessed={root / 'shards2'}",
+        "synthetic.eval_records=9", *data_overrides(data), f"stage2.data.train_files=[{data / 'stage2_mixture.yaml'}]",
+        f"stage2.data.preprocessed={root / 'shards2'}",
         "stage1.max_steps=1", "stage2.max_steps=2", "stage1.global_batch_size=4", "stage1.micro_batch_size=2",
         "stage2.global_batch_size=2", "stage2.micro_batch_size=1", "stage2.data.materialize=false",
         "stage2.data.packing={max_tokens: 1024}", "stage2.data.group_by_modality_length=false",  # packs of kinds

@@ -140,7 +140,8 @@ def recipe_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """Resolve ``--recipe`` + overrides once.
 
     On mistakes, print them all and exit with status 2; with ``--dry-run``, print the resolved
-    recipe, each stage's batch split per worker count (``batch_plan``) and estimated memory per GPU
+    recipe, each stage's batch split per worker count (``batch_plan``), each data mixture's sources
+    (``mixture_plan``) and estimated memory per GPU
     (``llava_platform.train.memory``), and exit
     with status 0 (like ``--help``), before any cluster resource is claimed.
     """
@@ -151,9 +152,12 @@ def recipe_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.dry_run:
         from llava_platform.config.batch_plan import plan_batches
         from llava_platform.config.memory_plan import plan_recipe
+        from llava_platform.config.mixture_plan import plan_mixtures
 
         print(recipe_to_yaml(recipe))
         print(plan_batches(recipe))
+        if mixtures := plan_mixtures(recipe):
+            print(mixtures)
         print(plan_recipe(recipe))
         parser.exit(0)
     return recipe

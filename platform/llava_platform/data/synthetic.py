@@ -233,23 +233,41 @@ def write_synthetic_dataset(
         held_out.append({"id": f"eval-{i}", "image": image, "type": kind, "answer": answer, "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer},
         ]})
-    files = split_files(out_dir)
+    files = split_files(out_dir, onevision=bool(onevision_frames))
     files["stage1"].write_text(json.dumps(stage1, indent=1))
     files["stage2"].write_text("".join(json.dumps(r) + "\n" for r in stage2))
     files["eval"].write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    if onevision_frames:  # the same records as three sources of a LLaVA-NeXT data YAML, one per kind of input
+        for kind, path in ONEVISION_SOURCES.items():
+            records = [r for r in stage2 if _kind(r) == kind]
+            (out_dir / path).write_text("".join(json.dumps(r) + "\n" for r in records))
+        files["stage2_mixture"].write_text("datasets:\n" + "".join(
+            f"  - json_path: {out_dir / path}\n    sampling_strategy: all\n" for path in ONEVISION_SOURCES.values()))
     (out_dir / SETTINGS_FILE).write_text(json.dumps(_settings(train, eval, seed, captions, onevision_frames)))
     return files
 
 
 SETTINGS_FILE = "synthetic.json"
 """Written last into ``out_dir``: what the folder was generated with (see ``existing_dataset``)."""
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 """Bumped whenever the generator's output changes, so that older folders are not reused."""
 
 
-def split_files(out_dir: str | Path) -> dict[str, Path]:
+ONEVISION_SOURCES = {"image": "stage2_one_image.jsonl", "multi_image": "stage2_two_images.jsonl",
+                     "video": "stage2_video.jsonl"}
+"""OneVision's stage-2 records by kind of input: the sources of ``stage2_mixture.yaml``."""
+
+
+def split_files(out_dir: str | Path, *, onevision: bool = False) -> dict[str, Path]:
+    """The split files by name; OneVision data also has ``stage2_mixture``, a LLaVA-NeXT data YAML over the
+    stage-2 records in three sources (``ONEVISION_SOURCES``)."""
     out_dir = Path(out_dir)
-    return {"stage1": out_dir / "stage1.json", "stage2": out_dir / "stage2.jsonl", "eval": out_dir / "eval.jsonl"}
+    files = {"stage1": out_dir / "stage1.json", "stage2": out_dir / "stage2.jsonl", "eval": out_dir / "eval.jsonl"}
+    return {**files, "stage2_mixture": out_dir / "stage2_mixture.yaml"} if onevision else files
+
+
+def _kind(record: dict) -> str:
+    return "video" if "video" in record else "multi_image" if isinstance(record["image"], list) else "image"
 
 
 def existing_dataset(out_dir: str | Path, *, train: int, eval: int, seed: int,
@@ -259,7 +277,7 @@ def existing_dataset(out_dir: str | Path, *, train: int, eval: int, seed: int,
     expected = _settings(train, eval, seed, captions, onevision_frames)
     if not settings.is_file() or json.loads(settings.read_text()) != expected:
         return None
-    return split_files(out_dir)
+    return split_files(out_dir, onevision=bool(onevision_frames))
 
 
 def _settings(train: int, eval: int, seed: int, captions: int | None,

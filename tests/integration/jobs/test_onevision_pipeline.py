@@ -3,11 +3,13 @@ questions, preprocessed to Parquet shards, two stages on Ray Train + DeepSpeed, 
 loads, scored per kind of input, and served (``serve/test_onevision_serving.py`` asks the export)."""
 
 import json
+from pathlib import Path
 
 import ray
 from transformers import AutoModelForImageTextToText
 
 from llava_platform import tracking
+from llava_platform.data.synthetic import ONEVISION_SOURCES
 from tests.helpers.recipes import ONEVISION_FRAMES
 
 
@@ -17,6 +19,9 @@ def test_every_step_ran_and_the_shards_hold_all_three_kinds(onevision_run):
         assert step in result.timings, f"no {step} step"
     manifest = json.loads((root / "shards2" / "manifest.json").read_text())
     assert manifest["counts"]["read"] == manifest["counts"]["kept"] == 18
+    # stage 2 read a LLaVA-NeXT data YAML of three sources, one per kind of input: counted each
+    assert [(Path(s["source"]).name, s["strategy"], s["kept"]) for s in manifest["sources"]] == \
+        [(name, "all", 6) for name in ONEVISION_SOURCES.values()]
     rows = ray.data.read_parquet([str(root / "shards2" / "shards" / name) for name in manifest["shards"]]).take_all()
     kinds = [row["modality"] for row in rows]
     assert sorted(set(kinds)) == ["image", "multi_image", "video"] and kinds.count("video") == 6

@@ -12,7 +12,7 @@ from tests.helpers import REPO_ROOT
 EXPECTED_RECIPES = {"tiny_cpu_demo", "llava15_7b", "llava15_13b", "llava15_7b_lora", "llava_next_vicuna_7b",
                     "llava_next_mistral_7b", "llava_next_vicuna_13b", "llava_next_34b", "llama3_llava_next_8b",
                     "llava_next_72b", "llava_next_110b", "llava_onevision_qwen2_7b", "llava_onevision_qwen2_7b_ov",
-                    "tiny_onevision_cpu"}
+                    "llava_onevision_qwen2_7b_mid", "tiny_onevision_cpu"}
 
 
 def test_expected_recipes_ship():
@@ -116,6 +116,24 @@ def test_llava_onevision_7b_is_its_published_recipe():
     assert ov.model.pretrained.endswith("llava-onevision-qwen2-7b/train/stage2/export")  # it continues the SI model
     assert ov.stage2.data.video.frames == 32  # frames_upbound 32
     assert recipe.scaling.num_workers == ov.scaling.num_workers == 64
+    mid = load_recipe("llava_onevision_qwen2_7b_mid")
+    assert mid.model == recipe.model and mid.stage1 == recipe.stage1
+    assert mid.stage2.model_dump(exclude={"data"}) == recipe.stage2.model_dump(exclude={"data"})
+
+
+@pytest.mark.parametrize(("name", "stage", "sources", "rule"), [
+    ("llava_onevision_qwen2_7b_mid", "stage2", 8, "all"),
+    ("llava_onevision_qwen2_7b", "stage2", 90, "first:10%"),
+    ("llava_onevision_qwen2_7b_ov", "stage2", 82, "end:20%"),
+])
+def test_the_onevision_stages_read_llava_next_data_yamls_and_dry_run_a_per_source_plan(name, stage, sources, rule):
+    """The published data YAMLs (recipes/data/, LLaVA-NeXT's scripts/train/*.yaml with placeholder paths): the
+    dry run lists every source with its strategy before anything is read."""
+    out = subprocess.run([sys.executable, "-m", "jobs.train", "--recipe", name, "--dry-run"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert f"# {stage} data mixture: {sources} sources" in out
+    listed = [line for line in out.splitlines() if line.startswith("#   ") and "data/llava_onevision/" in line]
+    assert len(listed) == sources and any(line.split()[1] == rule for line in listed)
 
 
 def test_onevision_rules():

@@ -11,6 +11,7 @@ import pytest
 from jobs.perf import checkpoint_upload as perf_checkpoint_upload
 from jobs.perf import datagen as perf_datagen
 from jobs.perf import evaluate as perf_evaluate
+from jobs.perf import mixture as perf_mixture
 from jobs.perf import padding as perf_padding
 from jobs.perf import preprocess as perf_preprocess
 from jobs.perf import serve as perf_serve
@@ -37,6 +38,7 @@ def test_checkpoint_upload_benchmark_resolves_both_modes(tmp_path, capsys):
     (perf_evaluate, ["--questions", "4"], "dry run: 4 questions"),
     (perf_zero3_load, [], "~0.52B parameters"),
     (perf_datagen, ["--levels", "8,32"], "levels [8, 32], 16 waves, 0.25 s"),
+    (perf_mixture, [], "dry run: 100 sources, 4,000,000 records"),
 ])
 def test_benchmark_dry_runs(bench, argv, expected, capsys):
     bench.main([*argv, "--dry-run"])
