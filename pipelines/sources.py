@@ -8,7 +8,9 @@ record, so that one bad row is quarantined instead of failing its file.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -114,21 +116,69 @@ def plan_sources(files: Sequence[str], *, seed: int, s3_endpoint_url: str | None
     and the rows each strategy takes (``llava_platform.data.mixture``).
 
     Files are counted on the cluster, one task each (Parquet from its footer, JSON lines by line, a JSON array
-    parsed there): the driver holds the plans only (a ``random:N`` source: N positions).
+    parsed there), once per version of the file (``RowCounts``): the driver holds the plans only (a
+    ``random:N`` source: N positions).
 
     Raises:
         MixtureError: a bad YAML or entry, a source named twice, N larger than its source.
     """
     sources = expand_sources(files, lambda path: _read_text(path, s3_endpoint_url))
-    counting = [_count_rows.remote(source.path, s3_endpoint_url) for source in sources]
+    cache = RowCounts.load()
+    keys = [cache.key(source.path, s3_endpoint_url) for source in sources]
+    counting = {i: _count_rows.remote(source.path, s3_endpoint_url)
+                for i, (source, key) in enumerate(zip(sources, keys, strict=True)) if key not in cache.counts}
     plans = []
-    for position, (source, count) in enumerate(zip(sources, counting, strict=True)):
-        try:
-            rows = ray.get(count)
-        except FileNotFoundError:
-            raise MixtureError(f"{source.where()}: the source does not exist") from None
-        plans.append(SourcePlan.of(source, rows=rows, seed=seed, position=position))
+    for position, (source, key) in enumerate(zip(sources, keys, strict=True)):
+        if position in counting:
+            try:
+                rows = ray.get(counting[position])
+            except FileNotFoundError:
+                raise MixtureError(f"{source.where()}: the source does not exist") from None
+            cache.forget(source.path)  # an earlier version of the file
+            cache.counts[key] = rows
+        plans.append(SourcePlan.of(source, rows=cache.counts[key], seed=seed, position=position))
+    if counting:
+        cache.save()
     return plans
+
+
+class RowCounts:
+    """Each source file's record count, kept between runs (``LLAVA_CACHE_DIR``, default ``~/.cache/llava_platform``)
+    under its path, size and modification time: a JSON array is parsed once to count it, not at every plan."""
+
+    FILE = "source_row_counts.json"
+
+    def __init__(self, path: Path, counts: dict[str, int]):
+        self.path, self.counts = path, counts
+
+    @classmethod
+    def load(cls) -> RowCounts:
+        path = Path(os.environ.get("LLAVA_CACHE_DIR", Path.home() / ".cache" / "llava_platform")) / cls.FILE
+        try:
+            return cls(path, json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return cls(path, {})
+
+    @staticmethod
+    def key(path: str, s3_endpoint_url: str | None) -> str:
+        """``path|size|mtime``; a file that does not exist gets a key no count is stored under."""
+        filesystem, inner = filesystem_for(path, s3_endpoint_url)
+        info = filesystem.get_file_info(inner)
+        mtime = info.mtime_ns if info.mtime_ns is not None else ""
+        return f"{path}|{info.size}|{mtime}" if info.size is not None else f"{path}|missing"
+
+    def forget(self, path: str) -> None:
+        for key in [key for key in self.counts if key.startswith(f"{path}|")]:
+            del self.counts[key]
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(self.counts))
+            partial.replace(self.path)
+        except OSError:
+            pass  # a read-only home: counted again next time
 
 
 @ray.remote(num_cpus=0.25)

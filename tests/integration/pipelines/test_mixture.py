@@ -15,7 +15,7 @@ from llava_platform.config import load_recipe
 from llava_platform.data.mixture import MixtureError
 from llava_platform.data.synthetic import write_synthetic_dataset
 from pipelines.shards import ManifestError, StageShards
-from pipelines.sources import plan_sources
+from pipelines.sources import RowCounts, plan_sources
 
 BUCKET = "llava-mixture"
 
@@ -102,3 +102,35 @@ def test_a_missing_source_names_its_yaml_line(ray_cluster, sources, saved_checkp
                                        f"  - json_path: {root}/nowhere.jsonl\n")
     with pytest.raises(MixtureError, match=rf"missing.yaml:3 \({root}/nowhere.jsonl\): the source does not exist"):
         run(root / "missing.yaml", root, saved_checkpoints["llava"], tmp_path / "m")
+
+
+def test_counts_are_kept_per_version_of_a_file(ray_cluster, tmp_path, monkeypatch):
+    """A JSON array is parsed once to count it: the next plan takes the kept count (here planted: 5 for a file of
+    3), and a rewritten file is counted again."""
+    monkeypatch.setenv("LLAVA_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "array.json"
+    source.write_text(json.dumps([{"id": str(i)} for i in range(3)]))
+    assert plan_sources([str(source)], seed=0)[0].rows == 3
+    cache = RowCounts.load()
+    (key,) = cache.counts
+    cache.counts[key] = 5
+    cache.save()
+    assert plan_sources([str(source)], seed=0)[0].rows == 5  # not counted again
+    source.write_text(json.dumps([{"id": str(i)} for i in range(4)]))
+    assert plan_sources([str(source)], seed=0)[0].rows == 4
+    assert len(RowCounts.load().counts) == 1  # the old version's count is gone
+
+
+def test_streamed_training_reads_the_same_rows(ray_cluster, sources, tmp_path):
+    """A streamed stage (no preprocessing) splits the records the strategies take among its ranks."""
+    from jobs import train
+
+    root, ids = sources
+    (root / "streamed.yaml").write_text(mixture(str(root)))
+    recipe = load_recipe("tiny_cpu_demo", [f"stage2.data.train_files=[{root / 'streamed.yaml'}]", "seed=42",
+                                           "stage2.data.preprocessed=null"])
+    parts = train.rank_record_parts(recipe, recipe.stage2)
+    records = [json.loads(row["record"])["id"] for part in parts for row in part.take_all()]
+    taken = set(ids["captions.json"]) | set(ids["questions.jsonl"][:6]) | set(ids["more_questions.jsonl"][-5:])
+    assert len(parts) == recipe.scaling.num_workers and len(records) == len(set(records)) == 42
+    assert taken <= set(records) and len(set(records) & set(ids["more_captions.json"])) == 7
