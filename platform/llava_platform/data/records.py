@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_platform.data.conversation import MissingFieldError, tokenize_conversation
+from llava_platform.data.conversation import MissingFieldError, SequenceTooLongError, tokenize_conversation
 from llava_platform.data.errors import SampleError
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.data.images import decode_image
@@ -150,6 +150,29 @@ class RowBuilder:
         Raises:
             SampleError: the subclass names the reason (bad image or video, bad conversation, too long, ...).
         """
+        return self.row(record, self.media(images, video))
+
+    def build_pair(self, chosen: dict[str, Any], rejected: dict[str, Any], images: bytes | Sequence[bytes] | None,
+                   video: bytes | None = None) -> dict[str, Any]:
+        """A preference row: the media tiled once, both conversations (``data.preference.preference_pair``)
+        tokenised. The chosen conversation fills the row's columns, the rejected one ``rejected_input_ids``,
+        ``rejected_labels`` and ``rejected_length``.
+
+        Raises:
+            SampleError: as ``build``; ``SequenceTooLongError`` when either conversation is longer than
+                ``model_max_length`` (a cut answer would be compared unfairly: never truncated).
+        """
+        media = self.media(images, video)
+        rows = [self.row(conversation, media) for conversation in (chosen, rejected)]
+        if any(row["truncated"] for row in rows):
+            raise SequenceTooLongError(f"preference record {chosen['id']}: an answer is longer than model_max_length "
+                                       f"{self.max_length} with its prompt")
+        row, other = rows
+        return {**row, "rejected_input_ids": other["input_ids"], "rejected_labels": other["labels"],
+                "rejected_length": other["length"]}
+
+    def media(self, images: bytes | Sequence[bytes] | None, video: bytes | None) -> Media:
+        """Decode and tile a record's images or video (see ``build``)."""
         images = [] if images is None else [images] if isinstance(images, bytes) else list(images)
         tile = self.settings.tile_size
         if (len(images) > 1 or video is not None) and not self.settings.onevision:
@@ -173,28 +196,48 @@ class RowBuilder:
         if video is not None:
             frames = self.settings.tile_frames(sample_video(video, self.video).frames)
             tokens_per_image, image_tokens = [self.settings.video_token_count(len(frames))], [VIDEO_TOKEN]
+        return Media(sizes, tiles, frames, tokens_per_image, image_tokens, video is not None)
+
+    def row(self, record: dict[str, Any], media: Media) -> dict[str, Any]:
+        """Tokenise ``record``'s conversation around its tiled ``media`` into a training row."""
         conversation = record["conversations"]
-        if video is not None:  # LLaVA-Video's records mark the video with <image>; <video> is accepted too
+        if media.video:  # LLaVA-Video's records mark the video with <image>; <video> is accepted too
             conversation = [{**turn, "value": turn["value"].replace(VIDEO_TOKEN, IMAGE_PLACEHOLDER)}
                             if isinstance(turn, dict) and isinstance(turn.get("value"), str) else turn
                             for turn in conversation]
         sample = tokenize_conversation(
-            conversation, self.tokenizer, self.chat_template, tokens_per_image=tokens_per_image,
-            image_token=image_tokens, max_length=self.max_length, truncation=self.truncation,
+            conversation, self.tokenizer, self.chat_template, tokens_per_image=media.tokens_per_image,
+            image_token=media.image_tokens, max_length=self.max_length, truncation=self.truncation,
         )
+        sizes = media.sizes
         return {
             "id": str(record["id"]),
-            "modality": modality_of(len(images), video is not None),
+            "modality": modality_of(len(sizes), media.video),
             "input_ids": np.asarray(sample.input_ids, dtype=np.int32),
             "labels": np.asarray(sample.labels, dtype=np.int32),
             "length": len(sample.input_ids),
-            "tiles": tiles,
+            "tiles": media.tiles,
             "image_size": np.asarray(sizes[0] if sizes else (0, 0), dtype=np.int32),
             "image_sizes": np.asarray(sizes, dtype=np.int32).reshape(len(sizes), 2),
-            "frames": frames,
-            "num_tiles": len(tiles) + len(frames),
+            "frames": media.frames,
+            "num_tiles": len(media.tiles) + len(media.frames),
             "truncated": sample.truncated,
         }
+
+
+@dataclass(frozen=True)
+class Media:
+    """A record's decoded and tiled images or video, and what they put in the token sequence."""
+
+    sizes: list[tuple[int, int]]
+    """Each image's original (height, width)."""
+    tiles: np.ndarray
+    """uint8 (num_tiles, 3, T, T)."""
+    frames: np.ndarray
+    """uint8 (num_frames, 3, T, T)."""
+    tokens_per_image: list[int]
+    image_tokens: list[str]
+    video: bool
 
 
 def modality_of(images: int, video: bool) -> str:

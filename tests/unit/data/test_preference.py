@@ -38,3 +38,46 @@ def test_bad_records_raise_with_their_quarantine_reason(change, error, reason):
     with pytest.raises(error) as raised:
         preference_pair({**RECORD, **change})
     assert raised.value.reason == reason and "p-1" in str(raised.value)
+
+
+def pair_builder(saved_checkpoints, max_length: int = 4096, truncation: str = "drop"):
+    from llava_platform.data.records import RowBuilder
+    from llava_platform.model.compose import load_processor
+    from tests.helpers.specs import row_spec
+
+    return RowBuilder.from_processor(load_processor(str(saved_checkpoints["llava_next"])),
+                                     row_spec(template="vicuna_v1", image_mode="anyres", max_length=max_length,
+                                              truncation=truncation))
+
+
+def test_a_pair_row_tiles_the_image_once_and_shares_the_prompt(saved_checkpoints):
+    """The chosen row's columns, the rejected answer's tokens beside them; both sequences start alike and
+    supervise only their own answers."""
+    from tests.helpers.media import png, random_picture
+
+    builder = pair_builder(saved_checkpoints)
+    chosen, rejected = preference_pair({**RECORD, "rejected": "Blue, I think, but the light is poor."})
+    image = png(random_picture(60, 90))
+    row = builder.build_pair(chosen, rejected, image)
+    alone = builder.build(chosen, image)
+    assert (row["input_ids"] == alone["input_ids"]).all() and (row["tiles"] == alone["tiles"]).all()
+    assert row["rejected_length"] == len(row["rejected_input_ids"]) > row["length"]
+    answer = (row["labels"] != -100).argmax()  # the first supervised token: where the answers start
+    assert (row["rejected_input_ids"][:answer] == row["input_ids"][:answer]).all()  # the same prompt and image
+    assert (row["rejected_labels"][:answer] == -100).all() and (row["rejected_labels"][answer:] != -100).any()
+
+
+@pytest.mark.parametrize("truncation", ["drop", "truncate"])
+def test_a_pair_longer_than_the_limit_is_quarantined_not_cut(saved_checkpoints, truncation):
+    """Also under ``truncation: truncate``: a cut answer would be compared unfairly."""
+    from llava_platform.data.conversation import SequenceTooLongError
+    from tests.helpers.media import png, random_picture
+
+    builder = pair_builder(saved_checkpoints)
+    image = png(random_picture(60, 90))
+    length = builder.build(preference_pair(RECORD)[0], image)["length"]
+    short = pair_builder(saved_checkpoints, length + 2, truncation)  # the chosen fits, a long rejected does not
+    chosen, rejected = preference_pair({**RECORD, "rejected": "Blue. " * 20})
+    with pytest.raises(SequenceTooLongError) as error:
+        short.build_pair(chosen, rejected, image)
+    assert error.value.reason == "too_long"
