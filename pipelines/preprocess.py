@@ -23,6 +23,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.extensions import ArrowVariableShapedTensorArray, ArrowVariableShapedTensorType
 
 from llava_platform.data.errors import SampleError
+from llava_platform.data.preference import parse_preference
 from llava_platform.data.records import (
     MalformedRecordError,
     MissingImageError,
@@ -52,17 +53,25 @@ ROW_SCHEMA = pa.schema([
     ("truncated", pa.bool_()),
     ("source", pa.string()),  # the file the record came from (per-source counts of a mixture)
 ])
+PREFERENCE_ROW_SCHEMA = pa.schema([
+    *ROW_SCHEMA,  # the chosen answer's row (prompt, media, answer)
+    ("rejected_input_ids", pa.list_(pa.int32())),  # the same prompt and media, the rejected answer
+    ("rejected_labels", pa.list_(pa.int32())),
+    ("rejected_length", pa.int32()),
+])
+"""Rows of preference records (``pairs=True``): one tiling of the media, both answers tokenised."""
 
 
 class Preprocessor:
     """The per-actor callable of ``map_batches``: raw record rows -> ``ROW_SCHEMA`` rows."""
 
     def __init__(self, *, processor_path: str, spec: RowSpec, quarantine: ray.actor.ActorHandle,
-                 image_roots: dict[str, str] | None = None):
+                 image_roots: dict[str, str] | None = None, pairs: bool = False):
         self.builder = RowBuilder.from_processor(load_processor(processor_path), spec)
         self.images = ImageReader(spec.image_root, spec.s3_endpoint_url)
         self.readers = {source: ImageReader(root, spec.s3_endpoint_url) for source, root in (image_roots or {}).items()}
         self.quarantine = quarantine
+        self.pairs = pairs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows, keys, bad = [], [], []
@@ -71,15 +80,22 @@ class Preprocessor:
             try:
                 if raw["error"]:
                     raise MalformedRecordError(raw["error"])
-                record = parse_record(raw["record"])
-                images, video = record_media(record, raw["image_bytes"], self.readers.get(raw["source"], self.images))
-                rows.append({**self.builder.build(record, images, video), "source": raw["source"]})
+                files = self.readers.get(raw["source"], self.images)
+                if self.pairs:
+                    chosen, rejected = parse_preference(raw["record"])
+                    images, video = record_media(chosen, raw["image_bytes"], files)
+                    row = self.builder.build_pair(chosen, rejected, images, video)
+                else:
+                    record = parse_record(raw["record"])
+                    images, video = record_media(record, raw["image_bytes"], files)
+                    row = self.builder.build(record, images, video)
+                rows.append({**row, "source": raw["source"]})
             except SampleError as err:
                 bad.append(quarantine_entry(raw, err))
             keys.append(key)
         # Acknowledged, not fire-and-forget: once a batch's rows are out, its quarantine entries are in.
         ray.get(self.quarantine.add.remote(keys, bad))
-        return rows_to_table(rows)
+        return rows_to_table(rows, PREFERENCE_ROW_SCHEMA if self.pairs else ROW_SCHEMA)
 
 
 def record_key(raw: dict[str, Any]) -> str:
@@ -117,13 +133,13 @@ def quarantine_entry(raw: dict[str, Any], error: SampleError) -> dict[str, Any]:
             "reason": error.reason, "message": str(error)[:500]}
 
 
-def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    """Training rows as an Arrow table of ``ROW_SCHEMA`` (also when ``rows`` is empty)."""
+def rows_to_table(rows: Sequence[dict[str, Any]], schema: pa.Schema = ROW_SCHEMA) -> pa.Table:
+    """Training rows as an Arrow table of ``schema`` (also when ``rows`` is empty)."""
     tensors = {name: tensor_column([row[name] for row in rows]) for name in ("tiles", "frames")}
     arrays = [tensors[name] if name in tensors else
-              pa.array([_listed(row[name]) for row in rows], ROW_SCHEMA.field(name).type)
-              for name in ROW_SCHEMA.names]
-    return pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
+              pa.array([_listed(row[name]) for row in rows], schema.field(name).type)
+              for name in schema.names]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def tensor_column(arrays: Sequence) -> pa.Array:
@@ -147,6 +163,7 @@ def preprocess(
     cpus_per_actor: float = 1.0,
     records_per_call: int = 16,
     image_roots: dict[str, str] | None = None,
+    pairs: bool = False,
 ) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """Lazily map raw records to training rows; returns (rows, the quarantine log actor).
 
@@ -162,13 +179,14 @@ def preprocess(
             offset limit (an anyres row at 336 px is 1.7 MB).
         image_roots: source file -> its own image root (a data YAML's per-source ``image_root``); the others
             use ``spec.image_root``.
+        pairs: the records are preference pairs (``data.preference``): rows of ``PREFERENCE_ROW_SCHEMA``.
     """
     quarantine = quarantine or start_quarantine_log()
     low, high = num_actors if isinstance(num_actors, tuple) else (num_actors, num_actors)
     rows = records.map_batches(
         Preprocessor,
         fn_constructor_kwargs=dict(processor_path=processor_path, spec=spec, quarantine=quarantine,
-                                   image_roots=image_roots),
+                                   image_roots=image_roots, pairs=pairs),
         batch_format="pyarrow",
         batch_size=records_per_call,
         compute=ActorPoolStrategy(min_size=low, max_size=high),

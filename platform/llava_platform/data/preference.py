@@ -12,10 +12,12 @@ one that is not text) and ``identical_answers`` (nothing to prefer).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from llava_platform.data.conversation import MissingFieldError
 from llava_platform.data.errors import SampleError
+from llava_platform.data.records import MalformedRecordError, parse_record
 from llava_platform.data.templates import IMAGE_PLACEHOLDER
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -34,6 +36,8 @@ def preference_pair(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
         MissingFieldError: a field is missing, empty or not text.
         IdenticalAnswersError: chosen and rejected are the same.
     """
+    if record.get("id") is None:
+        raise MissingFieldError("preference record lacks id")
     for field in FIELDS:
         if not isinstance(record.get(field), str) or not record[field].strip():
             raise MissingFieldError(f"preference record {record.get('id', '?')}: no {field!r} text")
@@ -49,3 +53,21 @@ def preference_pair(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
                                                                    {"from": "gpt", "value": answer}]}
 
     return conversation(record["chosen"]), conversation(record["rejected"])
+
+
+def parse_preference(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``preference_pair`` of a raw record's JSON text, the chosen record checked as any record is
+    (``parse_record``: the id, the image or video fields).
+
+    Raises:
+        MalformedRecordError: not a JSON object.
+        MissingFieldError, IdenticalAnswersError: as ``preference_pair`` and ``parse_record``.
+    """
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MalformedRecordError(f"not valid JSON: {err}") from err
+    if not isinstance(record, dict):
+        raise MalformedRecordError(f"a record must be a JSON object, got {type(record).__name__}")
+    chosen, rejected = preference_pair(record)
+    return parse_record(json.dumps(chosen)), rejected

@@ -1,0 +1,41 @@
+"""Preference records (LLaVA-NeXT's DPO format) through the Ray Data pipeline (``preprocess(..., pairs=True)``):
+good pairs become rows with both answers on one tiling; bad ones are quarantined with their reason."""
+
+from __future__ import annotations
+
+import json
+
+import ray
+
+from llava_platform.data.synthetic import write_synthetic_dataset
+from pipelines.preprocess import PREFERENCE_ROW_SCHEMA, finish, preprocess
+from pipelines.sources import read_records
+from tests.helpers.specs import row_spec
+
+
+def test_pairs_are_rows_and_bad_pairs_are_quarantined(ray_cluster, saved_checkpoints, tmp_path):
+    files = write_synthetic_dataset(tmp_path, train=6, eval=1, seed=0)
+    questions = [json.loads(line) for line in files["stage2"].read_text().splitlines()]
+    good = [{"id": f"pair-{i}", "image": q["image"], "prompt": q["conversations"][0]["value"],
+             "chosen": q["conversations"][1]["value"], "rejected": "I cannot tell."} for i, q in enumerate(questions)]
+    bad = [{**good[0], "id": "same", "rejected": good[0]["chosen"]},  # identical answers
+           {**good[0], "id": "no-rejected", "rejected": None},  # a missing field
+           {**good[0], "id": "long", "rejected": "Blue. " * 400},  # over model_max_length
+           {**good[0], "id": "gone", "image": "images/none.png"}]  # a missing image
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
+    spec = row_spec(template="vicuna_v1", image_mode="pad", max_length=512, image_root=str(tmp_path))
+    rows, quarantine = preprocess(read_records([str(data)]), processor_path=str(saved_checkpoints["llava"]), spec=spec,
+                                  num_actors=1, pairs=True)
+    kept = [ray.get(ref) for ref in rows.to_arrow_refs()]
+    report = finish(quarantine)
+    got = {row["id"]: row for part in kept for row in part.to_pylist()}
+    assert set(got) == {r["id"] for r in good} and kept[0].schema == PREFERENCE_ROW_SCHEMA
+    for row in got.values():  # one tiling, the prompt shared, each answer supervised
+        answer = row["labels"].index(next(t for t in row["labels"] if t != -100))
+        assert row["rejected_input_ids"][:answer] == row["input_ids"][:answer] and row["num_tiles"] == 1
+        assert row["rejected_length"] == len(row["rejected_input_ids"]) and row["modality"] == "image"
+    reasons = {entry["id"]: entry["reason"] for entry in ray.get(quarantine.rows.remote())}
+    assert reasons == {"same": "identical_answers", "no-rejected": "missing_field", "long": "too_long",
+                       "gone": "missing_image"}
+    assert report.read == len(good) + len(bad) and report.kept == len(good)
