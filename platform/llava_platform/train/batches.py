@@ -2,6 +2,7 @@
 every supervised token of a global batch weigh the same, and the small all-reduces the loop needs.
 
     batches = [collate_rows(rows, processor, settings, anyres, device) for rows in step.rows]
+    pairs = collate_pairs(preference_rows, processor, settings, anyres, device)   # chosen B, then rejected B
     weights = normalise_loss(batches, share.weights, token_mean=True, device=device)
     result = train_step(engine, batches, weights)
 
@@ -37,6 +38,16 @@ def collate_rows(rows: dict, processor, settings: ImageSettings, anyres: bool, d
         batch.update(pack_tokens(rows["input_ids"], rows["labels"], rows["pack_sizes"], pad_token_id=pad,
                                  varlen=varlen, device=device))
     return batch
+
+
+def collate_pairs(rows: dict, processor, settings: ImageSettings, anyres: bool, device) -> dict[str, torch.Tensor]:
+    """A micro-batch of preference rows (``PREFERENCE_ROW_SCHEMA``) as one model batch of 2B sequences: the
+    chosen answers' B rows first, then the rejected answers' in the same order, each pair on the same media
+    (``train.preference.preference_loss`` takes them in this order)."""
+    doubled = {name: list(values) * 2 for name, values in rows.items()}
+    doubled["input_ids"] = list(rows["input_ids"]) + list(rows["rejected_input_ids"])
+    doubled["labels"] = list(rows["labels"]) + list(rows["rejected_labels"])
+    return collate_rows(doubled, processor, settings, anyres, device)
 
 
 def normalise_loss(batches: list[dict], weights: tuple[float, ...], token_mean: bool, device) -> list[float]:

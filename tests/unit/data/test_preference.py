@@ -81,3 +81,35 @@ def test_a_pair_longer_than_the_limit_is_quarantined_not_cut(saved_checkpoints, 
     with pytest.raises(SequenceTooLongError) as error:
         short.build_pair(chosen, rejected, image)
     assert error.value.reason == "too_long"
+
+
+def test_a_micro_batch_of_pairs_is_chosen_then_rejected_on_the_same_images(saved_checkpoints):
+    """``train.batches.collate_pairs``: 2B sequences, chosen first; each answer's log-probability in the batch is
+    what the model gives that sequence alone (padding and the pairing change nothing)."""
+    import torch
+
+    from llava_platform.data.image_settings import ImageSettings
+    from llava_platform.model.compose import load_pretrained_llava
+    from llava_platform.train.batches import collate_pairs, collate_rows
+    from llava_platform.train.preference import sequence_logps
+    from tests.helpers.media import png, random_picture
+
+    builder = pair_builder(saved_checkpoints)
+    model, processor = load_pretrained_llava(str(saved_checkpoints["llava_next"]))
+    settings = ImageSettings.from_processor(processor)
+    records = [{**RECORD, "id": "a"}, {**RECORD, "id": "b", "prompt": "Which shape is it?", "rejected": "A cat."}]
+    images = [png(random_picture(60, 90, 1)), png(random_picture(90, 40, 2))]
+    pairs = [builder.build_pair(*preference_pair(record), image) for record, image in zip(records, images)]
+    rows = {name: [row[name] for row in pairs] for name in pairs[0]}
+    batch = collate_pairs(rows, processor, settings, anyres=True, device="cpu")
+    assert batch["input_ids"].shape[0] == 4 and torch.equal(batch["pixel_values"][0], batch["pixel_values"][2])
+    sequences = [(row, "input_ids", "labels") for row in pairs] + [(row, "rejected_input_ids", "rejected_labels")
+                                                                   for row in pairs]
+    with torch.no_grad():
+        together = sequence_logps(model(**batch).logits, batch["labels"])
+        for i, (row, ids, labels) in enumerate(sequences):
+            single = collate_rows({**{k: [v] for k, v in row.items()}, "input_ids": [row[ids]],
+                                   "labels": [row[labels]]}, processor, settings, anyres=True, device="cpu")
+            alone = sequence_logps(model(**single).logits, single["labels"])[0]
+            torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-4)
+    assert (together[:2] != together[2:]).all()  # the answers differ, so do their log-probabilities
