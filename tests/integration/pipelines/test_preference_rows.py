@@ -39,3 +39,35 @@ def test_pairs_are_rows_and_bad_pairs_are_quarantined(ray_cluster, saved_checkpo
     assert reasons == {"same": "identical_answers", "no-rejected": "missing_field", "long": "too_long",
                        "gone": "missing_image"}
     assert report.read == len(good) + len(bad) and report.kept == len(good)
+
+
+def test_the_reference_pass_adds_each_answers_log_probability(ray_cluster, saved_checkpoints, tmp_path):
+    """``pipelines.reference``: computed once over the rows, the same numbers as the reference model gives each
+    pair directly (``collate_pairs`` + ``sequence_logps`` in this process)."""
+    import torch
+
+    from llava_platform.data.image_settings import ImageSettings
+    from llava_platform.model.compose import load_pretrained_llava
+    from llava_platform.train.batches import collate_pairs
+    from llava_platform.train.preference import sequence_logps
+    from pipelines.reference import REFERENCE_COLUMNS, reference_logps
+
+    files = write_synthetic_dataset(tmp_path, train=3, eval=1, seed=1)
+    questions = [json.loads(line) for line in files["stage2"].read_text().splitlines()]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "image": q["image"], "prompt": q["conversations"][0]["value"],
+                                        "chosen": q["conversations"][1]["value"], "rejected": "No idea."}) + "\n"
+                            for i, q in enumerate(questions)))
+    checkpoint = str(saved_checkpoints["llava"])
+    spec = row_spec(template="vicuna_v1", image_mode="pad", max_length=512, image_root=str(tmp_path))
+    rows, _ = preprocess(read_records([str(data)]), processor_path=checkpoint, spec=spec, num_actors=1, pairs=True)
+    scored = reference_logps(rows, model=checkpoint, anyres=False, pairs_per_call=2).take_all()
+    assert len(scored) == 3 and all(set(REFERENCE_COLUMNS) <= set(row) for row in scored)
+    model, processor = load_pretrained_llava(checkpoint)
+    settings = ImageSettings.from_processor(processor)
+    for row in scored:
+        batch = collate_pairs({name: [row[name]] for name in row}, processor, settings, anyres=False, device="cpu")
+        with torch.no_grad():
+            chosen, rejected = sequence_logps(model(**batch).logits, batch["labels"]).tolist()
+        assert abs(row["reference_chosen_logp"] - chosen) < 1e-3 and abs(row["reference_rejected_logp"] - rejected) < 1e-3
+        assert chosen != rejected
