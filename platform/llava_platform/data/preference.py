@@ -12,12 +12,11 @@ one that is not text) and ``identical_answers`` (nothing to prefer).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from llava_platform.data.conversation import MissingFieldError
 from llava_platform.data.errors import SampleError
-from llava_platform.data.records import MalformedRecordError, parse_record
+from llava_platform.data.records import check_record, json_object
 from llava_platform.data.templates import IMAGE_PLACEHOLDER
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -57,17 +56,11 @@ def preference_pair(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 def parse_preference(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``preference_pair`` of a raw record's JSON text, the chosen record checked as any record is
-    (``parse_record``: the id, the image or video fields).
+    (``records.check_record``: the id, the image or video fields).
 
     Raises:
         MalformedRecordError: not a JSON object.
         MissingFieldError, IdenticalAnswersError: as ``preference_pair`` and ``parse_record``.
     """
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise MalformedRecordError(f"not valid JSON: {err}") from err
-    if not isinstance(record, dict):
-        raise MalformedRecordError(f"a record must be a JSON object, got {type(record).__name__}")
-    chosen, rejected = preference_pair(record)
-    return parse_record(json.dumps(chosen)), rejected
+    chosen, rejected = preference_pair(json_object(text))
+    return check_record(chosen), rejected

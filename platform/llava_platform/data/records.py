@@ -85,12 +85,26 @@ def parse_record(text: str) -> dict[str, Any]:
         MalformedRecordError: not JSON, or not an object.
         MissingFieldError: no ``id`` or ``conversations``, or fields of the wrong type.
     """
+    return check_record(json_object(text))
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A raw record's JSON text as an object.
+
+    Raises:
+        MalformedRecordError: not JSON, or not an object.
+    """
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
         raise MalformedRecordError(f"not valid JSON: {err}") from err
     if not isinstance(record, dict):
         raise MalformedRecordError(f"a record must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def check_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` itself, once its shape is checked (see ``parse_record``)."""
     missing = [key for key in ("id", "conversations") if key not in record]
     if missing:
         raise MissingFieldError(f"record lacks {', '.join(missing)}")
