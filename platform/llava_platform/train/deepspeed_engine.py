@@ -373,22 +373,33 @@ def check_param_groups(loaded: list[dict], own: list[dict]) -> None:
 UNIVERSAL_TAG = "universal"
 
 
+def universal_folder(directory: str | Path) -> Path:
+    """The node-local folder for ``directory``'s universal conversion, named after the checkpoint's path *and*
+    its files (names, sizes, modification times): a newer checkpoint written at the same path (a rerun into
+    the same output folder) is converted afresh, never served an older conversion."""
+    import hashlib
+    import tempfile
+
+    state = Path(directory).resolve() / CHECKPOINT_TAG
+    files = sorted((str(f.relative_to(state)), f.stat().st_size, f.stat().st_mtime_ns) for f in state.rglob("*")
+                   if f.is_file())
+    name = hashlib.sha1(f"{state}|{files}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"llava-universal-{name}"
+
+
 def to_universal(directory: str | Path) -> str:
     """Convert ``directory``'s DeepSpeed state to the universal format in a folder on this node; returns it.
 
     The first rank on each node converts (into a node-local folder named after the checkpoint, since
     the checkpoint itself may be read-only or shared), the others wait for it.
     """
-    import hashlib
     import os
-    import tempfile
     from types import SimpleNamespace
 
     import torch.distributed as dist
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    name = hashlib.sha1(str(Path(directory).resolve()).encode()).hexdigest()[:16]
-    root = Path(tempfile.gettempdir()) / f"llava-universal-{name}"
+    root = universal_folder(directory)
     if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0 and not (root / UNIVERSAL_TAG / "zero").is_dir():
         root.mkdir(parents=True, exist_ok=True)
         ds_to_universal(SimpleNamespace(input_folder=str(Path(directory) / CHECKPOINT_TAG),

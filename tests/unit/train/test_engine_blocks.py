@@ -179,3 +179,21 @@ def test_tracking_uri_falls_back_to_a_local_sqlite_store(tmp_path, monkeypatch):
     assert resolve_tracking_uri(None) == "http://env:5000"
     assert resolve_tracking_uri("http://recipe:5000") == "http://recipe:5000"
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
+
+
+def test_a_newer_checkpoint_at_the_same_path_gets_its_own_universal_conversion(tmp_path):
+    """The universal conversion is cached per node: keyed by the checkpoint's files too, so a rerun that writes
+    a newer checkpoint to the same folder is never served the older one's conversion (which once resumed a
+    run from stale state)."""
+    import os
+
+    from llava_platform.train.deepspeed_engine import CHECKPOINT_TAG, universal_folder
+
+    state = tmp_path / "ckpt" / CHECKPOINT_TAG
+    state.mkdir(parents=True)
+    (state / "mp_rank_00_model_states.pt").write_bytes(b"first")
+    first = universal_folder(tmp_path / "ckpt")
+    assert universal_folder(tmp_path / "ckpt") == first  # the same checkpoint: the same folder
+    (state / "mp_rank_00_model_states.pt").write_bytes(b"second run")
+    os.utime(state / "mp_rank_00_model_states.pt", ns=(1, 1))
+    assert universal_folder(tmp_path / "ckpt") != first
