@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import tracemalloc
 from pathlib import Path
 
-import psutil
 import ray
 
 from jobs.console import quiet_ray_data
+from jobs.perf.memory import PeakMemory
 
 STRATEGIES = ("all", "first:10%", "end:1000", "random:50%")
 
@@ -49,27 +48,6 @@ def write_sources(folder: Path, sources: int, rows: int) -> Path:
     mixture = folder / "mixture.yaml"
     mixture.write_text("datasets:\n" + "".join(entries))
     return mixture
-
-
-class ResidentPeak:
-    """This process's resident memory, sampled every 10 ms: the peak above the start."""
-
-    def __init__(self):
-        self.process, self.start, self.peak = psutil.Process(), psutil.Process().memory_info().rss, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-
-    def sample(self):
-        while not self.stop.wait(0.01):
-            self.peak = max(self.peak, self.process.memory_info().rss - self.start)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
 
 def main(argv: list[str] | None = None) -> float | None:
@@ -97,7 +75,7 @@ def main(argv: list[str] | None = None) -> float | None:
     try:
         tracemalloc.start()
         started = time.perf_counter()
-        with ResidentPeak() as resident:
+        with PeakMemory() as resident:
             plans = plan_sources([str(mixture)], seed=0)
         seconds = time.perf_counter() - started
         _, traced = tracemalloc.get_traced_memory()
@@ -108,7 +86,7 @@ def main(argv: list[str] | None = None) -> float | None:
     print(f"planned {len(plans)} sources: {taken:,} of {sum(p.rows for p in plans):,} records taken, "
           f"{seconds:.1f} s")
     print(f"driver: peak Python/numpy allocations {traced / 2**20:.1f} MiB, resident growth "
-          f"{resident.peak / 2**20:.1f} MiB; the records on disk {on_disk / 2**20:,.0f} MiB")
+          f"{(resident.peak - resident.start) / 2**20:.1f} MiB; the records on disk {on_disk / 2**20:,.0f} MiB")
     peak = traced / 2**20
     print(f"mixture plan driver-peak MiB at {len(plans)} sources x {sum(p.rows for p in plans):,} records: {peak:.1f}")
     return peak

@@ -27,16 +27,15 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from jobs.perf.memory import PeakMemory  # noqa: E402
 from llava_platform.data.geometry import best_anyres_resolution, fit_within  # noqa: E402
 from llava_platform.data.image_settings import ImageSettings  # noqa: E402
 from llava_platform.data.images import decode_image  # noqa: E402
@@ -100,32 +99,6 @@ def single_core(blobs: list[bytes], repeats: int) -> dict[str, float]:
     return {"seconds": seconds, "ours_bytes": ours_bytes, "hf_bytes": hf_bytes}
 
 
-class PeakMemory:
-    """Samples the summed RSS of this process and all Ray worker processes."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            total = 0
-            for proc in psutil.process_iter(["name", "cmdline", "memory_info"]):
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                if proc.pid == os.getpid() or "ray::" in (proc.info["name"] or "") or "ray::" in cmdline:
-                    total += proc.info["memory_info"].rss if proc.info["memory_info"] else 0
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def pipeline_run(root: Path, images: list[Path], records: int, checkpoint: str) -> tuple[float, int, int]:
     import ray
 
@@ -144,7 +117,7 @@ def pipeline_run(root: Path, images: list[Path], records: int, checkpoint: str) 
     rows, _ = preprocess(read_records([str(data)]), processor_path=checkpoint, spec=spec, num_actors=(1, 2),
                          records_per_call=8)
     seen = 0
-    with PeakMemory() as memory:
+    with PeakMemory(ray_workers=True, interval=0.2) as memory:
         started = time.perf_counter()
         for batch in rows.iter_batches(batch_size=32, batch_format="numpy"):
             seen += len(batch["id"])
