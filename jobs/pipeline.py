@@ -13,10 +13,11 @@ passes each one's typed result on to the next:
   3. preprocess with Ray Data into Parquet shards, for stages that name a          jobs.preprocess
      ``data.preprocessed`` folder (reused when its manifest matches); other stages
      stream their preprocessing straight into training
-  4. stage 1 -> stage 2 with Ray Train + DeepSpeed, MLflow parent run with a run   jobs.train
-     per stage, export registered in the Model Registry
-  5. score the stage-1 model and the registered stage-2 model on held-out questions  jobs.evaluate
-     (Ray Data batch inference; scores land on each stage's MLflow run)
+  4. stage 1 -> stage 2 (-> stage 3, DPO) with Ray Train + DeepSpeed, MLflow       jobs.train
+     parent run with a run per stage, the last export registered in the Model Registry
+  5. score the model before and after the last stage on held-out questions          jobs.evaluate
+     (Ray Data batch inference; scores land on each stage's MLflow run); after DPO
+     also the held-out preference pairs (pipelines.reference.preference_accuracy)
   6. deploy the registered model on Ray Serve, ask one image question over HTTP       jobs.deploy
      (OpenAI-compatible API), print the answer, delete the application (unless --keep-serving)
 
@@ -35,20 +36,21 @@ import mimetypes
 import os
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jobs import compose, deploy, evaluate, preprocess, synthetic_data, train
+from jobs import compose, deploy, evaluate, synthetic_data, train
+from jobs import preprocess as preprocess_job
 from jobs.console import RAY_PROGRESS_ENV, PreflightError, job_log, job_log_file, libraries_to_log
 from llava_platform import registry, tracking
 from llava_platform.config import Recipe, recipe_argument_parser, recipe_from_args
-from llava_platform.config.schema import EvaluationConfig
+from llava_platform.config.schema import EvaluationConfig, PreferenceStageConfig
 from llava_platform.evaluation import eval_fields, is_correct
 from llava_platform.storage import is_remote
-from llava_platform.train.checkpoint import PROJECTOR_FILE, export_with_projector
+from llava_platform.train.checkpoint import EXPORT_DIR, PROJECTOR_FILE, export_with_projector
 from pipelines.shards import ManifestError, StageShards
 from serve.app import default_config_path
 
@@ -135,6 +137,9 @@ def run(recipe: Recipe, *, output: Path | None = None, serve: bool = True, keep_
     if recipe.evaluation:
         log("5. evaluating on the held-out questions with Ray Data")
         scores = evaluate_stages(recipe.evaluation, trained, initial, model_uri, output)
+        if recipe.stage3 and recipe.evaluation.preference_files:
+            log("5. comparing the aligned model with its reference on the held-out preference pairs")
+            scores["stage3"].update(score_preferences(recipe, trained, initial, output / "train"))
         clock = _lap(timings, "evaluate", clock)
 
     demo, deployment = None, None
@@ -173,9 +178,11 @@ def preprocess_stages(recipe: Recipe, initial: str) -> bool:
     """Run ``jobs.preprocess`` for every stage whose ``data.preprocessed`` folder lacks matching shards.
 
     A folder whose manifest matches the stage's settings and ``initial``'s processor is reused; one
-    written earlier for other settings is replaced. Returns whether any stage preprocesses ahead of training.
+    written earlier for other settings is replaced. Stage 3's pairs are scored by the model stage 2 trains, so
+    ``jobs.train`` writes them before that stage. Returns whether any stage preprocesses ahead of training.
     """
-    stages = {name: stage for name, stage in recipe.stages().items() if stage.data.preprocessed}
+    stages = {name: stage for name, stage in recipe.stages().items()
+              if stage.data.preprocessed and not isinstance(stage, PreferenceStageConfig)}
     for name, stage in stages.items():
         folder = stage.data.preprocessed
         try:
@@ -185,15 +192,15 @@ def preprocess_stages(recipe: Recipe, initial: str) -> bool:
         except ManifestError:
             pass
         log(f"3. {name}: preprocessing {', '.join(stage.data.train_files)} with Ray Data -> {folder}")
-        preprocess.run(recipe, stage=name, model=initial, output=folder, overwrite=True)
+        preprocess_job.run(recipe, stage=name, model=initial, output=folder, overwrite=True)
     return bool(stages)
 
 
 def trained_model_uri(trained: train.TrainResult, initial: str, output: Path) -> tuple[str, tuple[str, str] | None]:
-    """The model to evaluate and serve: stage 2's registered version (``models:/name/N``), or for a
-    stage-1-only recipe the starting checkpoint with the aligned projector."""
-    runs = trained.runs
-    registered = registry.registered_version(trained.tracking_uri, runs["stage2"]) if "stage2" in runs else None
+    """The model to evaluate and serve: the last stage's registered version (``models:/name/N``; stage 2 or 3),
+    or for a stage-1-only recipe the starting checkpoint with the aligned projector."""
+    runs, last = trained.runs, list(trained.stage_dirs)[-1]
+    registered = registry.registered_version(trained.tracking_uri, runs[last]) if last != "stage1" else None
     if registered:
         return f"models:/{registered[0]}/{registered[1]}", registered
     return str(stage1_model(trained, initial, output)), None
@@ -206,7 +213,8 @@ def stage1_model(trained: train.TrainResult, initial: str, output: Path) -> Path
 
 def evaluate_stages(settings: EvaluationConfig, trained: train.TrainResult, initial: str, model_uri: str,
                     output: Path) -> dict[str, dict[str, float]]:
-    """Scores of the final model and, with ``score_stage1``, of the stage-1 model, each on its stage's run."""
+    """Scores of the final model and, with ``score_stage1``, of the stage-1 model; after stage 3 also of stage 2's
+    export (where DPO started), each on its stage's run."""
     common = dict(data=settings.data_files, image_root=settings.image_root, tracking_uri=trained.tracking_uri,
                   inference=settings.inference())
     stage_dirs, runs = trained.stage_dirs, trained.runs
@@ -215,10 +223,31 @@ def evaluate_stages(settings: EvaluationConfig, trained: train.TrainResult, init
         scores["stage1"] = evaluate.run(model=str(stage1_model(trained, initial, output)),
                                         output=output / "eval" / "stage1",
                                         run_id=runs["stage1"], **common).scores
-    final = "stage2" if "stage2" in stage_dirs else "stage1"
+    if {"stage2", "stage3"} <= set(stage_dirs):
+        scores["stage2"] = evaluate.run(model=str(stage_dirs["stage2"] / EXPORT_DIR), output=output / "eval" / "stage2",
+                                        run_id=runs["stage2"], **common).scores
+    final = list(stage_dirs)[-1]
     scores[final] = evaluate.run(model=model_uri, output=output / "eval" / final, run_id=runs.get(final),
                                  **common).scores
     return scores
+
+
+def score_preferences(recipe: Recipe, trained: train.TrainResult, initial: str, train_output: Path) -> dict[str, float]:
+    """The aligned model against its reference (stage 3's starting model) on the held-out preference pairs
+    (``evaluation.preference_files``); logged on stage 3's run."""
+    from pipelines.preprocess import preprocess
+    from pipelines.reference import POLICY_COLUMNS, preference_accuracy
+    from pipelines.sources import read_records
+
+    settings, stage = recipe.evaluation, recipe.stage3
+    reference = preprocess_job.reference_pass(recipe, stage, train.stage_model(stage, initial, train_output))
+    policy = replace(reference, model=str(trained.stage_dirs["stage3"] / EXPORT_DIR), columns=POLICY_COLUMNS)
+    spec = replace(stage.data.row_spec(), image_root=settings.image_root)
+    rows, _ = preprocess(read_records(settings.preference_files), processor_path=reference.model, spec=spec,
+                         pairs=True, cpus_per_actor=recipe.scaling.data_cpus_per_actor)
+    scores = preference_accuracy(rows, policy=policy, reference=reference)
+    tracking.log_metrics(trained.tracking_uri, trained.runs["stage3"], scores.as_metrics(), step=0)
+    return scores.as_metrics()
 
 
 def ask_demo_question(url: str, model_name: str, settings: EvaluationConfig) -> dict[str, Any] | None:
@@ -274,6 +303,15 @@ def print_summary(name: str, result: PipelineResult, registered: tuple[str, str]
                  for kind in kinds if f"accuracy/{kind}" in values]
         chance = "chance 25% / 50% / 1 in frames - 1 on the synthetic data" if onevision else "chance 25%"
         lines.append(f"{'accuracy ' + stage:<18}{' | '.join(parts)}   ({chance})")
+    if "preference/accuracy" in scores.get("stage3", {}):
+        values = scores["stage3"]
+        lines.append(f"{'preference stage3':<18}{values['preference/accuracy']:.0%} of "
+                     f"{int(values['preference/pairs'])} held-out pairs ranked above the reference (the reference "
+                     f"itself: 50%); chosen answer more likely: {values['preference/reference_prefers_chosen']:.0%} "
+                     f"-> {values['preference/policy_prefers_chosen']:.0%}")
+    if {"stage2", "stage3"} <= set(scores):
+        before, after = (1 - scores[stage]["accuracy"] for stage in ("stage2", "stage3"))
+        lines.append(f"{'wrong answers':<18}stage2 {before:.0%} -> stage3 {after:.0%} of the held-out questions")
     if demo:
         lines.append(f"{'question':<18}{demo['question'].splitlines()[0]}   [{demo['image']}]")
         lines.append(f"{'answer':<18}{demo['answer']!r}   (gold {demo['gold']!r}: "

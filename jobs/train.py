@@ -1,4 +1,4 @@
-"""Two-stage training with Ray Train + DeepSpeed on the Ray Data pipeline, tracked in MLflow.
+"""Staged training with Ray Train + DeepSpeed on the Ray Data pipeline, tracked in MLflow.
 
     python -m jobs.train --recipe tiny_cpu_demo --model outputs/initial --output outputs/train --stage all
     ray job submit --working-dir . -- python -m jobs.train --recipe llava15_7b --model /mnt/shared/initial \\
@@ -9,6 +9,9 @@
 writes ``<output>/stage1/projector.safetensors``; stage 2 starts from ``--model`` plus that projector
 (or ``stage2.init_from``: a path or a ``runs:/<id>/projector.safetensors`` URI) and writes a Hugging
 Face export to ``<output>/stage2/export``, registered in MLflow under ``tracking.registered_model``.
+Stage 3 (DPO, when the recipe has it) starts from that export (``stage3.init_from``), first preprocesses
+its preference pairs with their reference log-probabilities into ``stage3.data.preprocessed`` (reused
+when they match), and exports and registers the aligned model instead.
 
 Checkpoints (full DeepSpeed state + data position) go to ``checkpoint.storage_path`` every
 ``checkpoint.every_n_steps`` steps. A dead worker restarts the worker group from the latest one
@@ -34,13 +37,15 @@ from jobs.train_worker import POSITION_FILE, train_loop_per_worker
 from llava_platform import tracking
 from llava_platform.config import recipe_argument_parser, recipe_from_args
 from llava_platform.config.build import deepspeed_spec, pack_cost
-from llava_platform.config.schema import Recipe, StageConfig
+from llava_platform.config.schema import PreferenceStageConfig, Recipe, StageConfig
 from llava_platform.config.schema import ScalingConfig as ScalingSection
 from llava_platform.data.mixture import MixtureError
 from llava_platform.data.position import STREAMED_ORDER, DataPosition
 from llava_platform.storage import filesystem_for, is_remote
-from llava_platform.train.checkpoint import PROJECTOR_FILE
+from llava_platform.train.checkpoint import EXPORT_DIR, PROJECTOR_FILE
 from llava_platform.train.plan import LoopSpec, ResumePoint, ShardRows, StagePlan, TrackingSpec
+from jobs.preprocess import stage_shards
+from jobs.preprocess import run as preprocess_stage
 from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport, start_quarantine_log
 from pipelines.shards import ManifestError, RowReader, StageShards, shard_layout, source_metrics
@@ -70,7 +75,7 @@ log = job_log("train")
 
 def main(argv: list[str] | None = None) -> TrainResult:
     parser = recipe_argument_parser(__doc__.split("\n")[0])
-    parser.add_argument("--stage", choices=["1", "2", "all"], default="all")
+    parser.add_argument("--stage", choices=["1", "2", "3", "all"], default="all")
     parser.add_argument("--model", help="the composed starting checkpoint (jobs.compose output)")
     parser.add_argument("--output", type=Path, help="folder for stage outputs")
     parser.add_argument("--resume", help="a checkpoint folder (local or s3://) to continue from")
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
 
 def run(recipe: Recipe, *, model: str, output: Path, stage: str = "all", resume: str | None = None) -> TrainResult:
-    """Train the recipe's stages (``stage``: ``1``, ``2`` or ``all``) from ``model`` into ``output``.
+    """Train the recipe's stages (``stage``: ``1``, ``2``, ``3`` or ``all``) from ``model`` into ``output``.
 
     Args:
         model: the composed starting checkpoint (``jobs.compose``).
@@ -96,7 +101,7 @@ def run(recipe: Recipe, *, model: str, output: Path, stage: str = "all", resume:
     """
     output = Path(output)
     point = read_resume_point(resume, recipe.checkpoint.s3_endpoint_url) if resume else None
-    names = ["stage1", "stage2"] if stage == "all" else [f"stage{stage}"]
+    names = list(recipe.stages()) if stage == "all" else [f"stage{stage}"]
     if point is not None:  # earlier stages are done; their outputs are already in output
         names = names[names.index(point.position.stage):] if point.position.stage in names else []
 
@@ -119,10 +124,13 @@ def run(recipe: Recipe, *, model: str, output: Path, stage: str = "all", resume:
             runs[name] = tracking.start_run(uri, runs["experiment"], name, parent_run_id=runs["parent"])
         write_runs_file(output, uri, runs)
         try:
+            start = stage_model(stage_config, model, output)
+            if isinstance(stage_config, PreferenceStageConfig):
+                prepare_pairs(recipe, name, start)
             stage_dirs[name] = run_stage(
-                recipe, name, stage_config, model=model, output=output, tracking_uri=uri, runs=runs,
+                recipe, name, stage_config, model=start, output=output, tracking_uri=uri, runs=runs,
                 projector=None if resuming else starting_projector(stage_config, runs.get("stage1"), output),
-                export=name == names[-1], resume_from=resume if resuming else None,
+                export=name == names[-1] or starts_stage3(recipe, name, names), resume_from=resume if resuming else None,
             )
         except BaseException:
             tracking.end_run(uri, runs[name], failed=True)
@@ -131,6 +139,34 @@ def run(recipe: Recipe, *, model: str, output: Path, stage: str = "all", resume:
         tracking.end_run(uri, runs[name])
     tracking.end_run(uri, runs["parent"])
     return TrainResult(stage_dirs=stage_dirs, tracking_uri=uri, runs=dict(runs))
+
+
+def stage_model(stage: StageConfig, model: str, output: Path) -> str:
+    """The checkpoint a stage starts from: ``model`` (``--model``) and a projector for stages 1 and 2; for stage 3
+    the whole model named by ``init_from`` (``stage2``: this run's stage-2 export), else ``model``."""
+    if not isinstance(stage, PreferenceStageConfig) or stage.init_from is None:
+        return model
+    if stage.init_from == "stage2":
+        return str(output / "stage2" / EXPORT_DIR)
+    return stage.init_from
+
+
+def starts_stage3(recipe: Recipe, name: str, names: list[str]) -> bool:
+    """Whether stage ``name``'s export is where this run's stage 3 starts (so it exports, not only the last)."""
+    stage3 = recipe.stage3
+    return name == "stage2" and "stage3" in names and stage3 is not None and stage3.init_from == "stage2"
+
+
+def prepare_pairs(recipe: Recipe, name: str, model: str) -> None:
+    """Stage 3's preference rows with their reference log-probabilities by ``model`` in ``data.preprocessed``:
+    reused when their manifest matches (the same data, settings and reference weights), written otherwise."""
+    folder = recipe.stages()[name].data.preprocessed
+    try:
+        stage_shards(recipe, name, model).files()
+        log(f"{name}: reusing the preference shards and reference log-probabilities in {folder}")
+    except ManifestError:
+        log(f"{name}: preprocessing the preference pairs and their reference log-probabilities -> {folder}")
+        preprocess_stage(recipe, stage=name, model=model, output=folder, overwrite=True)
 
 
 def open_parent_run(tracking_uri: str, recipe: Recipe, output: Path, resume: ResumePoint | None) -> dict[str, str]:
@@ -191,7 +227,7 @@ def preflight(recipe: Recipe, names: list[str], *, model: str, output: Path, sta
         problems += stage_problems(recipe, name, stage_config, model=model, output=output, first=name == names[0],
                                    resuming=resuming)
         if resuming:
-            problems += resume_problems(recipe, name, stage_config, model, resume)
+            problems += resume_problems(recipe, name, stage_config, stage_model(stage_config, model, output), resume)
     return problems + gpu_problems(recipe.scaling)
 
 
@@ -199,7 +235,7 @@ def resume_problems(recipe: Recipe, name: str, stage: StageConfig, model: str, r
     """The checkpoint continues this stage's rows: the same data, order and batches, and for a streamed stage
     the same worker count (each worker streams its own part of the records)."""
     try:
-        planned = stage_data(recipe, stage, model)[0]
+        planned = stage_data(recipe, name, stage, model)[0]
     except (ManifestError, OSError):
         return []  # stage_problems reports the shards
     saved = resume.position.data
@@ -221,12 +257,14 @@ def stage_problems(recipe: Recipe, name: str, stage: StageConfig, *, model: str,
     for path in stage.data.train_files:
         if not is_remote(path) and not Path(path).exists():
             problems.append(f"{name}.data.train_files: {path} does not exist")
-    if stage.data.preprocessed:
+    if isinstance(stage, PreferenceStageConfig):  # its rows are written before it starts (prepare_pairs)
+        problems += preference_problems(name, stage, output=output, first=first, resuming=resuming)
+    elif stage.data.preprocessed:
         try:
             StageShards.of(stage.data, model, seed=recipe.seed).files()
         except (ManifestError, MixtureError, OSError) as error:
             problems.append(f"{name}.data.preprocessed: {error}")
-    init_from = stage.init_from
+    init_from = None if isinstance(stage, PreferenceStageConfig) else stage.init_from  # stage 3's: above
     if init_from == "stage1" and first and not resuming:
         example = f"{output}/stage1/{PROJECTOR_FILE} or runs:/<stage1 run>/{PROJECTOR_FILE}"
         problems.append(f"{name}.init_from: 'stage1' but stage 1 does not run here; give its projector, e.g. "
@@ -244,6 +282,19 @@ def stage_problems(recipe: Recipe, name: str, stage: StageConfig, *, model: str,
     return problems
 
 
+def preference_problems(name: str, stage: PreferenceStageConfig, *, output: Path, first: bool,
+                        resuming: bool) -> list[str]:
+    """Stage 3's starting model exists, or an earlier stage of this run writes it."""
+    init_from = stage.init_from
+    if init_from == "stage2" and first and not resuming and not (output / "stage2" / EXPORT_DIR).is_dir():
+        return [f"{name}.init_from: 'stage2' but stage 2 does not run here and {output / 'stage2' / EXPORT_DIR} does "
+                f"not exist; run --stage all, or set {name}.init_from to an export folder"]
+    if init_from not in (None, "stage2") and not is_remote(init_from) and not Path(init_from).is_dir():
+        return [f"{name}.init_from: {init_from} is not a folder; point it at a Hugging Face export (e.g. "
+                f"<output>/stage2/{EXPORT_DIR})"]
+    return []
+
+
 def gpu_problems(scaling: ScalingSection) -> list[str]:
     if not (scaling.use_gpu and scaling.gpu_preflight):
         return []
@@ -257,7 +308,10 @@ def gpu_problems(scaling: ScalingSection) -> list[str]:
 
 
 def starting_projector(stage: StageConfig, stage1_run: str | None, output: Path) -> str | None:
-    """Stage 2 picks up stage 1's projector through MLflow (reachable from every node), or a given path."""
+    """Stage 2 picks up stage 1's projector through MLflow (reachable from every node), or a given path; stage 3
+    starts from a whole model (``stage_model``), no projector."""
+    if isinstance(stage, PreferenceStageConfig):
+        return None
     if stage.init_from == "stage1":
         return f"runs:/{stage1_run}/{PROJECTOR_FILE}" if stage1_run else str(output / "stage1" / PROJECTOR_FILE)
     if stage.init_from and not is_remote(stage.init_from):
@@ -302,7 +356,8 @@ def streamed_rank_datasets(recipe: Recipe, stage: StageConfig, model: str, quara
         [part.count() for part in parts]
 
 
-def stage_data(recipe: Recipe, stage: StageConfig, model: str) -> tuple[DataPosition, ShardRows | None, dict | None]:
+def stage_data(recipe: Recipe, name: str, stage: StageConfig,
+               model: str) -> tuple[DataPosition, ShardRows | None, dict | None]:
     """What the stage's order is drawn over, at its start (``TrainingPosition.data``), and for a preprocessed
     stage its shards, read by id, and their manifest (``None`` for a streamed stage).
 
@@ -315,7 +370,7 @@ def stage_data(recipe: Recipe, stage: StageConfig, model: str) -> tuple[DataPosi
         mixture = describe_mixture(data.train_files, seed=recipe.seed, s3_endpoint_url=data.s3_endpoint_url)
         return DataPosition(fingerprint=StageShards.fingerprint_of(data, model, mixture), order_version=STREAMED_ORDER,
                             **start), None, None
-    files, manifest = StageShards.of(data, model, seed=recipe.seed).files()
+    files, manifest = stage_shards(recipe, name, model).files()
     layout = shard_layout(files, manifest)
     packing = data.packing.build(pack_cost(recipe, stage)) if data.packing else None
     shards = ShardRows(files=layout.files, block_sizes=layout.block_sizes, window_blocks=data.shuffle_row_groups,
@@ -362,10 +417,11 @@ def stage_plan(recipe: Recipe, name: str, stage: StageConfig, *, model: str, pro
     track = TrackingSpec(
         uri=tracking_uri, run_id=runs[name], parent_run_id=runs["parent"],
         system_metrics_interval_s=settings.system_metrics_interval_s if settings.system_metrics else None,
-        registered_model=(settings.registered_model or recipe.name) if export and name == "stage2" else None,
+        registered_model=(settings.registered_model or recipe.name) if export and name != "stage1" else None,
     )
+    preference = stage.preference.build() if isinstance(stage, PreferenceStageConfig) else None
     return StagePlan(stage=name, output=str((output / name).resolve()), deepspeed=deepspeed, loop=loop, data=data,
-                     tracking=track, projector=projector, export=export,
+                     tracking=track, projector=projector, export=export, preference=preference,
                      export_shard_bytes=recipe.checkpoint.export_shard_mb * 2**20, resume_from=resume_from,
                      storage_endpoint_url=recipe.checkpoint.s3_endpoint_url,
                      backend="nccl" if scaling.use_gpu else "gloo")
@@ -386,7 +442,7 @@ def run_stage(recipe: Recipe, name: str, stage: StageConfig, *, model: str, proj
     from ray.train.torch import TorchTrainer
 
     data, scaling, workers = stage.data, recipe.scaling, recipe.scaling.num_workers
-    start, shards, manifest = stage_data(recipe, stage, model)
+    start, shards, manifest = stage_data(recipe, name, stage, model)
     quarantine, datasets = None, {}
     if shards is not None:  # rows by id: every worker reads the shards itself, no Ray dataset
         records = sum(shards.block_sizes)

@@ -33,8 +33,10 @@ from llava_platform.data.read_ahead import EpochReader
 from llava_platform.storage import filesystem_for, is_mlflow_uri
 from llava_platform.train.batches import (
     all_ranks_have,
+    collate_preference,
     collate_rows,
     max_over_ranks,
+    mean_over_ranks,
     normalise_loss,
     summed_over_ranks,
 )
@@ -50,6 +52,8 @@ from llava_platform.train.deepspeed_engine import (
     train_step,
 )
 from llava_platform.train.plan import ResumePoint, StagePlan, TrainingPosition
+from llava_platform.train.preference import METRICS as PREFERENCE_METRICS
+from llava_platform.train.preference import PreferenceObjective, model_inputs
 
 POSITION_FILE = "position.json"
 """Written by rank 0 into every checkpoint: stage, step, data position and MLflow run ids (read by ``--resume``)."""
@@ -118,6 +122,7 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
                          depth=max(2, READ_AHEAD_MICRO_BATCHES // accumulation))
     probe = None
     varlen = spec.attn_implementation.startswith("flash")  # packed rows: flash-attention's varlen arguments
+    objective = PreferenceObjective(plan.preference) if plan.preference else None  # stage 3: DPO on pairs
     ledger = faults.row_ledger(position.step, rank, world)  # a test facility: off unless armed
 
     checkpointed_step, first_step = position.step, position.step
@@ -131,17 +136,21 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
             waited = time.perf_counter() - waited
             if not all_ranks_have(step is not None, device):
                 break  # the epoch's rows are done (a streamed rank's first): everyone ends it together
-            batches = [collate_rows(rows, processor, settings, loop.anyres, device, varlen=varlen)
-                       for rows in step.rows]
-            probe = probe or batches[0]
-            weights = normalise_loss(batches, step.weights, loop.token_mean_loss, device)
-            result = train_step(engine, batches, weights)
+            if objective is None:
+                batches = [collate_rows(rows, processor, settings, loop.anyres, device, varlen=varlen)
+                           for rows in step.rows]
+                weights = normalise_loss(batches, step.weights, loop.token_mean_loss, device)
+            else:  # each pair weighs the same: the micro-batches' means, averaged (padding weighs 0)
+                batches = [collate_preference(rows, processor, settings, loop.anyres, device) for rows in step.rows]
+                weights = list(step.weights)
+            probe = probe or model_inputs(batches[0])
+            result = train_step(engine, batches, weights, objective)
             position = position.after_step(step.global_units)
             ledger.record(position.step, epoch, step.trained_ids)
             faults.after_step(position.step, rank)
             trained = [rows for rows, weight in zip(step.rows, weights, strict=True) if weight > 0]
             samples, tokens, loss_sum, micro_batches, forward_s = summed_over_ranks(
-                [sum(len(rows["id"]) for rows in trained), sum(int(rows["length"].sum()) for rows in trained),
+                [sum(len(rows["id"]) for rows in trained), sum(row_tokens(rows) for rows in trained),
                  result.loss * result.micro_batches, result.micro_batches, result.forward_s], device)
             slowest = max_over_ranks(result.forward_s, device)  # forward passes: each rank's own work
             step_time, step_started = time.perf_counter() - step_started, time.perf_counter()
@@ -153,6 +162,8 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
                 "data_wait_fraction": waited / step_time, "epoch": epoch,
                 **{f"lr/{group}": lr for group, lr in result.learning_rates.items()},
             }
+            if objective is not None:  # rewards, margins, preference accuracy, the SFT term: over all ranks
+                metrics.update(mean_over_ranks(result.metrics, result.micro_batches, PREFERENCE_METRICS, device))
             pending[position.step] = metrics
             checkpointed = position.step % loop.checkpoint_every == 0 or position.step == total_steps
             if rank == 0 and (checkpointed or time.perf_counter() - printed >= PROGRESS_EVERY_S):
@@ -185,9 +196,17 @@ def train_loop_per_worker(plan: StagePlan, faults: Faults, relay: LineRelay | No
         monitor.finish()
 
 
+def row_tokens(rows: dict) -> int:
+    """Tokens a micro-batch's rows run through the model: both answers of preference rows."""
+    return int(rows["length"].sum()) + int(rows["rejected_length"].sum() if "rejected_length" in rows else 0)
+
+
 def progress_line(step: int, total: int, metrics: dict[str, float], seconds_per_step: float) -> str:
-    """``step 1200/6000 (20%) loss 0.1358, 171 samples/s, 8 min 12 s left``: rank 0's progress line."""
-    return (f"step {step}/{total} ({step / total:.0%}) loss {metrics['loss']:.4f}, "
+    """``step 1200/6000 (20%) loss 0.1358, 171 samples/s, 8 min 12 s left``: rank 0's progress line (stage 3 adds
+    the step's pairs whose chosen answer gained more than the rejected one, and the mean reward margin)."""
+    pairs = (f", pairs ranked right {metrics['rewards/accuracies']:.0%} (margin {metrics['rewards/margins']:.3f})"
+             if "rewards/accuracies" in metrics else "")  # stage 3
+    return (f"step {step}/{total} ({step / total:.0%}) loss {metrics['loss']:.4f}{pairs}, "
             f"{metrics['samples_per_s']:.0f} samples/s, {duration((total - step) * seconds_per_step)} left")
 
 

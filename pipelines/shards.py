@@ -35,6 +35,7 @@ from llava_platform.config.schema import DataConfig
 from llava_platform.data.mixture import SourcePlan
 from llava_platform.train.memory import SampleLengths
 from pipelines.preprocess import ROW_SCHEMA, finish
+from pipelines.reference import SCORED_SCHEMA
 from pipelines.sources import describe_mixture
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -53,28 +54,35 @@ class StageShards:
     fingerprint: str
     mixture: tuple[str, ...] = ()
     """Each source and its strategy (``describe_mixture``): a manifest of other ones names what changed."""
+    schema: pa.Schema = ROW_SCHEMA
+    """The rows' columns: ``ROW_SCHEMA``, or stage 3's preference rows with reference log-probabilities."""
 
     @classmethod
     def of(cls, data: DataConfig, processor_path: str, folder: str | Path | None = None, *,
-           seed: int) -> StageShards:
+           seed: int, reference: str | None = None) -> StageShards:
         """The shards of a stage's ``data`` section tiled by ``processor_path``'s processor, in ``folder``
-        (default: ``data.preprocessed``); ``seed``: the recipe's (a mixture's ``random:N`` draws with it)."""
+        (default: ``data.preprocessed``); ``seed``: the recipe's (a mixture's ``random:N`` draws with it);
+        ``reference``: preference rows scored by a reference pass (``ReferencePass.fingerprint``)."""
         where = folder if folder is not None else data.preprocessed
         if where is None:
             raise ValueError("the stage has no data.preprocessed folder; pass one")
         mixture = describe_mixture(data.train_files, seed=seed, s3_endpoint_url=data.s3_endpoint_url)
-        return cls(str(where), cls.fingerprint_of(data, processor_path, mixture), mixture)
+        return cls(str(where), cls.fingerprint_of(data, processor_path, mixture, reference), mixture,
+                   ROW_SCHEMA if reference is None else SCORED_SCHEMA)
 
     @staticmethod
-    def fingerprint_of(data: DataConfig, processor_path: str, mixture: tuple[str, ...] = ()) -> str:
+    def fingerprint_of(data: DataConfig, processor_path: str, mixture: tuple[str, ...] = (),
+                       reference: str | None = None) -> str:
         """A short stable hash of what shapes the rows: the stage's data settings, its sources and their sampling
-        strategies (``mixture``: ``describe_mixture``) and the processor's files.
+        strategies (``mixture``: ``describe_mixture``), the processor's files, and for preference rows what their
+        reference log-probabilities were computed with (``reference``).
 
         ``preprocessed`` (where the rows are stored), ``materialize`` (how training keeps them),
         ``shuffle_row_groups`` and ``packing`` (their order, ``DataPosition.order_version``) are not part of it.
         """
         shaping = data.model_dump(exclude={"preprocessed", "materialize", "shuffle_row_groups", "packing"})
-        digest = hashlib.sha256(json.dumps([shaping, list(mixture)], sort_keys=True, default=str).encode())
+        shaped_by = [shaping, list(mixture)] + ([reference] if reference is not None else [])
+        digest = hashlib.sha256(json.dumps(shaped_by, sort_keys=True, default=str).encode())
         processor = Path(processor_path)
         for name in PROCESSOR_FILES:
             if (processor / name).is_file():
@@ -89,7 +97,7 @@ class StageShards:
         Raises:
             ManifestError: no manifest, another fingerprint, missing shards, or another schema.
         """
-        return shard_files(self.folder, recipe_hash=self.fingerprint, mixture=self.mixture)
+        return shard_files(self.folder, recipe_hash=self.fingerprint, mixture=self.mixture, schema=self.schema)
 
     def layout(self) -> ShardLayout:
         """The checked files' row groups (see ``shard_layout``).
@@ -104,13 +112,13 @@ class StageShards:
               plans: Sequence[SourcePlan] = ()) -> dict[str, Any]:
         """Materialise ``rows`` here under this fingerprint (see ``write_shards``); returns the manifest."""
         return write_shards(rows, quarantine, self.folder, recipe_hash=self.fingerprint, overwrite=overwrite,
-                            mixture=self.mixture, plans=plans)
+                            mixture=self.mixture, plans=plans, schema=self.schema)
 
 
 def write_shards(
     rows: ray.data.Dataset, quarantine: ray.actor.ActorHandle, out_dir: str | Path, *, recipe_hash: str,
     overwrite: bool = False, rows_per_file: tuple[int, int] = (256, 1024), mixture: Sequence[str] = (),
-    plans: Sequence[SourcePlan] = (),
+    plans: Sequence[SourcePlan] = (), schema: pa.Schema = ROW_SCHEMA,
 ) -> dict[str, Any]:
     """Materialise the rows once as Parquet shards plus ``quarantine.jsonl`` and ``manifest.json``.
 
@@ -122,6 +130,7 @@ def write_shards(
         mixture: the sources and strategies the fingerprint covers (``describe_mixture``), recorded so that
             a later run with other ones is told which changed.
         plans: the sources read (``plan_sources``): the manifest counts each one (``source_counts``).
+        schema: the rows' columns (``ROW_SCHEMA``; preference rows: ``reference.SCORED_SCHEMA``).
 
     Returns:
         The manifest: counts, the rows' lengths (tokens and tiles per row: largest and 99th percentile, what
@@ -143,15 +152,19 @@ def write_shards(
         mode=SaveMode.OVERWRITE if overwrite else SaveMode.APPEND)
     report = finish(quarantine, out_dir / "quarantine.jsonl")
     files = sorted(shards.glob("*.parquet"))
-    counts = pq.read_table(files, columns=["source", "length", "num_tiles"]) if files else None
+    pairs = "rejected_length" in schema.names  # a pair's rows are as long as its longer answer's
+    counts = pq.read_table(files, columns=["source", "length", "num_tiles", *(["rejected_length"] if pairs else [])]
+                           ) if files else None
+    tokens = counts["length"].to_numpy() if counts else []
+    if pairs and counts:
+        tokens = np.maximum(tokens, counts["rejected_length"].to_numpy())
     manifest = {
         "recipe_hash": recipe_hash,
         "counts": {"read": report.read, "kept": report.kept, "quarantined": report.quarantined},
-        "lengths": SampleLengths.of(counts["length"].to_numpy() if counts else [],
-                                    counts["num_tiles"].to_numpy() if counts else []).as_dict(),
+        "lengths": SampleLengths.of(tokens, counts["num_tiles"].to_numpy() if counts else []).as_dict(),
         "sources": source_counts(plans, counts, ray.get(quarantine.rows.remote())),
         "mixture": list(mixture),
-        "schema": {field.name: str(field.type) for field in ROW_SCHEMA},
+        "schema": {field.name: str(field.type) for field in schema},
         "shards": [p.name for p in files],
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -213,14 +226,14 @@ def source_table(sources: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None,
-                mixture: Sequence[str] = ()) -> tuple[list[str], dict[str, Any]]:
+def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None, mixture: Sequence[str] = (),
+                schema: pa.Schema = ROW_SCHEMA) -> tuple[list[str], dict[str, Any]]:
     """The Parquet files of ``write_shards`` output, in manifest order (absolute paths: training workers run
     in folders of their own), and the manifest.
 
     Raises:
         ManifestError: no manifest, a different recipe hash, missing shards, or a schema that differs
-            from ``ROW_SCHEMA``.
+            from ``schema``.
     """
     out_dir = Path(out_dir)
     manifest_path = out_dir / MANIFEST
@@ -237,9 +250,9 @@ def shard_files(out_dir: str | Path, *, recipe_hash: str | None = None,
     missing = [f for f in files if not Path(f).exists()]
     if missing:
         raise ManifestError(f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}")
-    on_disk = pq.read_schema(files[0]).names if files else ROW_SCHEMA.names
-    if on_disk != ROW_SCHEMA.names:
-        raise ManifestError(f"{out_dir} shards have columns {on_disk}; this version expects {ROW_SCHEMA.names}")
+    on_disk = pq.read_schema(files[0]).names if files else schema.names
+    if on_disk != schema.names:
+        raise ManifestError(f"{out_dir} shards have columns {on_disk}; this version expects {schema.names}")
     return files, manifest
 
 

@@ -70,3 +70,17 @@ def read_bytes(uri: str, s3_endpoint_url: str | None = None) -> bytes:
 def join(root: str, relative: str) -> str:
     """``root`` + ``relative`` for folders and ``s3://`` prefixes alike."""
     return f"{root.rstrip('/')}/{relative.lstrip('/')}"
+
+
+def files_signature(folder: str | Path, pattern: str = "*") -> str:
+    """A short hash of the files under a local ``folder`` that match ``pattern``: their relative names, sizes and
+    modification times (not their bytes: cheap for a 100 GB checkpoint). A file rewritten in place gets another
+    signature, so caches keyed by it are never served stale contents. A remote URI signs as its name."""
+    import hashlib
+
+    root = Path(folder)
+    if not root.is_dir():
+        return hashlib.sha1(str(folder).encode()).hexdigest()[:16]
+    files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob(pattern)
+                   if f.is_file())
+    return hashlib.sha1(f"{root.resolve()}|{files}".encode()).hexdigest()[:16]

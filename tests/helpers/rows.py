@@ -72,3 +72,28 @@ def onevision_micro_batch(processor, recipe, kind: str, seed: int) -> dict[str, 
     return collate_onevision([row["input_ids"]], [row["labels"]], [row["tiles"]], [row["image_sizes"]],
                              [row["frames"]], pad_token_id=processor.tokenizer.pad_token_id,
                              image_mean=settings.image_mean, image_std=settings.image_std)
+
+
+def preference_rows(processor, recipe, kinds: str, seed: int) -> dict[str, np.ndarray]:
+    """Stage 3's preference rows built as its preprocessing builds them (``RowBuilder.build_pair``), as a
+    micro-batch's columns: one pair per letter of ``kinds`` (``I`` on an image, ``T`` text only), the chosen answer
+    ``red`` (or the sum), the rejected ``blue`` (or the sum plus one); no reference log-probabilities yet."""
+    from llava_platform.data.records import RowBuilder
+    from tests.helpers.media import png, random_picture
+
+    builder = RowBuilder.from_processor(processor, recipe.stage3.data.row_spec())
+    rows = []
+    for i, kind in enumerate(kinds):
+        image = kind == "I"
+        question = "<image>\nWhat colour is the shape?" if image else f"What is {seed + i} plus {seed + i}?"
+        answers = ("Red.", "Blue.") if image else (str(2 * (seed + i)), str(2 * (seed + i) + 1))
+        chosen, rejected = ({"id": f"{seed}-{i}", "conversations": [{"from": "human", "value": question},
+                                                                    {"from": "gpt", "value": answer}]}
+                            for answer in answers)
+        rows.append(builder.build_pair(chosen, rejected, [png(random_picture(40, 70, seed + i))] if image else []))
+    columns = {}
+    for name in rows[0]:
+        column = np.empty(len(rows), dtype=object)
+        column[:] = [row[name] for row in rows]
+        columns[name] = column
+    return columns

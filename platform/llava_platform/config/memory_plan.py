@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from llava_platform.archs import takes_video
-from llava_platform.config.schema import Recipe, StageConfig
+from llava_platform.config.schema import PreferenceStageConfig, Recipe, StageConfig
 from llava_platform.data.geometry import (
     anyres_tile_count,
     image_token_count,
@@ -92,7 +92,8 @@ def stage_setup(recipe: Recipe, stage: StageConfig, lengths: SampleLengths | Non
                       max_length=max_length, tiles_per_sample=tiles,
                       gradient_checkpointing=ds.gradient_checkpointing, overlap_comm=recipe.scaling.use_gpu,
                       image_tokens=image_tokens, typical=typical, lengths_from=source,
-                      export_shard_bytes=recipe.checkpoint.export_shard_mb * 2**20)
+                      export_shard_bytes=recipe.checkpoint.export_shard_mb * 2**20,
+                      sequences_per_row=2 if isinstance(stage, PreferenceStageConfig) else 1)
 
 
 MANIFEST = "manifest.json"

@@ -25,6 +25,7 @@ from llava_platform.data.video import VideoLimits
 from llava_platform.generation.plan import InferencePlan
 from llava_platform.model.sharded_save import SHARD_BYTES
 from llava_platform.train.plan import LoraSpec
+from llava_platform.train.preference import LossType, PreferenceSpec
 from llava_platform.vllm_engine import VllmSettings
 
 MAX_IMAGE_PIXELS = 50_000_000
@@ -293,6 +294,47 @@ class StageConfig(Section):
         return micro_steps(self.global_batch_size, self.micro_batch_size, num_workers)
 
 
+class PreferenceConfig(Section):
+    """The preference loss of stage 3 (``train.preference``: LLaVA-NeXT's ``train_dpo.py``), and the pass that
+    computes the frozen reference policy's log-probabilities before training (``pipelines.reference``)."""
+
+    beta: PositiveFloat = 0.1
+    """How far the policy may move from the reference: the log-ratio's scale in the loss (``dpo_ov7b.sh``: 0.1)."""
+    dpo_alpha: float = Field(1.0, ge=0.0)
+    """Weight of the preference term (``dpo_ov7b.sh``: 1.0)."""
+    gamma: float = Field(0.0, ge=0.0)
+    """Weight of the SFT term, the chosen answers' token-mean cross-entropy (``dpo_ov7b.sh``: 0)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """``sigmoid`` only: the assumed share of flipped preferences (conservative DPO); 0 is plain DPO."""
+    loss_type: LossType = "sigmoid"
+    """``sigmoid`` (DPO), ``ipo`` (per-token mean log-probabilities, squared loss) or ``hinge``."""
+    reference_replicas: PositiveInt = 1
+    """Model replicas (Ray Data actors) of the reference pass; each takes one GPU with ``scaling.use_gpu``."""
+    reference_pairs_per_call: PositiveInt = 4
+    """Pairs per forward pass of the reference (two sequences each)."""
+
+    def build(self) -> PreferenceSpec:
+        return PreferenceSpec(beta=self.beta, dpo_alpha=self.dpo_alpha, gamma=self.gamma,
+                              label_smoothing=self.label_smoothing, loss_type=self.loss_type)
+
+
+class PreferenceStageConfig(StageConfig):
+    """Stage 3: preference tuning (DPO) of the instruction-tuned model, as LLaVA-NeXT's ``train_dpo.py``.
+
+    Its data are preference records (``data.preference``); ``jobs.train`` preprocesses them into
+    ``data.preprocessed`` (one tiling per pair) and runs the frozen starting model once over them
+    (``pipelines.reference``) before the stage, so a step needs no second model.
+    """
+
+    init_from: str | None = "stage2"
+    """The starting policy, which is also the frozen reference: ``stage2`` (this recipe's stage-2 export), a
+    Hugging Face export folder, or ``None`` (``--model`` itself, e.g. a published OneVision checkpoint)."""
+    loss: Literal["pair_mean"] = "pair_mean"
+    """Every pair of the global batch weighs the same: each micro-batch's mean over its pairs, averaged
+    (micro-batches are of equal size; padding slots weigh 0), as LLaVA-NeXT's trainer."""
+    preference: PreferenceConfig = PreferenceConfig()
+
+
 class ScalingConfig(Section):
     """How many Ray Train workers and what each one gets."""
 
@@ -463,6 +505,9 @@ class EvaluationConfig(InferenceConfig):
     """Folder or ``s3://`` prefix of the records' relative image paths."""
     score_stage1: bool = True
     """Also score the stage-1 model (starting checkpoint + aligned projector), to show what stage 2 adds."""
+    preference_files: list[str] = []
+    """Held-out preference records (``data.preference``) on which a stage-3 run's aligned model is compared with
+    its reference (``pipelines.reference.preference_accuracy``); images under ``image_root``."""
 
     def inference(self) -> InferenceConfig:
         """The batch-inference settings alone."""
@@ -551,6 +596,8 @@ class Recipe(Section):
     """Projector alignment: vision tower and language model frozen."""
     stage2: StageConfig | None = None
     """Instruction tuning: projector + the parts in ``tunable`` (or LoRA)."""
+    stage3: PreferenceStageConfig | None = None
+    """Preference tuning (DPO) of the stage-2 model on preference pairs."""
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -560,19 +607,43 @@ class Recipe(Section):
     """Score the trained model on held-out questions at the end of ``jobs.pipeline``."""
 
     def stages(self) -> dict[str, StageConfig]:
-        """The stages present, in run order, keyed by their recipe name (``stage1``, ``stage2``)."""
-        return {name: stage for name, stage in (("stage1", self.stage1), ("stage2", self.stage2)) if stage}
+        """The stages present, in run order, keyed by their recipe name (``stage1``, ``stage2``, ``stage3``)."""
+        return {name: stage for name, stage in (("stage1", self.stage1), ("stage2", self.stage2),
+                                                ("stage3", self.stage3)) if stage}
 
     def problems(self) -> list[str]:
         """Every cross-field inconsistency, as ``dotted.path: what is wrong and what to do``."""
         found: list[str] = []
         found += _model_problems(self.model)
         if not self.stages():
-            found.append("stage1/stage2: a recipe needs at least one stage")
+            found.append("stage1/stage2/stage3: a recipe needs at least one stage")
         for name, stage in self.stages().items():
             found += _stage_problems(name, stage, self.model, self.scaling, has_stage1=self.stage1 is not None)
+        if self.stage3 is not None:
+            found += _preference_problems(self.stage3, has_stage2=self.stage2 is not None)
         found += _scaling_problems(self.scaling)
         return found
+
+
+def _preference_problems(stage: PreferenceStageConfig, has_stage2: bool) -> list[str]:
+    """Stage 3 starts from a whole model and reads preprocessed pairs with their reference log-probabilities."""
+    found = []
+    if stage.init_from == "stage2" and not has_stage2:
+        found.append("stage3.init_from: 'stage2' needs a stage2 section; give an export folder, or null to start "
+                     "from --model")
+    if stage.init_from == "stage1":
+        found.append("stage3.init_from: stage 3 starts from a whole model: 'stage2', an export folder, or null "
+                     "(--model)")
+    if stage.data.preprocessed is None:
+        found.append("stage3.data.preprocessed: the reference log-probabilities are computed once over the "
+                     "preprocessed pairs; name a folder (jobs.train writes it before the stage)")
+    if stage.data.packing is not None:
+        found.append("stage3.data.packing: a preference row holds one pair (two answers on one tiling); remove "
+                     "packing")
+    if stage.data.truncation != "drop":
+        found.append("stage3.data.truncation: a truncated answer is another answer; pairs that are too long are "
+                     "quarantined (set drop)")
+    return found
 
 
 def _scaling_problems(scaling: ScalingConfig) -> list[str]:
@@ -698,7 +769,7 @@ def _stage_problems(
             found.append(f"{name}.tunable: LoRA recipes train the projector fully; add projector")
     if stage.optim.vision_tower_lr is not None and "vision_tower" not in stage.tunable:
         found.append(f"{name}.optim.vision_tower_lr: set, but vision_tower is not in {name}.tunable")
-    if stage.init_from == "stage1" and not has_stage1:
+    if stage.init_from == "stage1" and not has_stage1 and name != "stage3":
         found.append(f"{name}.init_from: 'stage1' needs a stage1 section; give a path or runs:/ URI instead")
     return found
 

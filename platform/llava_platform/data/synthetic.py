@@ -8,7 +8,11 @@ shapes of different kinds and colours, side by side or one above the other. Spli
   kinds the held-out split asks: "What colour is the left shape?" -> "Red.", or the same question
   as multiple choice answered with the option's letter;
 - ``eval.jsonl``: held-out questions on new images with a gold ``answer`` and a ``type``:
-  ``short`` (the colour word) or ``mc`` (ScienceQA style, the letter).
+  ``short`` (the colour word) or ``mc`` (ScienceQA style, the letter);
+- ``preference.jsonl`` and ``preference_eval.jsonl``: the same questions as preference records (LLaVA-NeXT's
+  DPO format, ``data.preference``) on the training and the held-out images: ``chosen`` the gold answer,
+  ``rejected`` wrong in one controlled way, the *other* shape's colour (right colours, wrong place: the
+  mistake of a model that has not learnt where to look).
 
 With ``onevision_frames`` (a LLaVA-OneVision recipe), the questions of ``stage2.jsonl`` and
 ``eval.jsonl`` rotate through three kinds of record: the colour question on one image (as above), a
@@ -97,25 +101,32 @@ def _draw(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, list[tup
     return image, boxes
 
 
-def _colour_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """"What colour is the left shape?" about a random one of the two shapes; the answer is the colour word."""
+def _colour_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """"What colour is the left shape?" about a random one of the two shapes: (question, its colour, the other
+    shape's colour)."""
     k = int(rng.integers(2))
-    return f"What colour is the {scene.positions[k]} shape?", (scene.first, scene.second)[k][0]
+    colours = (scene.first[0], scene.second[0])
+    return f"What colour is the {scene.positions[k]} shape?", colours[k], colours[1 - k]
 
 
-def _multiple_choice(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """The colour question with the four colours as lettered options; the answer is the letter."""
-    question, colour = _colour_question(scene, rng)
+def _multiple_choice(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """The colour question with the four colours as lettered options: (question, the letter, the other shape's)."""
+    question, colour, other = _colour_question(scene, rng)
     lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(COLOURS))
-    return f"{question}\n{lines}\n{MC_SUFFIX}", LETTERS[list(COLOURS).index(colour)]
+    return f"{question}\n{lines}\n{MC_SUFFIX}", LETTERS[list(COLOURS).index(colour)], LETTERS[list(COLOURS).index(other)]
 
 
-def _question(scene: Scene, rng: np.random.Generator, kind: str) -> tuple[str, str]:
-    """(question, gold answer) of the given kind (``short`` or ``mc``) about the scene."""
+def _question(scene: Scene, rng: np.random.Generator, kind: str) -> tuple[str, str, str]:
+    """(question, gold answer, the other shape's answer) of the given kind (``short`` or ``mc``) about the scene."""
     if kind == "mc":
         return _multiple_choice(scene, rng)
-    question, colour = _colour_question(scene, rng)
-    return question, f"{colour.capitalize()}."
+    question, colour, other = _colour_question(scene, rng)
+    return question, f"{colour.capitalize()}.", f"{other.capitalize()}."
+
+
+def _preference(record_id: str, image: str, question: str, answer: str, wrong: str, **extra) -> dict:
+    """A preference record of one question: the gold answer chosen, the other shape's rejected."""
+    return {"id": record_id, "image": image, "prompt": question, "chosen": answer, "rejected": wrong, **extra}
 
 
 def _save(image: Image.Image, folder: Path, name: str, rng: np.random.Generator) -> str:
@@ -174,7 +185,7 @@ def _onevision_record(i: int, split: str, rng: np.random.Generator, out_dir: Pat
     if i % 3 == 0:
         scene = _random_scene(rng)
         image = _save(_draw(scene, rng)[0], out_dir, name, rng)
-        question, answer = _question(scene, rng, "short")
+        question, answer, _ = _question(scene, rng, "short")
         return {"id": f"{split}-{i}", "image": image, "type": "short", "answer": answer, "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
     if i % 3 == 1:
@@ -205,7 +216,7 @@ def write_synthetic_dataset(
     (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # an interrupted rewrite is never taken for complete
     rng = np.random.default_rng(seed)
     captions = train if captions is None else min(captions, train)
-    stage1, stage2, held_out = [], [], []
+    stage1, stage2, held_out, pairs, held_out_pairs = [], [], [], [], []
     for i in range(train):
         scene = _random_scene(rng)
         image = _save(_draw(scene, rng)[0], out_dir, f"train_{i:05d}", rng)
@@ -218,10 +229,11 @@ def write_synthetic_dataset(
             record = _onevision_record(i, "qa", rng, out_dir, onevision_frames)
             stage2.append({k: v for k, v in record.items() if k not in ("type", "answer")})
             continue
-        question, answer = _question(scene, rng, "mc" if rng.integers(2) else "short")
+        question, answer, wrong = _question(scene, rng, "mc" if rng.integers(2) else "short")
         stage2.append({"id": f"qa-{i}", "image": image, "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer},
         ]})
+        pairs.append(_preference(f"pref-{i}", image, question, answer, wrong))
     for i in range(eval):
         if onevision_frames:
             held_out.append(_onevision_record(i, "eval", rng, out_dir, onevision_frames))
@@ -229,14 +241,18 @@ def write_synthetic_dataset(
         scene = _random_scene(rng)
         image = _save(_draw(scene, rng)[0], out_dir, f"eval_{i:05d}", rng)
         kind = "mc" if i % 2 else "short"
-        question, answer = _question(scene, rng, kind)
+        question, answer, wrong = _question(scene, rng, kind)
         held_out.append({"id": f"eval-{i}", "image": image, "type": kind, "answer": answer, "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer},
         ]})
+        held_out_pairs.append(_preference(f"pref-eval-{i}", image, question, answer, wrong, type=kind))
     files = split_files(out_dir, onevision=bool(onevision_frames))
     files["stage1"].write_text(json.dumps(stage1, indent=1))
     files["stage2"].write_text("".join(json.dumps(r) + "\n" for r in stage2))
     files["eval"].write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    if not onevision_frames:
+        files["preference"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
+        files["preference_eval"].write_text("".join(json.dumps(r) + "\n" for r in held_out_pairs))
     if onevision_frames:  # the same records as three sources of a LLaVA-NeXT data YAML, one per kind of input
         for kind, path in ONEVISION_SOURCES.items():
             records = [r for r in stage2 if _kind(r) == kind]
@@ -249,7 +265,7 @@ def write_synthetic_dataset(
 
 SETTINGS_FILE = "synthetic.json"
 """Written last into ``out_dir``: what the folder was generated with (see ``existing_dataset``)."""
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 """Bumped whenever the generator's output changes, so that older folders are not reused."""
 
 
@@ -259,11 +275,14 @@ ONEVISION_SOURCES = {"image": "stage2_one_image.jsonl", "multi_image": "stage2_t
 
 
 def split_files(out_dir: str | Path, *, onevision: bool = False) -> dict[str, Path]:
-    """The split files by name; OneVision data also has ``stage2_mixture``, a LLaVA-NeXT data YAML over the
-    stage-2 records in three sources (``ONEVISION_SOURCES``)."""
+    """The split files by name; single-image data also has the preference pairs (``preference``,
+    ``preference_eval``), OneVision data ``stage2_mixture``, a LLaVA-NeXT data YAML over the stage-2 records in
+    three sources (``ONEVISION_SOURCES``)."""
     out_dir = Path(out_dir)
     files = {"stage1": out_dir / "stage1.json", "stage2": out_dir / "stage2.jsonl", "eval": out_dir / "eval.jsonl"}
-    return {**files, "stage2_mixture": out_dir / "stage2_mixture.yaml"} if onevision else files
+    if onevision:
+        return {**files, "stage2_mixture": out_dir / "stage2_mixture.yaml"}
+    return {**files, "preference": out_dir / "preference.jsonl", "preference_eval": out_dir / "preference_eval.jsonl"}
 
 
 def _kind(record: dict) -> str:

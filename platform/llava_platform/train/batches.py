@@ -3,6 +3,7 @@ every supervised token of a global batch weigh the same, and the small all-reduc
 
     batches = [collate_rows(rows, processor, settings, anyres, device) for rows in step.rows]
     pairs = collate_pairs(preference_rows, processor, settings, anyres, device)   # chosen B, then rejected B
+    scored = collate_preference(scored_rows, processor, settings, anyres, device) # + the reference log-probs
     weights = normalise_loss(batches, share.weights, token_mean=True, device=device)
     result = train_step(engine, batches, weights)
 
@@ -12,12 +13,15 @@ use the same functions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
 from llava_platform.data.collate import collate, collate_onevision, pack_tokens
 from llava_platform.data.image_settings import ImageSettings
 from llava_platform.train.deepspeed_engine import supervised_tokens
+from llava_platform.train.preference import REFERENCE_COLUMNS, REFERENCE_INPUTS
 
 
 def collate_rows(rows: dict, processor, settings: ImageSettings, anyres: bool, device, *,
@@ -50,6 +54,16 @@ def collate_pairs(rows: dict, processor, settings: ImageSettings, anyres: bool, 
     return collate_rows(doubled, processor, settings, anyres, device)
 
 
+def collate_preference(rows: dict, processor, settings: ImageSettings, anyres: bool,
+                       device) -> dict[str, torch.Tensor]:
+    """``collate_pairs`` of stage 3's rows, with their reference log-probabilities (``reference_chosen``,
+    ``reference_rejected``: (B,) float32, from the rows' ``REFERENCE_COLUMNS``)."""
+    batch = collate_pairs(rows, processor, settings, anyres, device)
+    for name, column in zip(REFERENCE_INPUTS, REFERENCE_COLUMNS, strict=True):
+        batch[name] = torch.as_tensor(rows[column], dtype=torch.float32, device=device)
+    return batch
+
+
 def normalise_loss(batches: list[dict], weights: tuple[float, ...], token_mean: bool, device) -> list[float]:
     """Each micro-batch's loss weight. ``token_mean``: every supervised token of the global batch weighs the same:
     the model sums its tokens' cross-entropies and divides by ``num_items_in_batch`` = the global batch's
@@ -77,6 +91,13 @@ def max_over_ranks(value: float, device) -> float:
     value = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value.item()
+
+
+def mean_over_ranks(sums: dict[str, float], count: int, names: Sequence[str], device) -> dict[str, float]:
+    """Per-micro-batch metrics ``names`` (``sums`` over this rank's ``count`` real micro-batches; none on a rank
+    that ran padding only) as means over every rank's real micro-batches (one all-reduce)."""
+    totals = summed_over_ranks([count, *(sums.get(name, 0.0) for name in names)], device)
+    return {name: value / max(totals[0], 1.0) for name, value in zip(names, totals[1:], strict=True)}
 
 
 def summed_over_ranks(values: list[float], device) -> list[float]:

@@ -9,10 +9,11 @@ Ray Train adds.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -50,6 +51,17 @@ class StepResult:
     forward_s: float
     """Seconds of the forward passes alone: this rank's share of the work (no ZeRO-2 collective runs in a
     forward, so a rank waiting for a slower one does not count; the straggler ratio compares it over ranks)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The objective's own metrics (``Objective``), summed over the real micro-batches (divide by
+    ``micro_batches``)."""
+
+
+class Objective(Protocol):
+    """A training loss other than the model's own language-modelling loss (``train.preference``'s DPO)."""
+
+    def __call__(self, forward: Callable[[dict[str, torch.Tensor]], Any],
+                 batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The micro-batch's loss and metrics; ``forward`` runs the engine on model inputs."""
 
 
 def init_distributed(backend: str) -> None:
@@ -225,32 +237,38 @@ def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]],
-               weights: Sequence[float] | None = None) -> StepResult:
+               weights: Sequence[float] | None = None, objective: Objective | None = None) -> StepResult:
     """One optimizer step: forward and backward over ``micro_batches`` (the accumulation), then step.
 
     Args:
         weights: each micro-batch's loss multiplier (default 1): ``data.position.RankShare.weights``, where
             padding slots (filler rows) weigh 0 and the real ones make the update the mean over the step's
             real micro-batches at every worker count.
+        objective: the loss (default: the model's own, from the batch's ``labels``).
     """
     started = time.perf_counter()
     weights = [1.0] * len(micro_batches) if weights is None else list(weights)
-    losses, forward_s = [], 0.0
+    losses, forward_s, metrics = [], 0.0, {}
     for batch, weight in zip(micro_batches, weights, strict=True):
         began = time.perf_counter()
-        loss = forward(engine, batch).loss
+        if objective is None:
+            loss, measured = forward(engine, batch).loss, {}
+        else:
+            loss, measured = objective(partial(forward, engine), batch)
         forward_s += time.perf_counter() - began
         engine.backward(loss * weight)  # x * 1.0 == x exactly: unweighted steps are unchanged
         engine.step()
         if weight > 0:
             losses.append(loss.item())
+            for name, value in measured.items():
+                metrics[name] = metrics.get(name, 0.0) + value
     norm = engine.get_global_grad_norm()
     names = [group.get("name", str(i)) for i, group in enumerate(engine.optimizer.param_groups)]
     return StepResult(
         loss=sum(losses) / len(losses) if losses else 0.0, micro_batches=len(losses),
         grad_norm=float(norm) if norm is not None else None,
         learning_rates=dict(zip(names, engine.get_lr(), strict=True)), compute_s=time.perf_counter() - started,
-        forward_s=forward_s,
+        forward_s=forward_s, metrics=metrics,
     )
 
 
@@ -377,14 +395,11 @@ def universal_folder(directory: str | Path) -> Path:
     """The node-local folder for ``directory``'s universal conversion, named after the checkpoint's path *and*
     its files (names, sizes, modification times): a newer checkpoint written at the same path (a rerun into
     the same output folder) is converted afresh, never served an older conversion."""
-    import hashlib
     import tempfile
 
-    state = Path(directory).resolve() / CHECKPOINT_TAG
-    files = sorted((str(f.relative_to(state)), f.stat().st_size, f.stat().st_mtime_ns) for f in state.rglob("*")
-                   if f.is_file())
-    name = hashlib.sha1(f"{state}|{files}".encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"llava-universal-{name}"
+    from llava_platform.storage import files_signature
+
+    return Path(tempfile.gettempdir()) / f"llava-universal-{files_signature(Path(directory) / CHECKPOINT_TAG)}"
 
 
 def to_universal(directory: str | Path) -> str:

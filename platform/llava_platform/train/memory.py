@@ -97,6 +97,10 @@ KNOWN_SHAPES: dict[str, TransformerShape] = {
     "Qwen/Qwen2-7B-Instruct": TransformerShape(3584, 28, 18944, 28, 4, 152064),
 }
 """Shapes of the models the shipped recipes name (hub ids), so that a dry run needs no download."""
+KNOWN_LLAVA: dict[str, tuple[str, str]] = {
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": ("Qwen/Qwen2-7B-Instruct", "google/siglip-so400m-patch14-384"),
+}
+"""Published LLaVA checkpoints the shipped recipes start from: (language model, vision tower) in ``KNOWN_SHAPES``."""
 
 
 def shape_from_config(config: dict, *, image_size: int | None = None) -> TransformerShape:
@@ -130,6 +134,8 @@ def shape_of(name_or_path: str, *, vision: bool, image_size: int | None = None) 
         if vision and "vision_config" not in config and "vision_config" in part:
             part = part["vision_config"]
         return shape_from_config(part, image_size=image_size)
+    if name_or_path in KNOWN_LLAVA:
+        name_or_path = KNOWN_LLAVA[name_or_path][1 if vision else 0]
     if name_or_path in KNOWN_SHAPES:
         return KNOWN_SHAPES[name_or_path]
     raise UnknownShapeError(f"{name_or_path}: no local config.json and not in llava_platform.train.memory.KNOWN_SHAPES")
@@ -192,6 +198,8 @@ class StageSetup:
     """Where ``max_length`` and ``tiles_per_sample`` come from, for the table."""
     export_shard_bytes: int = 0
     """The export's largest shard (``checkpoint.export_shard_mb``): what its writer holds at a time."""
+    sequences_per_row: int = 1
+    """Sequences the model runs per row: 2 for preference pairs (both answers, on the media tiled twice)."""
 
 
 @dataclass(frozen=True)
@@ -268,7 +276,7 @@ def activation_bytes(setup: StageSetup) -> int:
     """Activation memory of one micro-batch at its peak: what autograd keeps for the backward pass
     (``saved_activation_bytes``) plus the logits and their gradients, alive when the backward pass starts."""
     wb = 4 if setup.precision == "fp32" else 2
-    text_tokens = setup.micro_batch_size * setup.max_length
+    text_tokens = setup.micro_batch_size * setup.sequences_per_row * setup.max_length
     return saved_activation_bytes(setup) + text_tokens * setup.lm.vocab * (wb + 4 + wb)
 
 
@@ -289,8 +297,9 @@ def saved_activation_bytes(setup: StageSetup) -> int:
     norms = 2 * (4 // wb - 1)  # float32 copies (in values of wb bytes) per hidden unit, in 16-bit precision
     lm, tower = setup.lm, setup.tower
     lm_trains = "language_model" in setup.tunable
-    text_tokens = setup.micro_batch_size * setup.max_length
-    vision_tokens = setup.micro_batch_size * setup.tiles_per_sample * tower.tokens_per_tile
+    sequences = setup.micro_batch_size * setup.sequences_per_row
+    text_tokens = sequences * setup.max_length
+    vision_tokens = sequences * setup.tiles_per_sample * tower.tokens_per_tile
 
     def stack(layers: int, tokens: int, hidden: int, per_block: int) -> tuple[int, int]:
         """(kept from the forward pass, recomputed in the backward pass) of a stack of blocks."""
@@ -342,6 +351,31 @@ def host_memory(setup: StageSetup) -> HostMemory:
 
 
 @dataclass(frozen=True)
+class ReferenceMemory:
+    """A DPO stage's frozen reference policy, two ways (bytes): what ``pipelines.reference``'s pass before the
+    stage holds per replica (one GPU each; the default), and what a second model beside the policy would add
+    to every training GPU (LLaVA-NeXT's way)."""
+
+    pass_per_replica: int
+    """The whole model in the training precision, plus one micro-batch's forward pass without gradients (its
+    logits and their float32 log-probabilities, and one block's working set)."""
+    second_model_per_gpu: int
+    """A second copy partitioned like the policy (ZeRO-3: its partition and a gathered layer; below ZeRO-3
+    whole) plus its forward pass on every micro-batch."""
+
+
+def reference_memory(setup: StageSetup) -> ReferenceMemory:
+    """The reference policy's memory, precomputed or beside the policy (see ``ReferenceMemory``)."""
+    wb = 4 if setup.precision == "fp32" else 2
+    lm = setup.lm
+    weights = wb * (lm.params + setup.tower.params + setup.projector_params)
+    tokens = setup.micro_batch_size * setup.sequences_per_row * setup.max_length
+    forward = tokens * lm.vocab * (wb + 4) + tokens * (4 * lm.hidden + 2 * lm.intermediate) * wb
+    partition = weights // setup.world_size + wb * lm.largest_layer_params if setup.zero_stage == 3 else weights
+    return ReferenceMemory(pass_per_replica=weights + forward, second_model_per_gpu=partition + forward)
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """A stage's estimate against the GPU's memory, and the cheapest change that fits when it does not."""
 
@@ -363,13 +397,15 @@ class StagePlan:
         lines = [f"{self.stage}: ~{e.total / GB:.1f} GB per GPU ({e.total_params / 1e9:.2f}B parameters, "
                  f"{e.trainable_params / 1e9:.2f}B trainable; ZeRO-{s.zero_stage}"
                  f"{' + optimizer offload' if s.offload_optimizer else ''}, {s.world_size} GPUs, {s.precision}, "
-                 f"micro-batch {s.micro_batch_size} x {s.max_length} tokens"
+                 f"micro-batch {s.micro_batch_size}{' pair(s) x 2 answers' if s.sequences_per_row == 2 else ''}"
+                 f" x {s.max_length} tokens"
                  f"{', gradient checkpointing' if s.gradient_checkpointing else ''})"]
         for name, value in (("weights", e.weights), ("gradients", e.gradients), ("optimizer states", e.optimizer),
                             ("ZeRO buffers", e.buffers)):
             lines.append(f"  {name:<17}{value / GB:9.1f} GB")
-        lines.append(f"  {'activations':<17}{e.activations / GB:9.1f} GB  (largest micro-batch: {s.micro_batch_size} x "
-                     f"{s.max_length:,} tokens, {s.tiles_per_sample} tiles each)")
+        pairs = " x 2 answers" if s.sequences_per_row == 2 else ""
+        lines.append(f"  {'activations':<17}{e.activations / GB:9.1f} GB  (largest micro-batch: {s.micro_batch_size}"
+                     f"{pairs} x {s.max_length:,} tokens, {s.tiles_per_sample} tiles each)")
         if s.typical is not None:
             typical = replace(s, max_length=s.typical.p99_tokens, tiles_per_sample=s.typical.p99_tiles)
             lines.append(f"  {'':<17}{activation_bytes(typical) / GB:9.1f} GB  (99th percentile: "
@@ -379,6 +415,12 @@ class StagePlan:
         lines.append(f"  host memory      per worker: loading {host.load / GB:.1f} GB"
                      + (f", optimizer offload {host.offload / GB:.1f} GB" if host.offload else "")
                      + f"; rank 0's export {host.export / GB:.1f} GB (streamed, one shard at a time)")
+        if s.sequences_per_row == 2:
+            reference = reference_memory(s)
+            lines.append(f"  reference        computed once before the stage (default): +0.0 GB here; the pass holds "
+                         f"{reference.pass_per_replica / GB:.1f} GB per replica (the whole model and one forward "
+                         f"pass). A second model beside the policy instead: "
+                         f"+{reference.second_model_per_gpu / GB:.1f} GB per GPU")
         if self.gpu_memory_gb is None:
             lines.append("  verdict          no scaling.gpu_memory_gb in the recipe: nothing to check against")
         elif self.fits:

@@ -14,6 +14,7 @@ from typing import Any
 
 from llava_platform.data.packing import PackingSpec
 from llava_platform.data.position import DataPosition, micro_steps
+from llava_platform.train.preference import PreferenceSpec
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class StagePlan:
     """Everything a Ray Train worker needs for one stage."""
 
     stage: str
-    """``stage1`` or ``stage2``."""
+    """``stage1``, ``stage2`` or ``stage3``."""
     output: str
     """The stage's output folder (projector, export, fault markers)."""
     deepspeed: DeepSpeedSpec
@@ -144,6 +145,9 @@ class StagePlan:
     """A projector to start from (a path or a ``runs:/`` URI), or ``None``."""
     export: bool
     """Write a Hugging Face export at the end (the last stage of the run)."""
+    preference: PreferenceSpec | None
+    """Stage 3: train on preference pairs with this loss (rows carry the reference log-probabilities);
+    ``None``: the language-modelling loss."""
     export_shard_bytes: int
     """The export's largest file (``checkpoint.export_shard_mb``): the most weight memory its writer holds."""
     resume_from: str | None

@@ -20,8 +20,9 @@ on fixed inputs (``tests/fixtures/official_dpo``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +34,14 @@ LossType = Literal["sigmoid", "ipo", "hinge"]
 class PreferenceSpec:
     """The loss's settings (``config.schema``'s DPO section builds it)."""
 
-    beta: float = 0.1
-    dpo_alpha: float = 1.0
+    beta: float
+    dpo_alpha: float
     """Weight of the preference term."""
-    gamma: float = 0.0
+    gamma: float
     """Weight of the SFT term: the chosen answers' token-mean cross-entropy."""
-    label_smoothing: float = 0.0
+    label_smoothing: float
     """``sigmoid`` only: the assumed share of flipped preferences (conservative DPO)."""
-    loss_type: LossType = "sigmoid"
+    loss_type: LossType
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, *, average: bool = False) -> torch.Tensor:
@@ -85,9 +86,35 @@ def preference_loss(policy_logits: torch.Tensor, labels: torch.Tensor, reference
     losses, chosen, rejected = pair_losses(policy_chosen, policy_rejected, reference_chosen, reference_rejected, spec)
     sft = sft_loss(policy_logits[:pairs], labels[:pairs])
     total = spec.dpo_alpha * losses.mean() + spec.gamma * sft
-    metrics = {"losses/dpo": losses.mean(), "losses/sft": sft, "losses/total": total,
-               "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-               "rewards/accuracies": (chosen > rejected).float().mean(), "rewards/margins": (chosen - rejected).mean(),
-               "logps/chosen": policy_chosen.mean(), "logps/rejected": policy_rejected.mean(),
-               "ref_logps/chosen": reference_chosen.mean(), "ref_logps/rejected": reference_rejected.mean()}
-    return total, {name: float(value.detach()) for name, value in metrics.items()}
+    values = (losses.mean(), sft, total, chosen.mean(), rejected.mean(), (chosen > rejected).float().mean(),
+              (chosen - rejected).mean(), policy_chosen.mean(), policy_rejected.mean(), reference_chosen.mean(),
+              reference_rejected.mean())
+    return total, {name: float(value.detach()) for name, value in zip(METRICS, values, strict=True)}
+
+
+REFERENCE_COLUMNS = ("reference_chosen_logp", "reference_rejected_logp")
+"""Stage 3's rows' reference log-probabilities of each answer (float32; ``pipelines.reference`` writes them)."""
+REFERENCE_INPUTS = ("reference_chosen", "reference_rejected")
+"""A preference batch's (B,) reference log-probabilities (``train.batches.collate_preference``); not model inputs."""
+METRICS = ("losses/dpo", "losses/sft", "losses/total", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+           "rewards/margins", "logps/chosen", "logps/rejected", "ref_logps/chosen", "ref_logps/rejected")
+"""What ``preference_loss`` measures, in this order (the trainer's names; MLflow gets them per step)."""
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch without what only the loss reads."""
+    return {name: value for name, value in batch.items() if name not in REFERENCE_INPUTS}
+
+
+@dataclass(frozen=True)
+class PreferenceObjective:
+    """The DPO objective of a training step (``deepspeed_engine.Objective``): the policy's forward pass on both
+    answers of every pair, scored against the reference log-probabilities the batch carries."""
+
+    spec: PreferenceSpec
+
+    def __call__(self, forward: Callable[[dict[str, torch.Tensor]], Any],
+                 batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = forward(model_inputs(batch)).logits
+        return preference_loss(logits, batch["labels"], batch["reference_chosen"], batch["reference_rejected"],
+                               self.spec)

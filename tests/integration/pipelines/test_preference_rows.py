@@ -50,7 +50,7 @@ def test_the_reference_pass_adds_each_answers_log_probability(ray_cluster, saved
     from llava_platform.model.compose import load_pretrained_llava
     from llava_platform.train.batches import collate_pairs
     from llava_platform.train.preference import sequence_logps
-    from pipelines.reference import REFERENCE_COLUMNS, reference_logps
+    from pipelines.reference import REFERENCE_COLUMNS, ReferencePass
 
     files = write_synthetic_dataset(tmp_path, train=3, eval=1, seed=1)
     questions = [json.loads(line) for line in files["stage2"].read_text().splitlines()]
@@ -61,7 +61,8 @@ def test_the_reference_pass_adds_each_answers_log_probability(ray_cluster, saved
     checkpoint = str(saved_checkpoints["llava"])
     spec = row_spec(template="vicuna_v1", image_mode="pad", max_length=512, image_root=str(tmp_path))
     rows, _ = preprocess(read_records([str(data)]), processor_path=checkpoint, spec=spec, num_actors=1, pairs=True)
-    scored = reference_logps(rows, model=checkpoint, anyres=False, pairs_per_call=2).take_all()
+    scored = ReferencePass(model=checkpoint, anyres=False, average=False, dtype="float32", replicas=1,
+                           cpus_per_replica=1, gpus_per_replica=0, pairs_per_call=2).run(rows).take_all()
     assert len(scored) == 3 and all(set(REFERENCE_COLUMNS) <= set(row) for row in scored)
     model, processor = load_pretrained_llava(checkpoint)
     settings = ImageSettings.from_processor(processor)

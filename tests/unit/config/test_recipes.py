@@ -12,7 +12,8 @@ from tests.helpers import REPO_ROOT
 EXPECTED_RECIPES = {"tiny_cpu_demo", "llava15_7b", "llava15_13b", "llava15_7b_lora", "llava_next_vicuna_7b",
                     "llava_next_mistral_7b", "llava_next_vicuna_13b", "llava_next_34b", "llama3_llava_next_8b",
                     "llava_next_72b", "llava_next_110b", "llava_onevision_qwen2_7b", "llava_onevision_qwen2_7b_ov",
-                    "llava_onevision_qwen2_7b_mid", "tiny_onevision_cpu"}
+                    "llava_onevision_qwen2_7b_mid", "tiny_onevision_cpu", "llava_onevision_qwen2_7b_dpo",
+                    "tiny_dpo_cpu"}
 
 
 def test_expected_recipes_ship():
@@ -119,6 +120,52 @@ def test_llava_onevision_7b_is_its_published_recipe():
     mid = load_recipe("llava_onevision_qwen2_7b_mid")
     assert mid.model == recipe.model and mid.stage1 == recipe.stage1
     assert mid.stage2.model_dump(exclude={"data"}) == recipe.stage2.model_dump(exclude={"data"})
+
+
+def test_llava_onevision_7b_dpo_is_dpo_ov7b_sh():
+    """LLaVA-NeXT's scripts/train/dpo_ov7b.sh: from the OneVision model, beta 0.1, dpo_alpha 1.0, gamma 0, lr 5e-7,
+    warmup 0.1, cosine, 1 epoch, ZeRO-3, tower + projector + LM, bf16, tf32, gradient checkpointing, 32768
+    tokens, qwen_1_5, anyres_max_9, per-device batch 1 with 8 accumulation steps."""
+    recipe = load_recipe("llava_onevision_qwen2_7b_dpo")
+    assert list(recipe.stages()) == ["stage3"]
+    assert recipe.model.pretrained == "llava-hf/llava-onevision-qwen2-7b-ov-hf" and recipe.model.anyres_max_tiles == 9
+    stage = recipe.stage3
+    assert stage.init_from is None  # --model: the composed OneVision checkpoint
+    p, o, ds = stage.preference, stage.optim, stage.deepspeed
+    assert (p.beta, p.dpo_alpha, p.gamma, p.label_smoothing, p.loss_type) == (0.1, 1.0, 0.0, 0.0, "sigmoid")
+    assert (o.lr, o.warmup_ratio, o.scheduler, o.weight_decay, stage.epochs) == (5e-7, 0.1, "cosine", 0.0, 1)
+    assert (ds.zero_stage, ds.precision, ds.tf32, ds.gradient_checkpointing) == (3, "bf16", True, True)
+    assert sorted(stage.tunable) == ["language_model", "projector", "vision_tower"]
+    assert (stage.data.template, stage.data.image_mode, stage.data.model_max_length) == ("qwen_1_5", "anyres", 32768)
+    assert stage.micro_batch_size == 1 and stage.gradient_accumulation_steps(recipe.scaling.num_workers) == 8
+
+
+def test_the_dpo_dry_run_shows_both_references_memory():
+    """The plan counts both answers of a pair and names what each way of keeping the reference costs."""
+    out = subprocess.run([sys.executable, "-m", "jobs.train", "--recipe", "llava_onevision_qwen2_7b_dpo", "--dry-run"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    assert "stage3: ~" in out and "micro-batch 1 pair(s) x 2 answers x 32768 tokens" in out
+    reference = next(line for line in out.splitlines() if "reference " in line and "computed once" in line)
+    assert "+0.0 GB here" in reference and "A second model beside the policy instead: +" in reference
+
+
+def test_preference_stage_rules():
+    with pytest.raises(RecipeError) as err:
+        load_recipe("tiny_dpo_cpu", ["stage2=null", "stage3.data.preprocessed=null", "stage3.data.packing={max_tokens: 512}",
+                                     "stage3.data.truncation=truncate"])
+    text = str(err.value)
+    assert "stage3.init_from: 'stage2' needs a stage2 section" in text
+    assert "stage3.data.preprocessed: the reference log-probabilities are computed once" in text
+    assert "stage3.data.packing: a preference row holds one pair" in text
+    assert "stage3.data.truncation: a truncated answer is another answer" in text
+    with pytest.raises(RecipeError) as err:
+        load_recipe("tiny_dpo_cpu", ["stage3.preference.beta=0", "stage3.preference.loss_type=kto",
+                                     "stage3.loss=token_mean"])
+    assert "stage3.loss: Input should be 'pair_mean'" in str(err.value)
+    assert "stage3.preference.beta: Input should be greater than 0" in str(err.value)
+    assert "stage3.preference.loss_type: Input should be 'sigmoid', 'ipo' or 'hinge'" in str(err.value)
+    spec = load_recipe("tiny_dpo_cpu", ["stage3.preference.label_smoothing=0.1"]).stage3.preference.build()
+    assert (spec.beta, spec.label_smoothing, spec.loss_type) == (0.1, 0.1, "sigmoid")
 
 
 @pytest.mark.parametrize(("name", "stage", "sources", "rule"), [
