@@ -82,9 +82,9 @@ def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite
         print(f"[preprocess]   {plan.source.path}: {plan.source.rule}, {plan.taken:,} of {plan.rows:,}", flush=True)
     cpus = recipe.scaling.data_cpus_per_actor
     records = read_planned(plans, data.s3_endpoint_url, cpus_per_task=cpus)
+    roots = {p.source.path: p.source.image_root for p in plans if p.source.image_root}
     rows, quarantine = preprocess(records, processor_path=model, spec=data.row_spec(), pairs=scoring is not None,
-                                  image_roots={p.source.path: p.source.image_root for p in plans if p.source.image_root},
-                                  cpus_per_actor=cpus)
+                                  image_roots=roots, cpus_per_actor=cpus)
     if scoring is not None:
         print(f"[preprocess] {stage}: reference log-probabilities by {model} ({scoring.replicas} replica(s), "
               f"{scoring.dtype})", flush=True)
@@ -92,7 +92,8 @@ def run(recipe: Recipe, *, stage: str, model: str, output: str | Path, overwrite
     shards = stage_shards(recipe, stage, model, folder=output)
 
     def progress(elapsed: float) -> str:
-        return progress_line(ray.get(quarantine.report.remote()), total, elapsed)
+        line = progress_line(ray.get(quarantine.report.remote()), total, elapsed)
+        return line + ("; the reference model scores each pair as it comes" if scoring else "")
 
     with every(PROGRESS_EVERY_S, progress, prefix="preprocess"):
         manifest = shards.write(rows, quarantine, overwrite=overwrite, plans=plans)

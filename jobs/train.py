@@ -32,6 +32,8 @@ import yaml
 
 from jobs.console import LineRelay, PreflightError, job_log, job_log_file, start_ray
 from jobs.faults import Faults
+from jobs.preprocess import run as preprocess_stage
+from jobs.preprocess import stage_shards
 from jobs.train_steps import shard_batches
 from jobs.train_worker import POSITION_FILE, train_loop_per_worker
 from llava_platform import tracking
@@ -44,8 +46,6 @@ from llava_platform.data.position import STREAMED_ORDER, DataPosition
 from llava_platform.storage import filesystem_for, is_remote
 from llava_platform.train.checkpoint import EXPORT_DIR, PROJECTOR_FILE
 from llava_platform.train.plan import LoopSpec, ResumePoint, ShardRows, StagePlan, TrackingSpec
-from jobs.preprocess import stage_shards
-from jobs.preprocess import run as preprocess_stage
 from pipelines.preprocess import finish, preprocess
 from pipelines.quarantine import PreprocessReport, start_quarantine_log
 from pipelines.shards import ManifestError, RowReader, StageShards, shard_layout, source_metrics
@@ -130,7 +130,8 @@ def run(recipe: Recipe, *, model: str, output: Path, stage: str = "all", resume:
             stage_dirs[name] = run_stage(
                 recipe, name, stage_config, model=start, output=output, tracking_uri=uri, runs=runs,
                 projector=None if resuming else starting_projector(stage_config, runs.get("stage1"), output),
-                export=name == names[-1] or starts_stage3(recipe, name, names), resume_from=resume if resuming else None,
+                export=name == names[-1] or starts_stage3(recipe, name, names),
+                resume_from=resume if resuming else None,
             )
         except BaseException:
             tracking.end_run(uri, runs[name], failed=True)

@@ -221,7 +221,7 @@ def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0) -> "SystemMetrics":
+def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0) -> SystemMetrics:
     """Sample CPU, memory, disk, network (and GPUs, if any) into the run until ``.finish()`` is called."""
     return SystemMetrics(tracking_uri, run_id, interval_s)
 

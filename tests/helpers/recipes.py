@@ -64,3 +64,42 @@ def onevision_pipeline_overrides(root: Path, tracking_uri: str) -> list[str]:
         f"tracking.uri={tracking_uri}", "tracking.system_metrics=false",
         "scaling.num_workers=1",  # two ranks of OneVision batches: test_zero3_mixed_batches.py
     ]
+
+
+DPO_RECIPE = "tiny_dpo_cpu"
+DPO_STEPS = 3
+"""Stage 3's optimizer steps in the end-to-end DPO run (checkpoints every 2: one to resume from)."""
+
+
+def write_preference_pairs(data: Path, out: Path) -> dict[str, int]:
+    """Stage 3's training file: the synthetic pairs on images in ``data``, text-only pairs (so that ranks meet
+    image and text pairs), and one bad record per quarantine reason; returns the count by kind."""
+    import json
+
+    good = [json.loads(line) for line in (data / "preference.jsonl").read_text().splitlines()]
+    text = [{"id": f"text-{i}", "prompt": f"What is {i} plus {i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)}
+            for i in range(8)]
+    bad = [{"id": "bad-missing", "image": good[0]["image"], "prompt": "What colour?", "chosen": "Red."},
+           {"id": "bad-same", "prompt": "Pick one.", "chosen": "Red.", "rejected": " Red. "},
+           {"id": "bad-long", "prompt": "word " * 400, "chosen": "Yes.", "rejected": "No."}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in [*good, *text, *bad]))
+    return {"image": len(good), "text": len(text), "bad": len(bad)}
+
+
+def dpo_pipeline_overrides(root: Path, tracking_uri: str) -> list[str]:
+    """``tiny_dpo_cpu``'s whole pipeline on a few records below ``root``: stage 1 streamed, stage 2 from shards,
+    stage 3 on ``root/pairs.jsonl`` (``write_preference_pairs``) under ZeRO-3 on two ranks, every weight sharded;
+    the evaluation scores stage 2 and stage 3 and the held-out preference pairs."""
+    data = root / "data"
+    return [
+        f"synthetic.out_dir={data}", "synthetic.train_records=24", "synthetic.eval_records=4", *data_overrides(data),
+        f"stage3.data.train_files=[{root / 'pairs.jsonl'}]", f"stage3.data.image_root={data}",
+        f"stage3.data.preprocessed={root / 'shards3'}",
+        f"evaluation.preference_files=[{data / 'preference_eval.jsonl'}]",
+        "stage1.data.preprocessed=null", f"stage2.data.preprocessed={root / 'shards2'}",
+        "stage1.max_steps=1", "stage2.max_steps=1", f"stage3.max_steps={DPO_STEPS}",
+        "stage1.global_batch_size=4", "stage1.micro_batch_size=2", "stage2.global_batch_size=4",
+        "stage2.micro_batch_size=2", "stage3.global_batch_size=4", "stage3.micro_batch_size=1", *zero3("stage3"),
+        "checkpoint.every_n_steps=2", "evaluation.batch_size=4", "evaluation.score_stage1=false",
+        f"tracking.uri={tracking_uri}", "tracking.system_metrics=false",
+    ]

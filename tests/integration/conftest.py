@@ -17,12 +17,15 @@ from tests.helpers.corpus import write_eval_with_bad_rows
 from tests.helpers.pipeline_job import SECRET, SECRET_VARIABLES, PipelineRecipe, PipelineRun
 from tests.helpers.ray_head import JOB_RUNTIME_ENV, RayHead
 from tests.helpers.recipes import (
+    DPO_RECIPE,
     NEXT_MODEL,
     ONEVISION_RECIPE,
     RECIPE,
     STEPS,
+    dpo_pipeline_overrides,
     onevision_pipeline_overrides,
     tiny_pipeline_overrides,
+    write_preference_pairs,
     zero3,
 )
 
@@ -76,3 +79,19 @@ def onevision_run(ray_cluster: RayHead, mlflow_server, tmp_path_factory):
     result = pipeline.main(["--recipe", ONEVISION_RECIPE, "--output", str(root / "out"), "--no-serve",
                             *onevision_pipeline_overrides(root, mlflow_server)])
     return result, root
+
+
+@pytest.fixture(scope="session")
+def dpo_run(ray_cluster: RayHead, mlflow_server, tmp_path_factory):
+    """The tiny DPO recipe through the whole platform, in this process (synthetic data -> compose -> stage 1 ->
+    stage 2 -> stage 3 on image and text-only preference pairs with bad records among them, ZeRO-3 on two ranks
+    -> evaluate stage 2 and stage 3 -> the held-out preference pairs); returns (its ``PipelineResult``, its root,
+    the pairs' counts by kind). ``serve/test_dpo_serving.py`` serves the registered model."""
+    from jobs import pipeline, synthetic_data
+
+    root = tmp_path_factory.mktemp("dpo")
+    overrides = dpo_pipeline_overrides(root, mlflow_server)
+    synthetic_data.run(root / "data", train=24, eval=4, seed=0)  # the job reuses it (same sizes and seed)
+    counts = write_preference_pairs(root / "data", root / "pairs.jsonl")
+    result = pipeline.main(["--recipe", DPO_RECIPE, "--output", str(root / "out"), "--no-serve", *overrides])
+    return result, root, counts

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from llava_platform import storage
 from llava_platform.config.schema import Recipe
 from llava_platform.data.mixture import MixtureError, expand_sources, is_mixture
@@ -19,8 +21,7 @@ def plan_mixtures(recipe: Recipe) -> str:
         if not any(is_mixture(path) for path in data.train_files):
             continue
         try:
-            sources = expand_sources(data.train_files, lambda path: storage.read_bytes(path, data.s3_endpoint_url)
-                                     .decode())
+            sources = expand_sources(data.train_files, partial(_read_text, endpoint=data.s3_endpoint_url))
         except (MixtureError, OSError) as error:
             lines.append(f"# {name} data mixture: unavailable ({error})")
             continue
@@ -28,3 +29,7 @@ def plan_mixtures(recipe: Recipe) -> str:
         lines += [f"#   {source.rule:<14} {source.path}" + (f"  (images: {source.image_root})"
                                                             if source.image_root else "") for source in sources]
     return "\n".join(lines)
+
+
+def _read_text(path: str, endpoint: str | None) -> str:
+    return storage.read_bytes(path, endpoint).decode()

@@ -113,7 +113,8 @@ def _multiple_choice(scene: Scene, rng: np.random.Generator) -> tuple[str, str, 
     """The colour question with the four colours as lettered options: (question, the letter, the other shape's)."""
     question, colour, other = _colour_question(scene, rng)
     lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(COLOURS))
-    return f"{question}\n{lines}\n{MC_SUFFIX}", LETTERS[list(COLOURS).index(colour)], LETTERS[list(COLOURS).index(other)]
+    letter = {name: LETTERS[i] for i, name in enumerate(COLOURS)}
+    return f"{question}\n{lines}\n{MC_SUFFIX}", letter[colour], letter[other]
 
 
 def _question(scene: Scene, rng: np.random.Generator, kind: str) -> tuple[str, str, str]:

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ def write_composed_llava(
             tensors[name] = made[id(meta)]
             continue
         if name in fresh:
-            make = (lambda t=fresh[name]: t)
+            make = partial(_given, fresh[name])
         elif name in sources:
             make = _reader(name, sources[name], tuple(meta.shape), dtype)
         else:
@@ -174,6 +175,10 @@ def _tower_sources(model, vision_dir: str, language_dir: str) -> dict[str, objec
     for name, location in language.items():  # model.layers.0... -> model.language_model.layers.0...; lm_head stays
         sources["model.language_model." + name[len(prefix):] if name.startswith(prefix) else name] = location
     return sources
+
+
+def _given(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _reader(name: str, location, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSource:

@@ -45,8 +45,9 @@ def mixture(folder: str, first: str = "first:25%") -> str:
 
 
 def run(yaml_path, image_root, model, output, seed=42, **extra):
-    recipe = load_recipe("tiny_cpu_demo", [f"stage2.data.train_files=[{yaml_path}]", f"stage2.data.image_root={image_root}",
-                                           f"seed={seed}", *[f"{k}={v}" for k, v in extra.items()]])
+    recipe = load_recipe("tiny_cpu_demo", [f"stage2.data.train_files=[{yaml_path}]",
+                                           f"stage2.data.image_root={image_root}", f"seed={seed}",
+                                           *[f"{k}={v}" for k, v in extra.items()]])
     result = preprocess.run(recipe, stage="stage2", model=str(model), output=output, overwrite=True)
     ids = set(pq.read_table(output / "shards", columns=["id"])["id"].to_pylist())
     return recipe, result, json.loads((output / "manifest.json").read_text()), ids

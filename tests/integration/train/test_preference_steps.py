@@ -38,8 +38,9 @@ def train_pairs(rank: int, world_size: int, overrides: list[str], model: str, sc
     first step). Returns the steps' metrics, ZeRO-3's trace flags and, under LoRA, the base weights' change."""
     from llava_platform.config.build import deepspeed_spec
     from llava_platform.data.image_settings import ImageSettings
+    from llava_platform.model.compose import load_pretrained_llava
     from llava_platform.train.batches import collate_preference
-    from llava_platform.train.deepspeed_engine import build_deepspeed_engine, forward, train_step
+    from llava_platform.train.deepspeed_engine import build_deepspeed_engine, train_step
     from llava_platform.train.preference import REFERENCE_COLUMNS, PreferenceObjective, model_inputs, sequence_logps
 
     faulthandler.dump_traceback_later(HANG_AFTER_S, exit=True)  # a hang fails the test with every stack
@@ -52,17 +53,16 @@ def train_pairs(rank: int, world_size: int, overrides: list[str], model: str, sc
     objective = PreferenceObjective(stage.preference.build())
     base = {name: p.detach().clone() for name, p in engine.module.named_parameters()
             if "language_model" in name and "lora_" not in name} if stage.lora else {}
+    reference = load_pretrained_llava(model)[0].eval()  # the starting checkpoint, as pipelines.reference loads it
     batches = []
-    for step, kinds in enumerate(schedule.split(",")):  # the reference: the starting model, before any step
+    for step, kinds in enumerate(schedule.split(",")):
         rows = preference_rows(processor, recipe, kinds[rank], seed=10 * step + rank)
         batch = collate_preference({**rows, REFERENCE_COLUMNS[0]: [0.0], REFERENCE_COLUMNS[1]: [0.0]}, processor,
                                    settings, anyres=False, device="cpu")
-        engine.eval()
         with torch.no_grad():
-            logps = sequence_logps(forward(engine, model_inputs(batch)).logits, batch["labels"])
+            logps = sequence_logps(reference(**model_inputs(batch)).logits, batch["labels"])
         batch["reference_chosen"], batch["reference_rejected"] = logps[:1], logps[1:]
         batches.append(batch)
-    engine.train()
     coordinator = engine.optimizer.parameter_offload.get_param_coordinator() if stage.deepspeed.zero_stage == 3 \
         else None
     steps = []
@@ -101,6 +101,6 @@ def test_lora_dpo_keeps_the_base_as_its_reference(tmp_path):
     assert result["lora"] > 0, "no adapters were added"
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # zero adapters: the reference exactly
     assert steps[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
-    # the same pair's reference each step (the seeds repeat per step only by rank): the margin grows on its pairs
+    # each step a new image pair ("Red." over "Blue."), scored against the starting model: the margin grows
     assert steps[-1]["rewards/margins"] > 0 and steps[-1]["loss"] < math.log(2)
     assert result["base_moved"] == 0.0, "the language model's base weights changed under LoRA"

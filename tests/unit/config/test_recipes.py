@@ -151,8 +151,8 @@ def test_the_dpo_dry_run_shows_both_references_memory():
 
 def test_preference_stage_rules():
     with pytest.raises(RecipeError) as err:
-        load_recipe("tiny_dpo_cpu", ["stage2=null", "stage3.data.preprocessed=null", "stage3.data.packing={max_tokens: 512}",
-                                     "stage3.data.truncation=truncate"])
+        load_recipe("tiny_dpo_cpu", ["stage2=null", "stage3.data.preprocessed=null",
+                                     "stage3.data.packing={max_tokens: 512}", "stage3.data.truncation=truncate"])
     text = str(err.value)
     assert "stage3.init_from: 'stage2' needs a stage2 section" in text
     assert "stage3.data.preprocessed: the reference log-probabilities are computed once" in text

@@ -56,7 +56,10 @@ def test_first_and_end_take_the_files_first_and_last_records():
 
 def test_random_is_reproducible_per_seed_and_source():
     source = DataSource("f", "random", 25)
-    draw = lambda seed, position: SourcePlan.of(source, rows=1000, seed=seed, position=position).selection.positions
+
+    def draw(seed, position):
+        return SourcePlan.of(source, rows=1000, seed=seed, position=position).selection.positions
+
     assert np.array_equal(draw(42, 0), draw(42, 0))  # the same rows on every run
     assert not np.array_equal(draw(42, 0), draw(43, 0)) and not np.array_equal(draw(42, 0), draw(42, 1))
     taken = draw(42, 0)

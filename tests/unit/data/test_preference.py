@@ -99,7 +99,7 @@ def test_a_micro_batch_of_pairs_is_chosen_then_rejected_on_the_same_images(saved
     settings = ImageSettings.from_processor(processor)
     records = [{**RECORD, "id": "a"}, {**RECORD, "id": "b", "prompt": "Which shape is it?", "rejected": "A cat."}]
     images = [png(random_picture(60, 90, 1)), png(random_picture(90, 40, 2))]
-    pairs = [builder.build_pair(*preference_pair(record), image) for record, image in zip(records, images)]
+    pairs = [builder.build_pair(*preference_pair(record), image) for record, image in zip(records, images, strict=True)]
     rows = {name: [row[name] for row in pairs] for name in pairs[0]}
     batch = collate_pairs(rows, processor, settings, anyres=True, device="cpu")
     assert batch["input_ids"].shape[0] == 4 and torch.equal(batch["pixel_values"][0], batch["pixel_values"][2])
