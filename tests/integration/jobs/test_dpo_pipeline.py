@@ -67,9 +67,15 @@ def test_mlflow_holds_the_dpo_metrics_of_every_step(dpo_run, mlflow_server):
         history = {m.step: m.value for m in client.get_metric_history(run, name)}
         assert sorted(history) == list(range(1, DPO_STEPS + 1)), f"{name}: {history}"
         assert all(math.isfinite(v) for v in history.values())
-    first = {name: client.get_metric_history(run, name)[0].value for name in ("loss", "rewards/margins")}
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as its reference
+    first = {name: client.get_metric_history(run, name)[0].value for name in ("losses/dpo", "rewards/margins")}
+    assert first["losses/dpo"] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as its reference
     assert first["rewards/margins"] == pytest.approx(0, abs=1e-4)
+    for step in range(1, DPO_STEPS + 1):  # the recipe's dpo_alpha 1 and gamma 1: loss = DPO term + SFT term
+        value = {name: next(m.value for m in client.get_metric_history(run, name) if m.step == step)
+                 for name in ("loss", "losses/total", "losses/dpo", "losses/sft")}
+        assert value["loss"] == pytest.approx(value["losses/total"], abs=1e-5)
+        assert value["losses/total"] == pytest.approx(value["losses/dpo"] + value["losses/sft"], abs=1e-5)
+        assert value["losses/sft"] > 0
     margins = [m.value for m in client.get_metric_history(run, "rewards/margins")]
     assert any(abs(m) > 1e-5 for m in margins[1:]), "the rewards never moved off the reference"
     metrics = client.get_run(run).data.metrics

@@ -85,8 +85,8 @@ def test_dpo_ranks_with_image_and_text_pairs_stay_in_step_under_zero3(tmp_path):
         steps = result["steps"]
         assert len(steps) == 3 and all(math.isfinite(s["loss"]) for s in steps)
         assert all(s["trace_complete"] for s in steps[1:]), f"rank {rank}: ZeRO-3's module trace was dropped"
-        # the first step's policy is the reference: zero rewards, loss ln 2
-        assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        # the first step's policy is the reference: zero rewards, a DPO loss of ln 2
+        assert steps[0]["losses/dpo"] == pytest.approx(math.log(2), abs=1e-5)
         assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5)
         assert steps[0]["rewards/rejected"] == pytest.approx(0, abs=1e-5)
         # later steps are scored against the reference, not against themselves: rewards move off zero
@@ -99,8 +99,8 @@ def test_lora_dpo_keeps_the_base_as_its_reference(tmp_path):
     (result,) = spawn_ranks(train_pairs, 1, overrides, model, "I,I,I,I,I,I", timeout_s=HANG_AFTER_S + 120)
     steps = result["steps"]
     assert result["lora"] > 0, "no adapters were added"
-    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # zero adapters: the reference exactly
+    assert steps[0]["losses/dpo"] == pytest.approx(math.log(2), abs=1e-5)  # zero adapters: the reference exactly
     assert steps[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
     # each step a new image pair ("Red." over "Blue."), scored against the starting model: the margin grows
-    assert steps[-1]["rewards/margins"] > 0 and steps[-1]["loss"] < math.log(2)
+    assert steps[-1]["rewards/margins"] > 0 and steps[-1]["losses/dpo"] < math.log(2)
     assert result["base_moved"] == 0.0, "the language model's base weights changed under LoRA"
