@@ -382,7 +382,8 @@ class TrackingConfig(Section):
     experiment: str | None = None
     """MLflow experiment; default: the recipe's ``name``."""
     registered_model: str | None = None
-    """Model Registry name of the stage-2 export (a new version per run); default: the recipe's ``name``."""
+    """Model Registry name of the stage-2 and stage-3 exports (a new version each per run); default: the recipe's
+    ``name``."""
     system_metrics: bool = True
     """Sample CPU/GPU/memory/network on the rank-0 worker into the stage's run."""
     system_metrics_interval_s: PositiveFloat = 10.0
