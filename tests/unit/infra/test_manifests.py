@@ -1,5 +1,7 @@
-"""infra/ holds together: manifests against KubeRay's CRD fields, the recipes and job modules they run,
-the Serve config they embed, the MLflow server they reach, Ray's launcher schema, and no secrets.
+"""infra/ holds together: the manifests with the recipes and job modules they run, the Serve config they
+embed, the MLflow server they reach, the scheduling and storage they ask for, Ray's launcher schema, and
+no secrets. Their validity against KubeRay's CRDs is test_kuberay_crds.py's; the renderer's options are
+test_render.py's; the image's build is test_dockerfile.py's.
 
 No Docker engine or Kubernetes here: these are parsing and consistency checks. Each would fail if the
 file it reads were wrong in the way its name says.
@@ -31,28 +33,9 @@ LAUNCHER = INFRA / "launcher" / "aws.yaml"
 README = INFRA / "README.md"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 IMAGE_REPO_SUFFIX = "/llava-platform"
-THIRD_PARTY_IMAGES = {"postgres:17"}
-
-# Field names of KubeRay's ray.io/v1 CRDs (ray-operator/apis/ray/v1/*_types.go, KubeRay 1.5).
-RAYJOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-               "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy", "entrypoint", "runtimeEnvYAML",
-               "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
-               "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend"}
-RAYSERVICE_SPEC = {"serveConfigV2", "rayClusterConfig", "serveService", "upgradeStrategy",
-                   "excludeHeadPodFromServeSvc"}
-RAYCLUSTER_SPEC = {"suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
-                   "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions"}
-HEAD_GROUP = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
-WORKER_GROUP = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
-                "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
+THIRD_PARTY_IMAGES = {"postgres:17", "redis:7.4", "busybox:1.37"}
 WORKER_GROUP_REQUIRED = {"groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"}
-AUTH_OPTIONS = {"mode"}
-SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode"}
-# The Kubernetes pod and container fields these manifests may use.
-POD_SPEC = {"containers", "volumes", "nodeSelector", "tolerations", "securityContext", "serviceAccountName",
-            "affinity", "initContainers", "restartPolicy", "terminationGracePeriodSeconds", "imagePullSecrets"}
-CONTAINER = {"name", "image", "command", "args", "env", "envFrom", "ports", "resources", "volumeMounts",
-             "readinessProbe", "livenessProbe", "lifecycle", "securityContext", "imagePullPolicy", "workingDir"}
+GPU_TAINT_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY|ACCESS_KEY|USERNAME|_USER$")
 
@@ -94,12 +77,23 @@ def pod_templates() -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+def all_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """A pod's init containers and containers."""
+    return pod.get("initContainers", []) + pod["containers"]
+
+
 def gpus(container: dict[str, Any]) -> int:
     return int(container["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
 
 
 def cpus(quantity: str) -> float:
     return float(quantity[:-1]) / 1000 if str(quantity).endswith("m") else float(quantity)
+
+
+def quantity(text: str) -> int:
+    """Bytes of a Kubernetes binary quantity (``40Gi``, ``64Mi``)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return int(text[:-2]) * units[text[-2:]] if text[-2:] in units else int(text)
 
 
 def walk(node: Any, path: str = ""):
@@ -169,33 +163,27 @@ def test_every_infra_file_parses_says_who_uses_it_and_is_in_the_readme():
         assert (REPO_ROOT / applied).is_file(), f"README applies {applied}, which does not exist"
 
 
-def test_kuberay_resources_use_only_known_crd_fields():
+def test_kuberay_resources_run_the_pinned_ray_with_explicit_group_bounds():
+    """Field names and types are checked against KubeRay's CRDs in test_kuberay_crds.py; these are ours."""
     kinds = {doc["kind"]: (path, doc) for path in MANIFESTS for doc in documents(path) if "ray.io" in doc["apiVersion"]}
     assert set(kinds) == {"RayJob", "RayService", "RayCluster"}
-    for kind, (path, doc) in kinds.items():
-        assert doc["apiVersion"] == "ray.io/v1", path
-        spec = doc["spec"]
-        assert set(spec) <= {"RayJob": RAYJOB_SPEC, "RayService": RAYSERVICE_SPEC, "RayCluster": RAYCLUSTER_SPEC}[kind]
+    for kind, (path, _) in kinds.items():
         cluster = cluster_spec(kind)
-        assert set(cluster) <= RAYCLUSTER_SPEC, f"{path.name}: {set(cluster) - RAYCLUSTER_SPEC}"
         assert cluster["rayVersion"] == pyproject_pin("ray"), f"{path.name}: rayVersion is not the pinned Ray"
-        assert set(cluster.get("authOptions", {})) <= AUTH_OPTIONS
-        assert {"rayStartParams", "template"} <= set(cluster["headGroupSpec"]) <= HEAD_GROUP
+        assert cluster["authOptions"] == {"mode": "token"}, path.name
         for group in cluster["workerGroupSpecs"]:
-            assert WORKER_GROUP_REQUIRED <= set(group) <= WORKER_GROUP, f"{path.name}: {group.get('groupName')}"
+            assert WORKER_GROUP_REQUIRED <= set(group), f"{path.name}: {group.get('groupName')}"
             assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], group["groupName"]
         for group in ray_groups(kind).values():
             params = group["rayStartParams"]
             assert all(isinstance(v, str) for v in params.values()), f"{path.name}: rayStartParams are strings"
-    assert kinds["RayJob"][1]["spec"]["submissionMode"] in SUBMISSION_MODES
+    assert kinds["RayJob"][1]["spec"]["submissionMode"] == "K8sJobMode"
     assert isinstance(kinds["RayService"][1]["spec"]["serveConfigV2"], str), "serveConfigV2 is a YAML string"
 
 
-def test_pod_templates_use_known_fields():
+def test_pod_templates_mount_only_their_own_volumes():
     for where, pod in pod_templates():
-        assert set(pod) <= POD_SPEC, f"{where}: {set(pod) - POD_SPEC}"
-        for container in pod["containers"]:
-            assert set(container) <= CONTAINER, f"{where}: {set(container) - CONTAINER}"
+        for container in all_containers(pod):
             mounts = {m["name"] for m in container.get("volumeMounts", [])}
             assert mounts <= {v["name"] for v in pod.get("volumes", [])} | {"data"}, f"{where}: unknown volume"
 
@@ -335,15 +323,110 @@ def test_serve_replicas_fit_the_gpu_group_and_serve_the_trained_model(serve_conf
 # --- resources, exposure, secrets ---------------------------------------------------------------
 
 
-def test_every_container_requests_cpu_memory_and_its_gpus():
+def test_every_container_requests_cpu_memory_local_disk_and_its_gpus():
+    """Local disk too: a pod without an ephemeral-storage request is the first evicted from a node short of disk."""
     for where, pod in pod_templates():
-        for container in pod["containers"]:
+        for container in all_containers(pod):
             resources = container.get("resources", {})
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where}: {kind} for cpu and memory"
+            assert "ephemeral-storage" in resources["requests"], f"{where}: {container['name']} requests local disk"
             if gpus(container):
                 assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], where
-                assert pod.get("tolerations") and pod.get("nodeSelector"), f"{where}: GPU pods pick GPU nodes"
+
+
+def test_gpu_pods_are_scheduled_by_their_gpu_request_and_toleration_not_a_feature_discovery_label():
+    """Node autoscalers scale a GPU pool from zero for a pod that requests nvidia.com/gpu and tolerates the
+    pool's taint; a label that only NVIDIA's feature discovery sets (nvidia.com/gpu.product) exists on no
+    node before one starts, so such a pod stays Pending. The selector is empty unless the render sets one."""
+    gpu_pods = [(where, pod) for where, pod in pod_templates() if any(gpus(c) for c in pod["containers"])]
+    assert len(gpu_pods) == 3, "the gpu groups of the RayJob, the RayService and the RayCluster"
+    for where, pod in gpu_pods:
+        assert GPU_TAINT_TOLERATION in pod["tolerations"], where
+        assert pod["nodeSelector"] == {}, f"{where}: empty as shipped (`infra.render --gpu-node-selector` sets it)"
+    for where, pod in pod_templates():
+        if (where, pod) not in gpu_pods:
+            assert "nodeSelector" not in pod and "tolerations" not in pod, f"{where}: CPU pods stay off GPU nodes"
+    for path in MANIFESTS:
+        assert "nvidia.com/gpu.product" not in path.read_text(), path.name
+
+
+def test_rayjob_fails_instead_of_waiting_and_frees_its_gpus_a_minute_after_the_job():
+    spec = resource("RayJob")["spec"]
+    assert 0 < spec["preRunningDeadlineSeconds"] <= 3600, "a cluster that cannot start (GPU pods Pending) fails"
+    assert 24 * 3600 <= spec["activeDeadlineSeconds"] <= 3 * 24 * 3600, "a day's run fits, a stuck one ends"
+    assert spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+    assert spec["shutdownAfterJobFinishes"] and spec["ttlSecondsAfterFinished"] <= 60
+    assert spec["backoffLimit"] == 0
+    text = (K8S / "rayjob-pipeline.yaml").read_text()
+    assert "A fixed size, on purpose (minReplicas is not 0)" in text, "the gpu group's minimum has its reason"
+
+
+def test_training_and_serving_pods_keep_their_big_files_on_sized_scratch_volumes(serve_config):
+    """Checkpoints before upload (TMPDIR) and downloaded models go to emptyDir volumes whose size and the pod's
+    ephemeral-storage request the renderer derives from the models (test_render.py checks the numbers)."""
+    for kind in ("RayJob", "RayCluster"):
+        for name, group in ray_groups(kind).items():
+            pod = group["template"]["spec"]
+            container = pod["containers"][0]
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            scratch = next(v for v in pod["volumes"] if v["name"] == "scratch")
+            mount = next(m for m in container["volumeMounts"] if m["name"] == "scratch")
+            assert env["TMPDIR"] == mount["mountPath"], f"{kind}[{name}]"
+            assert container["resources"]["requests"]["ephemeral-storage"] == scratch["emptyDir"]["sizeLimit"]
+    serving = ray_groups("RayService")["gpu"]["template"]["spec"]
+    models = next(v for v in serving["volumes"] if v["name"] == "models")
+    mount = next(m for m in serving["containers"][0]["volumeMounts"] if m["name"] == "models")
+    assert serve_config["applications"][0]["args"]["cache_dir"] == mount["mountPath"]
+    assert quantity(serving["containers"][0]["resources"]["requests"]["ephemeral-storage"]) > quantity(
+        models["emptyDir"]["sizeLimit"])
+    mlflow = next(doc for doc in documents(K8S / "mlflow.yaml") if doc["kind"] == "Deployment")
+    pod = mlflow["spec"]["template"]["spec"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in pod["containers"][0]["volumeMounts"]
+
+
+def test_volumes_name_their_storage_class_only_where_set():
+    """PostgreSQL's and Redis's volumes take the cluster's default class until `--storage-class` names one;
+    the shared volume names its ReadWriteMany class (`--shared-storage-class`)."""
+    claims = {doc["metadata"]["name"]: doc["spec"]["volumeClaimTemplates"][0]["spec"]
+              for path in MANIFESTS for doc in documents(path) if doc["kind"] == "StatefulSet"}
+    assert set(claims) == {"mlflow-postgres", "gcs-redis"}
+    assert all("storageClassName" not in claim for claim in claims.values())
+    shared = resource("PersistentVolumeClaim")["spec"]
+    assert shared["accessModes"] == ["ReadWriteMany"] and shared["storageClassName"] == "efs-sc"
+
+
+def test_every_ray_pod_runs_as_the_images_user_and_can_write_the_shared_volume():
+    for kind in ("RayJob", "RayService", "RayCluster"):
+        for name, group in ray_groups(kind).items():
+            pod = group["template"]["spec"]
+            security = pod["securityContext"]
+            assert security["runAsNonRoot"] and security["runAsUser"] == 1000 == security["runAsGroup"], name
+            if any(v["name"] == "shared" for v in pod.get("volumes", [])):
+                assert security["fsGroupChangePolicy"] == "OnRootMismatch", "no recursive chown of a 1 TiB volume"
+                setup = {c["name"]: c for c in pod["initContainers"]}["shared-volume"]
+                assert setup["volumeMounts"] == [{"name": "shared", "mountPath": "/mnt/shared"}]
+                mode = [m for m, lines in render.SHARED_PERMISSIONS.items()
+                        if yaml.safe_load(lines["command"]) == setup["command"]]
+                assert mode == ["chown"], f"{kind}[{name}]: the default, as rendered"
+
+
+def test_rayservice_survives_a_head_restart_and_states_its_upgrade_cost():
+    service = resource("RayService")
+    ft = cluster_spec("RayService")["gcsFaultToleranceOptions"]
+    redis = {(d["kind"], d["metadata"]["name"]): d for d in documents(K8S / "redis.yaml")}
+    port = redis["Service", "gcs-redis"]["spec"]["ports"][0]["port"]
+    assert ft["redisAddress"] == f"gcs-redis:{port}"
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    redis_env = {e["name"]: e for e in redis["StatefulSet", "gcs-redis"]["spec"]["template"]["spec"]["containers"][0][
+        "env"]}
+    assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret, "Ray and Redis share one Secret"
+    assert "--from-literal=REDIS_PASSWORD=" in README.read_text() and secret["name"] in README.read_text()
+    assert service["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    gpu = ray_groups("RayService")["gpu"]
+    cost = 2 * gpu["maxReplicas"] * gpus(gpu["template"]["spec"]["containers"][0])
+    assert f"up to {cost} GPUs" in (K8S / "rayservice.yaml").read_text() and f"up to {cost} GPUs" in README.read_text()
+    assert service["metadata"]["annotations"]["ray.io/initializing-timeout"] == "1h"
 
 
 def test_images_are_one_repository_at_the_project_version_cuda_where_gpus_are_used():
@@ -418,6 +501,22 @@ def test_secret_looking_variables_come_from_kubernetes_secrets():
     assert 'API_KEY_ENV = "LLAVA_SERVE_API_KEY"' in serve_app, "the RayService sets the variable serve/app.py reads"
 
 
+def test_no_secret_reaches_a_command_line():
+    """A process's arguments are readable by every process on the node (``ps``): Kubernetes' ``$(VAR)``
+    substitution of a Secret into ``command``/``args`` is refused, and in shell scripts a secret may only be
+    handed to a shell builtin (``printf``) or a command's environment (``NAME="$SECRET" cmd``)."""
+    for where, pod in pod_templates():
+        for container in all_containers(pod):
+            secret_vars = [e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+            line = " ".join(map(str, container.get("command", []) + container.get("args", [])))
+            probe = " ".join(map(str, container.get("readinessProbe", {}).get("exec", {}).get("command", [])))
+            for name in secret_vars:
+                for text in (line, probe):
+                    assert f"$({name})" not in text, f"{where}: {name} substituted into the command line"
+                    reviewed = re.sub(rf"""printf '[^']*' "\${name}"|\b\w+="\${name}" """, "", text)
+                    assert f"${name}" not in reviewed, f"{where}: {name} passed to a command as an argument"
+
+
 SECRET_PATTERNS = {
     "AWS access key id": re.compile(r"\bA(?:KIA|SIA)[0-9A-Z]{16}\b"),
     "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
@@ -465,10 +564,13 @@ def test_mlflow_server_command_parses_and_matches_what_jobs_use():
     params = server.make_context("server", list(container["args"])).params  # mlflow's own option parser
     env = {e["name"]: e for e in container["env"]}
     backend = params["backend_store_uri"]
-    assert backend.startswith("postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@")
-    assert all("secretKeyRef" in env[name]["valueFrom"] for name in ("POSTGRES_USER", "POSTGRES_PASSWORD"))
-    database = docs["Service", "mlflow-postgres"]["spec"]
-    assert f"@{docs['Service', 'mlflow-postgres']['metadata']['name']}:{database['ports'][0]['port']}/" in backend
+    database = docs["Service", "mlflow-postgres"]
+    assert backend == f"postgresql://{database['metadata']['name']}:{database['spec']['ports'][0]['port']}/mlflow", \
+        "no user or password in the URI: libpq reads PGUSER and PGPASSWORD"
+    postgres = docs["StatefulSet", "mlflow-postgres"]["spec"]["template"]["spec"]["containers"][0]
+    postgres_env = {e["name"]: e for e in postgres["env"]}
+    for client, database_side in (("PGUSER", "POSTGRES_USER"), ("PGPASSWORD", "POSTGRES_PASSWORD")):
+        assert env[client]["valueFrom"] == postgres_env[database_side]["valueFrom"], f"{client}: the database's Secret"
     assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"]
     assert "MLFLOW_S3_ENDPOINT_URL" in env
     service = docs["Service", "mlflow"]
@@ -524,8 +626,9 @@ def test_makefile_and_dockerfile_install_with_the_same_script():
     rule = makefile[makefile.index("$(STAMP):"):].split("\n\n")[0]
     assert "infra/install.sh" in rule.splitlines()[0], "the stamp depends on the install script"
     assert re.search(r"^\tsh infra/install\.sh \$\(PY\) test \$\(TORCH_INDEX_URL\)$", rule, re.M)
-    assert re.search(r"^RUN sh infra/install\.sh /opt/venv/bin/python \"\$EXTRAS\" \"\$TORCH_INDEX_URL\"$",
-                     dockerfile, re.M)
+    installs = re.findall(r"^RUN sh infra/install\.sh (.*)$", dockerfile, re.M)
+    assert installs == ['--deps-only /opt/venv/bin/python "$EXTRAS" "$TORCH_INDEX_URL"',
+                        '--project-only /opt/venv/bin/python "$EXTRAS"'], "the two halves of `make install`"
     for text in (makefile, dockerfile):
         assert "pip install" not in text, "pip runs only in infra/install.sh"
         assert "==" not in text, "pins live only in pyproject.toml"
@@ -541,23 +644,29 @@ def test_install_script_puts_pinned_torch_first_then_the_project_with_uv_without
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     pin = f"torch=={pyproject_pin('torch')}"
     common = "-m pip install --quiet --disable-pip-version-check"
-    for index, extras in (("https://download.pytorch.org/whl/cu128", "server"), ("", "test")):
+    uv = f"-m uv pip install --quiet --python {python} --no-build-isolation --compile-bytecode"
+
+    def calls(*args: str) -> list[str]:
         log.unlink(missing_ok=True)
-        subprocess.run(["sh", str(INFRA / "install.sh"), str(python), extras, *([index] if index else [])], check=True)
-        assert log.read_text().splitlines() == [
-            f"{common} setuptools>=69 wheel uv=={pyproject_pin('uv')}",
-            f"{common} --index-url {index} {pin}" if index else f"{common} {pin}",
-            f"-m uv pip install --quiet --python {python} --no-build-isolation --compile-bytecode -e .[{extras}]",
-        ]
+        subprocess.run(["sh", str(INFRA / "install.sh"), *args], check=True)
+        return log.read_text().splitlines()
+
+    for index, extras in (("https://download.pytorch.org/whl/cu128", "server"), ("", "test")):
+        first = [f"{common} setuptools>=69 wheel uv=={pyproject_pin('uv')}",
+                 f"{common} --index-url {index} {pin}" if index else f"{common} {pin}"]
+        assert calls(str(python), extras, *([index] if index else [])) == [*first, f"{uv} -e .[{extras}]"]
+        # the image's two layers: dependencies from pyproject.toml alone, then the project without them
+        assert calls("--deps-only", str(python), extras, *([index] if index else [])) == [
+            *first, f"{uv} -r pyproject.toml --extra {extras}"]
+        assert calls("--project-only", str(python), extras) == [f"{uv} --no-deps -e ."]
 
 
 def test_image_holds_the_code_where_ray_finds_it():
+    """The order of the stages and layers is test_dockerfile.py's."""
     dockerfile = (INFRA / "Dockerfile").read_text()
     copied = set(re.findall(r"^COPY (\S+) \1$", dockerfile, re.M))
     assert {"jobs", "pipelines", "serve", "infra", "platform"} <= copied
     assert re.search(r"^WORKDIR /app$", dockerfile, re.M) and re.search(r"PYTHONPATH=/app\b", dockerfile)
-    assert dockerfile.index("COPY platform") < dockerfile.index("RUN sh infra/install.sh") < dockerfile.index(
-        "COPY jobs"), "dependencies are installed before the often-changing entrypoint packages are copied"
     ignored = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "outputs"} <= set(ignored)
 
